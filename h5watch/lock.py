@@ -1,0 +1,396 @@
+"""``WatchedLock``: a re-entrant lock that records who holds it and who waits.
+
+The wrapper holds an inner lock (a fresh ``_thread.lock``, or the lock it
+was given: ``threading.Lock``, ``threading.RLock`` or h5py's ``FastRLock``)
+for exactly as long as it is held itself, so code that takes the inner lock
+directly stays mutually exclusive with the wrapper's users.
+
+Hot path (an acquisition nobody else contends): one thread-ident read, one
+non-blocking acquire of the inner lock, one clock read, a few slot writes.
+Re-entry bumps two counters. Everything else (waiters, timeouts, orphans,
+fork detection) lives on the slow path, reached only when the non-blocking
+acquire fails.
+
+Ownership of fields: ``_owner``, ``_count``, ``_since_ns``, ``_operation``
+and the hold/wait/acquisition statistics are written only by the thread that
+holds the inner lock. ``_waiters`` is a dict each waiting thread adds itself
+to and removes itself from (single dict operations are atomic under the
+GIL). Readers on other threads (snapshots, the watchdog) may see a value a
+moment old, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+from bisect import bisect_left
+from typing import Any, Callable
+
+from .stats import BUCKET_BOUNDS_NS, LockStats
+
+__all__ = [
+    "WatchedLock",
+    "LockTimeout",
+    "OrphanedLockError",
+    "watched_locks",
+    "thread_identity",
+    "policy",
+]
+
+_get_ident = threading.get_ident
+_monotonic_ns = time.monotonic_ns
+
+
+class LockTimeout(TimeoutError):
+    """A wait for a watched lock exceeded ``wait_timeout`` (``on_timeout=raise``)."""
+
+    def __init__(self, message: str, evidence: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.evidence = evidence or {}
+
+
+class OrphanedLockError(RuntimeError):
+    """The lock is held by a thread that did not survive a fork (``on_orphan=raise``)."""
+
+    def __init__(self, message: str, evidence: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.evidence = evidence or {}
+
+
+class _Policy:
+    """Process-wide knobs the slow path consults; set by ``install()``.
+
+    ``on_pid_change`` is called (once per new process) from a slow path that
+    notices ``os.getpid()`` differs from the pid this process last knew: a
+    fork that skipped Python's at-fork hooks. It must find and handle orphans.
+    ``on_orphan_wait`` is called by a thread about to wait on a lock that is
+    known to be orphaned; it may raise, exit, or return to let the wait go on.
+    ``on_wait_started`` lets the state file record a blocked wait at once.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.raise_after_ns: int | None = None
+        self.on_pid_change: Callable[[], None] | None = None
+        self.on_orphan_wait: Callable[[WatchedLock, dict[str, Any]], None] | None = None
+        self.on_wait_started: Callable[[WatchedLock], None] | None = None
+        self.on_wait_timeout: Callable[[WatchedLock, int], None] | None = None
+
+
+policy = _Policy()
+
+_registry_lock = threading.Lock()
+_registry: list[weakref.ReferenceType[WatchedLock]] = []
+_sequence = itertools.count()
+
+
+def watched_locks() -> list[WatchedLock]:
+    """Every live watched lock, ``h5py.phil`` first, then in creation order."""
+    with _registry_lock:
+        locks = [lock for lock in (ref() for ref in _registry) if lock is not None]
+    locks.sort(key=lambda lock: (lock.name != "h5py.phil", lock._seq))
+    return locks
+
+
+def _register(lock: WatchedLock) -> None:
+    with _registry_lock:
+        _registry[:] = [ref for ref in _registry if ref() is not None]
+        _registry.append(weakref.ref(lock))
+
+
+def reinit_registry_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+def thread_identity(ident: int | None) -> dict[str, Any]:
+    """Name and native id of a thread of this process, from its ident."""
+    thread = threading._active.get(ident) if ident is not None else None  # type: ignore[attr-defined]
+    if thread is None:
+        return {"thread_ident": ident, "thread_name": None, "native_id": None}
+    return {"thread_ident": ident, "thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+
+
+def _inner_kind(lock: Any) -> str:
+    type_name = type(lock).__name__
+    if type_name == "FastRLock":
+        return "fastrlock"
+    if isinstance(lock, type(threading.Lock())):
+        return "lock"
+    return "rlock"
+
+
+class WatchedLock:
+    """A ``threading.RLock`` look-alike that records waits, holds and holders."""
+
+    __slots__ = (
+        "name",
+        "stats",
+        "_inner",
+        "_inner_acquire",
+        "_inner_release",
+        "_inner_kind",
+        "_inner_timed",
+        "_owner",
+        "_owner_pid",
+        "_count",
+        "_since_ns",
+        "_operation",
+        "_waiters",
+        "_orphan",
+        "_reported",
+        "_seq",
+        "__weakref__",
+    )
+
+    def __init__(self, name: str, lock: Any = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("WatchedLock name: expected a non-empty string")
+        self.name = name
+        self.stats = LockStats()
+        inner = lock if lock is not None else threading.Lock()
+        self._inner = inner
+        self._inner_acquire = inner.acquire
+        self._inner_release = inner.release
+        self._inner_kind = _inner_kind(inner)
+        # FastRLock.acquire takes no timeout: timed waits on it poll.
+        self._inner_timed = self._inner_kind != "fastrlock"
+        self._owner: int | None = None
+        self._owner_pid = 0
+        self._count = 0
+        self._since_ns = 0
+        self._operation: str | None = None
+        self._waiters: dict[int, int] = {}
+        self._orphan: dict[str, Any] | None = None
+        # Incidents already reported by the watchdog: {(kind, ident, since_ns)}.
+        self._reported: set[tuple[str, int, int]] = set()
+        self._seq = next(_sequence)
+        _register(self)
+
+    def __repr__(self) -> str:
+        owner = self._owner
+        state = "unlocked" if owner is None else f"held by {owner} x{self._count}"
+        return f"<WatchedLock {self.name!r} {state} inner={self._inner_kind}>"
+
+    # -- acquisition -------------------------------------------------------
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if timeout != -1:
+            if not blocking:
+                raise ValueError("can't specify a timeout for a non-blocking call")
+            if timeout < 0:
+                raise ValueError("timeout value must be positive")
+        return self._acquire(blocking, timeout, None)
+
+    def acquire_for(self, operation: str | None = None) -> bool:
+        """Blocking acquire that names the operation the holder performs.
+
+        The hot path of ``with lock:`` and of h5py's ``with_phil``: it repeats
+        ``_acquire`` inline to save a call.
+        """
+        me = _get_ident()
+        if self._owner == me:
+            self._count += 1
+            self.stats.reentries += 1
+            return True
+        if not self._inner_acquire(False) and not self._acquire_slow(me, -1):
+            return False
+        self._since_ns = _monotonic_ns()
+        self._owner_pid = policy.pid
+        self._operation = operation
+        self._count = 1
+        self._owner = me
+        self.stats.acquisitions += 1
+        return True
+
+    def _acquire(self, blocking: bool, timeout: float, operation: str | None) -> bool:
+        me = _get_ident()
+        if self._owner == me:
+            self._count += 1
+            self.stats.reentries += 1
+            return True
+        if not self._inner_acquire(False):
+            if not blocking or not self._acquire_slow(me, timeout):
+                return False
+        self._since_ns = _monotonic_ns()
+        self._owner_pid = policy.pid
+        self._operation = operation
+        self._count = 1
+        self._owner = me
+        self.stats.acquisitions += 1
+        return True
+
+    __enter__ = acquire_for
+
+    def release(self) -> None:
+        if self._owner != _get_ident():
+            raise RuntimeError("cannot release un-acquired lock")
+        count = self._count - 1
+        if count:
+            self._count = count
+            return
+        held_ns = _monotonic_ns() - self._since_ns
+        stats = self.stats
+        stats.hold_buckets[bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
+        stats.hold_sum_ns += held_ns
+        if held_ns > stats.hold_max_ns:
+            stats.hold_max_ns = held_ns
+        self._count = 0
+        self._owner = None
+        self._inner_release()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        if self._owner is not None:
+            return True
+        inner_locked = getattr(self._inner, "locked", None)
+        if inner_locked is not None:
+            return bool(inner_locked())
+        return False
+
+    def _is_owned(self) -> bool:
+        return self._owner == _get_ident()
+
+    # threading.Condition support, as threading.RLock offers it.
+    def _release_save(self) -> tuple[int, int | None, str | None]:
+        if self._owner != _get_ident():
+            raise RuntimeError("cannot release un-acquired lock")
+        count, owner, operation = self._count, self._owner, self._operation
+        self._count = 1
+        self.release()
+        return count, owner, operation
+
+    def _acquire_restore(self, state: tuple[int, int | None, str | None]) -> None:
+        count, _owner, operation = state
+        self._acquire(True, -1, operation)
+        self._count = count
+
+    # -- slow path ---------------------------------------------------------
+
+    def _acquire_slow(self, me: int, timeout: float) -> bool:
+        """Wait for the inner lock; True once it is ours."""
+        if os.getpid() != policy.pid and policy.on_pid_change is not None:
+            # A fork that skipped the at-fork hooks: find orphans first.
+            policy.on_pid_change()
+        if self._orphan is not None and policy.on_orphan_wait is not None:
+            policy.on_orphan_wait(self, self._orphan)
+            if self._orphan is None and self._inner_acquire(False):
+                # Recovered: the lock is free again.
+                self.stats.record_wait(0)
+                return True
+        start_ns = _monotonic_ns()
+        self._waiters[me] = start_ns
+        try:
+            if policy.on_wait_started is not None:
+                policy.on_wait_started(self)
+            acquired = self._wait_inner(timeout, start_ns)
+        finally:
+            self._waiters.pop(me, None)
+        if acquired:
+            self.stats.record_wait(_monotonic_ns() - start_ns)
+        return acquired
+
+    def _wait_inner(self, timeout: float, start_ns: int) -> bool:
+        raise_after_ns = policy.raise_after_ns
+        if timeout < 0 and raise_after_ns is None:
+            return self._inner_acquire(True)
+        user_deadline = None if timeout < 0 else start_ns + int(timeout * 1e9)
+        raise_deadline = None if raise_after_ns is None else start_ns + raise_after_ns
+        deadlines = [d for d in (user_deadline, raise_deadline) if d is not None]
+        deadline = min(deadlines)
+        acquired = self._wait_until(deadline)
+        if acquired:
+            return True
+        if raise_deadline is not None and deadline == raise_deadline and (user_deadline is None or raise_deadline < user_deadline):
+            waited_ns = _monotonic_ns() - start_ns
+            if policy.on_wait_timeout is not None:
+                policy.on_wait_timeout(self, waited_ns)
+            raise LockTimeout(
+                f"waited {waited_ns / 1e9:.3f} s for lock {self.name!r} (wait_timeout)",
+                self.evidence(),
+            )
+        return False
+
+    def _wait_until(self, deadline_ns: int) -> bool:
+        if self._inner_timed:
+            remaining = max(0, deadline_ns - _monotonic_ns()) / 1e9
+            return self._inner_acquire(True, remaining)
+        # FastRLock cannot time out: poll with a short, growing sleep.
+        delay = 50e-6
+        while True:
+            if self._inner_acquire(False):
+                return True
+            remaining = deadline_ns - _monotonic_ns()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining / 1e9))
+            delay = min(delay * 2, 2e-3)
+
+    # -- fork support (used by h5watch.fork only) --------------------------
+
+    def _force_reset(self) -> None:
+        """Forget any holder and waiter; the caller re-creates the inner lock."""
+        self._owner = None
+        self._count = 0
+        self._operation = None
+        self._waiters = {}
+        self._orphan = None
+
+    def _reinit_inner(self) -> bool:
+        """Make a ``_thread.lock``/``RLock`` inner lock free again in a child."""
+        reinit = getattr(self._inner, "_at_fork_reinit", None)
+        if reinit is None:
+            return False
+        reinit()
+        return True
+
+    # -- reading -----------------------------------------------------------
+
+    def holder(self, now_ns: int | None = None) -> dict[str, Any] | None:
+        owner = self._owner
+        if owner is None:
+            return None
+        since_ns = self._since_ns
+        now_ns = _monotonic_ns() if now_ns is None else now_ns
+        identity = thread_identity(owner)
+        return {
+            "pid": self._owner_pid,
+            **identity,
+            "operation": self._operation,
+            "since_ns": since_ns,
+            "held_since_unix": time.time() - (now_ns - since_ns) / 1e9,
+            "hold_age_seconds": max(0, now_ns - since_ns) / 1e9,
+            "depth": self._count,
+        }
+
+    def waiters(self, now_ns: int | None = None) -> list[dict[str, Any]]:
+        now_ns = _monotonic_ns() if now_ns is None else now_ns
+        return [
+            {**thread_identity(ident), "since_ns": since_ns, "wait_seconds": max(0, now_ns - since_ns) / 1e9}
+            for ident, since_ns in sorted(self._waiters.copy().items(), key=lambda item: item[1])
+        ]
+
+    def evidence(self) -> dict[str, Any]:
+        now_ns = _monotonic_ns()
+        return {"lock": self.name, "holder": self.holder(now_ns), "waiters": self.waiters(now_ns)}
+
+    def snapshot(self, now_ns: int | None = None) -> dict[str, Any]:
+        now_ns = _monotonic_ns() if now_ns is None else now_ns
+        waiters = self.waiters(now_ns)
+        return {
+            "name": self.name,
+            "inner": self._inner_kind,
+            "stats": self.stats.snapshot(),
+            "holder": self.holder(now_ns),
+            "waiters": waiters,
+            "oldest_wait_seconds": max((w["wait_seconds"] for w in waiters), default=0.0),
+            "orphan": self._orphan,
+        }
+
+
+IMPLEMENTATION = "python"

@@ -1,0 +1,124 @@
+"""Structured logging: configured once, here; events are data.
+
+Events are built where they happen (``log.warning("lock.hold_timeout",
+**fields)``) and rendered here, as one JSON object a line on stderr or, for
+people, structlog's console renderer.
+
+The sink writes with ``os.write`` on the stderr file descriptor and takes no
+lock of its own, so a freshly forked child can log before anything else is
+re-initialised: a lock held by a thread that did not survive the fork cannot
+block it (DESIGN.md: logging in a fresh child is itself a fork hazard).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure", "get_logger", "FdWriter"]
+
+_configured_format: str | None = None
+
+
+class FdWriter:
+    """A lock-free, fork-safe line sink on a file descriptor."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        self._fd = fd
+
+    def _target(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        try:
+            return sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):
+            return 2
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "replace")
+        fd = self._target()
+        try:
+            while data:
+                written = os.write(fd, data)
+                data = data[written:]
+        except OSError:
+            pass
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class _FdWriterFactory:
+    def __init__(self, fd: int | None = None) -> None:
+        self._writer = FdWriter(fd)
+
+    def __call__(self, *args: Any) -> FdWriter:
+        return self._writer
+
+
+def _add_pid(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict.setdefault("pid", os.getpid())
+    return event_dict
+
+
+def configure(log_format: str = "json", fd: int | None = None) -> None:
+    """Configure structlog for h5watch's loggers (idempotent per format)."""
+    global _configured_format
+    if log_format == "console":
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(default=repr)
+    processors = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_pid,
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    _config["processors"] = processors
+    _config["logger_factory"] = _FdWriterFactory(fd)
+    _configured_format = log_format
+
+
+# h5watch renders with its own processors, whatever the application does
+# with structlog's global configuration.
+_config: dict[str, Any] = {}
+
+
+def get_logger(**initial: Any) -> "_BoundToConfig":
+    return _BoundToConfig(initial)
+
+
+class _BoundToConfig:
+    """A logger that always renders with h5watch's current configuration."""
+
+    __slots__ = ("_initial",)
+
+    def __init__(self, initial: dict[str, Any]) -> None:
+        self._initial = initial
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if not _config:
+            configure()
+        logger = _config["logger_factory"]()
+        bound = structlog.wrap_logger(
+            logger,
+            processors=_config["processors"],
+            wrapper_class=structlog.BoundLogger,
+            cache_logger_on_first_use=False,
+        )
+        getattr(bound, level)(event, **self._initial, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
+    def critical(self, event: str, **fields: Any) -> None:
+        self._emit("critical", event, fields)

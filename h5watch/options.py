@@ -1,0 +1,229 @@
+"""The one typed configuration object, read from keywords, then ``H5WATCH_*``.
+
+Every option has a parser that turns text (from the environment or a CLI
+flag) or a Python value (from ``install(**options)``) into the typed value,
+or raises :class:`OptionError` with one line naming the option and what it
+accepts. Nothing else in h5watch reads the environment for options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "ENV_PREFIX",
+    "OptionError",
+    "Options",
+    "OPTION_HELP",
+    "default_state_dir",
+    "resolve",
+]
+
+ENV_PREFIX = "H5WATCH_"
+ON_TIMEOUT_CHOICES = ("warn", "raise", "kill")
+ON_ORPHAN_CHOICES = ("kill", "recover", "raise", "warn")
+LOG_FORMAT_CHOICES = ("json", "console")
+
+
+class OptionError(ValueError):
+    """A bad option value; its message is one line naming what to fix."""
+
+
+def default_state_dir() -> str:
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return os.path.join(runtime_dir, "h5watch")
+    return f"/tmp/h5watch-{os.getuid()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    state_dir: str = ""
+    service: str = ""
+    wait_timeout: float | None = None
+    hold_timeout: float | None = None
+    fork_timeout: float | None = 10.0
+    on_timeout: str = "warn"
+    on_orphan: str = "kill"
+    kill_exit_code: int = 70
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    log_format: str = "json"
+    tick_interval: float = 0.5
+    state_files: bool = True
+
+
+def _source(name: str, value: Any) -> str:
+    return f"{name}={value!r}"
+
+
+def _seconds(allow_off: bool) -> Callable[[str, Any], float | None]:
+    def parse(name: str, value: Any) -> float | None:
+        if value is None or (allow_off and isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+            if allow_off:
+                return None
+            raise OptionError(f"{name}: expected a number of seconds > 0, got {value!r}")
+        if isinstance(value, bool):
+            raise OptionError(f"{name}: expected a number of seconds > 0, got {value!r}")
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            off = " or 'off'" if allow_off else ""
+            raise OptionError(f"{name}: expected a number of seconds > 0{off}, got {value!r}") from None
+        if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+            off = " or 'off'" if allow_off else ""
+            raise OptionError(f"{name}: expected a number of seconds > 0{off}, got {value!r}")
+        return seconds
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        text = str(value).strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise OptionError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _exit_code(name: str, value: Any) -> int:
+    try:
+        code = int(value)
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionError(f"{name}: expected an exit code from 1 to 255, got {value!r}") from None
+    if not 1 <= code <= 255:
+        raise OptionError(f"{name}: expected an exit code from 1 to 255, got {value!r}")
+    return code
+
+
+def _port(name: str, value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    try:
+        port = int(value)
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionError(f"{name}: expected a TCP port from 0 to 65535 or 'off', got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise OptionError(f"{name}: expected a TCP port from 0 to 65535 or 'off', got {value!r}")
+    return port
+
+
+def _text(max_len: int) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise OptionError(f"{name}: expected text, got {value!r}")
+        if len(value) > max_len or any(ch in value for ch in "\0\n\r"):
+            raise OptionError(f"{name}: expected one line of at most {max_len} characters, got {value!r}")
+        return value
+
+    return parse
+
+
+def _path(name: str, value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or "\0" in value:
+        raise OptionError(f"{name}: expected a directory path, got {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise OptionError(f"{name}: expected true or false, got {value!r}")
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "state_dir": _path,
+    "service": _text(64),
+    "wait_timeout": _seconds(allow_off=True),
+    "hold_timeout": _seconds(allow_off=True),
+    "fork_timeout": _seconds(allow_off=True),
+    "on_timeout": _choice(ON_TIMEOUT_CHOICES),
+    "on_orphan": _choice(ON_ORPHAN_CHOICES),
+    "kill_exit_code": _exit_code,
+    "metrics_port": _port,
+    "metrics_addr": _text(255),
+    "log_format": _choice(LOG_FORMAT_CHOICES),
+    "tick_interval": _seconds(allow_off=False),
+    "state_files": _bool,
+}
+
+OPTION_HELP: dict[str, str] = {
+    "state_dir": "directory of per-process state files (default $XDG_RUNTIME_DIR/h5watch, else /tmp/h5watch-<uid>)",
+    "service": "workload name, exported as the 'workload' label (default: the program name)",
+    "wait_timeout": "seconds a thread may wait for a watched lock before it is an incident (default off)",
+    "hold_timeout": "seconds a thread may hold a watched lock before it is an incident (default off)",
+    "fork_timeout": "seconds the before-fork hook waits for each watched lock (default 10; 'off' waits forever)",
+    "on_timeout": "what a wait or hold timeout does: warn, raise or kill (default warn)",
+    "on_orphan": "what an orphaned lock in a forked child does: kill, recover, raise or warn (default kill)",
+    "kill_exit_code": "exit code of a process h5watch kills (default 70)",
+    "metrics_port": "serve this process's /metrics on this port (default off)",
+    "metrics_addr": "address of the in-process /metrics server (default 127.0.0.1)",
+    "log_format": "json (one object a line) or console (default json)",
+    "tick_interval": "seconds between watchdog ticks (default 0.5)",
+    "state_files": "write this process's state file for the daemon: true or false (default true)",
+}
+
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(Options))
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.upper()
+
+
+def resolve(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Options:
+    """Keywords win over ``H5WATCH_*`` variables, which win over defaults."""
+    overrides = dict(overrides or {})
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(overrides) - set(OPTION_NAMES))
+    if unknown:
+        raise OptionError(f"unknown option {unknown[0]!r}: expected one of {', '.join(OPTION_NAMES)}")
+    values: dict[str, Any] = {}
+    for name in OPTION_NAMES:
+        if name in overrides:
+            values[name] = _PARSERS[name](name, overrides[name])
+        elif env_name(name) in environ:
+            values[name] = _PARSERS[name](env_name(name), environ[env_name(name)])
+    options = Options(**values)
+    if not options.state_dir:
+        options = dataclasses.replace(options, state_dir=default_state_dir())
+    if not options.service:
+        options = dataclasses.replace(options, service=_default_service())
+    return options
+
+
+def _default_service() -> str:
+    import sys
+
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if argv0 in ("", "-c", "-m", "__main__.py"):
+        argv0 = "python"
+    if argv0.endswith(".py"):
+        argv0 = argv0[:-3]
+    return argv0[:64] or "python"
+
+
+def as_environ(options: Mapping[str, Any]) -> dict[str, str]:
+    """Options as ``H5WATCH_*`` variables, for ``h5watch run``'s children."""
+    env = {}
+    for name, value in options.items():
+        if value is None:
+            value = "off"
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[env_name(name)] = str(value)
+    return env

@@ -1,0 +1,121 @@
+"""``install()``, ``uninstall()`` and ``snapshot()``: the process-wide switch.
+
+One ``Runtime`` per process holds what ``install()`` started. Installing is
+idempotent and thread-safe: a second call with the same options is a no-op;
+a call with different options reconfigures (timeouts, policies, logging).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from . import lock as lock_module
+from . import logs
+from .h5py_hook import PHIL_LOCK_NAME, PhilPatch
+from .lock import watched_locks
+from .options import Options, resolve
+
+__all__ = ["install", "uninstall", "snapshot", "current_options", "is_installed", "phil_patch"]
+
+_install_lock = threading.RLock()
+_options: Options | None = None
+_log = logs.get_logger(logger="h5watch")
+phil_patch = PhilPatch(_log)
+_extensions: list[Any] = []
+
+
+def install(**options: Any) -> Options:
+    """Instrument h5py's ``phil``, arm the fork hooks, start the watchdog.
+
+    Call it before h5py is imported for full coverage. Raises
+    :class:`h5watch.OptionError` on a bad option, before changing anything.
+    """
+    global _options
+    resolved = resolve(options)
+    with _install_lock:
+        logs.configure(resolved.log_format)
+        if _options == resolved:
+            phil_patch.install()
+            return resolved
+        first = _options is None
+        _options = resolved
+        _apply_policy(resolved)
+        phil_patch.install()
+        for extension in _extensions:
+            extension.start(resolved)
+        if first:
+            _log.info(
+                "h5watch.installed",
+                service=resolved.service,
+                h5py_imported="h5py" in sys.modules,
+                coverage=phil_patch.coverage,
+            )
+        return resolved
+
+
+def uninstall() -> None:
+    """Undo ``install()``: stop the watchdog, disarm hooks, restore h5py's names."""
+    global _options
+    with _install_lock:
+        if _options is None:
+            return
+        for extension in reversed(_extensions):
+            extension.stop()
+        phil_patch.uninstall()
+        lock_module.policy.raise_after_ns = None
+        _options = None
+
+
+def is_installed() -> bool:
+    return _options is not None
+
+
+def current_options() -> Options | None:
+    return _options
+
+
+def register_extension(extension: Any) -> None:
+    """Parts started by ``install()`` in order (fork hooks, watchdog, state, exporter)."""
+    _extensions.append(extension)
+
+
+def _apply_policy(options: Options) -> None:
+    policy = lock_module.policy
+    if options.on_timeout == "raise" and options.wait_timeout is not None:
+        policy.raise_after_ns = int(options.wait_timeout * 1e9)
+    else:
+        policy.raise_after_ns = None
+
+
+def snapshot() -> dict[str, Any]:
+    """Every watched lock's statistics, holder and waiters, as plain data."""
+    now_ns = time.monotonic_ns()
+    locks = {}
+    for watched in watched_locks():
+        entry = watched.snapshot(now_ns)
+        if watched.name == PHIL_LOCK_NAME and watched is phil_patch.watched:
+            entry["probe"] = phil_patch.probe_state()
+        locks[watched.name] = entry
+    return {
+        "pid": os.getpid(),
+        "service": _options.service if _options else None,
+        "installed": _options is not None,
+        "implementation": lock_module.IMPLEMENTATION,
+        "h5py": {
+            "coverage": phil_patch.coverage,
+            "uncovered_types": list(phil_patch.uncovered),
+            "probe": phil_patch.probe_state(),
+        },
+        "monotonic_ns": now_ns,
+        "unix_time": time.time(),
+        "locks": locks,
+        **{name: extension.snapshot() for name, extension in _named_extensions()},
+    }
+
+
+def _named_extensions() -> list[tuple[str, Any]]:
+    return [(ext.snapshot_key, ext) for ext in _extensions if getattr(ext, "snapshot_key", None)]

@@ -1,0 +1,80 @@
+"""Shared fixtures: real HDF5 files, real child interpreters with hard timeouts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_h5(path: Path, seed: int = 0, shape: tuple[int, int] = (200, 200)) -> np.ndarray:
+    """Write a real HDF5 file with a dataset 'values' and an attribute 'x'."""
+    import h5py
+
+    data = np.random.default_rng(seed).random(shape)
+    with h5py.File(path, "w") as f:
+        f["values"] = data
+        f.attrs["x"] = seed
+    return data
+
+
+@pytest.fixture
+def h5_file(tmp_path: Path) -> Path:
+    path = tmp_path / "data.h5"
+    make_h5(path)
+    return path
+
+
+def run_python(
+    code: str,
+    *,
+    python: str | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    args: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter; kill its whole process group on timeout."""
+    full_env = dict(os.environ)
+    full_env.pop("PYTHONPATH", None)
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [python or sys.executable, "-c", textwrap.dedent(code), *(args or [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"child timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture
+def python313() -> str:
+    """The interpreter of the second environment, with h5py 3.13 (pre-fix)."""
+    python = os.environ.get("H5WATCH_TEST_PY313")
+    if not python:
+        if os.environ.get("H5WATCH_REQUIRE_PY313"):
+            pytest.fail("H5WATCH_TEST_PY313 is not set but H5WATCH_REQUIRE_PY313 is")
+        pytest.skip("H5WATCH_TEST_PY313 not set (the h5py 3.13 environment)")
+    return python
