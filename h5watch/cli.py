@@ -1,0 +1,69 @@
+"""The ``h5watch`` command: ``run``, ``daemon``, ``status``, ``demo``.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``main(args) -> int``. A user error anywhere is one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from . import __version__
+from .options import OptionError
+
+__all__ = ["main", "UsageError"]
+
+EXIT_USAGE = 2
+
+_SUBCOMMANDS = {
+    "run": ("h5watch.runner", "run a command with h5watch installed in it (and its children)"),
+    "daemon": ("h5watch.daemon", "watch every instrumented process on this host and export to Prometheus"),
+    "status": ("h5watch.status", "show live instrumented processes, lock holders and waiters"),
+    "demo": ("h5watch.demo", "run the built-in demonstration workload"),
+}
+
+
+class UsageError(Exception):
+    """A user error found after argument parsing; one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="h5watch",
+        description="Lock-timeout monitoring for h5py's global lock: fork safety, watchdog, Prometheus daemon.",
+    )
+    parser.add_argument("--version", action="version", version=f"h5watch {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for name, (module_name, help_text) in _SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.main(args) or 0)
+    except (OptionError, UsageError) as exc:
+        sys.stderr.write(f"h5watch {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
