@@ -105,6 +105,8 @@ class PhilPatch:
         self.probe_error: str | None = None
         self.coverage = "none"
         self.uncovered: list[str] = []
+        # Called once h5py's phil is instrumented (the fork hooks re-register).
+        self.on_instrumented: Callable[[], None] | None = None
 
     # -- install / uninstall ----------------------------------------------
 
@@ -144,6 +146,8 @@ class PhilPatch:
             self._patch_objects(module)
             self.coverage = "full"
             self._log.info("h5py.instrumented", lock=PHIL_LOCK_NAME, coverage="full", probe=self.probe_state())
+            if self.on_instrumented is not None:
+                self.on_instrumented()
 
     def _patch_objects(self, module: types.ModuleType) -> None:
         current = module.phil

@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 _get_ident = threading.get_ident
+# Thread idents are addresses, never -2: the owner of a lock whose holder died in a fork.
+DEAD_OWNER = -2
 _monotonic_ns = time.monotonic_ns
 
 
@@ -332,6 +334,40 @@ class WatchedLock:
             delay = min(delay * 2, 2e-3)
 
     # -- fork support (used by h5watch.fork only) --------------------------
+
+    def _acquire_for_fork(self, timeout: float | None) -> bool:
+        """Acquire within ``timeout`` seconds (None: forever), never raising.
+
+        The before-fork hook uses this: ``on_timeout=raise`` must not raise
+        inside an at-fork hook, where exceptions are printed and ignored.
+        """
+        me = _get_ident()
+        if self._owner == me:
+            self._count += 1
+            return True
+        if not self._inner_acquire(False):
+            start_ns = _monotonic_ns()
+            self._waiters[me] = start_ns
+            try:
+                if timeout is None:
+                    acquired = self._inner_acquire(True)
+                else:
+                    acquired = self._wait_until(start_ns + int(timeout * 1e9))
+            finally:
+                self._waiters.pop(me, None)
+            if not acquired:
+                return False
+        self._since_ns = _monotonic_ns()
+        self._owner_pid = policy.pid
+        self._operation = "h5watch.fork.before_fork"
+        self._count = 1
+        self._owner = me
+        return True
+
+    def _mark_owner_dead(self) -> None:
+        """The holder did not survive a fork: no later thread may match its ident."""
+        if self._owner is not None:
+            self._owner = DEAD_OWNER
 
     def _force_reset(self) -> None:
         """Forget any holder and waiter; the caller re-creates the inner lock."""

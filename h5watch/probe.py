@@ -24,6 +24,8 @@ from typing import Any
 __all__ = ["FastRLockProbe", "ProbeUnavailable"]
 
 _OWNER_FREE = -1
+# No thread ident is -2 (idents are addresses): marks a holder that died in a fork.
+_DEAD_OWNER = -2
 _LAYOUT = {"real_lock": 16, "owner": 24, "count": 32, "pending": 36, "is_locked": 40}
 _BASICSIZE = 48
 
@@ -63,6 +65,20 @@ class FastRLockProbe:
             "pending_requests": _read_int(base + _LAYOUT["pending"]),
             "is_locked": bool(_read_int(base + _LAYOUT["is_locked"])),
         }
+
+    def poison_dead_owner(self, alive_ident: int) -> bool:
+        """Make a dead owner's ident unmatchable; True if there was one.
+
+        A thread started later in the child can be given the dead holder's
+        ident (pthread ids are addresses, and the dead thread's are free for
+        reuse); FastRLock would then let it "re-enter" a lock it never took.
+        """
+        base = self._address
+        owner = _read_long(base + _LAYOUT["owner"])
+        if owner == _OWNER_FREE or _as_ident(owner) == alive_ident:
+            return False
+        ctypes.c_long.from_address(base + _LAYOUT["owner"]).value = _DEAD_OWNER
+        return True
 
     def reset(self) -> None:
         """Make the lock free with a fresh underlying OS lock.

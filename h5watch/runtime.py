@@ -16,7 +16,9 @@ from typing import Any
 from . import lock as lock_module
 from . import logs
 from .h5py_hook import PHIL_LOCK_NAME, PhilPatch
-from .lock import watched_locks
+from .fork import ForkGuard, add_child_callback
+from .lock import WatchedLock, watched_locks
+from .watchdog import Watchdog
 from .options import Options, resolve
 
 __all__ = ["install", "uninstall", "snapshot", "current_options", "is_installed", "phil_patch"]
@@ -26,6 +28,33 @@ _options: Options | None = None
 _log = logs.get_logger(logger="h5watch")
 phil_patch = PhilPatch(_log)
 _extensions: list[Any] = []
+fork_guard = ForkGuard()
+watchdog = Watchdog()
+
+
+def _read_real_phil(lock: WatchedLock) -> dict[str, Any] | None:
+    if lock is phil_patch.watched and phil_patch.probe is not None:
+        return phil_patch.probe.read()
+    return None
+
+
+def _reset_real_phil(lock: WatchedLock) -> bool:
+    if lock is phil_patch.watched and phil_patch.probe is not None:
+        phil_patch.probe.reset()
+        return True
+    return False
+
+
+def _poison_real_phil(lock: WatchedLock, alive_ident: int) -> bool:
+    if lock is phil_patch.watched and phil_patch.probe is not None:
+        return phil_patch.probe.poison_dead_owner(alive_ident)
+    return False
+
+
+fork_guard.probe_reader = _read_real_phil
+fork_guard.probe_poisoner = _poison_real_phil
+fork_guard.probe_resetter = _reset_real_phil
+phil_patch.on_instrumented = fork_guard.register_hooks
 
 
 def install(**options: Any) -> Options:
@@ -89,6 +118,16 @@ def _apply_policy(options: Options) -> None:
         policy.raise_after_ns = int(options.wait_timeout * 1e9)
     else:
         policy.raise_after_ns = None
+
+
+def _reinit_after_fork() -> None:
+    global _install_lock
+    _install_lock = threading.RLock()
+
+
+add_child_callback(_reinit_after_fork)
+register_extension(fork_guard)
+register_extension(watchdog)
 
 
 def snapshot() -> dict[str, Any]:
