@@ -24,6 +24,7 @@ are written with ``os.write`` (see ``logs``), internal locks are replaced.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -54,6 +55,10 @@ _fork_started_ns: int | None = None
 _taken: list[WatchedLock] = []
 _timed_out: dict[str, dict[str, Any]] = {}
 _threads_at_fork: dict[int, dict[str, Any]] = {}
+# True from h5watch's before-hook to its after-hook: a libc fork handler that
+# runs while it is False saw a fork that skipped Python's hooks.
+_python_fork_in_progress = False
+_libc_child_handler: Any = None
 
 
 def add_child_callback(callback: Callable[[], None]) -> None:
@@ -85,6 +90,9 @@ class ForkGuard:
         self.probe_reader: Callable[[WatchedLock], dict[str, Any] | None] | None = None
         self.probe_resetter: Callable[[WatchedLock], bool] | None = None
         self.probe_poisoner: Callable[[WatchedLock, int], bool] | None = None
+        # Balances h5py's own after-in-child hook, which releases phil once.
+        self.before_interpreter_repair: Callable[[], None] | None = None
+        self._unhooked = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -93,6 +101,7 @@ class ForkGuard:
         self._armed = True
         if self._generation == 0:
             self.register_hooks()
+            self._register_libc_child_handler()
         policy.on_pid_change = self._after_fork_without_hooks
         policy.on_orphan_wait = self._on_orphan_wait
 
@@ -100,6 +109,37 @@ class ForkGuard:
         self._armed = False
         policy.on_pid_change = None
         policy.on_orphan_wait = None
+
+    def _register_libc_child_handler(self) -> None:
+        """Catch forks that skip Python's hooks as they happen, not at the first wait.
+
+        libc runs ``pthread_atfork`` child handlers for every ``fork()``,
+        including one called by a C extension. The handler runs on the forking
+        thread, which still holds the GIL; when no Python before-hook ran for
+        this fork, it repairs the interpreter and runs the child path at once,
+        before the child's first GIL release can hang on the GIL's stale state.
+        """
+        global _libc_child_handler
+        if _libc_child_handler is not None:
+            return
+        try:
+            libc = ctypes.CDLL(None)
+            register = libc.pthread_atfork
+        except (OSError, AttributeError):
+            return
+        handler_type = ctypes.CFUNCTYPE(None)
+
+        def child_handler() -> None:
+            if _python_fork_in_progress or not self._armed:
+                return
+            try:
+                self._after_fork_without_hooks()
+            except BaseException:
+                pass
+
+        _libc_child_handler = handler_type(child_handler)
+        register.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        register(None, None, ctypes.cast(_libc_child_handler, ctypes.c_void_p))
 
     def register_hooks(self) -> None:
         """Register a new generation of hooks; the older ones do nothing from now on."""
@@ -116,7 +156,7 @@ class ForkGuard:
 
         def after_in_child() -> None:
             if self._armed and generation == self._generation:
-                self._after_fork_in_child(hooked=True)
+                self._after_fork_in_child(hooked=not self._unhooked)
 
         os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
 
@@ -126,7 +166,8 @@ class ForkGuard:
     # -- the hooks ---------------------------------------------------------
 
     def _before_fork(self) -> None:
-        global _fork_started_ns
+        global _fork_started_ns, _python_fork_in_progress
+        _python_fork_in_progress = True
         start_ns = time.monotonic_ns()
         _fork_started_ns = start_ns
         _threads_at_fork.clear()
@@ -146,14 +187,16 @@ class ForkGuard:
         fork_stats.record(time.monotonic_ns() - start_ns)
 
     def _after_fork_in_parent(self) -> None:
-        global _fork_started_ns
+        global _fork_started_ns, _python_fork_in_progress
+        _python_fork_in_progress = False
         for lock in reversed(_taken):
             lock.release()
         _taken.clear()
         _fork_started_ns = None
 
     def _after_fork_in_child(self, hooked: bool) -> None:
-        global _fork_started_ns, fork_stats
+        global _fork_started_ns, fork_stats, _python_fork_in_progress
+        _python_fork_in_progress = False
         parent_pid = policy.pid
         policy.pid = os.getpid()
         _fork_started_ns = None
@@ -164,14 +207,16 @@ class ForkGuard:
             lock._waiters = {}
             lock._reported.clear()
             lock.stats.reset_after_fork()
-        if hooked:
-            for lock in reversed(_taken):
-                lock.release()
-            _taken.clear()
+        for lock in reversed(_taken):
+            lock.release()
+        _taken.clear()
         fork_stats = ForkStats()
         # Find orphans before any new thread starts: a new thread may be given
         # a dead holder's ident, and would then look like the owner.
         orphans = [(lock, evidence) for lock in watched_locks() if (evidence := self._orphan_evidence(lock, me)) is not None]
+        for lock in watched_locks():
+            if lock._owner is None and all(lock is not orphan for orphan, _ in orphans):
+                self._clear_stale_handoff(lock, me)
         for lock, evidence in orphans:
             evidence.update(parent_pid=parent_pid, fork_hooks_ran=hooked)
             lock._mark_owner_dead()
@@ -183,10 +228,40 @@ class ForkGuard:
             self._apply_policy(lock, evidence)
 
     def _after_fork_without_hooks(self) -> None:
-        """Called from a lock's slow path when ``os.getpid()`` changed under us."""
+        """Called from a lock's slow path when ``os.getpid()`` changed under us.
+
+        The fork skipped everything CPython's ``os.fork`` does in a child, not
+        only the at-fork hooks: the GIL's condition variable may still count
+        waiters that no longer exist, so the first release of the GIL (any
+        blocking call, a thread start, even ``os.write``) can hang forever.
+        ``PyOS_AfterFork_Child`` is CPython's documented repair for "forked
+        by C code": it re-creates the GIL, drops dead thread states and runs
+        the after-in-child hooks, ours included. Names of the dead threads are
+        saved first, since threading's own hook forgets them.
+        """
         if os.getpid() == policy.pid:
             return
-        self._after_fork_in_child(hooked=False)
+        _threads_at_fork.clear()
+        for ident, thread in list(threading._active.items()):  # type: ignore[attr-defined]
+            _threads_at_fork[ident] = {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+        _taken.clear()
+        if self.before_interpreter_repair is not None:
+            self.before_interpreter_repair()
+        self._unhooked = True
+        try:
+            after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+        except AttributeError:
+            after_fork_child = None
+        try:
+            if after_fork_child is not None:
+                after_fork_child.restype = None
+                after_fork_child.argtypes = []
+                after_fork_child()
+            if os.getpid() != policy.pid:
+                # No repair available, or our hook was not part of it.
+                self._after_fork_in_child(hooked=False)
+        finally:
+            self._unhooked = False
 
     # -- orphans -----------------------------------------------------------
 
@@ -209,6 +284,19 @@ class ForkGuard:
                 }
                 return {"lock": lock.name, "seen_by": "probe", "holder": holder}
         return None
+
+    def _clear_stale_handoff(self, lock: WatchedLock, me: int) -> None:
+        """No holder inside, yet the inner lock is taken: a dead thread was
+        between taking it and recording itself (or the reverse on release), or
+        a dead waiter held FastRLock's hand-off lock. Nobody was inside the
+        critical section, so a reset is safe under every policy."""
+        if lock._inner_acquire(False):
+            lock._inner_release()
+            return
+        if not self._recover(lock):
+            return
+        lock.stats.bump("orphans", "recovered")
+        _log.warning("lock.recovered", lock=lock.name, reason="stale hand-off state from a thread that did not survive the fork")
 
     def _dead_thread_identity(self, ident: int) -> dict[str, Any]:
         known = _threads_at_fork.get(ident)
