@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -59,6 +60,7 @@ _threads_at_fork: dict[int, dict[str, Any]] = {}
 # runs while it is False saw a fork that skipped Python's hooks.
 _python_fork_in_progress = False
 _libc_child_handler: Any = None
+_forkrepair: Any = None
 
 
 def add_child_callback(callback: Callable[[], None]) -> None:
@@ -90,8 +92,9 @@ class ForkGuard:
         self.probe_reader: Callable[[WatchedLock], dict[str, Any] | None] | None = None
         self.probe_resetter: Callable[[WatchedLock], bool] | None = None
         self.probe_poisoner: Callable[[WatchedLock, int], bool] | None = None
-        # Balances h5py's own after-in-child hook, which releases phil once.
-        self.before_interpreter_repair: Callable[[], None] | None = None
+        # Re-takes what h5py's own after-in-child hook released in a fork that
+        # skipped the before-hooks (it releases a phil it never took).
+        self.rebalance_after_unhooked_fork: Callable[[int], None] | None = None
         self._unhooked = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -114,13 +117,22 @@ class ForkGuard:
         """Catch forks that skip Python's hooks as they happen, not at the first wait.
 
         libc runs ``pthread_atfork`` child handlers for every ``fork()``,
-        including one called by a C extension. The handler runs on the forking
-        thread, which still holds the GIL; when no Python before-hook ran for
-        this fork, it repairs the interpreter and runs the child path at once,
-        before the child's first GIL release can hang on the GIL's stale state.
+        including one called by a C extension. The compiled handler
+        (``h5watch._forkrepair``) calls ``PyOS_AfterFork_Child`` before any
+        Python bytecode runs in the child; that runs our after-in-child hook.
+        Without the compiled part, a ctypes handler does the same from Python,
+        which can itself hang when the fork caught a pending GIL hand-over.
         """
-        global _libc_child_handler
-        if _libc_child_handler is not None:
+        global _libc_child_handler, _forkrepair
+        if _libc_child_handler is not None or _forkrepair is not None:
+            return
+        try:
+            from . import _forkrepair as compiled  # type: ignore[attr-defined]
+        except ImportError:
+            compiled = None
+        if compiled is not None:
+            compiled.arm(True)
+            _forkrepair = compiled
             return
         try:
             libc = ctypes.CDLL(None)
@@ -156,7 +168,8 @@ class ForkGuard:
 
         def after_in_child() -> None:
             if self._armed and generation == self._generation:
-                self._after_fork_in_child(hooked=not self._unhooked)
+                hooked = _python_fork_in_progress and not self._unhooked
+                self._after_fork_in_child(hooked=hooked)
 
         os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
 
@@ -168,6 +181,8 @@ class ForkGuard:
     def _before_fork(self) -> None:
         global _fork_started_ns, _python_fork_in_progress
         _python_fork_in_progress = True
+        if _forkrepair is not None:
+            _forkrepair.set_python_fork(True)
         start_ns = time.monotonic_ns()
         _fork_started_ns = start_ns
         _threads_at_fork.clear()
@@ -189,6 +204,8 @@ class ForkGuard:
     def _after_fork_in_parent(self) -> None:
         global _fork_started_ns, _python_fork_in_progress
         _python_fork_in_progress = False
+        if _forkrepair is not None:
+            _forkrepair.set_python_fork(False)
         for lock in reversed(_taken):
             lock.release()
         _taken.clear()
@@ -197,6 +214,8 @@ class ForkGuard:
     def _after_fork_in_child(self, hooked: bool) -> None:
         global _fork_started_ns, fork_stats, _python_fork_in_progress
         _python_fork_in_progress = False
+        if _forkrepair is not None:
+            _forkrepair.set_python_fork(False)
         parent_pid = policy.pid
         policy.pid = os.getpid()
         _fork_started_ns = None
@@ -210,6 +229,8 @@ class ForkGuard:
         for lock in reversed(_taken):
             lock.release()
         _taken.clear()
+        if not hooked and self.rebalance_after_unhooked_fork is not None:
+            self.rebalance_after_unhooked_fork(me)
         fork_stats = ForkStats()
         # Find orphans before any new thread starts: a new thread may be given
         # a dead holder's ident, and would then look like the owner.
@@ -245,13 +266,15 @@ class ForkGuard:
         for ident, thread in list(threading._active.items()):  # type: ignore[attr-defined]
             _threads_at_fork[ident] = {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
         _taken.clear()
-        if self.before_interpreter_repair is not None:
-            self.before_interpreter_repair()
         self._unhooked = True
         try:
             after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
         except AttributeError:
             after_fork_child = None
+        # Other libraries' hooks may fail here (h5py's releases a phil its
+        # before-hook never took); their reports would go through sys.stderr,
+        # whose lock a dead thread may hold.
+        unraisable_hook, sys.unraisablehook = sys.unraisablehook, _ignore_unraisable
         try:
             if after_fork_child is not None:
                 after_fork_child.restype = None
@@ -261,6 +284,7 @@ class ForkGuard:
                 # No repair available, or our hook was not part of it.
                 self._after_fork_in_child(hooked=False)
         finally:
+            sys.unraisablehook = unraisable_hook
             self._unhooked = False
 
     # -- orphans -----------------------------------------------------------
@@ -302,9 +326,15 @@ class ForkGuard:
         known = _threads_at_fork.get(ident)
         if known is not None:
             return dict(known)
-        # A fork without hooks leaves threading's table as it was in the parent.
+        # Without our before-hook: threading's table, if its own after-fork
+        # hook has not emptied it yet, else any Thread object still referenced.
         identity = thread_identity(ident)
-        return {"thread_name": identity["thread_name"], "native_id": identity["native_id"]}
+        if identity["thread_name"] is not None:
+            return {"thread_name": identity["thread_name"], "native_id": identity["native_id"]}
+        for thread in list(threading._dangling):  # type: ignore[attr-defined]
+            if getattr(thread, "_ident", None) == ident:
+                return {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+        return {"thread_name": None, "native_id": None}
 
     def _apply_policy(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
         action = self.options.on_orphan
@@ -356,6 +386,10 @@ class ForkGuard:
         if holder is not None:
             holder["stack"] = thread_stack(holder.get("thread_ident"))
         return {"lock": lock.name, "holder": holder, "forking_thread_stack": current_stack(skip=3)}
+
+
+def _ignore_unraisable(unraisable: Any) -> None:
+    pass
 
 
 def _call_quietly(callback: Callable[[], Any]) -> None:

@@ -51,17 +51,17 @@ def _poison_real_phil(lock: WatchedLock, alive_ident: int) -> bool:
     return False
 
 
-def _balance_h5py_fork_hook() -> None:
+def _rebalance_phil(me: int) -> None:
     """h5py >= 3.14's after-in-child hook releases phil once, assuming its
     before-hook took it; after a fork that skipped the hooks it did not."""
-    objects = sys.modules.get("h5py._objects")
-    if objects is None or not hasattr(objects, "_phil_after_fork") or phil_patch.probe is None:
+    watched = phil_patch.watched
+    if watched is None or phil_patch.probe is None or watched._owner != me:
         return
-    if phil_patch.probe.read()["owner_ident"] == threading.get_ident():
+    if phil_patch.probe.read()["owner_ident"] != me:
         phil_patch.real_phil.acquire()
 
 
-fork_guard.before_interpreter_repair = _balance_h5py_fork_hook
+fork_guard.rebalance_after_unhooked_fork = _rebalance_phil
 fork_guard.probe_reader = _read_real_phil
 fork_guard.probe_poisoner = _poison_real_phil
 fork_guard.probe_resetter = _reset_real_phil
