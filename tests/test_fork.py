@@ -136,3 +136,29 @@ def test_phil_held_at_os_fork_on_h5py_313_child_applies_policy(python313, tmp_pa
     assert result["exit_code"] == 70
     assert events_named(events, "fork.lock_timeout")[0]["holder"]["thread_name"] == "stuck-holder"
     assert events_named(events, "lock.orphaned")[0]["holder"]["thread_name"] == "stuck-holder"
+
+
+@pytest.mark.timeout(120)
+def test_fork_stall_is_named_with_holder_stack_current_h5py(tmp_path):
+    """h5py >= 3.14: our bounded hook gives up after fork_timeout and names the
+    holder; h5py's own unbounded hook then keeps the fork waiting for it."""
+    result, events, _ = run_scenario(sys.executable, "slow_fileobj_fork.py")
+    timeouts = events_named(events, "fork.lock_timeout")
+    assert len(timeouts) == 1
+    holder = timeouts[0]["holder"]
+    assert holder["thread_name"] == "slow-fileobj-reader"
+    assert "slow_readinto" in holder["stack"]
+    assert timeouts[0]["fork_timeout"] == 1
+    assert result["child_exit"] == 0
+    assert result["fork_seconds"] >= 1
+
+
+@pytest.mark.timeout(120)
+def test_fork_stall_h5py_313_fork_proceeds_and_child_applies_policy(python313, tmp_path):
+    result, events, _ = run_scenario(python313, "slow_fileobj_fork.py")
+    assert result["h5py"] == "3.13.0"
+    timeouts = events_named(events, "fork.lock_timeout")
+    assert timeouts and timeouts[0]["holder"]["thread_name"] == "slow-fileobj-reader"
+    assert "slow_readinto" in timeouts[0]["holder"]["stack"]
+    assert result["child_exit"] == 70
+    assert events_named(events, "lock.orphaned")[0]["holder"]["thread_name"] == "slow-fileobj-reader"
