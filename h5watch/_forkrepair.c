@@ -18,12 +18,33 @@ static volatile int python_fork_in_progress = 0;
 static int registered = 0;
 static volatile long repairs = 0;
 
+static PyObject *
+ignore_unraisable(PyObject *self, PyObject *unraisable)
+{
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef ignore_def = {"ignore_unraisable", ignore_unraisable, METH_O, NULL};
+
 static void
 child_handler(void)
 {
     if (armed && !python_fork_in_progress && PyGILState_Check()) {
+        /* Other libraries' hooks may fail here (h5py's releases a phil its
+         * before-hook never took); their reports would be written through
+         * sys.stderr, whose lock a dead thread may hold. */
+        PyObject *saved = PySys_GetObject("unraisablehook");
+        PyObject *ignore = PyCFunction_New(&ignore_def, NULL);
+        Py_XINCREF(saved);
+        if (ignore != NULL)
+            PySys_SetObject("unraisablehook", ignore);
         repairs++;
         PyOS_AfterFork_Child();
+        if (saved != NULL)
+            PySys_SetObject("unraisablehook", saved);
+        Py_XDECREF(saved);
+        Py_XDECREF(ignore);
+        PyErr_Clear();
     }
     python_fork_in_progress = 0;
 }
