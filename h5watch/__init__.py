@@ -6,6 +6,8 @@ h5py's ``phil``; ``h5watch.WatchedLock`` instruments any other lock.
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
 from .lock import LockTimeout, OrphanedLockError, WatchedLock
 from .options import OptionError, Options
 from .runtime import install, is_installed, snapshot, uninstall
@@ -22,5 +24,3 @@ __all__ = [
     "snapshot",
     "uninstall",
 ]
-
-__version__ = "0.1.0"

@@ -1,15 +1,546 @@
-"""Placeholder: see the issue that builds this subcommand."""
+"""``h5watch daemon``: every instrumented process on this host, in one ``/metrics``.
+
+Each scan reads every state file in ``state_dir`` and sorts its process:
+
+- **dead** (gone, a zombie, marked exited, or its pid now names another
+  process): its final counters are folded into persisted totals, then its
+  files are removed; counters therefore never go backwards when workers
+  exit, are killed or are replaced;
+- **stuck** (heartbeat, a wait or a hold older than the stuck threshold);
+- **ok**.
+
+The scan publishes a fresh :class:`~h5watch.exporter.Aggregate`; scrapes
+only read the latest one. With ``--kill-after``, a stuck worker's stacks are
+taken from outside (its ``faulthandler`` dump signal; py-spy where
+installed), ``worker.killed`` is logged with the lock evidence of its state
+file, then it gets SIGTERM, and SIGKILL after ``--grace``.
+
+Never the wrong process: a pid is signalled only through a pidfd opened
+first and then checked against the state file's start time and uid, so a
+pid reused by another process in between cannot be hit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
 
+import numpy as np
+
+from . import logs
 from .cli import UsageError
+from .exporter import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, MetricsServer
+from .statefile import (
+    STATE_SUFFIX,
+    ProcessState,
+    StateDirError,
+    StateFileError,
+    ensure_state_dir,
+    list_state_files,
+    proc_stat,
+    process_identity,
+    read_state_file,
+)
+
+__all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
+
+TOTALS_FILE = "h5watch-daemon.json"
+MAX_FILES = 20000
+MAX_CONCURRENT_KILLS = 8
+STACKS_READ_LIMIT = 256 * 1024
+
+_log = logs.get_logger(logger="h5watch.daemon")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--state-dir", help="directory of the state files (default: as H5WATCH_STATE_DIR, else $XDG_RUNTIME_DIR/h5watch, else /tmp/h5watch-<uid>)")
+    parser.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT of /metrics and /healthz (default 127.0.0.1:9464)")
+    parser.add_argument("--scan-interval", default="2", help="seconds between scans of the state dir (default 2)")
+    parser.add_argument("--kill-after", default=None, help="kill a worker whose heartbeat, wait or hold is older than this many seconds (default: never kill)")
+    parser.add_argument("--grace", default="5", help="seconds between SIGTERM and SIGKILL (default 5)")
+    parser.add_argument("--stuck-after", default=None, help="seconds after which a process counts as stuck (default: --kill-after, else 30)")
+    parser.add_argument("--dry-run", action="store_true", help="log and dump stuck workers, but kill nothing")
+    parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
+
+
+def _seconds(flag: str, text: str | None, allow_none: bool = False) -> float | None:
+    if text is None and allow_none:
+        return None
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag}: expected a number of seconds > 0, got {text!r}") from None
+    if not 0 < value < 1e9:
+        raise UsageError(f"{flag}: expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen: expected HOST:PORT such as 127.0.0.1:9464, got {text!r}")
+    return host, int(port_text)
 
 
 def main(args: argparse.Namespace) -> int:
-    raise UsageError("'daemon' is not built yet")
+    from .options import resolve
+
+    options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
+    listen = parse_listen(args.listen)
+    scan_interval = _seconds("--scan-interval", args.scan_interval)
+    kill_after = _seconds("--kill-after", args.kill_after, allow_none=True)
+    grace = _seconds("--grace", args.grace)
+    stuck_after = _seconds("--stuck-after", args.stuck_after, allow_none=True) or kill_after or 30.0
+    logs.configure(args.log_format or options.log_format)
+    try:
+        ensure_state_dir(options.state_dir)
+    except StateDirError as exc:
+        raise UsageError(str(exc)) from None
+    daemon = Daemon(options.state_dir, scan_interval, kill_after, grace, stuck_after, args.dry_run)
+    try:
+        daemon.serve(*listen)
+    except OSError as exc:
+        raise UsageError(f"--listen {args.listen}: cannot listen there: {exc.strerror or exc}") from None
+    return 0
+
+
+class Daemon:
+    def __init__(
+        self,
+        state_dir: str,
+        scan_interval: float = 2.0,
+        kill_after: float | None = None,
+        grace: float = 5.0,
+        stuck_after: float = 30.0,
+        dry_run: bool = False,
+    ) -> None:
+        self.state_dir = state_dir
+        self.scan_interval = scan_interval
+        self.kill_after = kill_after
+        self.grace = grace
+        self.stuck_after = stuck_after
+        self.dry_run = dry_run
+        self.aggregate: Aggregate | None = None
+        self.last_scan_unix = 0.0
+        self._stop = threading.Event()
+        self._totals_path = os.path.join(state_dir, TOTALS_FILE)
+        self._totals: dict[tuple[str, str], LockTotals] = {}
+        self._fork_totals: dict[str, ForkTotals] = {}
+        self._kills: dict[tuple[str, str], int] = {}
+        self._errors: dict[str, int] = {}
+        self._folded: set[str] = set()
+        self._logged_errors: dict[str, str] = {}
+        self._handled: dict[tuple[int, int], float] = {}
+        self._kill_threads: list[threading.Thread] = []
+        self._kills_lock = threading.Lock()
+        self._too_many_logged = False
+        self._load_totals()
+
+    # -- running -----------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> None:
+        from prometheus_client.registry import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(AggregateCollector(lambda: self.aggregate))
+        server = MetricsServer(registry, host, port, healthy=self.healthy)
+        self.port = server.port
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._stop.set())
+        server.start()
+        _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.kill_after,
+                  grace=self.grace, stuck_after=self.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
+        try:
+            while not self._stop.is_set():
+                self.scan()
+                self._stop.wait(self.scan_interval)
+        finally:
+            server.stop()
+            self._save_totals()
+            _log.info("daemon.stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def healthy(self) -> bool:
+        return time.time() - self.last_scan_unix < 3 * self.scan_interval + 5
+
+    # -- one scan ----------------------------------------------------------
+
+    def scan(self) -> Aggregate:
+        started = time.perf_counter()
+        now = time.time()
+        try:
+            paths, truncated = list_state_files(self.state_dir, MAX_FILES)
+        except OSError as exc:
+            self._error(self.state_dir, "unreadable_dir", f"cannot list the state dir: {exc.strerror}")
+            paths, truncated = [], False
+        if truncated and not self._too_many_logged:
+            self._too_many_logged = True
+            _log.error("daemon.too_many_files", state_dir=self.state_dir, limit=MAX_FILES)
+        live = Aggregate(processes={}, heartbeat_age={})
+        changed = False
+        stuck: list[tuple[ProcessState, str, dict[str, Any]]] = []
+        present = set()
+        for path in paths:
+            name = os.path.basename(path)
+            present.add(name)
+            try:
+                state = read_state_file(path)
+            except StateFileError as exc:
+                self._error(path, exc.reason, str(exc))
+                continue
+            workload = state.workload
+            verdict = self._classify(state, name, now)
+            if verdict == "dead":
+                changed |= self._fold(state, name)
+                live.processes[(workload, "dead")] = live.processes.get((workload, "dead"), 0) + 1
+                continue
+            if verdict == "foreign":
+                continue
+            self._add_live(live, state, now)
+            locks = state.locks(now)
+            reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
+            state_label = "stuck" if reason else "ok"
+            live.processes[(workload, state_label)] = live.processes.get((workload, state_label), 0) + 1
+            if self.kill_after is not None:
+                kill_reason, culprit = self._stuck_reason(state, locks, now, self.kill_after)
+                if kill_reason:
+                    stuck.append((state, kill_reason, culprit))
+        self._forget_missing(present)
+        aggregate = self._combine(live)
+        aggregate.scan_seconds = time.perf_counter() - started
+        self.aggregate = aggregate
+        self.last_scan_unix = time.time()
+        if changed:
+            self._save_totals()
+        for state, reason, culprit in stuck:
+            self._handle_stuck(state, reason, culprit)
+        return aggregate
+
+    def _classify(self, state: ProcessState, name: str, now: float) -> str:
+        """dead, foreign (a file that does not name itself) or live."""
+        expected = f"{state.pid}-{state.start_ticks}{STATE_SUFFIX}"
+        if name != expected:
+            self._error(os.path.join(self.state_dir, name), "corrupt", f"names pid {state.pid}, start {state.start_ticks}, not its own file name")
+            return "foreign"
+        if name in self._folded or int(state.header["exited"]):
+            return "dead"
+        identity = process_identity(state.pid)
+        if identity is None or identity[0] != state.start_ticks or identity[1] != int(state.header["uid"]):
+            return "dead"
+        return "live"
+
+    @staticmethod
+    def _stuck_reason(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> tuple[str | None, dict[str, Any]]:
+        """Why the process counts as stuck at ``limit`` seconds, and the lock to blame."""
+        for lock in locks:
+            if lock["orphaned"] and lock["waiters"] and lock["oldest_wait_seconds"] > limit:
+                return "orphaned_lock", lock
+        for lock in locks:
+            if lock["waiters"] and lock["oldest_wait_seconds"] > limit:
+                return "wait", lock
+        for lock in locks:
+            holder = lock["holder"]
+            if holder and (holder["hold_age_seconds"] or 0) > limit:
+                return "hold", lock
+        tick = float(state.header["tick_interval"]) or 0.5
+        if now - state.heartbeat_unix > max(limit, 3 * tick):
+            held = [lock for lock in locks if lock["holder"] or lock["waiters"]]
+            return "heartbeat", (held[0] if held else {})
+        return None, {}
+
+    # -- aggregation ---------------------------------------------------------
+
+    @staticmethod
+    def _record_totals(record: np.void) -> LockTotals:
+        return LockTotals(
+            acquisitions=int(record["acquisitions"]), contentions=int(record["contentions"]), reentries=int(record["reentries"]),
+            wait_buckets=record["wait_buckets"].astype(np.uint64), wait_sum_ns=int(record["wait_sum_ns"]),
+            hold_buckets=record["hold_buckets"].astype(np.uint64), hold_sum_ns=int(record["hold_sum_ns"]),
+            timeouts=record["timeouts"].astype(np.uint64), orphans=record["orphans"].astype(np.uint64),
+        )
+
+    @staticmethod
+    def _fork_totals_of(state: ProcessState) -> ForkTotals:
+        header = state.header
+        return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]))
+
+    def _add_live(self, live: Aggregate, state: ProcessState, now: float) -> None:
+        workload = state.workload
+        for record in state.records:
+            key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
+            totals = live.locks.get(key)
+            if totals is None:
+                totals = live.locks[key] = LockTotals()
+            totals.add(self._record_totals(record))
+            gauges = live.gauges.get(key)
+            if gauges is None:
+                gauges = live.gauges[key] = LockGauges()
+            held_since = float(record["held_since_unix"])
+            oldest = float(record["oldest_wait_since_unix"])
+            gauges.add(bool(record["held"]), max(0.0, now - held_since) if record["held"] and held_since else 0.0,
+                       int(record["n_waiters"]), max(0.0, now - oldest) if record["n_waiters"] and oldest else 0.0)
+        forks = live.forks.get(workload)
+        if forks is None:
+            forks = live.forks[workload] = ForkTotals()
+        forks.add(self._fork_totals_of(state))
+        assert live.heartbeat_age is not None
+        live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), max(0.0, now - state.heartbeat_unix))
+
+    def _combine(self, live: Aggregate) -> Aggregate:
+        """Live processes plus the folded totals of dead ones: a new object each scan."""
+        combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges)
+        for key, totals in list(self._totals.items()) + list(live.locks.items()):
+            into = combined.locks.get(key)
+            if into is None:
+                into = combined.locks[key] = LockTotals()
+            into.add(totals)
+            combined.gauges.setdefault(key, LockGauges())
+        for workload, totals in list(self._fork_totals.items()) + list(live.forks.items()):
+            into_fork = combined.forks.get(workload)
+            if into_fork is None:
+                into_fork = combined.forks[workload] = ForkTotals()
+            into_fork.add(totals)
+        with self._kills_lock:
+            combined.kills = dict(self._kills)
+        combined.state_file_errors = dict(self._errors)
+        return combined
+
+    def _fold(self, state: ProcessState, name: str) -> bool:
+        """Add a dead process's final counters to the totals (once), then remove its files."""
+        changed = False
+        if name not in self._folded:
+            workload = state.workload
+            for record in state.records:
+                key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
+                self._totals.setdefault(key, LockTotals()).add(self._record_totals(record))
+            self._fork_totals.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
+            self._folded.add(name)
+            changed = True
+            # Persist before removing: a crash in between must not count it twice.
+            self._save_totals()
+        for path in (state.path, state.stacks_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._error(path, "unremovable", f"cannot remove: {exc.strerror}")
+        return changed
+
+    def _forget_missing(self, present: set[str]) -> None:
+        """Bounded memory: forget files that are gone."""
+        if self._folded - present:
+            self._folded &= present
+            self._save_totals()
+        for path in [p for p in self._logged_errors if os.path.basename(p) not in present and p != self.state_dir]:
+            del self._logged_errors[path]
+        alive = {(int(n.split("-")[0]), int(n.split("-")[1][: -len(STATE_SUFFIX)])) for n in present if _well_named(n)}
+        for key in [k for k in self._handled if k not in alive]:
+            del self._handled[key]
+
+    def _error(self, path: str, reason: str, message: str) -> None:
+        if self._logged_errors.get(path) == reason:
+            return
+        self._logged_errors[path] = reason
+        self._errors[reason] = self._errors.get(reason, 0) + 1
+        _log.error("daemon.state_file_skipped", path=path, reason=reason, error=message)
+
+    # -- totals that survive restarts ------------------------------------------
+
+    def _load_totals(self) -> None:
+        try:
+            with open(self._totals_path, encoding="utf-8") as f:
+                data = json.load(f)
+            self._totals = {(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]}
+            self._fork_totals = {w: ForkTotals.from_json(v) for w, v in data["forks"]}
+            self._kills = {(w, r): int(n) for w, r, n in data["kills"]}
+            self._folded = set(data["folded"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Start from zero; Prometheus reads the drop as a counter reset.
+            _log.error("daemon.totals_unreadable", path=self._totals_path, error=str(exc))
+            self._totals, self._fork_totals, self._kills, self._folded = {}, {}, {}, set()
+
+    def _save_totals(self) -> None:
+        with self._kills_lock:
+            kills = [[w, r, n] for (w, r), n in self._kills.items()]
+        data = {
+            "version": 1,
+            "locks": [[w, lk, t.to_json()] for (w, lk), t in self._totals.items()],
+            "forks": [[w, t.to_json()] for w, t in self._fork_totals.items()],
+            "kills": kills,
+            "folded": sorted(self._folded),
+        }
+        tmp = f"{self._totals_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._totals_path)
+        except OSError as exc:
+            _log.error("daemon.totals_unsaved", path=self._totals_path, error=str(exc))
+
+    # -- stuck workers ---------------------------------------------------------
+
+    def _handle_stuck(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
+        if self.kill_after is None:
+            return
+        key = (state.pid, state.start_ticks)
+        if key in self._handled:
+            return
+        self._kill_threads = [t for t in self._kill_threads if t.is_alive()]
+        if len(self._kill_threads) >= MAX_CONCURRENT_KILLS:
+            return
+        self._handled[key] = time.time()
+        thread = threading.Thread(target=self._kill, args=(state, reason, culprit), name=f"h5watch-kill-{state.pid}", daemon=True)
+        self._kill_threads.append(thread)
+        thread.start()
+
+    def _kill(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
+        pidfd = _open_verified(state)
+        if pidfd is None:
+            return
+        try:
+            now = time.time()
+            stacks = self._dump_stacks(state, pidfd)
+            evidence = {
+                "workload": state.workload,
+                "pid": state.pid,
+                "reason": reason,
+                "kill_after": self.kill_after,
+                "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
+                "lock": culprit.get("lock"),
+                "holder": culprit.get("holder"),
+                "waiters": culprit.get("waiting_threads"),
+                "oldest_wait_seconds": culprit.get("oldest_wait_seconds"),
+                "orphaned": culprit.get("orphaned"),
+                "locks": state.locks(now),
+                **stacks,
+            }
+            if self.dry_run:
+                _log.warning("worker.would_kill", dry_run=True, **evidence)
+                return
+            _log.critical("worker.killed", grace=self.grace, **evidence)
+            with self._kills_lock:
+                self._kills[(state.workload, reason)] = self._kills.get((state.workload, reason), 0) + 1
+            _signal(pidfd, state.pid, signal.SIGTERM)
+            _signal(pidfd, state.pid, signal.SIGCONT)  # a stopped process must run to die of SIGTERM
+            deadline = time.monotonic() + self.grace
+            while time.monotonic() < deadline:
+                if not _still_same(state):
+                    return
+                time.sleep(0.05)
+            if _still_same(state):
+                _signal(pidfd, state.pid, signal.SIGKILL)
+                _log.error("worker.sigkilled", workload=state.workload, pid=state.pid, grace=self.grace)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def _dump_stacks(self, state: ProcessState, pidfd: int) -> dict[str, Any]:
+        """Every thread's Python stack, from the process's own faulthandler
+        (works when all its threads are blocked in C; not when it is stopped),
+        and from py-spy where installed."""
+        result: dict[str, Any] = {"stacks": None, "py_spy": None}
+        stat_ = proc_stat(state.pid)
+        dump_signal = int(state.header["dump_signal"])
+        if stat_ is not None and stat_[0] in ("T", "t"):
+            result["stacks"] = "(process is stopped: no faulthandler dump)"
+        elif dump_signal > 0:
+            result["stacks"] = _faulthandler_dump(state, pidfd, dump_signal)
+        py_spy = shutil.which("py-spy")
+        if py_spy:
+            try:
+                out = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(state.pid)], capture_output=True,
+                                     text=True, timeout=5)
+                result["py_spy"] = (out.stdout or out.stderr)[:STACKS_READ_LIMIT]
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                result["py_spy"] = f"(py-spy failed: {exc})"
+        return result
+
+
+def _well_named(name: str) -> bool:
+    stem = name[: -len(STATE_SUFFIX)]
+    pid, sep, ticks = stem.partition("-")
+    return bool(sep) and pid.isdigit() and ticks.isdigit()
+
+
+def _open_verified(state: ProcessState) -> int | None:
+    """A pidfd for the state file's process, or None if that process is gone.
+
+    The pidfd is opened first and the identity checked after: if it matches,
+    the pidfd refers to that very process, and signals through it cannot
+    reach a process that reused the pid later. -1: no pidfd support (then
+    every signal re-checks the identity first).
+    """
+    pidfd = -1
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(state.pid)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pidfd = -1
+    if not _still_same(state):
+        if pidfd >= 0:
+            os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _still_same(state: ProcessState) -> bool:
+    identity = process_identity(state.pid)
+    return identity is not None and identity[0] == state.start_ticks and identity[1] == int(state.header["uid"])
+
+
+def _signal(pidfd: int, pid: int, signum: int) -> None:
+    try:
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _faulthandler_dump(state: ProcessState, pidfd: int, dump_signal: int) -> str:
+    path = state.stacks_path
+    try:
+        before = os.stat(path).st_size
+    except OSError:
+        return "(no stacks file)"
+    _signal(pidfd, state.pid, dump_signal)
+    deadline = time.monotonic() + 1.0
+    size, stable_since = before, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            now_size = os.stat(path).st_size
+        except OSError:
+            break
+        if now_size != size:
+            size, stable_since = now_size, time.monotonic()
+        elif size > before and time.monotonic() - stable_since > 0.1:
+            break
+    if size <= before:
+        return "(no dump written within 1 s)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, min(size - before, STACKS_READ_LIMIT), before).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"(stacks unreadable: {exc.strerror})"

@@ -339,23 +339,24 @@ class ForkGuard:
     def _apply_policy(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
         action = self.options.on_orphan
         evidence["child_stack"] = current_stack(skip=2)
-        for callback in list(_orphan_callbacks):
-            _call_quietly(lambda: callback(lock, evidence))
         if action == "recover":
             if self._recover(lock):
                 lock.stats.bump("orphans", "recovered")
+                _notify_orphan(lock, evidence)
                 _log.warning("lock.recovered", action="recovered", **evidence)
                 return
             evidence["recover_failed"] = "no safe way to reset this lock's inner lock"
             action = "kill"
         if action == "kill":
             lock.stats.bump("orphans", "killed")
+            _notify_orphan(lock, evidence)
             _log.critical("lock.orphaned", action="killed", exit_code=self.options.kill_exit_code, **evidence)
             os._exit(self.options.kill_exit_code)
         lock._orphan = evidence
         if action == "warn":
             lock.stats.bump("orphans", "warned")
             _log.error("lock.orphaned", action="warned", **evidence)
+        _notify_orphan(lock, evidence)
 
     def _recover(self, lock: WatchedLock) -> bool:
         if lock._inner_kind == "fastrlock":
@@ -370,6 +371,7 @@ class ForkGuard:
         """A thread is about to wait on a lock known to be orphaned."""
         if self.options is not None and self.options.on_orphan == "raise":
             lock.stats.bump("orphans", "raised")
+            _notify_orphan(lock, evidence)
             _log.error("lock.orphaned", action="raised", **evidence)
             raise OrphanedLockError(
                 f"lock {lock.name!r} is held by thread {evidence['holder'].get('thread_name')!r}, "
@@ -390,6 +392,12 @@ class ForkGuard:
 
 def _ignore_unraisable(unraisable: Any) -> None:
     pass
+
+
+def _notify_orphan(lock: WatchedLock, evidence: dict[str, Any]) -> None:
+    """Orphan callbacks run after the action is counted, before it is carried out."""
+    for callback in list(_orphan_callbacks):
+        _call_quietly(lambda: callback(lock, evidence))
 
 
 def _call_quietly(callback: Callable[[], Any]) -> None:

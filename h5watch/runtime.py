@@ -19,6 +19,8 @@ from .h5py_hook import PHIL_LOCK_NAME, PhilPatch
 from .fork import ForkGuard, add_child_callback
 from .lock import WatchedLock, watched_locks
 from .watchdog import Watchdog
+from .state import StateExtension
+from .exporter import InProcessExporter
 from .options import Options, resolve
 
 __all__ = ["install", "uninstall", "snapshot", "current_options", "is_installed", "phil_patch"]
@@ -139,6 +141,8 @@ def _reinit_after_fork() -> None:
 add_child_callback(_reinit_after_fork)
 register_extension(fork_guard)
 register_extension(watchdog)
+state = StateExtension(watchdog)
+register_extension(state)
 
 
 def snapshot() -> dict[str, Any]:
@@ -165,6 +169,11 @@ def snapshot() -> dict[str, Any]:
         "locks": locks,
         **{name: extension.snapshot() for name, extension in _named_extensions()},
     }
+
+
+exporter = InProcessExporter(lambda: snapshot())
+add_child_callback(exporter.forget_after_fork)
+register_extension(exporter)
 
 
 def _named_extensions() -> list[tuple[str, Any]]:

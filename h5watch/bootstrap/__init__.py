@@ -1,0 +1,1 @@
+"""Start-up code for ``h5watch run``; see ``sitecustomize``."""

@@ -1,0 +1,42 @@
+"""Installs h5watch at interpreter start-up, for ``h5watch run``.
+
+``h5watch run`` puts this directory first on ``PYTHONPATH`` and sets
+``H5WATCH_BOOTSTRAP=1``: every Python process it starts (and their Python
+children, which inherit the environment) imports this module before its own
+code, so ``h5watch.install()`` runs before the first ``import h5py``. Options
+come from the ``H5WATCH_*`` variables. A ``sitecustomize`` this one shadows
+is run afterwards, so the environment's own start-up code still happens.
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _install() -> None:
+    try:
+        import h5watch
+    except ImportError as exc:
+        sys.stderr.write(f"h5watch: not instrumenting {sys.executable}: cannot import h5watch ({exc})\n")
+        return
+    try:
+        h5watch.install()
+    except h5watch.OptionError as exc:
+        sys.stderr.write(f"h5watch: not instrumenting this process: {exc}\n")
+
+
+def _run_shadowed_sitecustomize() -> None:
+    path = [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+if os.environ.get("H5WATCH_BOOTSTRAP") == "1":
+    _install()
+_run_shadowed_sitecustomize()
