@@ -243,7 +243,8 @@ class Daemon:
     def _stuck_reason(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> tuple[str | None, dict[str, Any]]:
         """Why the process counts as stuck at ``limit`` seconds, and the lock to blame."""
         for lock in locks:
-            if lock["orphaned"] and lock["waiters"] and lock["oldest_wait_seconds"] > limit:
+            hold_age = (lock["holder"] or {}).get("hold_age_seconds") or 0.0
+            if lock["orphaned"] and lock["waiters"] and max(hold_age, lock["oldest_wait_seconds"]) > limit:
                 return "orphaned_lock", lock
         for lock in locks:
             if lock["waiters"] and lock["oldest_wait_seconds"] > limit:

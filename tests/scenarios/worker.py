@@ -1,0 +1,91 @@
+"""Workers for the daemon tests; run under ``h5watch run`` (h5watch installed at start-up).
+
+Usage: worker.py MODE DIR [K]
+  count DIR K  K acquisitions of WatchedLock 'app.x' and K dataset reads; prints
+               {"pid", "app": K, "phil": <this process's phil acquisitions>}
+               once done, then waits until DIR/release exists and exits 0.
+  stuck DIR    a thread holds 'app.x' forever, the main thread waits for it.
+  orphan DIR   a thread holds 'app.x' while the main thread forks without
+               Python's hooks, then lets go; the child (on_orphan=warn) stops
+               its watchdog and waits on the orphaned lock forever. Prints the
+               child's pid, then how the child ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import threading
+import time
+
+import h5watch
+
+assert h5watch.is_installed(), "run me under 'h5watch run'"
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+mode, directory = sys.argv[1], sys.argv[2]
+app = h5watch.WatchedLock("app.x", threading.Lock())
+
+
+def emit(**fields) -> None:
+    os.write(1, (json.dumps(fields) + "\n").encode())
+
+
+if mode == "count":
+    k = int(sys.argv[3])
+    path = os.path.join(directory, f"data-{os.getpid()}.h5")
+    with h5py.File(path, "w") as f:
+        f["values"] = np.arange(100.0)
+    with h5py.File(path, "r") as f:
+        for _ in range(k):
+            with app:
+                f["values"][:]
+    # Counters are final now: nothing below takes a watched lock.
+    snap = h5watch.snapshot()
+    emit(pid=os.getpid(), app=snap["locks"]["app.x"]["stats"]["acquisitions"],
+         phil=snap["locks"]["h5py.phil"]["stats"]["acquisitions"])
+    while not os.path.exists(os.path.join(directory, "release")):
+        time.sleep(0.05)
+    sys.exit(0)
+
+if mode == "stuck":
+    def hold_forever() -> None:
+        with app:
+            time.sleep(3600)
+
+    threading.Thread(target=hold_forever, name="stuck-holder", daemon=True).start()
+    time.sleep(0.2)
+    emit(pid=os.getpid(), ready=True)
+    app.acquire()
+    sys.exit(0)
+
+if mode == "orphan":
+    forked = threading.Event()
+
+    def hold_until_forked() -> None:
+        with app:
+            forked.wait(30)
+            time.sleep(0.2)
+
+    threading.Thread(target=hold_until_forked, name="doomed-holder", daemon=True).start()
+    time.sleep(0.2)
+    pid = ctypes.PyDLL(None).fork()
+    if pid == 0:
+        from h5watch import runtime
+
+        runtime.watchdog.stop()
+
+        def child_waits_here() -> None:
+            app.acquire()
+
+        child_waits_here()
+        os._exit(0)
+    forked.set()  # the parent is healthy: only the child is stuck
+    emit(pid=os.getpid(), child=pid)
+    _, status = os.waitpid(pid, 0)
+    emit(child_status=status)
+    sys.exit(0)
