@@ -141,6 +141,18 @@ _RECORD_STRUCT = _struct(_RECORD_FIELDS)
 HEADER_SIZE = 512
 RECORD_SIZE = (_RECORD_STRUCT.size + 63) // 64 * 64
 assert _HEADER_STRUCT.size <= HEADER_SIZE
+
+# struct.pack_into zero-fills its whole target before writing, so the
+# sequence counter must never be inside a packed region: each write packs
+# only what follows it. The header's constant prefix is written once.
+_SEQ_INDEX = [name for name, _, _ in _HEADER_FIELDS].index("seq")
+_HEADER_PREFIX_FIELDS = _HEADER_FIELDS[:_SEQ_INDEX]
+_HEADER_TAIL_FIELDS = _HEADER_FIELDS[_SEQ_INDEX + 1 :]
+_RECORD_TAIL_FIELDS = _RECORD_FIELDS[1:]
+assert _RECORD_FIELDS[0][0] == "seq"
+_HEADER_PREFIX = _struct(_HEADER_PREFIX_FIELDS)
+_HEADER_TAIL = _struct(_HEADER_TAIL_FIELDS)
+_RECORD_TAIL = _struct(_RECORD_TAIL_FIELDS)
 HEADER_DTYPE = _dtype(_HEADER_FIELDS, HEADER_SIZE)
 RECORD_DTYPE = _dtype(_RECORD_FIELDS, RECORD_SIZE)
 assert HEADER_DTYPE.itemsize == HEADER_SIZE and RECORD_DTYPE.itemsize == RECORD_SIZE
@@ -313,10 +325,11 @@ class StateWriter:
             fields.update(forks=0, fork_wait_buckets=[0] * N_BUCKETS, fork_wait_sum_ns=0, fork_wait_max_ns=0)
         fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_locks=len(self._slots),
                       watchdog_running=int(watchdog_running), fork_since_unix=fork_since)
+        if self._header_seq == 0:
+            _HEADER_PREFIX.pack_into(self._map, 0, *_flatten(_HEADER_PREFIX_FIELDS, fields))
         self._header_seq += 1
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2 - 1)
-        fields["seq"] = self._header_seq * 2 - 1
-        _HEADER_STRUCT.pack_into(self._map, 0, *_flatten(_HEADER_FIELDS, fields))
+        _HEADER_TAIL.pack_into(self._map, _HEADER_SEQ_OFFSET + 8, *_flatten(_HEADER_TAIL_FIELDS, fields))
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
 
     def slot(self, name: str) -> int | None:
@@ -373,8 +386,7 @@ class StateWriter:
         self._record_seqs[index] += 1
         seq = self._record_seqs[index] * 2
         _SEQ.pack_into(self._map, offset, seq - 1)
-        fields["seq"] = seq - 1
-        _RECORD_STRUCT.pack_into(self._map, offset, *_flatten(_RECORD_FIELDS, fields))
+        _RECORD_TAIL.pack_into(self._map, offset + 8, *_flatten(_RECORD_TAIL_FIELDS, fields))
         _SEQ.pack_into(self._map, offset, seq)
 
     def write_all(self, locks: Iterable[Any], fork_stats: Any, watchdog_running: bool) -> None:

@@ -1,0 +1,266 @@
+"""The per-process state file: layout, torn-read safety, one file per process
+(forked children too), stacks on demand, the state dir's checks, and the
+in-process exporter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import run_python
+from h5watch.statefile import FILE_SIZE, StateFileError, proc_start_ticks, read_state_file
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def state_files(directory: Path) -> dict[int, Path]:
+    return {int(p.name.split("-")[0]): p for p in directory.glob("*.h5w")}
+
+
+def test_layout_identity_and_waiter_written_at_once(tmp_path):
+    state_dir = tmp_path / "state"
+    # A long tick: what the file shows of the wait was written by the waiter itself.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import json, os, threading, time
+import h5watch
+h5watch.install(state_dir={str(state_dir)!r}, service="layout", tick_interval=60)
+import h5py
+lock = h5watch.WatchedLock("app.layout")
+go = threading.Event()
+def holder():
+    with lock:
+        go.set()
+        time.sleep(30)
+threading.Thread(target=holder, name="the-holder", daemon=True).start()
+go.wait()
+threading.Thread(target=lock.acquire, name="the-waiter", daemon=True).start()
+time.sleep(0.5)
+print(json.dumps({{"pid": os.getpid()}}), flush=True)
+time.sleep(30)
+"""],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    try:
+        pid = json.loads(proc.stdout.readline())["pid"]
+        path = state_files(state_dir)[pid]
+        assert path.name == f"{pid}-{proc_start_ticks(pid)}.h5w"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        assert path.stat().st_size == FILE_SIZE
+        state = read_state_file(str(path))
+        assert state.pid == pid and state.workload == "layout" and int(state.header["uid"]) == os.geteuid()
+        [lock] = [entry for entry in state.locks() if entry["lock"] == "app.layout"]
+        assert lock["holder"]["thread_name"] == "the-holder" and lock["holder"]["pid"] == pid
+        assert lock["waiters"] == 1 and lock["waiting_threads"][0]["thread_name"] == "the-waiter"
+        assert 0.3 < lock["oldest_wait_seconds"] < 30
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_readers_never_see_a_torn_record(tmp_path):
+    """A writer process rewrites every counter of a record with the same value
+    k = 1, 2, 3...; every copy a reader accepts must hold one single k."""
+    state_dir = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import os, sys, time
+from h5watch.lock import WatchedLock
+from h5watch.statefile import StateWriter, ensure_state_dir
+ensure_state_dir({str(state_dir)!r})
+writer = StateWriter({str(state_dir)!r}, "torn", 0, 0.5)
+lock = WatchedLock("app.torn")
+stats = lock.stats
+print(writer.path, flush=True)
+deadline = time.monotonic() + 8
+k = 0
+while time.monotonic() < deadline:
+    k += 1
+    stats.acquisitions = stats.contentions = stats.reentries = k
+    stats.wait_buckets = [k] * len(stats.wait_buckets)
+    stats.hold_buckets = [k] * len(stats.hold_buckets)
+    stats.wait_sum_ns = stats.hold_sum_ns = k
+    writer.write_all([lock], None, True)
+    if k % 8 == 0:
+        time.sleep(0.0002)  # let readers through now and then
+"""],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        path = proc.stdout.readline().strip()
+        seen, busy = set(), 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                state = read_state_file(path, retries=1)
+            except StateFileError as exc:
+                assert exc.reason == "busy", exc
+                busy += 1
+                continue
+            if not len(state.records):
+                continue
+            record = state.records[0]
+            values = {int(record["acquisitions"]), int(record["contentions"]), int(record["reentries"]),
+                      int(record["wait_sum_ns"]), int(record["hold_sum_ns"]),
+                      *map(int, record["wait_buckets"]), *map(int, record["hold_buckets"])}
+            assert len(values) == 1, f"torn record: {sorted(values)[:5]}..."
+            seen.add(values.pop())
+        assert len(seen) > 100  # the test saw the writer at work
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("how", ["os", "nohook"])
+def test_forked_child_gets_its_own_file(tmp_path, how):
+    state_dir = tmp_path / "state"
+    result = run_python(
+        f"""
+        import ctypes, json, os, time
+        import h5watch
+        h5watch.install(state_dir={str(state_dir)!r}, service="forky", tick_interval=0.1)
+        import h5py
+        lock = h5watch.WatchedLock("app.fork")
+        for _ in range(5):
+            with lock:
+                pass
+        time.sleep(0.3)
+        fork = os.fork if {how!r} == "os" else ctypes.PyDLL(None).fork
+        pid = fork()
+        if pid == 0:
+            for _ in range(2):
+                with lock:
+                    pass
+            time.sleep(0.5)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.3)
+        print(json.dumps({{"parent": os.getpid(), "child": pid}}))
+        """,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    pids = json.loads(result.stdout.strip().splitlines()[-1])
+    files = state_files(state_dir)
+    assert set(files) == {pids["parent"], pids["child"]}
+    parent = read_state_file(str(files[pids["parent"]]))
+    child = read_state_file(str(files[pids["child"]]))
+    assert parent.pid == pids["parent"] and child.pid == pids["child"]
+    acquisitions = {s.pid: {e["lock"]: e["acquisitions"] for e in s.locks()} for s in (parent, child)}
+    assert acquisitions[pids["parent"]]["app.fork"] == 5
+    assert acquisitions[pids["child"]]["app.fork"] == 2  # the child starts from zero
+
+
+def test_outside_stack_dump_of_a_blocked_process(tmp_path):
+    state_dir = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import os, threading, time
+import h5watch
+h5watch.install(state_dir={str(state_dir)!r}, service="dump")
+lock = h5watch.WatchedLock("app.dump", threading.Lock())
+def sits_on_the_lock():
+    with lock:
+        time.sleep(60)
+threading.Thread(target=sits_on_the_lock, daemon=True).start()
+time.sleep(0.1)
+print(os.getpid(), flush=True)
+def blocked_forever_here():
+    lock.acquire()
+blocked_forever_here()
+"""],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        path = state_files(state_dir)[pid]
+
+        def waiting() -> bool:
+            locks = read_state_file(str(path)).locks()
+            return any(entry["lock"] == "app.dump" and entry["waiters"] for entry in locks)
+
+        deadline = time.monotonic() + 10
+        while not waiting():
+            assert time.monotonic() < deadline, "the wait never showed in the state file"
+            time.sleep(0.02)
+        state = read_state_file(str(path))
+        os.kill(pid, int(state.header["dump_signal"]))
+        stacks = Path(state.stacks_path)
+        deadline = time.monotonic() + 5
+        while "blocked_forever_here" not in stacks.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = stacks.read_text()
+        assert "blocked_forever_here" in text and "sits_on_the_lock" in text
+        assert proc.poll() is None  # dumping does not stop the process
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_unsafe_state_dirs_are_refused_and_the_service_goes_on(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for bad in (link, not_a_dir):
+        result = run_python(
+            f"""
+            import h5watch
+            h5watch.install(state_dir={str(bad)!r})
+            import h5py, numpy
+            with h5py.File({str(tmp_path / 'ok.h5')!r}, "w") as f:
+                f["v"] = numpy.arange(3)
+            print("still works")
+            """,
+            timeout=30,
+        )
+        assert result.returncode == 0 and "still works" in result.stdout, result.stderr
+        [event] = [json.loads(line) for line in result.stderr.splitlines() if '"state.unavailable"' in line]
+        assert str(bad) in event["error"]
+    assert list(real.iterdir()) == []
+
+
+def test_in_process_exporter(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import time
+import h5watch
+h5watch.install(metrics_port=0, state_files=False, service="inproc")
+import h5py, numpy
+with h5py.File({str(tmp_path / 'x.h5')!r}, "w") as f:
+    f["v"] = numpy.arange(3)
+time.sleep(60)
+"""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        port = None
+        deadline = time.monotonic() + 20
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if '"exporter.listening"' in line:
+                event = json.loads(line)
+                assert event["addr"] == "127.0.0.1"
+                port = event["port"]
+        assert port, "no exporter.listening event"
+        time.sleep(0.3)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        match = re.search(r'h5watch_lock_acquisitions_total\{lock="h5py.phil",workload="inproc"\} (\S+)', body)
+        assert match and float(match.group(1)) > 0
+        assert 'h5watch_lock_hold_seconds_bucket{le="+Inf",lock="h5py.phil",workload="inproc"}' in body
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
