@@ -190,6 +190,7 @@ class Daemon:
         changed = False
         stuck: list[tuple[ProcessState, str, dict[str, Any]]] = []
         present = set()
+        live_states: list[ProcessState] = []
         for path in paths:
             name = os.path.basename(path)
             present.add(name)
@@ -198,23 +199,28 @@ class Daemon:
             except StateFileError as exc:
                 self._error(path, exc.reason, str(exc))
                 continue
-            workload = state.workload
             verdict = self._classify(state, name, now)
             if verdict == "dead":
                 changed |= self._fold(state, name)
-                live.processes[(workload, "dead")] = live.processes.get((workload, "dead"), 0) + 1
-                continue
-            if verdict == "foreign":
-                continue
-            self._add_live(live, state, now)
-            locks = state.locks(now)
-            reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
-            state_label = "stuck" if reason else "ok"
-            live.processes[(workload, state_label)] = live.processes.get((workload, state_label), 0) + 1
-            if self.kill_after is not None:
-                kill_reason, culprit = self._stuck_reason(state, locks, now, self.kill_after)
-                if kill_reason:
-                    stuck.append((state, kill_reason, culprit))
+                key = (state.workload, "dead")
+                live.processes[key] = live.processes.get(key, 0) + 1
+            elif verdict == "live":
+                live_states.append(state)
+        worst_ages = self._add_live(live, live_states, now)
+        thresholds = [self.stuck_after] + ([self.kill_after] if self.kill_after is not None else [])
+        for state, worst_age in zip(live_states, worst_ages):
+            heartbeat_age = now - state.heartbeat_unix
+            tick = float(state.header["tick_interval"]) or 0.5
+            reason = kill_reason = None
+            if worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick):
+                locks = state.locks(now)
+                reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
+                if self.kill_after is not None:
+                    kill_reason, culprit = self._stuck_reason(state, locks, now, self.kill_after)
+                    if kill_reason:
+                        stuck.append((state, kill_reason, culprit))
+            key = (state.workload, "stuck" if reason else "ok")
+            live.processes[key] = live.processes.get(key, 0) + 1
         self._forget_missing(present)
         aggregate = self._combine(live)
         aggregate.scan_seconds = time.perf_counter() - started
@@ -275,27 +281,53 @@ class Daemon:
         header = state.header
         return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]))
 
-    def _add_live(self, live: Aggregate, state: ProcessState, now: float) -> None:
-        workload = state.workload
-        for record in state.records:
-            key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
-            totals = live.locks.get(key)
-            if totals is None:
-                totals = live.locks[key] = LockTotals()
-            totals.add(self._record_totals(record))
-            gauges = live.gauges.get(key)
-            if gauges is None:
-                gauges = live.gauges[key] = LockGauges()
-            held_since = float(record["held_since_unix"])
-            oldest = float(record["oldest_wait_since_unix"])
-            gauges.add(bool(record["held"]), max(0.0, now - held_since) if record["held"] and held_since else 0.0,
-                       int(record["n_waiters"]), max(0.0, now - oldest) if record["n_waiters"] and oldest else 0.0)
-        forks = live.forks.get(workload)
-        if forks is None:
-            forks = live.forks[workload] = ForkTotals()
-        forks.add(self._fork_totals_of(state))
+    def _add_live(self, live: Aggregate, states: list[ProcessState], now: float) -> np.ndarray:
+        """Sum every live process's records per (workload, lock) in one pass over
+        all records at once; return each process's oldest hold or wait age."""
         assert live.heartbeat_age is not None
-        live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), max(0.0, now - state.heartbeat_unix))
+        for state in states:
+            workload = state.workload
+            live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
+            live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), max(0.0, now - state.heartbeat_unix))
+        if not states:
+            return np.zeros(0)
+        records = np.concatenate([state.records for state in states])
+        owner = np.repeat(np.arange(len(states)), [len(state.records) for state in states])
+        keys: dict[tuple[str, str], int] = {}
+        workloads = [state.workload for state in states]
+        index = np.fromiter(
+            (keys.setdefault((workloads[p], n.decode("utf-8", "replace")), len(keys))
+             for p, n in zip(owner.tolist(), records["name"].tolist())),
+            dtype=np.intp, count=len(records),
+        )
+
+        def summed(field: str) -> np.ndarray:
+            out = np.zeros((len(keys),) + records.dtype[field].shape, dtype=np.uint64)
+            np.add.at(out, index, records[field].astype(np.uint64))
+            return out
+
+        sums = {field: summed(field) for field in (
+            "acquisitions", "contentions", "reentries", "wait_buckets", "wait_sum_ns", "hold_buckets", "hold_sum_ns",
+            "timeouts", "orphans", "held", "n_waiters")}
+        held_since = records["held_since_unix"]
+        hold_age = np.where((records["held"] != 0) & (held_since > 0), now - held_since, 0.0).clip(0)
+        oldest = records["oldest_wait_since_unix"]
+        wait_age = np.where((records["n_waiters"] > 0) & (oldest > 0), now - oldest, 0.0).clip(0)
+        max_hold = np.zeros(len(keys))
+        np.maximum.at(max_hold, index, hold_age)
+        max_wait = np.zeros(len(keys))
+        np.maximum.at(max_wait, index, wait_age)
+        for key, i in keys.items():
+            live.locks[key] = LockTotals(
+                acquisitions=int(sums["acquisitions"][i]), contentions=int(sums["contentions"][i]),
+                reentries=int(sums["reentries"][i]), wait_buckets=sums["wait_buckets"][i],
+                wait_sum_ns=int(sums["wait_sum_ns"][i]), hold_buckets=sums["hold_buckets"][i],
+                hold_sum_ns=int(sums["hold_sum_ns"][i]), timeouts=sums["timeouts"][i], orphans=sums["orphans"][i],
+            )
+            live.gauges[key] = LockGauges(int(sums["held"][i]), float(max_hold[i]), int(sums["n_waiters"][i]), float(max_wait[i]))
+        worst = np.zeros(len(states))
+        np.maximum.at(worst, owner, np.maximum(hold_age, wait_age))
+        return worst
 
     def _combine(self, live: Aggregate) -> Aggregate:
         """Live processes plus the folded totals of dead ones: a new object each scan."""

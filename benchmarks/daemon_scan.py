@@ -1,0 +1,128 @@
+"""Daemon scan + collect over many state files, and the per-tick write cost.
+
+Run alone: ``python benchmarks/daemon_scan.py [--files 1000] [--repeats 15]``.
+
+The state files name real live processes (``sleep``), with their true start
+times, so the daemon treats every one as a live worker: read, verified,
+aggregated, exported. Each file holds three locks. Timings are medians;
+peak RSS is the benchmark process's own (it runs the daemon's code in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client.exposition import generate_latest  # noqa: E402
+from prometheus_client.registry import CollectorRegistry  # noqa: E402
+
+from h5watch.daemon import Daemon  # noqa: E402
+from h5watch.exporter import AggregateCollector  # noqa: E402
+from h5watch.lock import WatchedLock  # noqa: E402
+from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _template(directory: str) -> bytes:
+    """A real state file with three locks that have seen some traffic."""
+    writer = StateWriter(directory, "bench", 0, 0.5)
+    locks = [WatchedLock(name) for name in ("h5py.phil", "app.cache", "app.db")]
+    for lock in locks:
+        for _ in range(100):
+            with lock:
+                pass
+    writer.write_all(locks, None, True)
+    data = Path(writer.path).read_bytes()
+    writer.close(exited=False)
+    os.unlink(writer.path)
+    return data
+
+
+def bench_daemon_scan(n_files: int = 1000, repeats: int = 15) -> dict[str, float]:
+    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(n_files)]
+    try:
+        with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as tmp:
+            state_dir = ensure_state_dir(os.path.join(tmp, "state"))
+            template = bytearray(_template(state_dir))
+            for proc in sleepers:
+                ticks = proc_start_ticks(proc.pid)
+                header = np.frombuffer(template, dtype=HEADER_DTYPE, count=1).copy()
+                header["pid"] = proc.pid
+                header["start_ticks"] = ticks
+                header["heartbeat_unix"] = time.time() + 3600  # fresh for the whole run
+                template[:HEADER_SIZE] = header.tobytes()
+                path = os.path.join(state_dir, state_file_name(proc.pid, ticks))
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, bytes(template))
+                os.close(fd)
+            daemon = Daemon(state_dir, scan_interval=1.0)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(AggregateCollector(lambda: daemon.aggregate))
+            scans, collects = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                aggregate = daemon.scan()
+                scans.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                body = generate_latest(registry)
+                collects.append(time.perf_counter() - start)
+            live = sum(v for (w, s), v in aggregate.processes.items() if s != "dead")
+            assert live == n_files, f"expected {n_files} live processes, the daemon saw {live}"
+            assert b"h5watch_lock_acquisitions_total" in body
+    finally:
+        for proc in sleepers:
+            proc.kill()
+        for proc in sleepers:
+            proc.wait()
+    scan_ms = statistics.median(scans) * 1e3
+    collect_ms = statistics.median(collects) * 1e3
+    return {
+        "files": n_files,
+        "scan_ms_median": scan_ms,
+        "collect_ms_median": collect_ms,
+        "scan_plus_collect_ms_median": statistics.median(a + b for a, b in zip(scans, collects)) * 1e3,
+        "scan_plus_collect_ms_max": max(a + b for a, b in zip(scans, collects)) * 1e3,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def bench_state_write(repeats: int = 2000) -> dict[str, float]:
+    """One watchdog tick's write: three lock records and the header."""
+    with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as tmp:
+        state_dir = ensure_state_dir(os.path.join(tmp, "state"))
+        writer = StateWriter(state_dir, "bench", 0, 0.5)
+        locks = [WatchedLock(name) for name in ("h5py.phil", "app.cache", "app.db")]
+        holder = threading.Thread(target=lambda: locks[1].acquire(), daemon=True)
+        holder.start()
+        holder.join()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            writer.write_all(locks, None, True)
+            samples.append(time.perf_counter_ns() - start)
+        writer.close()
+    return {"tick_write_us_median": statistics.median(samples) / 1e3, "tick_write_us_max": max(samples) / 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    print(json.dumps({**bench_daemon_scan(args.files, args.repeats), **bench_state_write()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
