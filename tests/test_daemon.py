@@ -322,3 +322,24 @@ def test_symlinked_state_dir_is_refused(tmp_path):
         result = subprocess.run([*H5WATCH, *args], capture_output=True, text=True, timeout=30, cwd=REPO)
         assert result.returncode == 2 and "symlink" in result.stderr, (args, result)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos.environ['ORIGINAL_SITECUSTOMIZE_RAN'] = '1'\n")
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        "import h5watch\n"
+        "child = subprocess.run([sys.executable, '-c', 'import h5watch, os; "
+        "print(h5watch.is_installed(), os.environ.get(\"ORIGINAL_SITECUSTOMIZE_RAN\"))'],\n"
+        "                       capture_output=True, text=True, check=True)\n"
+        "print(h5watch.is_installed(), os.environ.get('ORIGINAL_SITECUSTOMIZE_RAN'), child.stdout.strip())\n"
+    )
+    result = subprocess.run(
+        [*H5WATCH, "run", "--state-dir", str(state_dir), "--", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "1", "True", "1"]
