@@ -1,0 +1,92 @@
+"""Statistics with known timings and exact counts; quantiles and merging."""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+
+import pytest
+
+from h5watch import WatchedLock
+from h5watch.stats import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS, LockStats, merge_lock_snapshots, quantile_seconds
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_200ms_wait_and_hold_land_in_the_right_buckets():
+    lock = WatchedLock("test.timed")
+    held = threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    with lock:
+        pass
+    thread.join(5)
+    stats = lock.snapshot()["stats"]
+    assert stats["acquisitions"] == 2 and stats["contentions"] == 1
+    wait = stats["wait"]
+    assert wait["count"] == 1
+    assert wait["max_ns"] >= 0.19e9 and wait["sum_ns"] == wait["max_ns"]
+    [bucket] = [i for i, n in enumerate(wait["buckets"]) if n]
+    assert bucket == bisect_left(BUCKET_BOUNDS_NS, wait["max_ns"])
+    assert BUCKET_BOUNDS_SECONDS[bucket] == 0.25  # (0.1, 0.25]
+    hold = stats["hold"]
+    assert hold["count"] == 2 and hold["max_ns"] >= 0.2e9
+    assert hold["buckets"][bucket] == 1  # the 200 ms hold
+
+
+def test_counts_are_exact_under_10_threads_x_1000():
+    lock = WatchedLock("test.counts")
+    start = threading.Barrier(10)
+
+    def work():
+        start.wait()
+        for _ in range(1000):
+            with lock:
+                with lock:  # one re-entry per acquisition
+                    pass
+
+    threads = [threading.Thread(target=work) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    stats = lock.snapshot()["stats"]
+    assert stats["acquisitions"] == 10_000
+    assert stats["reentries"] == 10_000
+    assert 0 <= stats["contentions"] <= 10_000
+    assert sum(stats["wait"]["buckets"]) == stats["contentions"] == stats["wait"]["count"]
+    assert sum(stats["hold"]["buckets"]) == 10_000 == stats["hold"]["count"]
+
+
+def test_quantile_is_the_upper_bound_of_its_bucket():
+    buckets = [0] * N_BUCKETS
+    assert quantile_seconds(buckets, 0.5) is None
+    buckets[bisect_left(BUCKET_BOUNDS_NS, 3_000)] = 90  # 3 us -> (2.5 us, 5 us]
+    buckets[bisect_left(BUCKET_BOUNDS_NS, 2 * 10**9)] = 10  # 2 s -> (1 s, 2.5 s]
+    assert quantile_seconds(buckets, 0.5) == 5e-6
+    assert quantile_seconds(buckets, 0.9) == 5e-6
+    assert quantile_seconds(buckets, 0.99) == 2.5
+    buckets[-1] = 1000  # beyond 60 s
+    assert quantile_seconds(buckets, 0.99) == float("inf")
+
+
+def test_merge_sums_counters_and_histograms():
+    a, b = LockStats(), LockStats()
+    a.acquisitions, b.acquisitions = 3, 4
+    a.record_wait(1_000)
+    b.record_wait(5 * 10**9)
+    b.bump("timeouts", "hold")
+    a.bump("orphans", "killed")
+    merged = merge_lock_snapshots([a.snapshot(), b.snapshot()])
+    assert merged["acquisitions"] == 7 and merged["contentions"] == 2
+    assert merged["wait"]["count"] == 2 and merged["wait"]["sum_ns"] == 5 * 10**9 + 1_000
+    assert merged["wait"]["max_ns"] == 5 * 10**9
+    assert merged["timeouts"]["hold"] == 1 and merged["orphans"]["killed"] == 1
