@@ -1,0 +1,257 @@
+"""h5watch's overhead, as A/B ratios in one run: ``python benchmarks/run.py``.
+
+Every h5py row runs bare and instrumented in separate, alternating child
+interpreters (``h5watch.install()`` must precede ``import h5py``); each child
+reports the median of its own samples, and the table shows the min, median
+and max over the pairs of the ratio instrumented / bare. Lock rows compare
+``WatchedLock`` with the raw locks in one process, interleaved. Targets are
+those of the performance issue; ``FAIL`` marks a missed one.
+
+Options: ``--quick`` (fewer repeats), ``--repeats N``, ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+SAMPLE_SECONDS = 0.25
+
+
+# -- measurements inside a child interpreter ----------------------------------
+
+
+def _time_per_op(func, samples: int = 7) -> float:
+    """Median ns per call of ``func`` over ``samples`` samples of ~SAMPLE_SECONDS."""
+    n = 1
+    while True:
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            func()
+        elapsed = time.perf_counter_ns() - start
+        if elapsed > SAMPLE_SECONDS * 1e9 / 4:
+            break
+        n *= 2
+    n = max(1, int(n * SAMPLE_SECONDS * 1e9 / 4 / max(elapsed, 1) * 4 / 4))
+    results = []
+    for _ in range(samples):
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            func()
+        results.append((time.perf_counter_ns() - start) / n)
+    return statistics.median(results)
+
+
+def child(row: str, instrumented: bool, directory: str) -> dict:
+    if instrumented:
+        import h5watch
+
+        h5watch.install(state_dir=os.path.join(directory, "state"), service="bench")
+    import h5py
+    import numpy as np
+
+    path = os.path.join(directory, f"bench-{os.getpid()}.h5")
+    with h5py.File(path, "w") as f:
+        f["values"] = np.random.default_rng(0).random((200, 200))
+        f.attrs["x"] = 42
+    if row == "read":
+        with h5py.File(path, "r") as f:
+            dataset = f["values"]
+            return {"ns": _time_per_op(lambda: dataset[:])}
+    if row == "attr":
+        with h5py.File(path, "r") as f:
+            attrs = f.attrs
+            return {"ns": _time_per_op(lambda: attrs["x"])}
+    if row == "threads":
+        paths = []
+        for i in range(10):
+            p = os.path.join(directory, f"bench-{os.getpid()}-{i}.h5")
+            with h5py.File(p, "w") as f:
+                f["values"] = np.random.default_rng(i).random((200, 200))
+            paths.append(p)
+        counts = [0] * 10
+        stop = threading.Event()
+
+        def reader(i: int) -> None:
+            with h5py.File(paths[i], "r") as f:
+                dataset = f["values"]
+                while not stop.is_set():
+                    dataset[:]
+                    counts[i] += 1
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # warm up
+        before = sum(counts)
+        start = time.perf_counter()
+        time.sleep(2.0)
+        done = sum(counts) - before
+        elapsed = time.perf_counter() - start
+        stop.set()
+        for t in threads:
+            t.join()
+        return {"ops_per_s": done / elapsed}
+    if row == "idle":
+        # CPU of a process that only idles with h5watch installed (watchdog ticks).
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(10.0)
+        return {"cpu_share": (time.process_time() - cpu0) / (time.perf_counter() - wall0)}
+    raise SystemExit(f"unknown row {row}")
+
+
+def run_child(row: str, instrumented: bool, directory: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", row, "--instrumented" if instrumented else "--bare", "--dir", directory],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "H5WATCH_LOG_FORMAT": "json"},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {row} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- lock rows, in this process ------------------------------------------------
+
+
+def lock_rows(repeats: int) -> list[dict]:
+    import h5py
+
+    from h5watch import WatchedLock
+
+    fast_type = type(h5py._objects.phil)
+    raw_fast, raw_rlock = fast_type(), __import__("threading").RLock()
+    watched = WatchedLock("bench.lock", fast_type())
+
+    def with_lock(lock):
+        def op():
+            with lock:
+                pass
+        return op
+
+    rows = []
+    for label, reentrant in (("outermost", False), ("re-entrant", True)):
+        ratios_fast, ratios_rlock = [], []
+        for _ in range(repeats):
+            held = [watched, raw_fast, raw_rlock] if reentrant else []
+            for lock in held:
+                lock.acquire()
+            try:
+                t_watched = _time_per_op(with_lock(watched), samples=3)
+                t_fast = _time_per_op(with_lock(raw_fast), samples=3)
+                t_rlock = _time_per_op(with_lock(raw_rlock), samples=3)
+            finally:
+                for lock in held:
+                    lock.release()
+            ratios_fast.append(t_watched / t_fast)
+            ratios_rlock.append(t_watched / t_rlock)
+        target = 1.2 if reentrant else 1.5
+        rows.append(_row(f"WatchedLock {label} acquire+release / FastRLock", ratios_fast, "<=", target))
+        rows.append(_row(f"WatchedLock {label} acquire+release / threading.RLock", ratios_rlock, None, None))
+    return rows
+
+
+# -- the table -----------------------------------------------------------------
+
+
+def _row(name: str, values: list[float], op: str | None, target: float | None, unit: str = "x") -> dict:
+    median = statistics.median(values)
+    ok = None
+    if op == "<=":
+        ok = median <= target
+    elif op == ">=":
+        ok = median >= target
+    return {"row": name, "min": min(values), "median": median, "max": max(values), "target": f"{op} {target:g}" if op else "",
+            "ok": ok, "unit": unit, "n": len(values)}
+
+
+def ab_row(name: str, row: str, repeats: int, directory: str, key: str, op: str, target: float) -> dict:
+    ratios = []
+    for i in range(repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        results = {instrumented: run_child(row, instrumented, directory)[key] for instrumented in order}
+        ratios.append(results[True] / results[False])
+    return _row(name, ratios, op, target)
+
+
+def machine() -> dict:
+    import h5py
+    import numpy
+
+    import h5watch.lock
+
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "h5py": h5py.version.version,
+        "hdf5": h5py.version.hdf5_version, "numpy": numpy.__version__, "implementation": h5watch.lock.IMPLEMENTATION,
+    }
+
+
+def render(info: dict, rows: list[dict]) -> str:
+    lines = [" ".join(f"{k}={v}" for k, v in info.items()), ""]
+    lines.append(f"{'row':<62} {'min':>9} {'median':>9} {'max':>9}  {'target':<8} ")
+    for row in rows:
+        unit = row["unit"]
+        fmt = (lambda v: f"{v:.3f}") if unit == "x" else (lambda v: f"{v:.2f}{unit}")
+        verdict = "" if row["ok"] is None else ("ok" if row["ok"] else "FAIL")
+        lines.append(f"{row['row']:<62} {fmt(row['min']):>9} {fmt(row['median']):>9} {fmt(row['max']):>9}  {row['target']:<8} {verdict}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="h5watch overhead benchmarks (ratios against bare h5py and raw locks)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute)")
+    parser.add_argument("--repeats", type=int, default=None, help="A/B pairs per row (default 7, quick 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.instrumented, args.dir)))
+        return
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as directory:
+        rows.append(ab_row("single thread f['values'][:] 200x200, instrumented / bare", "read", repeats, directory, "ns", "<=", 1.02))
+        rows.append(ab_row("single thread f.attrs['x'], instrumented / bare", "attr", repeats, directory, "ns", "<=", 1.02))
+        rows.append(ab_row("10 threads reading own files, throughput instrumented / bare", "threads", repeats, directory,
+                           "ops_per_s", ">=", 0.97))
+        rows.extend(lock_rows(repeats))
+        idle = [run_child("idle", True, directory)["cpu_share"] * 100 for _ in range(1 if args.quick else 2)]
+        rows.append(_row("watchdog at default tick, CPU % of one core (idle process)", idle, "<=", 0.5, unit="%"))
+    from daemon_scan import bench_daemon_scan, bench_state_write
+
+    scan = bench_daemon_scan(1000, 5 if args.quick else 15)
+    rows.append(_row("daemon scan + collect, 1,000 state files (ms)", [scan["scan_plus_collect_ms_median"]], "<=", 100, unit="ms"))
+    write = bench_state_write()
+    rows.append(_row("state file write per watchdog tick, 3 locks (us)", [write["tick_write_us_median"]], None, None, unit="us"))
+    info = machine()
+    info["daemon_peak_rss_mb"] = round(scan["peak_rss_mb"], 1)
+    if args.json:
+        print(json.dumps({"machine": info, "rows": rows}, indent=2))
+    else:
+        print(render(info, rows))
+
+
+if __name__ == "__main__":
+    main()
