@@ -24,6 +24,7 @@ import threading
 import types
 from typing import Any, Callable
 
+from . import lock as lock_module
 from .lock import WatchedLock
 from .probe import FastRLockProbe, ProbeUnavailable
 
@@ -36,10 +37,17 @@ _OBJECTS = "h5py._objects"
 def make_with_phil(lock: WatchedLock) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     acquire_for = lock.acquire_for
     release = lock.release
+    core = lock_module._lockcore
+    compiled = core if core is not None and isinstance(lock, core.LockCore) else None
 
     def with_phil(func: Callable[..., Any]) -> Callable[..., Any]:
         """Locking decorator (h5watch): holds h5py's phil, naming ``func``."""
         operation = f"{getattr(func, '__module__', None) or 'h5py'}.{getattr(func, '__qualname__', repr(func))}"
+        if compiled is not None:
+            # A compiled callable that binds as a method like a function does.
+            wrapper = compiled.PhilCall(func, lock, operation)
+            functools.update_wrapper(wrapper, func)
+            return wrapper
 
         def wrapper(*args: Any, **kwds: Any) -> Any:
             acquire_for(operation)

@@ -29,10 +29,13 @@ import weakref
 from bisect import bisect_left
 from typing import Any, Callable
 
-from .stats import BUCKET_BOUNDS_NS, LockStats
+from .stats import BUCKET_BOUNDS_NS, CoreLockStats, LockStats
 
 __all__ = [
     "WatchedLock",
+    "PythonWatchedLock",
+    "CompiledWatchedLock",
+    "IMPLEMENTATION",
     "LockTimeout",
     "OrphanedLockError",
     "watched_locks",
@@ -74,12 +77,24 @@ class _Policy:
     """
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
+        # Tells the compiled core which pid to record as the holder's.
+        self.pid_sink: Callable[[int], None] | None = None
+        self._pid = os.getpid()
         self.raise_after_ns: int | None = None
         self.on_pid_change: Callable[[], None] | None = None
         self.on_orphan_wait: Callable[[WatchedLock, dict[str, Any]], None] | None = None
         self.on_wait_started: Callable[[WatchedLock], None] | None = None
         self.on_wait_timeout: Callable[[WatchedLock, int], None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @pid.setter
+    def pid(self, value: int) -> None:
+        self._pid = value
+        if self.pid_sink is not None:
+            self.pid_sink(value)
 
 
 policy = _Policy()
@@ -125,46 +140,23 @@ def _inner_kind(lock: Any) -> str:
     return "rlock"
 
 
-class WatchedLock:
-    """A ``threading.RLock`` look-alike that records waits, holds and holders."""
+class _LockLogic:
+    """What both implementations share: waiting, fork support, reading.
 
-    __slots__ = (
-        "name",
-        "stats",
-        "_inner",
-        "_inner_acquire",
-        "_inner_release",
-        "_inner_kind",
-        "_inner_timed",
-        "_owner",
-        "_owner_pid",
-        "_count",
-        "_since_ns",
-        "_operation",
-        "_waiters",
-        "_orphan",
-        "_reported",
-        "_seq",
-        "__weakref__",
-    )
+    The hot path (acquire, acquire_for, release, the context manager) is
+    :class:`PythonWatchedLock`'s or the compiled ``_lockcore.LockCore``'s.
+    """
 
-    def __init__(self, name: str, lock: Any = None) -> None:
+    __slots__ = ()
+
+    def _init_common(self, name: str, inner: Any) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError("WatchedLock name: expected a non-empty string")
         self.name = name
-        self.stats = LockStats()
-        inner = lock if lock is not None else threading.Lock()
         self._inner = inner
-        self._inner_acquire = inner.acquire
-        self._inner_release = inner.release
         self._inner_kind = _inner_kind(inner)
         # FastRLock.acquire takes no timeout: timed waits on it poll.
         self._inner_timed = self._inner_kind != "fastrlock"
-        self._owner: int | None = None
-        self._owner_pid = 0
-        self._count = 0
-        self._since_ns = 0
-        self._operation: str | None = None
         self._waiters: dict[int, int] = {}
         self._orphan: dict[str, Any] | None = None
         # Incidents already reported by the watchdog: {(kind, ident, since_ns)}.
@@ -177,76 +169,6 @@ class WatchedLock:
         state = "unlocked" if owner is None else f"held by {owner} x{self._count}"
         return f"<WatchedLock {self.name!r} {state} inner={self._inner_kind}>"
 
-    # -- acquisition -------------------------------------------------------
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if timeout != -1:
-            if not blocking:
-                raise ValueError("can't specify a timeout for a non-blocking call")
-            if timeout < 0:
-                raise ValueError("timeout value must be positive")
-        return self._acquire(blocking, timeout, None)
-
-    def acquire_for(self, operation: str | None = None) -> bool:
-        """Blocking acquire that names the operation the holder performs.
-
-        The hot path of ``with lock:`` and of h5py's ``with_phil``: it repeats
-        ``_acquire`` inline to save a call.
-        """
-        me = _get_ident()
-        if self._owner == me:
-            self._count += 1
-            self.stats.reentries += 1
-            return True
-        if not self._inner_acquire(False) and not self._acquire_slow(me, -1):
-            return False
-        self._since_ns = _monotonic_ns()
-        self._owner_pid = policy.pid
-        self._operation = operation
-        self._count = 1
-        self._owner = me
-        self.stats.acquisitions += 1
-        return True
-
-    def _acquire(self, blocking: bool, timeout: float, operation: str | None) -> bool:
-        me = _get_ident()
-        if self._owner == me:
-            self._count += 1
-            self.stats.reentries += 1
-            return True
-        if not self._inner_acquire(False):
-            if not blocking or not self._acquire_slow(me, timeout):
-                return False
-        self._since_ns = _monotonic_ns()
-        self._owner_pid = policy.pid
-        self._operation = operation
-        self._count = 1
-        self._owner = me
-        self.stats.acquisitions += 1
-        return True
-
-    __enter__ = acquire_for
-
-    def release(self) -> None:
-        if self._owner != _get_ident():
-            raise RuntimeError("cannot release un-acquired lock")
-        count = self._count - 1
-        if count:
-            self._count = count
-            return
-        held_ns = _monotonic_ns() - self._since_ns
-        stats = self.stats
-        stats.hold_buckets[bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
-        stats.hold_sum_ns += held_ns
-        if held_ns > stats.hold_max_ns:
-            stats.hold_max_ns = held_ns
-        self._count = 0
-        self._owner = None
-        self._inner_release()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.release()
-
     def locked(self) -> bool:
         if self._owner is not None:
             return True
@@ -254,9 +176,6 @@ class WatchedLock:
         if inner_locked is not None:
             return bool(inner_locked())
         return False
-
-    def _is_owned(self) -> bool:
-        return self._owner == _get_ident()
 
     # threading.Condition support, as threading.RLock offers it.
     def _release_save(self) -> tuple[int, int | None, str | None]:
@@ -269,7 +188,7 @@ class WatchedLock:
 
     def _acquire_restore(self, state: tuple[int, int | None, str | None]) -> None:
         count, _owner, operation = state
-        self._acquire(True, -1, operation)
+        self.acquire_for(operation)
         self._count = count
 
     # -- slow path ---------------------------------------------------------
@@ -429,4 +348,169 @@ class WatchedLock:
         }
 
 
-IMPLEMENTATION = "python"
+
+class PythonWatchedLock(_LockLogic):
+    """A ``threading.RLock`` look-alike that records waits, holds and holders
+    (the pure-Python implementation, used where the compiled one is not built)."""
+
+    __slots__ = (
+        "name",
+        "stats",
+        "_inner",
+        "_inner_acquire",
+        "_inner_release",
+        "_inner_kind",
+        "_inner_timed",
+        "_owner",
+        "_owner_pid",
+        "_count",
+        "_since_ns",
+        "_operation",
+        "_waiters",
+        "_orphan",
+        "_reported",
+        "_seq",
+        "__weakref__",
+    )
+
+    def __init__(self, name: str, lock: Any = None) -> None:
+        inner = lock if lock is not None else threading.Lock()
+        self.stats = LockStats()
+        self._inner_acquire = inner.acquire
+        self._inner_release = inner.release
+        self._owner: int | None = None
+        self._owner_pid = 0
+        self._count = 0
+        self._since_ns = 0
+        self._operation: str | None = None
+        self._init_common(name, inner)
+
+    # -- acquisition -------------------------------------------------------
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if timeout != -1:
+            if not blocking:
+                raise ValueError("can't specify a timeout for a non-blocking call")
+            if timeout < 0:
+                raise ValueError("timeout value must be positive")
+        return self._acquire(blocking, timeout, None)
+
+    def acquire_for(self, operation: str | None = None) -> bool:
+        """Blocking acquire that names the operation the holder performs.
+
+        The hot path of ``with lock:`` and of h5py's ``with_phil``: it repeats
+        ``_acquire`` inline to save a call.
+        """
+        me = _get_ident()
+        if self._owner == me:
+            self._count += 1
+            self.stats.reentries += 1
+            return True
+        if not self._inner_acquire(False) and not self._acquire_slow(me, -1):
+            return False
+        self._since_ns = _monotonic_ns()
+        self._owner_pid = policy.pid
+        self._operation = operation
+        self._count = 1
+        self._owner = me
+        self.stats.acquisitions += 1
+        return True
+
+    def _acquire(self, blocking: bool, timeout: float, operation: str | None) -> bool:
+        me = _get_ident()
+        if self._owner == me:
+            self._count += 1
+            self.stats.reentries += 1
+            return True
+        if not self._inner_acquire(False):
+            if not blocking or not self._acquire_slow(me, timeout):
+                return False
+        self._since_ns = _monotonic_ns()
+        self._owner_pid = policy.pid
+        self._operation = operation
+        self._count = 1
+        self._owner = me
+        self.stats.acquisitions += 1
+        return True
+
+    __enter__ = acquire_for
+
+    def release(self) -> None:
+        if self._owner != _get_ident():
+            raise RuntimeError("cannot release un-acquired lock")
+        count = self._count - 1
+        if count:
+            self._count = count
+            return
+        held_ns = _monotonic_ns() - self._since_ns
+        stats = self.stats
+        stats.hold_buckets[bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
+        stats.hold_sum_ns += held_ns
+        if held_ns > stats.hold_max_ns:
+            stats.hold_max_ns = held_ns
+        self._count = 0
+        self._owner = None
+        self._inner_release()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+    def _is_owned(self) -> bool:
+        return self._owner == _get_ident()
+
+
+
+def _load_compiled() -> Any:
+    if os.environ.get("H5WATCH_IMPLEMENTATION", "").strip().lower() == "python":
+        return None
+    try:
+        from . import _lockcore  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _lockcore
+
+
+_lockcore = _load_compiled()
+_fastrlock_checked: set[type] = set()
+
+
+def _enable_direct_fastrlock(lock_type: type) -> None:
+    """Let the compiled core take this FastRLock type through its fields, once
+    the layout is verified (instance size, then a known acquisition)."""
+    if lock_type in _fastrlock_checked:
+        return
+    _fastrlock_checked.add(lock_type)
+    from .probe import ProbeUnavailable, validate_layout
+
+    try:
+        validate_layout(lock_type)
+        _lockcore.enable_fastrlock(lock_type)
+    except (ProbeUnavailable, ValueError, TypeError):
+        pass
+
+
+if _lockcore is not None:
+
+    class CompiledWatchedLock(_lockcore.LockCore, _LockLogic):
+        """A ``threading.RLock`` look-alike that records waits, holds and
+        holders; its hot path is compiled (``h5watch/_lockcore.c``)."""
+
+        __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_orphan", "_reported",
+                     "_seq", "__weakref__")
+
+        def __init__(self, name: str, lock: Any = None) -> None:
+            inner = lock if lock is not None else threading.Lock()
+            if _inner_kind(inner) == "fastrlock":
+                _enable_direct_fastrlock(type(inner))
+            self._set_inner(inner)
+            self.stats = CoreLockStats(self)
+            self._init_common(name, inner)
+
+    policy.pid_sink = _lockcore.set_pid
+    policy.pid = os.getpid()
+    WatchedLock: Any = CompiledWatchedLock
+    IMPLEMENTATION = "compiled"
+else:
+    CompiledWatchedLock = None  # type: ignore[assignment,misc]
+    WatchedLock = PythonWatchedLock
+    IMPLEMENTATION = "python"

@@ -23,6 +23,7 @@ __all__ = [
     "BUCKET_BOUNDS_NS",
     "N_BUCKETS",
     "LockStats",
+    "CoreLockStats",
     "ForkStats",
     "quantile_seconds",
     "merge_lock_snapshots",
@@ -105,6 +106,29 @@ class LockStats:
             "timeouts": dict(self.timeouts),
             "orphans": dict(self.orphans),
         }
+
+
+class CoreLockStats(LockStats):
+    """LockStats whose hot counters live in the compiled lock core (written
+    there by acquire and release, without touching Python objects)."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: Any = None) -> None:
+        if core is not None:
+            self._core = core
+        super().__init__()
+
+    def _hot(name: str) -> property:  # type: ignore[misc]
+        attribute = "_core_" + name
+        return property(lambda self: getattr(self._core, attribute), lambda self, value: setattr(self._core, attribute, value))
+
+    acquisitions = _hot("acquisitions")
+    reentries = _hot("reentries")
+    hold_buckets = _hot("hold_buckets")
+    hold_sum_ns = _hot("hold_sum_ns")
+    hold_max_ns = _hot("hold_max_ns")
+    del _hot
 
 
 class ForkStats:

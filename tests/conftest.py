@@ -78,3 +78,18 @@ def python313() -> str:
             pytest.fail("H5WATCH_TEST_PY313 is not set but H5WATCH_REQUIRE_PY313 is")
         pytest.skip("H5WATCH_TEST_PY313 not set (the h5py 3.13 environment)")
     return python
+
+
+def _lock_classes() -> dict:
+    from h5watch.lock import CompiledWatchedLock, PythonWatchedLock
+
+    classes = {"python": PythonWatchedLock}
+    if CompiledWatchedLock is not None:
+        classes["compiled"] = CompiledWatchedLock
+    return classes
+
+
+@pytest.fixture(params=sorted(_lock_classes()))
+def lock_class(request):
+    """Each WatchedLock implementation built here: they must behave the same."""
+    return _lock_classes()[request.param]

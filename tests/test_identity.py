@@ -10,13 +10,12 @@ import time
 import pytest
 
 from conftest import run_python
-from h5watch import WatchedLock
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_holder_and_waiters_during_a_hold():
-    lock = WatchedLock("test.identity")
+def test_holder_and_waiters_during_a_hold(lock_class):
+    lock = lock_class("test.identity")
     inside, leave = threading.Event(), threading.Event()
 
     def work():

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from h5watch import WatchedLock
+from h5watch.lock import CompiledWatchedLock, PythonWatchedLock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,10 +23,17 @@ INNER = {
 }
 
 
-@pytest.fixture(params=sorted(INNER))
+# Both implementations, whichever is active: they must behave the same.
+IMPLEMENTATIONS = {"python": PythonWatchedLock}
+if CompiledWatchedLock is not None:
+    IMPLEMENTATIONS["compiled"] = CompiledWatchedLock
+
+
+@pytest.fixture(params=[(impl, inner) for impl in sorted(IMPLEMENTATIONS) for inner in sorted(INNER)],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def make_lock(request):
-    factory = INNER[request.param]
-    return lambda: WatchedLock(f"test.{request.param}", factory())
+    impl, inner = request.param
+    return lambda: IMPLEMENTATIONS[impl](f"test.{inner}", INNER[inner]())
 
 
 def in_thread(func):
@@ -217,7 +224,18 @@ def apply(lock, operations):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(operations=OPERATIONS, inner=st.sampled_from(sorted(INNER)))
-def test_same_results_as_rlock(operations, inner):
+@given(operations=OPERATIONS, inner=st.sampled_from(sorted(INNER)), impl=st.sampled_from(sorted(IMPLEMENTATIONS)))
+def test_same_results_as_rlock(operations, inner, impl):
     expected = apply(threading.RLock(), operations)
-    assert apply(WatchedLock("test.property", INNER[inner]()), operations) == expected
+    assert apply(IMPLEMENTATIONS[impl]("test.property", INNER[inner]()), operations) == expected
+
+
+def test_compiled_implementation_is_built_and_active():
+    import os
+
+    import h5watch
+
+    if os.environ.get("H5WATCH_EXPECT_IMPLEMENTATION"):
+        assert h5watch.snapshot()["implementation"] == os.environ["H5WATCH_EXPECT_IMPLEMENTATION"]
+    else:
+        pytest.skip("H5WATCH_EXPECT_IMPLEMENTATION not set")

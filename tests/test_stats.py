@@ -8,14 +8,13 @@ from bisect import bisect_left
 
 import pytest
 
-from h5watch import WatchedLock
 from h5watch.stats import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS, LockStats, merge_lock_snapshots, quantile_seconds
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_a_200ms_wait_and_hold_land_in_the_right_buckets():
-    lock = WatchedLock("test.timed")
+def test_a_200ms_wait_and_hold_land_in_the_right_buckets(lock_class):
+    lock = lock_class("test.timed")
     held = threading.Event()
 
     def holder():
@@ -42,8 +41,8 @@ def test_a_200ms_wait_and_hold_land_in_the_right_buckets():
     assert hold["buckets"][bucket] == 1  # the 200 ms hold
 
 
-def test_counts_are_exact_under_10_threads_x_1000():
-    lock = WatchedLock("test.counts")
+def test_counts_are_exact_under_10_threads_x_1000(lock_class):
+    lock = lock_class("test.counts")
     start = threading.Barrier(10)
 
     def work():
