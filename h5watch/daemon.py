@@ -52,6 +52,8 @@ from .statefile import (
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
 TOTALS_FILE = "h5watch-daemon.json"
+KILL_REASONS = ("orphaned_lock", "wait", "hold", "heartbeat")
+STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
 MAX_FILES = 20000
 MAX_CONCURRENT_KILLS = 8
 STACKS_READ_LIMIT = 256 * 1024
@@ -178,11 +180,12 @@ class Daemon:
     def scan(self) -> Aggregate:
         started = time.perf_counter()
         now = time.time()
+        scan_success = True
         try:
             paths, truncated = list_state_files(self.state_dir, MAX_FILES)
         except OSError as exc:
             self._error(self.state_dir, "unreadable_dir", f"cannot list the state dir: {exc.strerror}")
-            paths, truncated = [], False
+            paths, truncated, scan_success = [], False, False
         if truncated and not self._too_many_logged:
             self._too_many_logged = True
             _log.error("daemon.too_many_files", state_dir=self.state_dir, limit=MAX_FILES)
@@ -224,6 +227,7 @@ class Daemon:
         self._forget_missing(present)
         aggregate = self._combine(live)
         aggregate.scan_seconds = time.perf_counter() - started
+        aggregate.scan_success = scan_success
         self.aggregate = aggregate
         self.last_scan_unix = time.time()
         if changed:
@@ -343,9 +347,14 @@ class Daemon:
             if into_fork is None:
                 into_fork = combined.forks[workload] = ForkTotals()
             into_fork.add(totals)
+        # Every counter series exists from the start at 0, so that the first
+        # kill or skipped file is an increase Prometheus can see.
+        workloads = {workload for workload, _ in combined.locks} | set(combined.forks)
         with self._kills_lock:
-            combined.kills = dict(self._kills)
-        combined.state_file_errors = dict(self._errors)
+            combined.kills = {(w, r): 0 for w in workloads for r in KILL_REASONS}
+            combined.kills.update(self._kills)
+        combined.state_file_errors = dict.fromkeys(STATE_FILE_ERRORS, 0)
+        combined.state_file_errors.update(self._errors)
         return combined
 
     def _fold(self, state: ProcessState, name: str) -> bool:

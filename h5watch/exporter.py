@@ -129,6 +129,7 @@ class Aggregate:
     heartbeat_age: dict[str, float] | None = None
     kills: dict[tuple[str, str], int] | None = None
     scan_seconds: float | None = None
+    scan_success: bool | None = None
     state_file_errors: dict[str, int] | None = None
 
 
@@ -244,8 +245,11 @@ class AggregateCollector:
         if aggregate.scan_seconds is not None:
             yield GaugeMetricFamily("h5watch_daemon_scan_seconds", "Duration of the daemon's last scan of the state directory.",
                                     value=aggregate.scan_seconds)
+        if aggregate.scan_success is not None:
+            yield GaugeMetricFamily("h5watch_daemon_last_scan_success", "1 if the daemon's last scan could list the state directory.",
+                                    value=int(aggregate.scan_success))
         if aggregate.state_file_errors is not None:
-            family = CounterMetricFamily("h5watch_daemon_state_file_errors", "State files skipped, by reason.", labels=["reason"])
+            family = CounterMetricFamily("h5watch_state_file_errors", "State files the daemon skipped, by reason.", labels=["reason"])
             for reason, count in sorted(aggregate.state_file_errors.items()):
                 family.add_metric([reason], count)
             yield family

@@ -235,7 +235,7 @@ def test_reused_pid_is_never_killed_and_bad_files_are_skipped(state_dir, daemons
         if os.geteuid() == 0:
             assert skipped["4-4.h5w"] == "foreign_owner"
         assert len(daemon.events("daemon.state_file_skipped")) == len(skipped)  # once each, not once a scan
-        assert daemon.value("h5watch_daemon_state_file_errors_total", reason="corrupt") == 1
+        assert daemon.value("h5watch_state_file_errors_total", reason="corrupt") == 1
         assert daemon.get("/healthz")[0] == 200
         assert (state_dir / "1-1.h5w").is_symlink() and (tmp_path / "elsewhere.h5w").exists()
     finally:
