@@ -343,3 +343,13 @@ def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "1", "True", "1"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_exits_cleanly_on_sigterm_and_sigint(state_dir, tmp_path, signum):
+    daemon = DaemonProcess(state_dir, tmp_path / "daemon.log", "--scan-interval", "0.2")
+    daemon.proc.send_signal(signum)
+    assert daemon.proc.wait(10) == 0, daemon.log_text()
+    assert daemon.events("daemon.stopped") and "Traceback" not in daemon.log_text()
+    assert (state_dir / "h5watch-daemon.json").exists()  # totals saved on the way out
+    daemon.stop()
