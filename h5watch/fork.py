@@ -351,6 +351,8 @@ class ForkGuard:
             lock.stats.bump("orphans", "killed")
             _notify_orphan(lock, evidence)
             _log.critical("lock.orphaned", action="killed", exit_code=self.options.kill_exit_code, **evidence)
+            _log.critical("process.killed", reason="lock.orphaned", exit_code=self.options.kill_exit_code,
+                          lock=lock.name, holder=evidence.get("holder"))
             os._exit(self.options.kill_exit_code)
         lock._orphan = evidence
         if action == "warn":

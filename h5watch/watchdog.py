@@ -157,6 +157,8 @@ class Watchdog:
         action = self.options.on_timeout
         if action == "kill":
             _log.critical(event, timeout=limit, action="killed", exit_code=self.options.kill_exit_code, **extra, **evidence)
+            _log.critical("process.killed", reason=event, exit_code=self.options.kill_exit_code, lock=lock.name,
+                          holder=evidence.get("holder"))
             _run_tick_callbacks_once()
             os._exit(self.options.kill_exit_code)
         _log.error(event, timeout=limit, action=action, **extra, **evidence)

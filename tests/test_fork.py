@@ -87,6 +87,8 @@ def test_kill_policy_hook_skipping_fork_exits_70_with_holder_named(tmp_path, whi
     assert event["holder"]["native_id"]
     assert event["fork_hooks_ran"] is False
     assert "child_stack" in event
+    [killed] = events_named(events, "process.killed")
+    assert killed["reason"] == "lock.orphaned" and killed["holder"]["thread_name"] == "stuck-holder"
 
 
 @pytest.mark.timeout(120)

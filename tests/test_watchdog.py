@@ -80,6 +80,9 @@ def test_timeout_kill_exits_with_kill_exit_code_and_evidence(kind):
     assert len(incidents) == 1
     assert incidents[0]["action"] == "killed"
     assert incidents[0]["holder"]["thread_name"] == "slow-holder"
+    [killed] = named(events, "process.killed")
+    assert killed["reason"] == f"lock.{kind}_timeout" and killed["exit_code"] == 70
+    assert killed["holder"]["thread_name"] == "slow-holder"
 
 
 @pytest.mark.timeout(60)
