@@ -104,6 +104,12 @@ def child(row: str, instrumented: bool, directory: str) -> dict:
         for t in threads:
             t.join()
         return {"ops_per_s": done / elapsed}
+    if row == "snapshot":
+        import h5watch
+
+        with h5py.File(path, "r") as f:
+            f["values"][:]
+        return {"us": _time_per_op(h5watch.snapshot, samples=5) / 1e3}
     if row == "idle":
         # CPU of a process that only idles with h5watch installed (watchdog ticks).
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -237,6 +243,8 @@ def main() -> None:
         rows.append(ab_row("10 threads reading own files, throughput instrumented / bare", "threads", repeats, directory,
                            "ops_per_s", ">=", 0.97))
         rows.extend(lock_rows(repeats))
+        snapshot = [run_child("snapshot", True, directory)["us"] for _ in range(1 if args.quick else 3)]
+        rows.append(_row("h5watch.snapshot() per call (us)", snapshot, None, None, unit="us"))
         idle = [run_child("idle", True, directory)["cpu_share"] * 100 for _ in range(1 if args.quick else 2)]
         rows.append(_row("watchdog at default tick, CPU % of one core (idle process)", idle, "<=", 0.5, unit="%"))
     from daemon_scan import bench_daemon_scan, bench_state_write
