@@ -26,6 +26,7 @@
 #include <structmember.h>
 #include <pythread.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -55,6 +56,7 @@ typedef struct {
 
 static PyTypeObject *fastrlock_type = NULL;  /* set once validated */
 static long current_pid = 0;
+static double timeout_max = 0;  /* threading.TIMEOUT_MAX, set by lock.py */
 
 enum { OWNER_NONE = 0, OWNER_LIVE = 1, OWNER_DEAD = 2 };
 
@@ -70,6 +72,7 @@ typedef struct {
     PyObject *inner_acquire;
     PyObject *inner_release;
     int inner_direct; /* inner is a validated FastRLock */
+    int gated;        /* a fork's before-hook is taking the locks */
     uint64_t acquisitions;
     uint64_t reentries;
     uint64_t hold_buckets[N_BUCKETS];
@@ -140,6 +143,164 @@ static inline int inner_release(LockCore *self) {
     return 0;
 }
 
+/* -- a child of a fork that skipped Python's hooks, on_orphan=kill ---------
+ *
+ * A fork made by C code copies the interpreter mid-flight: if other threads
+ * were waiting for the GIL, the child's first hand-over of the GIL (any
+ * blocking call, or the eval loop honouring a pending drop request) waits
+ * forever on a condition variable whose waiters do not exist. Such a child
+ * would hang there before h5watch's Python slow path could say anything. So
+ * when the slow path is reached with a changed pid and a holder that is not
+ * this thread (it did not survive the fork), the default policy is carried
+ * out here, with no bytecode run and no lock taken: the evidence is written
+ * with write(2) and the process ends with _exit(). Other policies, and
+ * forks that ran Python's hooks, go through lock.py as usual. */
+
+static int orphan_kill_exit_code = 0;  /* 0: let lock.py decide */
+
+typedef struct { char *p; size_t left; } Out;
+
+static void out_raw(Out *o, const char *text) {
+    size_t n = strlen(text);
+    if (n >= o->left) n = o->left ? o->left - 1 : 0;
+    memcpy(o->p, text, n);
+    o->p += n;
+    o->left -= n;
+    *o->p = 0;
+}
+
+static void out_json_string(Out *o, const char *text) {
+    out_raw(o, "\"");
+    for (const unsigned char *c = (const unsigned char *)text; *c && o->left > 8; c++) {
+        char esc[8];
+        if (*c == '"' || *c == '\\') { esc[0] = '\\'; esc[1] = (char)*c; esc[2] = 0; }
+        else if (*c < 0x20) snprintf(esc, sizeof esc, "\\u%04x", *c);
+        else { esc[0] = (char)*c; esc[1] = 0; }
+        out_raw(o, esc);
+    }
+    out_raw(o, "\"");
+}
+
+static void out_object_string(Out *o, PyObject *value) {
+    const char *text = (value != NULL && PyUnicode_Check(value)) ? PyUnicode_AsUTF8(value) : NULL;
+    if (text == NULL) { PyErr_Clear(); out_raw(o, "null"); return; }
+    out_json_string(o, text);
+}
+
+/* The dead holder's name and native id from threading's table, which a fork
+ * that skipped the hooks leaves as the parent had it (attribute reads of
+ * plain instance attributes: no bytecode runs). */
+static void thread_fields(unsigned long ident, PyObject **name, PyObject **native_id) {
+    *name = NULL;
+    *native_id = NULL;
+    PyObject *threading = PyImport_GetModule(PyUnicode_FromString("threading"));
+    if (threading == NULL) { PyErr_Clear(); return; }
+    PyObject *active = PyObject_GetAttrString(threading, "_active");
+    PyObject *key = PyLong_FromUnsignedLong(ident);
+    PyObject *thread = (active && key && PyDict_Check(active)) ? PyDict_GetItem(active, key) : NULL;
+    if (thread != NULL) {
+        *name = PyObject_GetAttrString(thread, "_name");
+        *native_id = PyObject_GetAttrString(thread, "_native_id");
+    }
+    PyErr_Clear();
+    Py_XDECREF(key);
+    Py_XDECREF(active);
+    Py_DECREF(threading);
+}
+
+/* This thread's Python stack as faulthandler prints it (C code, no
+ * bytecode), read back through a pipe; "" if faulthandler is not loaded. */
+static void current_stack(char *stack, size_t size) {
+    stack[0] = 0;
+    int fds[2];
+    PyObject *name = PyUnicode_FromString("faulthandler");
+    PyObject *faulthandler = name ? PyImport_GetModule(name) : NULL;
+    Py_XDECREF(name);
+    if (faulthandler == NULL || pipe(fds) != 0) { PyErr_Clear(); Py_XDECREF(faulthandler); return; }
+    PyObject *done = PyObject_CallMethod(faulthandler, "dump_traceback", "iO", fds[1], Py_False);
+    Py_XDECREF(done);
+    PyErr_Clear();
+    Py_DECREF(faulthandler);
+    close(fds[1]);
+    size_t used = 0;
+    ssize_t n;
+    while (used + 1 < size && (n = read(fds[0], stack + used, size - used - 1)) > 0) used += (size_t)n;
+    stack[used] = 0;
+    close(fds[0]);
+}
+
+static void kill_for_orphan(LockCore *self, unsigned long holder, long holder_pid, int64_t since_ns) {
+    PyGC_Disable();  /* no finaliser may run Python code from here on */
+    char buffer[12288], stamp[64], number[64], stack[4096];
+    current_stack(stack, sizeof stack);
+    struct timespec now;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &now);
+    gmtime_r(&now.tv_sec, &tm);
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(stamp + strlen(stamp), sizeof stamp - strlen(stamp), ".%06ldZ", now.tv_nsec / 1000);
+    PyObject *lock_name = PyObject_GetAttrString((PyObject *)self, "name");
+    PyErr_Clear();
+    PyObject *thread_name, *native_id;
+    thread_fields(holder, &thread_name, &native_id);
+    const char *events[2] = {"lock.orphaned", "process.killed"};
+    for (int i = 0; i < 2; i++) {
+        Out o = {buffer, sizeof buffer};
+        out_raw(&o, "{\"event\": ");
+        out_json_string(&o, events[i]);
+        out_raw(&o, ", \"level\": \"critical\", \"timestamp\": ");
+        out_json_string(&o, stamp);
+        snprintf(number, sizeof number, ", \"pid\": %ld, \"logger\": \"h5watch.fork\"", (long)getpid());
+        out_raw(&o, number);
+        if (i == 0) {
+            out_raw(&o, ", \"action\": \"killed\", \"fork_hooks_ran\": false, \"seen_by\": \"compiled core\"");
+            out_raw(&o, ", \"child_stack\": ");
+            out_json_string(&o, stack);
+        }
+        else out_raw(&o, ", \"reason\": \"lock.orphaned\"");
+        snprintf(number, sizeof number, ", \"exit_code\": %d, \"lock\": ", orphan_kill_exit_code);
+        out_raw(&o, number);
+        out_object_string(&o, lock_name);
+        snprintf(number, sizeof number, ", \"holder\": {\"thread_ident\": %lu, \"pid\": %ld", holder, holder_pid);
+        out_raw(&o, number);
+        out_raw(&o, ", \"thread_name\": ");
+        out_object_string(&o, thread_name);
+        if (native_id != NULL && PyLong_Check(native_id)) {
+            snprintf(number, sizeof number, ", \"native_id\": %ld", PyLong_AsLong(native_id));
+            out_raw(&o, number);
+        } else out_raw(&o, ", \"native_id\": null");
+        out_raw(&o, ", \"operation\": ");
+        out_object_string(&o, self->owner_state == OWNER_NONE ? NULL : self->operation);
+        if (since_ns) {
+            snprintf(number, sizeof number, ", \"hold_age_seconds\": %.6f", (double)(now_ns() - since_ns) / 1e9);
+            out_raw(&o, number);
+        }
+        out_raw(&o, "}}\n");
+        const char *p = buffer;
+        size_t left = strlen(buffer);
+        while (left > 0) {
+            ssize_t n = write(2, p, left);
+            if (n <= 0) break;
+            p += n;
+            left -= (size_t)n;
+        }
+    }
+    _exit(orphan_kill_exit_code);
+}
+
+/* The slow path was reached in a child of a fork that skipped the hooks, and
+ * the lock is held by a thread that did not survive it: kill (does not return). */
+static void kill_if_orphaned_in_unhooked_child(LockCore *self, unsigned long me) {
+    if (!orphan_kill_exit_code || (long)getpid() == current_pid) return;
+    if (self->owner_state == OWNER_LIVE && self->owner != me) {
+        kill_for_orphan(self, self->owner, self->owner_pid, self->since_ns);
+    }
+    if (self->owner_state == OWNER_NONE && self->inner_direct) {
+        FastRLockLayout *fl = (FastRLockLayout *)self->inner;
+        if (fl->count != 0 && fl->owner != me) kill_for_orphan(self, fl->owner, 0, 0);
+    }
+}
+
 /* 1: acquired, 0: not acquired (non-blocking or timed out), -1: error */
 static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *operation) {
     unsigned long me = PyThread_get_thread_ident();
@@ -148,10 +309,16 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
         self->reentries += 1;
         return 1;
     }
-    int taken = inner_try_acquire(self);
-    if (taken < 0) return -1;
+    /* A fork gate is up (see ForkGate in lock.py): a blocking acquire waits
+     * at the gate in the slow path instead of barging in. */
+    int taken = 0;
+    if (!(self->gated && blocking)) {
+        taken = inner_try_acquire(self);
+        if (taken < 0) return -1;
+    }
     if (!taken) {
         if (!blocking) return 0;
+        kill_if_orphaned_in_unhooked_child(self, me);
         PyObject *result = PyObject_CallMethod((PyObject *)self, "_acquire_slow", "kd", me, timeout);
         if (result == NULL) return -1;
         taken = PyObject_IsTrue(result);
@@ -210,15 +377,13 @@ static PyObject *LockCore_acquire(LockCore *self, PyObject *args, PyObject *kwds
     int blocking = 1;
     double timeout = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pd:acquire", kwlist, &blocking, &timeout)) return NULL;
-    if (timeout != -1) {
-        if (!blocking) {
-            PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
-            return NULL;
-        }
-        if (timeout < 0) {
-            PyErr_SetString(PyExc_ValueError, "timeout value must be positive");
-            return NULL;
-        }
+    if (timeout != -1 && (!blocking || !(timeout >= 0 && timeout <= timeout_max))) {
+        /* Raise what threading.RLock raises here (its messages change between
+         * Python versions): lock.py's _check_acquire_args asks a real one. */
+        PyObject *result = PyObject_CallMethod((PyObject *)self, "_check_acquire_args", "Od",
+                                               blocking ? Py_True : Py_False, timeout);
+        if (result == NULL) return NULL;
+        Py_DECREF(result);
     }
     int r = core_acquire(self, blocking, timeout, Py_None);
     if (r < 0) return NULL;
@@ -354,6 +519,14 @@ static int set_hold_buckets(LockCore *self, PyObject *value, void *c) {
 static PyObject *get_inner_acquire(LockCore *self, void *c) { return Py_NewRef(self->inner_acquire ? self->inner_acquire : Py_None); }
 static PyObject *get_inner_release(LockCore *self, void *c) { return Py_NewRef(self->inner_release ? self->inner_release : Py_None); }
 static PyObject *get_inner_direct(LockCore *self, void *c) { return PyBool_FromLong(self->inner_direct); }
+static PyObject *get_gated(LockCore *self, void *c) { return PyBool_FromLong(self->gated); }
+
+static int set_gated(LockCore *self, PyObject *value, void *c) {
+    int flag = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (flag < 0) return -1;
+    self->gated = flag;
+    return 0;
+}
 
 static PyGetSetDef LockCore_getset[] = {
     {"_owner", (getter)get_owner, (setter)set_owner, NULL, NULL},
@@ -364,6 +537,7 @@ static PyGetSetDef LockCore_getset[] = {
     {"_inner_acquire", (getter)get_inner_acquire, NULL, NULL, NULL},
     {"_inner_release", (getter)get_inner_release, NULL, NULL, NULL},
     {"_inner_direct", (getter)get_inner_direct, NULL, NULL, NULL},
+    {"_gated", (getter)get_gated, (setter)set_gated, NULL, NULL},
     {"_core_acquisitions", (getter)get_acquisitions, (setter)set_acquisitions, NULL, NULL},
     {"_core_reentries", (getter)get_reentries, (setter)set_reentries, NULL, NULL},
     {"_core_hold_buckets", (getter)get_hold_buckets, (setter)set_hold_buckets, NULL, NULL},
@@ -420,14 +594,50 @@ typedef struct {
     vectorcallfunc vectorcall;
 } PhilCall;
 
+/* Release after func raised, leaving exactly the exception h5py's own
+ * wrapper (`with _phil: return func(...)`) would: func's exception,
+ * unchanged; or, if the release fails (the lock is no longer this thread's:
+ * something released it behind the wrapper's back), the release error with
+ * func's exception as its __context__. Before 3.12 the exception is
+ * normalised first and restored with the instance's own type: a raw
+ * (OSError, args) pair must reach the caller as FileNotFoundError, as it
+ * does through h5py's wrapper, or 3.10's `except FileNotFoundError` misses. */
+static void philcall_release_after_error(PhilCall *self) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+    if (core_release(self->lock) < 0) {
+        PyObject *release_exc = PyErr_GetRaisedException();
+        PyException_SetContext(release_exc, exc);
+        PyErr_SetRaisedException(release_exc);
+        return;
+    }
+    PyErr_SetRaisedException(exc);
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL) PyException_SetTraceback(value, tb);
+    Py_SETREF(type, Py_NewRef((PyObject *)Py_TYPE(value)));
+    if (core_release(self->lock) < 0) {
+        PyObject *rtype, *rvalue, *rtb;
+        PyErr_Fetch(&rtype, &rvalue, &rtb);
+        PyErr_NormalizeException(&rtype, &rvalue, &rtb);
+        if (rtb != NULL) PyException_SetTraceback(rvalue, rtb);
+        PyException_SetContext(rvalue, value);
+        Py_DECREF(type);
+        Py_XDECREF(tb);
+        PyErr_Restore(rtype, rvalue, rtb);
+        return;
+    }
+    PyErr_Restore(type, value, tb);
+#endif
+}
+
 static PyObject *PhilCall_vectorcall(PhilCall *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     if (core_acquire(self->lock, 1, -1, self->operation) < 0) return NULL;
     PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     if (result == NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        if (core_release(self->lock) < 0) PyErr_Clear();
-        PyErr_Restore(type, value, tb);
+        philcall_release_after_error(self);
         return NULL;
     }
     if (core_release(self->lock) < 0) {
@@ -533,6 +743,13 @@ static PyObject *enable_fastrlock(PyObject *module, PyObject *type) {
     Py_RETURN_NONE;
 }
 
+static PyObject *set_orphan_kill(PyObject *module, PyObject *code) {
+    long v = PyLong_AsLong(code);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    orphan_kill_exit_code = (int)v;
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_pid(PyObject *module, PyObject *pid) {
     long v = PyLong_AsLong(pid);
     if (v == -1 && PyErr_Occurred()) return NULL;
@@ -540,10 +757,71 @@ static PyObject *set_pid(PyObject *module, PyObject *pid) {
     Py_RETURN_NONE;
 }
 
+static PyObject *set_timeout_max(PyObject *module, PyObject *value) {
+    double v = PyFloat_AsDouble(value);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    timeout_max = v;
+    Py_RETURN_NONE;
+}
+
+/* FastRLock's blocking acquire (_acquire_lock in h5py/_locks.pxi), with a
+ * deadline: count as a pending request and queue on the real lock with the
+ * GIL released, like every other blocked thread, so the caller is served in
+ * turn instead of polling and losing every race to threads that barge in.
+ * Returns None when lock is not of the validated FastRLock type. */
+static PyObject *fastrlock_acquire_timed(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "fastrlock_acquire_timed(lock, timeout)");
+        return NULL;
+    }
+    if (fastrlock_type == NULL || Py_TYPE(args[0]) != fastrlock_type) Py_RETURN_NONE;
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    FastRLockLayout *fl = (FastRLockLayout *)args[0];
+    unsigned long me = PyThread_get_thread_ident();
+    if (fl->count != 0 && fl->owner == me) {
+        fl->count += 1;
+        Py_RETURN_TRUE;
+    }
+    if (fl->count == 0 && fl->pending_requests == 0) {
+        fl->owner = me;
+        fl->count = 1;
+        Py_RETURN_TRUE;
+    }
+    if (!fl->is_locked && fl->pending_requests == 0) {
+        /* Held without the real lock: take it on the holder's behalf, which
+         * tells the holder to release it when done (never blocks: free). */
+        if (!PyThread_acquire_lock(fl->real_lock, NOWAIT_LOCK)) Py_RETURN_FALSE;
+        fl->is_locked = 1;
+    }
+    PY_TIMEOUT_T microseconds = 0;
+    if (timeout > 0) {
+        double us = timeout * 1e6;
+        microseconds = us >= (double)PY_TIMEOUT_MAX ? PY_TIMEOUT_MAX : (PY_TIMEOUT_T)us;
+    }
+    PyLockStatus status;
+    fl->pending_requests += 1;
+    Py_BEGIN_ALLOW_THREADS
+    status = PyThread_acquire_lock_timed(fl->real_lock, microseconds, 0);
+    Py_END_ALLOW_THREADS
+    fl->pending_requests -= 1;
+    if (status != PY_LOCK_ACQUIRED) Py_RETURN_FALSE;
+    fl->is_locked = 1;
+    fl->owner = me;
+    fl->count = 1;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_orphan_kill", set_orphan_kill, METH_O,
+     "Exit code for an orphan found by the compiled slow path after a fork that skipped the hooks (0: off)."},
+    {"fastrlock_acquire_timed", (PyCFunction)(void (*)(void))fastrlock_acquire_timed, METH_FASTCALL,
+     "Queue for a validated FastRLock until it is ours or timeout seconds pass; None for other types."},
     {"enable_fastrlock", enable_fastrlock, METH_O,
      "Take and release inner locks of this (layout-validated) FastRLock type through its fields."},
     {"set_pid", set_pid, METH_O, "The pid recorded as the holder's."},
+    {"set_timeout_max", set_timeout_max, METH_O,
+     "threading.TIMEOUT_MAX: larger acquire timeouts are checked against threading.RLock."},
     {NULL},
 };
 
@@ -555,6 +833,15 @@ PyMODINIT_FUNC PyInit__lockcore(void) {
     if (PyType_Ready(&LockCoreType) < 0 || PyType_Ready(&PhilCallType) < 0) return NULL;
     PyObject *m = PyModule_Create(&lockcore_module);
     if (m == NULL) return NULL;
+#ifdef Py_GIL_DISABLED
+    /* The field updates in this file rely on the GIL for atomicity: a free-threaded
+     * interpreter must keep (or re-enable) it while this module is loaded.
+     * h5watch/lock.py does not load it there at all. */
+    if (PyUnstable_Module_SetGIL(m, Py_MOD_GIL_USED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     if (PyModule_AddObjectRef(m, "LockCore", (PyObject *)&LockCoreType) < 0 ||
         PyModule_AddObjectRef(m, "PhilCall", (PyObject *)&PhilCallType) < 0 ||
         PyModule_AddIntConstant(m, "N_BUCKETS", N_BUCKETS) < 0) {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .options import OptionError
@@ -37,24 +37,54 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def version_text() -> str:
+    """``h5watch 0.1.0 (compiled hot path; Python 3.11.7)``: which lock
+    implementation this interpreter uses, and why when it is not the compiled one."""
+    from . import lock
+
+    python = f"Python {sys.version.split()[0]}"
+    if lock.IMPLEMENTATION == "compiled":
+        return f"h5watch {__version__} (compiled hot path; {python})"
+    return f"h5watch {__version__} (pure-Python hot path: {lock.IMPLEMENTATION_REASON}; {python})"
+
+
+class _VersionAction(argparse.Action):
+    """argparse's own would wrap the line at the terminal's width."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command``, only that subcommand's module is
+    imported (another name: none), so ``--version`` and ``--help`` load no
+    numpy, h5py or Prometheus client."""
     parser = _Parser(
         prog="h5watch",
         description="Lock-timeout monitoring for h5py's global lock: fork safety, watchdog, Prometheus daemon.",
     )
-    parser.add_argument("--version", action="version", version=f"h5watch {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and the lock implementation, then exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name, (module_name, help_text) in _SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(_module=module)
+        if command is None or command == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The top level has no options that take a value: the first word that is
+    # not an option names the subcommand.
+    command = next((word for word in argv if not word.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args._module.main(args) or 0)

@@ -16,13 +16,15 @@ replaced and keep using the real lock directly (still correct, not seen).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import threading
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import lock as lock_module
 from .lock import WatchedLock
@@ -64,16 +66,55 @@ def make_with_phil(lock: WatchedLock) -> Callable[[Callable[..., Any]], Callable
     return with_phil
 
 
+_AdoptForkHooks = Callable[[Callable[[], Any], Any, Any], bool]
+
+
+@contextlib.contextmanager
+def _fork_hooks_adopted(adopt: _AdoptForkHooks | None) -> Iterator[None]:
+    """While ``h5py._objects`` executes, hand its at-fork registration to ``adopt``.
+
+    h5py >= 3.14 runs ``os.register_at_fork(before=_phil_before_fork, ...)``
+    from that module's body, looking ``os.register_at_fork`` up at call time;
+    its before-hook is a ``phil.acquire()`` with no timeout. Any other
+    registration made meanwhile (another thread's) goes through unchanged.
+    """
+    if adopt is None:
+        yield
+        return
+    register = os.register_at_fork
+
+    def register_at_fork(*, before: Any = None, after_in_parent: Any = None, after_in_child: Any = None) -> None:
+        if (
+            getattr(before, "__module__", None) == _OBJECTS
+            and getattr(before, "__name__", None) == "_phil_before_fork"
+            and adopt(before, after_in_parent, after_in_child)
+        ):
+            return
+        kwargs = {name: hook for name, hook in (("before", before), ("after_in_parent", after_in_parent),
+                                                ("after_in_child", after_in_child)) if hook is not None}
+        register(**kwargs)
+
+    os.register_at_fork = register_at_fork
+    try:
+        yield
+    finally:
+        os.register_at_fork = register
+
+
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader: Any, on_executed: Callable[[types.ModuleType], None]) -> None:
+    def __init__(
+        self, loader: Any, on_executed: Callable[[types.ModuleType], None], adopt_fork_hooks: _AdoptForkHooks | None
+    ) -> None:
         self._loader = loader
         self._on_executed = on_executed
+        self._adopt_fork_hooks = adopt_fork_hooks
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        self._loader.exec_module(module)
+        with _fork_hooks_adopted(self._adopt_fork_hooks):
+            self._loader.exec_module(module)
         self._on_executed(module)
 
     def __getattr__(self, name: str) -> Any:
@@ -83,8 +124,9 @@ class _PatchingLoader(importlib.abc.Loader):
 class _ObjectsFinder(importlib.abc.MetaPathFinder):
     """Finds ``h5py._objects`` through the other finders and patches it once executed."""
 
-    def __init__(self, on_executed: Callable[[types.ModuleType], None]) -> None:
+    def __init__(self, on_executed: Callable[[types.ModuleType], None], adopt_fork_hooks: _AdoptForkHooks | None) -> None:
         self._on_executed = on_executed
+        self._adopt_fork_hooks = adopt_fork_hooks
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != _OBJECTS:
@@ -94,7 +136,7 @@ class _ObjectsFinder(importlib.abc.MetaPathFinder):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, self._on_executed)
+                spec.loader = _PatchingLoader(spec.loader, self._on_executed, self._adopt_fork_hooks)
                 return spec
         return None
 
@@ -113,8 +155,8 @@ class PhilPatch:
         self.probe_error: str | None = None
         self.coverage = "none"
         self.uncovered: list[str] = []
-        # Called once h5py's phil is instrumented (the fork hooks re-register).
-        self.on_instrumented: Callable[[], None] | None = None
+        # Takes h5py's own at-fork registration over (the fork guard's).
+        self.adopt_fork_hooks: _AdoptForkHooks | None = None
 
     # -- install / uninstall ----------------------------------------------
 
@@ -125,7 +167,7 @@ class PhilPatch:
                 self._patch_objects(objects)
                 self._patch_loaded_late()
             elif self._finder is None:
-                self._finder = _ObjectsFinder(self._on_objects_executed)
+                self._finder = _ObjectsFinder(self._on_objects_executed, self.adopt_fork_hooks)
                 sys.meta_path.insert(0, self._finder)
 
     def uninstall(self) -> None:
@@ -154,8 +196,6 @@ class PhilPatch:
             self._patch_objects(module)
             self.coverage = "full"
             self._log.info("h5py.instrumented", lock=PHIL_LOCK_NAME, coverage="full", probe=self.probe_state())
-            if self.on_instrumented is not None:
-                self.on_instrumented()
 
     def _patch_objects(self, module: types.ModuleType) -> None:
         current = module.phil

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -36,6 +37,8 @@ __all__ = [
     "PythonWatchedLock",
     "CompiledWatchedLock",
     "IMPLEMENTATION",
+    "IMPLEMENTATION_REASON",
+    "EXTENSION_MISSING",
     "LockTimeout",
     "OrphanedLockError",
     "watched_locks",
@@ -44,6 +47,7 @@ __all__ = [
 ]
 
 _get_ident = threading.get_ident
+_TIMEOUT_MAX = threading.TIMEOUT_MAX
 # Thread idents are addresses, never -2: the owner of a lock whose holder died in a fork.
 DEAD_OWNER = -2
 _monotonic_ns = time.monotonic_ns
@@ -131,6 +135,35 @@ def thread_identity(ident: int | None) -> dict[str, Any]:
     return {"thread_ident": ident, "thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
 
 
+class ForkGate:
+    """Holds back new acquisitions while a fork's before-hook takes the locks.
+
+    Without it the forking thread, polling or queueing for a busy lock, loses
+    to threads that barge in as soon as the lock is free. With the gate up, a
+    thread that holds no watched lock waits at the gate instead of taking the
+    lock; threads that already hold a watched lock pass (they must be able to
+    finish and release, or the fork would wait for itself). The fork lowers
+    the gate as soon as it has the locks, or after a short while.
+    """
+
+    __slots__ = ("forking_thread", "_opened")
+
+    def __init__(self, forking_thread: int) -> None:
+        self.forking_thread = forking_thread
+        self._opened = threading.Event()
+
+    def lets_through(self, me: int) -> bool:
+        if me == self.forking_thread or self._opened.is_set():
+            return True
+        return any(lock._owner == me for lock in watched_locks())
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._opened.wait(timeout)
+
+    def open(self) -> None:
+        self._opened.set()
+
+
 def _inner_kind(lock: Any) -> str:
     type_name = type(lock).__name__
     if type_name == "FastRLock":
@@ -158,6 +191,7 @@ class _LockLogic:
         # FastRLock.acquire takes no timeout: timed waits on it poll.
         self._inner_timed = self._inner_kind != "fastrlock"
         self._waiters: dict[int, int] = {}
+        self._fork_gate: ForkGate | None = None
         self._orphan: dict[str, Any] | None = None
         # Incidents already reported by the watchdog: {(kind, ident, since_ns)}.
         self._reported: set[tuple[str, int, int]] = set()
@@ -177,6 +211,14 @@ class _LockLogic:
             return bool(inner_locked())
         return False
 
+    def _check_acquire_args(self, blocking: bool, timeout: float) -> None:
+        """Raise what ``threading.RLock().acquire(blocking, timeout)`` raises
+        (its messages differ between Python versions) by asking a fresh one;
+        reached only for a timeout that is not plainly valid."""
+        specimen = threading.RLock()
+        if specimen.acquire(blocking, timeout):
+            specimen.release()
+
     # threading.Condition support, as threading.RLock offers it.
     def _release_save(self) -> tuple[int, int | None, str | None]:
         if self._owner != _get_ident():
@@ -194,7 +236,11 @@ class _LockLogic:
     # -- slow path ---------------------------------------------------------
 
     def _acquire_slow(self, me: int, timeout: float) -> bool:
-        """Wait for the inner lock; True once it is ours."""
+        """Wait for the inner lock; True once it is ours.
+
+        Reached when the inner lock was not free, or when a fork gate is up
+        (then the inner lock was not tried: a gated thread must not barge).
+        """
         if os.getpid() != policy.pid and policy.on_pid_change is not None:
             # A fork that skipped the at-fork hooks: find orphans first.
             policy.on_pid_change()
@@ -209,7 +255,14 @@ class _LockLogic:
         try:
             if policy.on_wait_started is not None:
                 policy.on_wait_started(self)
-            acquired = self._wait_inner(timeout, start_ns)
+            gate = self._fork_gate
+            if gate is not None and not gate.lets_through(me):
+                remaining = None if timeout < 0 else max(0.0, timeout - (_monotonic_ns() - start_ns) / 1e9)
+                if not gate.wait(remaining):
+                    return False
+                if timeout >= 0:
+                    timeout = max(0.0, timeout - (_monotonic_ns() - start_ns) / 1e9)
+            acquired = self._inner_acquire(False) or self._wait_inner(timeout, start_ns)
         finally:
             self._waiters.pop(me, None)
         if acquired:
@@ -240,8 +293,16 @@ class _LockLogic:
     def _wait_until(self, deadline_ns: int) -> bool:
         if self._inner_timed:
             remaining = max(0, deadline_ns - _monotonic_ns()) / 1e9
-            return self._inner_acquire(True, remaining)
-        # FastRLock cannot time out: poll with a short, growing sleep.
+            return self._inner_acquire(True, min(remaining, threading.TIMEOUT_MAX))
+        if _timed_fastrlock is not None:
+            # Queue on FastRLock's own real lock, as its blocking acquire does,
+            # but with a deadline: fair to the threads already queued there.
+            # None: not a FastRLock of the verified type.
+            taken = _timed_fastrlock(self._inner, max(0, deadline_ns - _monotonic_ns()) / 1e9)
+            if taken is not None:
+                return taken
+        # FastRLock of an unverified layout, or no compiled core: poll with a
+        # short, growing sleep.
         delay = 50e-6
         while True:
             if self._inner_acquire(False):
@@ -250,28 +311,32 @@ class _LockLogic:
             if remaining <= 0:
                 return False
             time.sleep(min(delay, remaining / 1e9))
-            delay = min(delay * 2, 2e-3)
+            delay = min(delay * 2, 1e-3)
 
     # -- fork support (used by h5watch.fork only) --------------------------
 
-    def _acquire_for_fork(self, timeout: float | None) -> bool:
-        """Acquire within ``timeout`` seconds (None: forever), never raising.
+    def _acquire_for_fork(self, deadline_ns: int | None) -> bool:
+        """Take the lock for the forking thread by ``deadline_ns`` (None: wait
+        forever; 0: do not wait), never raising and passing any fork gate.
 
-        The before-fork hook uses this: ``on_timeout=raise`` must not raise
-        inside an at-fork hook, where exceptions are printed and ignored.
+        Not counted as an acquisition, and ``_release_for_fork`` records no
+        hold: the fork's own hold is not the service's, and in the child the
+        statistics start again from zero.
         """
         me = _get_ident()
         if self._owner == me:
             self._count += 1
             return True
         if not self._inner_acquire(False):
+            if deadline_ns == 0:
+                return False
             start_ns = _monotonic_ns()
             self._waiters[me] = start_ns
             try:
-                if timeout is None:
+                if deadline_ns is None:
                     acquired = self._inner_acquire(True)
                 else:
-                    acquired = self._wait_until(start_ns + int(timeout * 1e9))
+                    acquired = self._wait_until(deadline_ns)
             finally:
                 self._waiters.pop(me, None)
             if not acquired:
@@ -282,6 +347,25 @@ class _LockLogic:
         self._count = 1
         self._owner = me
         return True
+
+    def _release_for_fork(self) -> None:
+        """Undo one ``_acquire_for_fork`` (in the parent, or in the child by
+        the thread that forked), recording nothing."""
+        count = self._count - 1
+        if count > 0:
+            self._count = count
+            return
+        self._count = 0
+        self._owner = None
+        self._inner_release()
+
+    def _raise_fork_gate(self, gate: ForkGate) -> None:
+        self._fork_gate = gate
+        self._set_gated(True)
+
+    def _lower_fork_gate(self) -> None:
+        self._set_gated(False)
+        self._fork_gate = None
 
     def _mark_owner_dead(self) -> None:
         """The holder did not survive a fork: no later thread may match its ident."""
@@ -295,6 +379,13 @@ class _LockLogic:
         self._operation = None
         self._waiters = {}
         self._orphan = None
+
+    def _forget_other_threads(self) -> None:
+        """In a forked child: waiters and gates belonged to threads that are gone."""
+        self._waiters = {}
+        self._reported.clear()
+        self._set_gated(False)
+        self._fork_gate = None
 
     def _reinit_inner(self) -> bool:
         """Make a ``_thread.lock``/``RLock`` inner lock free again in a child."""
@@ -367,6 +458,7 @@ class PythonWatchedLock(_LockLogic):
         "_since_ns",
         "_operation",
         "_waiters",
+        "_fork_gate",
         "_orphan",
         "_reported",
         "_seq",
@@ -388,11 +480,8 @@ class PythonWatchedLock(_LockLogic):
     # -- acquisition -------------------------------------------------------
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if timeout != -1:
-            if not blocking:
-                raise ValueError("can't specify a timeout for a non-blocking call")
-            if timeout < 0:
-                raise ValueError("timeout value must be positive")
+        if timeout != -1 and (not blocking or not 0 <= timeout <= _TIMEOUT_MAX):
+            self._check_acquire_args(blocking, timeout)
         return self._acquire(blocking, timeout, None)
 
     def acquire_for(self, operation: str | None = None) -> bool:
@@ -406,7 +495,7 @@ class PythonWatchedLock(_LockLogic):
             self._count += 1
             self.stats.reentries += 1
             return True
-        if not self._inner_acquire(False) and not self._acquire_slow(me, -1):
+        if (self._fork_gate is not None or not self._inner_acquire(False)) and not self._acquire_slow(me, -1):
             return False
         self._since_ns = _monotonic_ns()
         self._owner_pid = policy.pid
@@ -422,9 +511,11 @@ class PythonWatchedLock(_LockLogic):
             self._count += 1
             self.stats.reentries += 1
             return True
-        if not self._inner_acquire(False):
-            if not blocking or not self._acquire_slow(me, timeout):
+        if not blocking:
+            if not self._inner_acquire(False):
                 return False
+        elif (self._fork_gate is not None or not self._inner_acquire(False)) and not self._acquire_slow(me, timeout):
+            return False
         self._since_ns = _monotonic_ns()
         self._owner_pid = policy.pid
         self._operation = operation
@@ -458,20 +549,48 @@ class PythonWatchedLock(_LockLogic):
     def _is_owned(self) -> bool:
         return self._owner == _get_ident()
 
+    def _set_gated(self, gated: bool) -> None:
+        """The hot path reads ``_fork_gate`` itself (LockCore keeps a flag)."""
 
 
-def _load_compiled() -> Any:
+
+_NOT_BUILT = "extension not built"
+
+
+def _free_threaded_build() -> bool:
+    if not hasattr(sys, "_is_gil_enabled"):  # before 3.13: no free-threaded builds
+        return False
+    abiflags = getattr(sys, "abiflags", None)
+    if abiflags is not None:
+        return "t" in abiflags
+    import sysconfig
+
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+def _load_compiled() -> tuple[Any, str]:
+    """The compiled core, or None; and why."""
     if os.environ.get("H5WATCH_IMPLEMENTATION", "").strip().lower() == "python":
-        return None
+        return None, "H5WATCH_IMPLEMENTATION=python"
+    if _free_threaded_build():
+        # The core's field updates rely on the GIL for atomicity.
+        return None, "free-threaded interpreter"
     try:
         from . import _lockcore  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _lockcore
+    except ImportError as exc:
+        return None, f"{_NOT_BUILT}: {exc}"
+    return _lockcore, "compiled"
 
 
-_lockcore = _load_compiled()
+_lockcore, IMPLEMENTATION_REASON = _load_compiled()
+# The compiled core should be there and is not (no compiler at install time):
+# everything works, the hot path is slower. Not so for an explicit choice or
+# a free-threaded interpreter, where it is off on purpose.
+EXTENSION_MISSING = IMPLEMENTATION_REASON.startswith(_NOT_BUILT)
 _fastrlock_checked: set[type] = set()
+# A FastRLock acquire with a deadline that queues like FastRLock's own
+# blocking acquire (compiled; layout-verified FastRLock types only).
+_timed_fastrlock: Callable[[Any, float], bool | None] | None = None
 
 
 def _enable_direct_fastrlock(lock_type: type) -> None:
@@ -485,6 +604,8 @@ def _enable_direct_fastrlock(lock_type: type) -> None:
     try:
         validate_layout(lock_type)
         _lockcore.enable_fastrlock(lock_type)
+        global _timed_fastrlock
+        _timed_fastrlock = _lockcore.fastrlock_acquire_timed
     except (ProbeUnavailable, ValueError, TypeError):
         pass
 
@@ -495,7 +616,7 @@ if _lockcore is not None:
         """A ``threading.RLock`` look-alike that records waits, holds and
         holders; its hot path is compiled (``h5watch/_lockcore.c``)."""
 
-        __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_orphan", "_reported",
+        __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_fork_gate", "_orphan", "_reported",
                      "_seq", "__weakref__")
 
         def __init__(self, name: str, lock: Any = None) -> None:
@@ -506,8 +627,12 @@ if _lockcore is not None:
             self.stats = CoreLockStats(self)
             self._init_common(name, inner)
 
+        def _set_gated(self, gated: bool) -> None:
+            self._gated = gated
+
     policy.pid_sink = _lockcore.set_pid
     policy.pid = os.getpid()
+    _lockcore.set_timeout_max(_TIMEOUT_MAX)
     WatchedLock: Any = CompiledWatchedLock
     IMPLEMENTATION = "compiled"
 else:

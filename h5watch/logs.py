@@ -8,19 +8,30 @@ The sink writes with ``os.write`` on the stderr file descriptor and takes no
 lock of its own, so a freshly forked child can log before anything else is
 re-initialised: a lock held by a thread that did not survive the fork cannot
 block it (DESIGN.md: logging in a fresh child is itself a fork hazard).
+
+Events below the configured level (``log_level``; ``install()`` sets it,
+default ``warning``) are dropped before anything is rendered, and structlog
+itself is imported only when the first event is rendered: a process with
+nothing to report loads none of it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
-import structlog
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-__all__ = ["configure", "get_logger", "FdWriter"]
+__all__ = ["configure", "enabled", "get_logger", "set_level", "FdWriter", "LEVELS"]
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 _configured_format: str | None = None
+# Until install() says otherwise, every event is shown: host commands (the
+# daemon, status, the demo) log their info events.
+_threshold = LEVELS["info"]
 
 
 class FdWriter:
@@ -63,9 +74,32 @@ def _add_pid(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[
     return event_dict
 
 
-def configure(log_format: str = "json", fd: int | None = None) -> None:
-    """Configure structlog for h5watch's loggers (idempotent per format)."""
-    global _configured_format
+def configure(log_format: str = "json", fd: int | None = None, level: str | None = None) -> None:
+    """Set the format (and, given ``level``, the least severe event shown) of
+    h5watch's loggers. Cheap: structlog is set up at the first event shown."""
+    global _config, _configured_format
+    if level is not None:
+        set_level(level)
+    # A new dict, not an update: another thread may be rendering with the old one.
+    _config = {"format": log_format, "fd": fd}
+    _configured_format = log_format
+
+
+def set_level(level: str) -> None:
+    global _threshold
+    _threshold = LEVELS[level]
+
+
+def enabled(level: str) -> bool:
+    """Would an event of ``level`` be shown? (Spares building its fields.)"""
+    return LEVELS[level] >= _threshold
+
+
+def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
+    """structlog's processors and sink for ``config``'s format, built once."""
+    import structlog
+
+    log_format = config.get("format", "json")
     if log_format == "console":
         renderer: Any = structlog.dev.ConsoleRenderer(colors=False)
     else:
@@ -77,9 +111,11 @@ def configure(log_format: str = "json", fd: int | None = None) -> None:
         structlog.processors.format_exc_info,
         renderer,
     ]
-    _config["processors"] = processors
-    _config["logger_factory"] = _FdWriterFactory(fd)
-    _configured_format = log_format
+    config["logger_factory"] = _FdWriterFactory(config.get("fd"))
+    config["wrap_logger"] = structlog.wrap_logger
+    config["wrapper_class"] = structlog.BoundLogger
+    config["processors"] = processors
+    return config
 
 
 # h5watch renders with its own processors, whatever the application does
@@ -100,16 +136,21 @@ class _BoundToConfig:
         self._initial = initial
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        if not _config:
-            configure()
-        logger = _config["logger_factory"]()
-        bound = structlog.wrap_logger(
-            logger,
-            processors=_config["processors"],
-            wrapper_class=structlog.BoundLogger,
+        if LEVELS[level] < _threshold:
+            return
+        config = _config
+        if "processors" not in config:
+            config = _build_pipeline(config)
+        bound = config["wrap_logger"](
+            config["logger_factory"](),
+            processors=config["processors"],
+            wrapper_class=config["wrapper_class"],
             cache_logger_on_first_use=False,
         )
         getattr(bound, level)(event, **self._initial, **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, fields)
 
     def info(self, event: str, **fields: Any) -> None:
         self._emit("info", event, fields)

@@ -8,9 +8,13 @@ accepts. Nothing else in h5watch reads the environment for options.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Mapping
+
+# Every instrumented process reads its options at start-up: no import here
+# may cost more than a fraction of a millisecond (typing and dataclasses do).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping
 
 __all__ = [
     "ENV_PREFIX",
@@ -25,6 +29,7 @@ ENV_PREFIX = "H5WATCH_"
 ON_TIMEOUT_CHOICES = ("warn", "raise", "kill")
 ON_ORPHAN_CHOICES = ("kill", "recover", "raise", "warn")
 LOG_FORMAT_CHOICES = ("json", "console")
+LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
 
 class OptionError(ValueError):
@@ -38,21 +43,87 @@ def default_state_dir() -> str:
     return f"/tmp/h5watch-{os.getuid()}"
 
 
-@dataclasses.dataclass(frozen=True)
+_DEFAULTS: dict[str, Any] = {
+    "state_dir": "",
+    "service": "",
+    "wait_timeout": None,
+    "hold_timeout": None,
+    "fork_timeout": 10.0,
+    "on_timeout": "warn",
+    "on_orphan": "kill",
+    "kill_exit_code": 70,
+    "metrics_port": None,
+    "metrics_addr": "127.0.0.1",
+    "log_format": "json",
+    "log_level": "warning",
+    "tick_interval": 0.5,
+    "state_files": True,
+}
+
+OPTION_NAMES = tuple(_DEFAULTS)
+
+
 class Options:
-    state_dir: str = ""
-    service: str = ""
-    wait_timeout: float | None = None
-    hold_timeout: float | None = None
-    fork_timeout: float | None = 10.0
-    on_timeout: str = "warn"
-    on_orphan: str = "kill"
-    kill_exit_code: int = 70
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
-    log_format: str = "json"
-    tick_interval: float = 0.5
-    state_files: bool = True
+    """Every option, typed and immutable; ``replace(**changes)`` makes a new one.
+
+    A plain class rather than a dataclass: every instrumented process builds
+    one at start-up, and importing ``dataclasses`` would cost more than the
+    rest of ``install()``.
+    """
+
+    __slots__ = OPTION_NAMES
+
+    state_dir: str
+    service: str
+    wait_timeout: float | None
+    hold_timeout: float | None
+    fork_timeout: float | None
+    on_timeout: str
+    on_orphan: str
+    kill_exit_code: int
+    metrics_port: int | None
+    metrics_addr: str
+    log_format: str
+    log_level: str
+    tick_interval: float
+    state_files: bool
+
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"Options: unknown field {unknown[0]!r}")
+        for name in OPTION_NAMES:
+            object.__setattr__(self, name, values.get(name, _DEFAULTS[name]))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Options are immutable: use options.replace({name}=...)")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Options are immutable")
+
+    def replace(self, **changes: Any) -> Options:
+        return Options(**{**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Options):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, name) for name in OPTION_NAMES))
+
+    def __repr__(self) -> str:
+        return "Options(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in OPTION_NAMES) + ")"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_options_from, (self.as_dict(),))
+
+
+def _options_from(values: dict[str, Any]) -> Options:
+    return Options(**values)
 
 
 def _source(name: str, value: Any) -> str:
@@ -158,6 +229,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "metrics_port": _port,
     "metrics_addr": _text(255),
     "log_format": _choice(LOG_FORMAT_CHOICES),
+    "log_level": _choice(LOG_LEVEL_CHOICES),
     "tick_interval": _seconds(allow_off=False),
     "state_files": _bool,
 }
@@ -174,11 +246,10 @@ OPTION_HELP: dict[str, str] = {
     "metrics_port": "serve this process's /metrics on this port (default off)",
     "metrics_addr": "address of the in-process /metrics server (default 127.0.0.1)",
     "log_format": "json (one object a line) or console (default json)",
+    "log_level": "least severe event logged: debug, info, warning, error or critical (default warning)",
     "tick_interval": "seconds between watchdog ticks (default 0.5)",
     "state_files": "write this process's state file for the daemon: true or false (default true)",
 }
-
-OPTION_NAMES = tuple(field.name for field in dataclasses.fields(Options))
 
 
 def env_name(option: str) -> str:
@@ -200,9 +271,9 @@ def resolve(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, st
             values[name] = _PARSERS[name](env_name(name), environ[env_name(name)])
     options = Options(**values)
     if not options.state_dir:
-        options = dataclasses.replace(options, state_dir=default_state_dir())
+        options = options.replace(state_dir=default_state_dir())
     if not options.service:
-        options = dataclasses.replace(options, service=_default_service())
+        options = options.replace(service=_default_service())
     return options
 
 

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from . import lock
 from .cli import UsageError
 from .options import OPTION_HELP, OPTION_NAMES, as_environ, resolve
 from .statefile import StateDirError, ensure_state_dir
@@ -58,6 +59,11 @@ def main(args: argparse.Namespace) -> int:
         except StateDirError as exc:
             raise UsageError(str(exc)) from None
     env = instrumented_environ(flags)
+    if lock.EXTENSION_MISSING:
+        sys.stderr.write(
+            f"h5watch run: warning: compiled parts missing ({lock.IMPLEMENTATION_REASON}); the lock hot path"
+            " runs in pure Python, slower; install a C compiler and reinstall h5watch\n"
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -53,21 +53,10 @@ def _poison_real_phil(lock: WatchedLock, alive_ident: int) -> bool:
     return False
 
 
-def _rebalance_phil(me: int) -> None:
-    """h5py >= 3.14's after-in-child hook releases phil once, assuming its
-    before-hook took it; after a fork that skipped the hooks it did not."""
-    watched = phil_patch.watched
-    if watched is None or phil_patch.probe is None or watched._owner != me:
-        return
-    if phil_patch.probe.read()["owner_ident"] != me:
-        phil_patch.real_phil.acquire()
-
-
-fork_guard.rebalance_after_unhooked_fork = _rebalance_phil
 fork_guard.probe_reader = _read_real_phil
 fork_guard.probe_poisoner = _poison_real_phil
 fork_guard.probe_resetter = _reset_real_phil
-phil_patch.on_instrumented = fork_guard.register_hooks
+phil_patch.adopt_fork_hooks = fork_guard.adopt_h5py_hooks
 
 
 def install(**options: Any) -> Options:
@@ -95,7 +84,24 @@ def install(**options: Any) -> Options:
                 service=resolved.service,
                 h5py_imported="h5py" in sys.modules,
                 coverage=phil_patch.coverage,
+                implementation=lock_module.IMPLEMENTATION,
+                implementation_reason=lock_module.IMPLEMENTATION_REASON,
+                fork_bounded=fork_guard.fork_bounded(),
             )
+            if not fork_guard.fork_bounded():
+                _log.warning(
+                    "fork.unbounded",
+                    reason="h5py was imported before h5watch.install() and registered its own before-fork hook,"
+                    " which waits for phil with no timeout; install h5watch first for a bounded fork",
+                )
+            if lock_module.EXTENSION_MISSING:
+                _log.warning(
+                    "h5watch.degraded",
+                    reason=lock_module.IMPLEMENTATION_REASON,
+                    slower="every watched lock's hot path and h5py's with_phil run in pure Python"
+                    " (about 4x a raw FastRLock per outermost acquisition, a few percent end to end)",
+                    fix="install a C compiler and Python's headers, then reinstall h5watch",
+                )
         return resolved
 
 

@@ -1,16 +1,24 @@
 """Keeps this process's state file current, and lets outsiders dump its stacks.
 
-Started by ``install()`` when ``state_files`` is on. Writes:
+Started by ``install()`` when ``state_files`` is on. The file (and its
+stacks file) is created when there is something to write, never before:
 
 - every watchdog tick: every lock record, then the header (the heartbeat);
+  the first tick creates the file;
 - at once, from a lock's slow path, when a thread starts to block on it;
 - at once, when a forked child finds an orphaned lock (before its policy:
   a killed child leaves the evidence behind);
-- at exit: a last write marked ``exited``.
+- when the watchdog stops for a fork: a last write, marked "watchdog not
+  running" (the daemon then judges the process by its records alone);
+- at exit: a last write marked ``exited`` (created then only if a watched
+  lock was used in this process).
 
-A forked child (whether or not the fork ran Python's hooks) opens its own
-file: the parent's mapping is shared memory, and the child must never write
-to it. ``faulthandler`` is registered for ``DUMP_SIGNAL`` on a per-process
+So a process that never watches anything, and a forked child that execs
+(subprocess's ``preexec_fn`` child), leave no file. A forked child (whether
+or not the fork ran Python's hooks) never writes its parent's file: the
+parent's mapping is shared memory. It drops its copy of the mapping and of
+the stacks file descriptor, and opens its own file when it has something to
+write. ``faulthandler`` is registered for ``DUMP_SIGNAL`` on a per-process
 stacks file, so the daemon can read every thread's Python stack even when
 they are all blocked in C.
 """
@@ -21,12 +29,13 @@ import atexit
 import faulthandler
 import os
 import signal
+import threading
 from typing import Any
 
 from . import fork, logs
-from .lock import WatchedLock, policy, watched_locks
+from .lock import WatchedLock, watched_locks
 from .statefile import StateDirError, StateWriter, ensure_state_dir
-from .watchdog import add_tick_callback
+from .watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 
 __all__ = ["StateExtension", "DUMP_SIGNAL"]
 
@@ -45,6 +54,10 @@ class StateExtension:
         self.writer: StateWriter | None = None
         self._stacks_file: Any = None
         self._hooks_added = False
+        self._enabled = False
+        # The pid whose attempt to create its file failed (logged once, not retried).
+        self._failed_pid: int | None = None
+        self._open_lock = threading.Lock()
 
     def start(self, options: Any) -> None:
         previous = self.options
@@ -52,26 +65,25 @@ class StateExtension:
         if not options.state_files:
             self.stop()
             return
-        if self.writer is not None and previous is not None and (previous.state_dir, previous.service) == (
+        if self.writer is not None and previous is not None and (previous.state_dir, previous.service) != (
             options.state_dir,
             options.service,
         ):
-            return
-        self.stop()
+            self.stop()  # the next write creates the file where it now belongs
         self.options = options
-        if not self._open():
-            return
+        self._enabled = True
+        self._failed_pid = None
         if not self._hooks_added:
             self._hooks_added = True
             add_tick_callback(self.tick)
+            add_idle_callback(self.refresh)
+            add_wait_callback(self._on_wait_started)
             fork.add_child_callback(self._in_child)
             fork.add_orphan_callback(self._on_orphan)
             atexit.register(self._at_exit)
-        policy.on_wait_started = self._on_wait_started
-        self.tick()
 
     def stop(self) -> None:
-        policy.on_wait_started = None
+        self._enabled = False
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.close(exited=True)
@@ -85,52 +97,74 @@ class StateExtension:
     # -- writing -------------------------------------------------------------
 
     def tick(self) -> None:
-        writer = self.writer
-        if writer is None or not writer.owned_here():
+        """The watchdog's heartbeat: every record, then the header."""
+        self._write_all(self._writer(create=True))
+
+    def refresh(self) -> None:
+        """Rewrite an existing file as it is now (the watchdog is stopping)."""
+        self._write_all(self._writer(create=False))
+
+    def _write_all(self, writer: StateWriter | None) -> None:
+        if writer is None:
             return
         running = bool(self.watchdog.snapshot()["running"])
         writer.write_all(watched_locks(), (fork.fork_stats.snapshot(), fork.fork_in_progress_since_ns()), running)
 
     def _on_wait_started(self, lock: WatchedLock) -> None:
-        writer = self.writer
+        writer = self._writer(create=True)
         if writer is not None:
             writer.write_one(lock)
 
     def _on_orphan(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
-        writer = self.writer
+        writer = self._writer(create=True)
         if writer is not None:
             writer.write_one(lock, orphan=evidence)
-            self.tick()
+            self._write_all(writer)
 
     def _at_exit(self) -> None:
-        writer = self.writer
-        if writer is not None and writer.owned_here():
-            self.tick()
+        writer = self._writer(create=_used_a_watched_lock())
+        if writer is not None:
+            self._write_all(writer)
             writer.close(exited=True)
             self.writer = None
 
     # -- per process -----------------------------------------------------------
 
-    def _open(self) -> bool:
+    def _writer(self, create: bool) -> StateWriter | None:
+        """This process's writer; with ``create``, made now if it has none yet."""
+        writer = self.writer
+        if writer is not None:
+            # A child forked without Python's hooks still holds its parent's
+            # until its child callbacks run: never write that one.
+            return writer if writer.owned_here() else None
+        if not create or not self._enabled or self._failed_pid == os.getpid():
+            return None
+        with self._open_lock:
+            if self.writer is None and self._enabled:
+                self._open()
+        return self.writer
+
+    def _open(self) -> None:
         try:
             ensure_state_dir(self.options.state_dir)
-            self.writer = StateWriter(self.options.state_dir, self.options.service, DUMP_SIGNAL, self.options.tick_interval)
+            writer = StateWriter(self.options.state_dir, self.options.service, DUMP_SIGNAL, self.options.tick_interval)
         except (StateDirError, OSError) as exc:
+            self._failed_pid = os.getpid()
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
-            self.writer = None
-            return False
-        self._register_dump(self.writer.stacks_path)
-        return True
+            return
+        self._register_dump(writer.stacks_path)
+        self.writer = writer
 
     def _in_child(self) -> None:
-        old = self.writer
-        if old is None:
-            return
-        # The parent's mapping and stacks file are the parent's: drop ours, unwritten.
-        old.close(exited=False)
-        self.writer = None
-        self._stacks_file = None
-        self._open()
+        """After a fork, in the child: cheap, creates nothing."""
+        self._open_lock = threading.Lock()
+        self._failed_pid = None
+        old, self.writer = self.writer, None
+        if old is not None:
+            # The parent's mapping and file: dropped unwritten (closing the
+            # mapping here unmaps the child's view only).
+            old.close(exited=False)
+        self._unregister_dump()
 
     def _register_dump(self, path: str) -> None:
         try:
@@ -143,15 +177,27 @@ class StateExtension:
         self._stacks_file = stacks_file
 
     def _unregister_dump(self) -> None:
-        if self._stacks_file is None:
+        """Unregister the dump handler, then close the stacks file: explicitly,
+        so no ResourceWarning (a forked child closes only its own copy)."""
+        stacks_file, self._stacks_file = self._stacks_file, None
+        if stacks_file is None:
             return
         try:
             faulthandler.unregister(DUMP_SIGNAL)
         except (ValueError, RuntimeError):
             pass
         try:
-            self._stacks_file.close()
+            stacks_file.close()
         except OSError:
             pass
-        self._stacks_file = None
 
+
+def _used_a_watched_lock() -> bool:
+    """Did this process acquire any watched lock (since its fork, in a child)?"""
+    for lock in watched_locks():
+        try:
+            if lock.stats.snapshot()["acquisitions"]:
+                return True
+        except Exception:
+            continue
+    return False

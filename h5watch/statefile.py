@@ -10,6 +10,9 @@ Every instrumented process (every forked child too) owns one file,
 
 All integers are little-endian. The same field list gives the writer's
 ``struct`` format and the reader's numpy dtype, so the two cannot drift.
+Writing needs only ``struct`` and ``mmap``: numpy is imported by the first
+read (the daemon, ``h5watch status``) or use of the dtypes, never by an
+instrumented process that only writes its file.
 
 Torn reads: the header and each record start with a sequence counter. The
 writer makes it odd, writes the body, makes it even (a seqlock). A reader
@@ -31,10 +34,7 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .stats import N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
@@ -130,7 +130,13 @@ def _struct(fields: list[tuple[str, str, Any]]) -> struct.Struct:
     return struct.Struct("<" + "".join(code for _, code, _ in fields))
 
 
+if TYPE_CHECKING:
+    import numpy as np
+
+
 def _dtype(fields: list[tuple[str, str, Any]], size: int) -> np.dtype:
+    import numpy as np
+
     base = np.dtype([(name, dtype) for name, _, dtype in fields])
     return np.dtype({"names": base.names, "formats": [base.fields[n][0] for n in base.names],
                      "offsets": [base.fields[n][1] for n in base.names], "itemsize": size})
@@ -153,12 +159,27 @@ assert _RECORD_FIELDS[0][0] == "seq"
 _HEADER_PREFIX = _struct(_HEADER_PREFIX_FIELDS)
 _HEADER_TAIL = _struct(_HEADER_TAIL_FIELDS)
 _RECORD_TAIL = _struct(_RECORD_TAIL_FIELDS)
-HEADER_DTYPE = _dtype(_HEADER_FIELDS, HEADER_SIZE)
-RECORD_DTYPE = _dtype(_RECORD_FIELDS, RECORD_SIZE)
-assert HEADER_DTYPE.itemsize == HEADER_SIZE and RECORD_DTYPE.itemsize == RECORD_SIZE
 FILE_SIZE = HEADER_SIZE + CAPACITY * RECORD_SIZE
 _SEQ = struct.Struct("<Q")
-_HEADER_SEQ_OFFSET = HEADER_DTYPE.fields["seq"][1]
+# "<" formats have no padding: the sequence counter follows the prefix.
+_HEADER_SEQ_OFFSET = _HEADER_PREFIX.size
+_DTYPES: dict[str, Any] = {}
+
+
+def _dtypes() -> dict[str, Any]:
+    """HEADER_DTYPE and RECORD_DTYPE, built (and numpy imported) on first use."""
+    if not _DTYPES:
+        header, record = _dtype(_HEADER_FIELDS, HEADER_SIZE), _dtype(_RECORD_FIELDS, RECORD_SIZE)
+        assert header.itemsize == HEADER_SIZE and record.itemsize == RECORD_SIZE
+        assert header.fields["seq"][1] == _HEADER_SEQ_OFFSET
+        _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record)
+    return _DTYPES
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("HEADER_DTYPE", "RECORD_DTYPE"):
+        return _dtypes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StateDirError(Exception):
@@ -423,14 +444,19 @@ def _flatten(fields: list[tuple[str, str, Any]], values: dict[str, Any]) -> list
 # -- reading ---------------------------------------------------------------
 
 
-@dataclass
 class ProcessState:
     """One state file as read: its header (numpy record) and lock records."""
 
-    path: str
-    header: np.void
-    records: np.ndarray
-    file_uid: int
+    __slots__ = ("path", "header", "records", "file_uid")
+
+    def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int) -> None:
+        self.path = path
+        self.header = header
+        self.records = records
+        self.file_uid = file_uid
+
+    def __repr__(self) -> str:
+        return f"ProcessState(path={self.path!r}, pid={self.pid}, file_uid={self.file_uid})"
 
     @property
     def pid(self) -> int:
@@ -535,10 +561,13 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3) 
 
 
 def _read_consistent(fd: int) -> tuple[np.void, np.ndarray] | None:
+    import numpy as np
+
+    dtypes = _dtypes()
     head = os.pread(fd, HEADER_SIZE, 0)
     if len(head) != HEADER_SIZE:
         raise StateFileError("truncated", "truncated header")
-    header = np.frombuffer(head, dtype=HEADER_DTYPE, count=1)[0]
+    header = np.frombuffer(head, dtype=dtypes["HEADER_DTYPE"], count=1)[0]
     if bytes(header["magic"]) != MAGIC.rstrip(b"\0"):  # numpy drops trailing NULs
         raise StateFileError("corrupt", "corrupt: bad magic")
     if int(header["version"]) != VERSION:
@@ -552,7 +581,7 @@ def _read_consistent(fd: int) -> tuple[np.void, np.ndarray] | None:
     body = os.pread(fd, body_size, HEADER_SIZE) if body_size else b""
     if len(body) != body_size:
         raise StateFileError("truncated", "truncated records")
-    records = np.frombuffer(body, dtype=RECORD_DTYPE, count=n_locks)
+    records = np.frombuffer(body, dtype=dtypes["RECORD_DTYPE"], count=n_locks)
     seqs = records["seq"]
     if int(header["seq"]) % 2 or (seqs % 2).any():
         return None

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import subprocess
 import time
 
 parser = argparse.ArgumentParser()
@@ -25,6 +26,10 @@ parser.add_argument("--children", type=int, default=10)
 parser.add_argument("--threads", type=int, default=10)
 parser.add_argument("--child-deadline", type=float, default=10.0)
 parser.add_argument("--on-orphan", default="kill")
+parser.add_argument("--app-lock", action="store_true", help="readers hold a WatchedLock around every h5py call")
+parser.add_argument(
+    "--classify-hangs", action="store_true", help="before killing a hung child, ask gdb where it is blocked"
+)
 args = parser.parse_args()
 
 if args.instrument:
@@ -45,13 +50,35 @@ for i, path in enumerate(paths):
     expected.append(float(data.sum()))
 
 stop = threading.Event()
+if args.app_lock:
+    cache_lock = h5watch.WatchedLock("app.cache", threading.Lock())
+
+
+def read_once(path: str) -> None:
+    with h5py.File(path, "r") as f:
+        f["values"][:]
+        f.attrs["x"]
 
 
 def reader(path: str) -> None:
     while not stop.is_set():
-        with h5py.File(path, "r") as f:
-            f["values"][:]
-            f.attrs["x"]
+        if args.app_lock:
+            with cache_lock:
+                read_once(path)
+        else:
+            read_once(path)
+
+
+def where_blocked(pid: int) -> str:
+    """'gil' when the child waits in CPython's GIL hand-over (a fork copied
+    it mid-flight; no Python code can run there), else 'other'."""
+    try:
+        trace = subprocess.run(
+            ["gdb", "-p", str(pid), "-batch", "-ex", "bt 30"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return "gil" if ("drop_gil" in trace or "take_gil" in trace) else "other"
 
 
 threads = [threading.Thread(target=reader, args=(p,), name=f"reader-{i}", daemon=True) for i, p in enumerate(paths)]
@@ -73,11 +100,14 @@ def child(index: int) -> None:
         libc_exit(4)
 
 
-results = {"children": 0, "hung": 0, "bad_data": 0, "exit_codes": {}}
+results = {"children": 0, "hung": 0, "bad_data": 0, "exit_codes": {}, "hung_where": {}, "fork_seconds": []}
 for _round in range(args.rounds):
     pids = []
     for index in range(args.children):
+        fork_started = time.monotonic()
         pid = fork()
+        if pid:
+            results["fork_seconds"].append(round(time.monotonic() - fork_started, 4))
         if pid == 0:
             child(index)
         pids.append((pid, time.monotonic()))
@@ -92,6 +122,9 @@ for _round in range(args.rounds):
                     results["bad_data"] += 1
                 break
             if time.monotonic() - started > args.child_deadline:
+                if args.classify_hangs:
+                    where = where_blocked(pid)
+                    results["hung_where"][where] = results["hung_where"].get(where, 0) + 1
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 results["hung"] += 1
