@@ -4,10 +4,14 @@ Every h5py row runs bare and instrumented in separate, alternating child
 interpreters (``h5watch.install()`` must precede ``import h5py``); each child
 reports the median of its own samples, and the table shows the min, median
 and max over the pairs of the ratio instrumented / bare. Lock rows compare
-``WatchedLock`` with the raw locks in one process, interleaved. Targets are
-those of the performance issue; ``FAIL`` marks a missed one.
+``WatchedLock`` with the raw locks in one process, interleaved. Start-up rows
+time whole interpreters, in the environment ``h5watch run`` gives them and
+bare, alternating (wall time, and CPU time, which a busy machine disturbs
+less); each pair of medians is one ratio. Targets are those of the
+performance issues; ``FAIL`` marks a missed one.
 
-Options: ``--quick`` (fewer repeats), ``--repeats N``, ``--json``.
+Options: ``--quick`` (fewer repeats), ``--repeats N``, ``--startup`` (only the
+start-up and subprocess rows), ``--json``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +115,19 @@ def child(row: str, instrumented: bool, directory: str) -> dict:
         with h5py.File(path, "r") as f:
             f["values"][:]
         return {"us": _time_per_op(h5watch.snapshot, samples=5) / 1e3}
+    if row == "preexec":
+        # subprocess's preexec_fn child runs Python's at-fork hooks, then execs.
+        true = shutil.which("true") or "/bin/true"
+        state_dir = os.path.join(directory, "state")
+        before = set(os.listdir(state_dir)) if os.path.isdir(state_dir) else set()
+        samples = []
+        for _ in range(PREEXEC_CALLS):
+            start = time.perf_counter_ns()
+            subprocess.run([true], preexec_fn=lambda: None, check=True)
+            samples.append(time.perf_counter_ns() - start)
+        after = set(os.listdir(state_dir)) if os.path.isdir(state_dir) else set()
+        mine = {name for name in after - before if not name.startswith(f"{os.getpid()}-")}
+        return {"ms": statistics.median(samples) / 1e6, "files": len(mine)}
     if row == "idle":
         # CPU of a process that only idles with h5watch installed (watchdog ticks).
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -126,6 +144,91 @@ def run_child(row: str, instrumented: bool, directory: str) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {row} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- start-up rows: whole interpreters, under h5watch run and bare --------------
+
+PREEXEC_CALLS = 30
+STARTUP_RUNS = 10  # interpreters per side for one pair of medians
+
+
+def startup_environ(instrumented: bool, directory: str) -> dict[str, str]:
+    """The environment ``h5watch run`` gives CMD (or the same without h5watch).
+
+    Both sides get compiled bytecode as an installation has it: a cache of
+    our own, whatever PYTHONDONTWRITEBYTECODE this shell sets."""
+    from h5watch.runner import instrumented_environ
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.pop("PYTHONPATH", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(directory, "pycache")
+    if instrumented:
+        env = instrumented_environ({"state_dir": os.path.join(directory, "state-startup")}, env)
+    return env
+
+
+def _run_interpreter(code: str, env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``python -c code``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"python -c {code!r} failed: {err.decode(errors='replace')[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def startup_rows(code: str, label: str, repeats: int, directory: str, ratio_target: float | None,
+                 extra_ms_target: float | None) -> list[dict]:
+    envs = {False: startup_environ(False, directory), True: startup_environ(True, directory)}
+    for instrumented in (False, True):  # warm the bytecode cache and the page cache
+        _run_interpreter(code, envs[instrumented])
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[float]] = {False: [], True: []}
+    wall_ratios, cpu_ratios, extra_ms = [], [], []
+    for _ in range(repeats):
+        pair_wall: dict[bool, list[float]] = {False: [], True: []}
+        pair_cpu: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(STARTUP_RUNS):
+            for instrumented in ((False, True) if i % 2 == 0 else (True, False)):
+                wall, cpu = _run_interpreter(code, envs[instrumented])
+                pair_wall[instrumented].append(wall)
+                pair_cpu[instrumented].append(cpu)
+        medians = {k: statistics.median(v) for k, v in pair_wall.items()}
+        cpu_medians = {k: statistics.median(v) for k, v in pair_cpu.items()}
+        wall_ratios.append(medians[True] / medians[False])
+        cpu_ratios.append(cpu_medians[True] / cpu_medians[False])
+        extra_ms.append((medians[True] - medians[False]) * 1e3)
+        for k in (False, True):
+            walls[k].append(medians[k] * 1e3)
+            cpus[k].append(cpu_medians[k] * 1e3)
+    return [
+        _row(f"{label}, bare (ms wall)", walls[False], None, None, unit="ms"),
+        _row(f"{label}, under h5watch run (ms wall)", walls[True], None, None, unit="ms"),
+        _row(f"{label}, under h5watch run - bare (ms wall)", extra_ms, "<=" if extra_ms_target else None,
+             extra_ms_target, unit="ms"),
+        _row(f"{label}, under h5watch run / bare (wall)", wall_ratios, "<=" if ratio_target else None, ratio_target),
+        _row(f"{label}, under h5watch run / bare (CPU)", cpu_ratios, "<=" if ratio_target else None, ratio_target),
+    ]
+
+
+def preexec_rows(repeats: int, directory: str) -> list[dict]:
+    ratios, files, times = [], [], {False: [], True: []}
+    for i in range(repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        results = {instrumented: run_child("preexec", instrumented, directory) for instrumented in order}
+        ratios.append(results[True]["ms"] / results[False]["ms"])
+        files.append(float(results[True]["files"]))
+        for k in (False, True):
+            times[k].append(results[k]["ms"])
+    return [
+        _row("subprocess.run(preexec_fn=...) after import h5py, bare (ms)", times[False], None, None, unit="ms"),
+        _row("subprocess.run(preexec_fn=...) after import h5py, instrumented (ms)", times[True], None, None, unit="ms"),
+        _row("subprocess.run(preexec_fn=...), instrumented / bare", ratios, "<=", 1.5),
+        _row(f"state files left by {PREEXEC_CALLS} preexec_fn children", files, "<=", 0, unit=""),
+    ]
 
 
 # -- lock rows, in this process ------------------------------------------------
@@ -213,12 +316,12 @@ def machine() -> dict:
 
 def render(info: dict, rows: list[dict]) -> str:
     lines = [" ".join(f"{k}={v}" for k, v in info.items()), ""]
-    lines.append(f"{'row':<62} {'min':>9} {'median':>9} {'max':>9}  {'target':<8} ")
+    lines.append(f"{'row':<72} {'min':>9} {'median':>9} {'max':>9}  {'target':<8} ")
     for row in rows:
         unit = row["unit"]
         fmt = (lambda v: f"{v:.3f}") if unit == "x" else (lambda v: f"{v:.2f}{unit}")
         verdict = "" if row["ok"] is None else ("ok" if row["ok"] else "FAIL")
-        lines.append(f"{row['row']:<62} {fmt(row['min']):>9} {fmt(row['median']):>9} {fmt(row['max']):>9}  {row['target']:<8} {verdict}")
+        lines.append(f"{row['row']:<72} {fmt(row['min']):>9} {fmt(row['median']):>9} {fmt(row['max']):>9}  {row['target']:<8} {verdict}")
     return "\n".join(lines)
 
 
@@ -227,6 +330,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="A/B pairs per row (default 7, quick 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--startup", action="store_true", help="only the start-up and subprocess rows")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
@@ -237,6 +341,14 @@ def main() -> None:
         return
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
+    with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as directory:
+        rows.extend(startup_rows("pass", "python -c pass", repeats, directory, None, 3.0))
+        rows.extend(startup_rows("import h5py", "python -c 'import h5py'", repeats, directory, 1.10, None))
+        rows.extend(preexec_rows(repeats, directory))
+    if args.startup:
+        info = machine()
+        print(json.dumps({"machine": info, "rows": rows}, indent=2) if args.json else render(info, rows))
+        return
     with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as directory:
         rows.append(ab_row("single thread f['values'][:] 200x200, instrumented / bare", "read", repeats, directory, "ns", "<=", 1.02))
         rows.append(ab_row("single thread f.attrs['x'], instrumented / bare", "attr", repeats, directory, "ns", "<=", 1.02))

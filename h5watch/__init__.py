@@ -6,26 +6,41 @@ h5py's ``phil``; ``h5watch.WatchedLock`` instruments any other lock.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys
 
 __version__ = "0.1.0"
 
-from .lock import LockTimeout, OrphanedLockError, WatchedLock
 from .options import OptionError, Options
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
+    from .lock import LockTimeout, OrphanedLockError, WatchedLock
     from .runtime import install, is_installed, snapshot, uninstall
 
 _RUNTIME_NAMES = frozenset({"install", "is_installed", "snapshot", "uninstall"})
+_LOCK_NAMES = frozenset({"LockTimeout", "OrphanedLockError", "WatchedLock"})
 
 
 def __getattr__(name: str) -> Any:
-    # The in-process runtime (logging, watchdog, state files, exporter) loads
-    # on first use: host commands and ``h5watch --version`` never import it.
+    # Loaded on first use: host commands and ``h5watch --version`` never
+    # import the in-process runtime, and ``install()`` alone (every process
+    # under ``h5watch run``) loads neither the lock nor the rest of h5watch
+    # until h5py is imported or a WatchedLock is wanted.
     if name in _RUNTIME_NAMES:
         from . import runtime
 
         return getattr(runtime, name)
+    if name in _LOCK_NAMES:
+        from . import lock
+
+        value = getattr(lock, name)
+        runtime = sys.modules.get(__name__ + ".runtime")
+        if runtime is not None:
+            runtime.activate_for_locks()  # installed before: start watching now
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [

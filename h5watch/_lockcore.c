@@ -73,6 +73,12 @@ typedef struct {
     PyObject *inner_release;
     int inner_direct; /* inner is a validated FastRLock */
     int gated;        /* a fork's before-hook is taking the locks */
+    int inner_plain;  /* inner is a _thread.lock: any thread may release it */
+    /* A forking thread waiting for this lock to be handed to it on release
+     * (see LockCore_fork_wait_handoff); written with the GIL held only. */
+    int handoff_waiting;
+    unsigned long handoff_to;
+    PyThread_type_lock handoff_signal;
     uint64_t acquisitions;
     uint64_t reentries;
     uint64_t hold_buckets[N_BUCKETS];
@@ -336,8 +342,26 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
     return 1;
 }
 
+/* 1: the inner lock, still held, now belongs to the forking thread waiting
+ * for it; 0: no hand-off possible, release as usual. The releasing thread
+ * must hold the inner lock exactly once (FastRLock count 1). */
+static int hand_off_to_fork(LockCore *self, unsigned long me) {
+    if (!self->handoff_waiting) return 0;
+    if (self->inner_direct) {
+        FastRLockLayout *fl = (FastRLockLayout *)self->inner;
+        if (fl->count != 1 || fl->owner != me) return 0;
+        fl->owner = self->handoff_to;
+    } else if (!self->inner_plain) {
+        return 0;
+    }
+    self->handoff_waiting = 0;
+    PyThread_release_lock(self->handoff_signal);
+    return 1;
+}
+
 static int core_release(LockCore *self) {
-    if (!(self->owner_state == OWNER_LIVE && self->owner == PyThread_get_thread_ident())) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (!(self->owner_state == OWNER_LIVE && self->owner == me)) {
         PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
         return -1;
     }
@@ -349,6 +373,7 @@ static int core_release(LockCore *self) {
     if ((uint64_t)held > self->hold_max_ns) self->hold_max_ns = (uint64_t)held;
     self->count = 0;
     self->owner_state = OWNER_NONE;
+    if (hand_off_to_fork(self, me)) return 0;
     return inner_release(self);
 }
 
@@ -369,7 +394,47 @@ static PyObject *LockCore_set_inner(LockCore *self, PyObject *inner) {
     Py_XSETREF(self->inner_acquire, acquire);
     Py_XSETREF(self->inner_release, release);
     self->inner_direct = fastrlock_type != NULL && Py_TYPE(inner) == fastrlock_type;
+    self->inner_plain = strcmp(Py_TYPE(inner)->tp_name, "_thread.lock") == 0;
     Py_RETURN_NONE;
+}
+
+/* The forking thread's wait for a busy lock while the fork gate is up: the
+ * next release through the wrapper hands the inner lock straight to it
+ * (hand_off_to_fork), ahead of the threads already queued on it, so the
+ * fork waits only for the current holder. Every millisecond it also checks
+ * whether the lock came free another way (h5py's C code releases phil
+ * without the wrapper). True once the inner lock is this thread's. */
+static PyObject *LockCore_fork_wait_handoff(LockCore *self, PyObject *arg) {
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if (self->handoff_waiting) Py_RETURN_FALSE;  /* another fork is waiting */
+    PyThread_type_lock signal = PyThread_allocate_lock();
+    if (signal == NULL) return PyErr_NoMemory();
+    PyThread_acquire_lock(signal, NOWAIT_LOCK);
+    self->handoff_signal = signal;
+    self->handoff_to = PyThread_get_thread_ident();
+    self->handoff_waiting = 1;
+    int64_t deadline = now_ns() + (int64_t)(timeout * 1e9);
+    int taken = 0;
+    for (;;) {
+        int64_t left = deadline - now_ns();
+        PY_TIMEOUT_T slice = left <= 0 ? 0 : (left > 1000000 ? 1000 : (PY_TIMEOUT_T)(left / 1000));
+        PyLockStatus status;
+        Py_BEGIN_ALLOW_THREADS
+        status = PyThread_acquire_lock_timed(signal, slice, 0);
+        Py_END_ALLOW_THREADS
+        if (status == PY_LOCK_ACQUIRED || !self->handoff_waiting) { taken = 1; break; }
+        int free_now = inner_try_acquire(self);
+        if (free_now < 0) { self->handoff_waiting = 0; PyThread_free_lock(signal); return NULL; }
+        if (free_now) { taken = 1; break; }
+        if (now_ns() >= deadline) break;
+    }
+    /* Handed off, taken directly, or timed out: either way no release may
+     * hand off to this wait any more (all of this under the GIL). */
+    self->handoff_waiting = 0;
+    self->handoff_signal = NULL;
+    PyThread_free_lock(signal);
+    return PyBool_FromLong(taken);
 }
 
 static PyObject *LockCore_acquire(LockCore *self, PyObject *args, PyObject *kwds) {
@@ -431,6 +496,8 @@ static PyMethodDef LockCore_methods[] = {
     {"release", (PyCFunction)LockCore_release, METH_NOARGS, "Release; RuntimeError if not the owner."},
     {"__exit__", (PyCFunction)(void (*)(void))LockCore_exit, METH_FASTCALL, NULL},
     {"_is_owned", (PyCFunction)LockCore_is_owned, METH_NOARGS, NULL},
+    {"_fork_wait_handoff", (PyCFunction)LockCore_fork_wait_handoff, METH_O,
+     "Wait up to timeout seconds for the inner lock to be handed over on its next release."},
     {NULL},
 };
 

@@ -67,7 +67,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="h5watch",
         description="Lock-timeout monitoring for h5py's global lock: fork safety, watchdog, Prometheus daemon.",
     )
-    parser.add_argument("--version", action=_VersionAction, help="print the version and the lock implementation, then exit")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the version and the lock implementation, then exit"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name, (module_name, help_text) in _SUBCOMMANDS.items():

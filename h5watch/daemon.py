@@ -7,6 +7,10 @@ Each scan reads every state file in ``state_dir`` and sorts its process:
   files are removed; counters therefore never go backwards when workers
   exit, are killed or are replaced;
 - **stuck** (heartbeat, a wait or a hold older than the stuck threshold);
+  a process whose file says its watchdog is not running (it forked with no
+  thread of its own, or is a child that has not needed one) has no
+  heartbeat, and is judged by its lock records alone, its holds as of its
+  last write;
 - **ok**.
 
 The scan publishes a fresh :class:`~h5watch.exporter.Aggregate`; scrapes
@@ -212,7 +216,7 @@ class Daemon:
         worst_ages = self._add_live(live, live_states, now)
         thresholds = [self.stuck_after] + ([self.kill_after] if self.kill_after is not None else [])
         for state, worst_age in zip(live_states, worst_ages):
-            heartbeat_age = now - state.heartbeat_unix
+            heartbeat_age = now - state.heartbeat_unix if state.watchdog_running else 0.0
             tick = float(state.header["tick_interval"]) or 0.5
             reason = kill_reason = None
             if worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick):
@@ -264,7 +268,7 @@ class Daemon:
             if holder and (holder["hold_age_seconds"] or 0) > limit:
                 return "hold", lock
         tick = float(state.header["tick_interval"]) or 0.5
-        if now - state.heartbeat_unix > max(limit, 3 * tick):
+        if state.watchdog_running and now - state.heartbeat_unix > max(limit, 3 * tick):
             held = [lock for lock in locks if lock["holder"] or lock["waiters"]]
             return "heartbeat", (held[0] if held else {})
         return None, {}
@@ -292,7 +296,8 @@ class Daemon:
         for state in states:
             workload = state.workload
             live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
-            live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), max(0.0, now - state.heartbeat_unix))
+            age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
+            live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), age)
         if not states:
             return np.zeros(0)
         records = np.concatenate([state.records for state in states])
@@ -314,7 +319,8 @@ class Daemon:
             "acquisitions", "contentions", "reentries", "wait_buckets", "wait_sum_ns", "hold_buckets", "hold_sum_ns",
             "timeouts", "orphans", "held", "n_waiters")}
         held_since = records["held_since_unix"]
-        hold_age = np.where((records["held"] != 0) & (held_since > 0), now - held_since, 0.0).clip(0)
+        holds_seen_at = np.array([state.holds_seen_at(now) for state in states])[owner]
+        hold_age = np.where((records["held"] != 0) & (held_since > 0), holds_seen_at - held_since, 0.0).clip(0)
         oldest = records["oldest_wait_since_unix"]
         wait_age = np.where((records["n_waiters"] > 0) & (oldest > 0), now - oldest, 0.0).clip(0)
         max_hold = np.zeros(len(keys))

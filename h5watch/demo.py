@@ -165,6 +165,11 @@ def _describe(name: str, bare: dict[str, Any], watched: dict[str, Any], events: 
         if orphan is not None:
             holder = orphan.get("holder") or {}
             with_ += f"; dead holder: thread {holder.get('thread_name')!r} (seen by {orphan.get('seen_by')})"
+        if watched["hung"]:
+            with_ += (
+                "; the hung ones stopped inside CPython's GIL hand-over, which a C-level fork can copy"
+                " mid-flight, before any Python code ran (bare or not)"
+            )
         return without, with_
     if name == "F2":
         without = f"fork waited {bare['fork_seconds']} s, nobody said why"
@@ -173,11 +178,11 @@ def _describe(name: str, bare: dict[str, Any], watched: dict[str, Any], events: 
         stack = holder.get("stack") or ""
         where = "slow_readinto" if "slow_readinto" in stack else "?"
         with_ = (
-            f"fork.lock_timeout after 1 s names {holder.get('thread_name')!r} in {where}(); "
-            f"fork returned after {watched['fork_seconds']} s"
+            f"fork returned after {watched['fork_seconds']} s (fork_timeout 1 s); "
+            f"fork.lock_timeout names {holder.get('thread_name')!r} in {where}()"
         )
-        if watched["h5py"] >= "3.14":
-            with_ += " (h5py's own hook still waits)"
+        if watched.get("killed_by_h5watch"):
+            with_ += "; the child, which would have waited on that lock, exited 70 with evidence"
         return without, with_
     without = f"main thread waited {bare['main_thread_waited_seconds']} s, silently"
     incident = _first(events, "lock.hold_timeout")

@@ -127,11 +127,7 @@ class ForkGuard:
     def start(self, options: Any) -> None:
         self.options = options
         self._armed = True
-        if not self._registered:
-            self._registered = True
-            os.register_at_fork(
-                before=self._before_hook, after_in_parent=self._after_in_parent_hook, after_in_child=self._after_in_child_hook
-            )
+        self._ensure_registered()
         policy.on_pid_change = self._after_fork_without_hooks
         policy.on_orphan_wait = self._on_orphan_wait
         _set_compiled_orphan_kill(options.kill_exit_code if options.on_orphan == "kill" else 0)
@@ -147,12 +143,16 @@ class ForkGuard:
         """Take over h5py's at-fork registration (h5py >= 3.14): while armed,
         h5watch's bounded acquisition of ``h5py.phil`` stands in for it."""
         self._h5py_hooks = (before, after_in_parent or _nothing, after_in_child or _nothing)
-        if not self._registered:
-            # Not installed yet (cannot happen through install()): keep h5py's behaviour.
-            os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
-            self._h5py_hooks = None
-            return False
+        self._ensure_registered()
         return True
+
+    def _ensure_registered(self) -> None:
+        """Register h5watch's hooks once; disarmed, they run h5py's adopted ones."""
+        if not self._registered:
+            self._registered = True
+            os.register_at_fork(
+                before=self._before_hook, after_in_parent=self._after_in_parent_hook, after_in_child=self._after_in_child_hook
+            )
 
     def fork_bounded(self) -> bool:
         """Does ``os.fork()`` return within ``fork_timeout`` whatever holds phil?

@@ -333,8 +333,13 @@ class _LockLogic:
             start_ns = _monotonic_ns()
             self._waiters[me] = start_ns
             try:
+                handoff = getattr(self, "_fork_wait_handoff", None)
                 if deadline_ns is None:
                     acquired = self._inner_acquire(True)
+                elif handoff is not None and self._fork_gate is not None:
+                    # Compiled: the next release hands the lock over, ahead of
+                    # the threads already queued for it.
+                    acquired = handoff(max(0, deadline_ns - _monotonic_ns()) / 1e9)
                 else:
                     acquired = self._wait_until(deadline_ns)
             finally:

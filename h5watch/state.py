@@ -140,7 +140,7 @@ class StateExtension:
         if not create or not self._enabled or self._failed_pid == os.getpid():
             return None
         with self._open_lock:
-            if self.writer is None and self._enabled:
+            if self.writer is None and self._enabled and self._failed_pid != os.getpid():
                 self._open()
         return self.writer
 

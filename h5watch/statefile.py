@@ -478,9 +478,25 @@ class ProcessState:
     def stacks_path(self) -> str:
         return self.path[: -len(STATE_SUFFIX)] + STACKS_SUFFIX
 
+    @property
+    def watchdog_running(self) -> bool:
+        """Its watchdog ran at the last write: the heartbeat is live and every
+        record is rewritten each tick. Without one (a process that forked with
+        no thread of its own, a child that has not needed one yet) nothing
+        beats, and the records are as of the last write (``heartbeat_unix``)."""
+        return bool(self.header["watchdog_running"])
+
+    def holds_seen_at(self, now_unix: float) -> float:
+        """When the holds in the records were last known to be current: now
+        for a watched process; the last write for one without a watchdog, whose
+        holds may have ended since (a wait is recorded by the waiter, and one
+        without a watchdog is a single-threaded child's, on an orphaned lock)."""
+        return now_unix if self.watchdog_running else min(now_unix, self.heartbeat_unix)
+
     def locks(self, now_unix: float | None = None) -> list[dict[str, Any]]:
         """The lock records as plain data (for status and logs)."""
         now_unix = time.time() if now_unix is None else now_unix
+        holds_seen_at = self.holds_seen_at(now_unix)
         out = []
         for record in self.records:
             holder = None
@@ -493,7 +509,7 @@ class ProcessState:
                     "thread_name": _text(record["holder_name"]) or None,
                     "operation": _text(record["holder_operation"]) or None,
                     "held_since_unix": since or None,
-                    "hold_age_seconds": max(0.0, now_unix - since) if since else None,
+                    "hold_age_seconds": max(0.0, holds_seen_at - since) if since else None,
                     "depth": int(record["depth"]),
                 }
             n_shown = min(int(record["n_waiters"]), MAX_WAITERS)

@@ -71,7 +71,7 @@ def collect_status(state_dir: str, stuck_after: float = 30.0) -> dict[str, Any]:
         if not alive:
             continue
         heartbeat_age = max(0.0, now - state.heartbeat_unix)
-        locks = state.locks(now)
+        locks = state.locks(now)  # without a watchdog: holds as of the last write
         for lock in locks:
             holder = lock["holder"]
             lock["stuck"] = bool(
@@ -80,13 +80,15 @@ def collect_status(state_dir: str, stuck_after: float = 30.0) -> dict[str, Any]:
                 or (lock["orphaned"] and lock["waiters"])
             )
         tick = float(state.header["tick_interval"]) or 0.5
-        stuck = heartbeat_age > max(stuck_after, 3 * tick) or any(lock["stuck"] for lock in locks)
+        # Only a running watchdog beats: a process without one is judged by its records.
+        beat_stale = state.watchdog_running and heartbeat_age > max(stuck_after, 3 * tick)
+        stuck = beat_stale or any(lock["stuck"] for lock in locks)
         report["processes"].append({
             "pid": state.pid,
             "workload": state.workload,
             "state": "stuck" if stuck else "ok",
             "heartbeat_age_seconds": round(heartbeat_age, 3),
-            "watchdog_running": bool(state.header["watchdog_running"]),
+            "watchdog_running": state.watchdog_running,
             "path": state.path,
             "locks": locks,
         })
@@ -116,7 +118,7 @@ def render(report: dict[str, Any]) -> str:
         for process in processes:
             state = "STUCK" if process["state"] == "stuck" else "ok"
             mark = "!" if state == "STUCK" else " "
-            watchdog = "" if process["watchdog_running"] else "  (watchdog not running)"
+            watchdog = "" if process["watchdog_running"] else "  (no watchdog: no heartbeat; records as of the last write)"
             lines.append(f"{mark} {process['pid']:>8}  {process['workload'][:20]:<20} {_age(process['heartbeat_age_seconds']):>9}  {state}{watchdog}")
             for lock in process["locks"]:
                 lines.append("      " + _lock_line(lock))

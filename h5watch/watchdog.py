@@ -14,21 +14,23 @@ deadlocks in the child"), so the watchdog must not be the thread that makes
 a single-threaded program multi-threaded when it forks:
 
 - it starts when h5watch starts watching (h5py imported, a ``WatchedLock``
-  made), and in the child of an ``os.fork()``;
-- on 3.12+, right before ``os.fork()`` or ``os.forkpty()`` in a process where
-  it is the only other thread, it stops (the tick callbacks' idle half writes
-  the state file once more, marked "watchdog not running"), unless
-  ``hold_timeout`` or ``metrics_port`` is set: a hold is watched by this
-  thread alone, and the exporter has a thread of its own anyway;
-- stopped that way, or in the child of any other fork (subprocess's
-  ``preexec_fn`` child, a fork by C code), it starts when the process starts
-  a thread or a thread begins to wait for a watched lock; never in a child
-  whose fork skipped Python's hooks (its ``threading`` is not re-initialised).
+  made), and in the child of a fork that goes on running Python
+  (``os.fork()``, ``multiprocessing``);
+- on 3.12+, in a before-fork hook of such a fork in a process where it is the
+  only other thread, it stops (the idle callbacks write the state file once
+  more, marked "watchdog not running"), unless ``hold_timeout`` or
+  ``metrics_port`` is set: a hold is watched by this thread alone, and the
+  exporter has a thread of its own anyway;
+- stopped that way, or in the child of subprocess's ``preexec_fn`` fork
+  (which execs), it starts again when a thread begins to wait for a watched
+  lock, or at the next ``install()``; never in a child whose fork skipped
+  Python's hooks (its ``threading`` is not re-initialised).
 
-Thread starts and forks are seen through an audit hook (the events
-``_thread.start_new_thread``, 3.13's ``_thread.start_joinable_thread``,
-``os.fork`` and ``os.forkpty``), so nothing of ``threading`` is patched.
-The thread is a daemon thread.
+subprocess's ``preexec_fn`` fork is told from the others by the Python frame
+that forks (``subprocess.Popen._execute_child``): it does not warn, and its
+child execs. Nothing is hooked per thread start (an audit hook would: every
+audited event, ``id()`` included, would call into Python) and nothing of
+``threading`` is patched. The thread is a daemon thread.
 """
 
 from __future__ import annotations
@@ -50,10 +52,7 @@ _tick_callbacks: list[Callable[[], None]] = []
 _idle_callbacks: list[Callable[[], None]] = []
 _wait_callbacks: list[Callable[[WatchedLock], None]] = []
 
-_THREAD_EVENTS = frozenset({"_thread.start_new_thread", "_thread.start_joinable_thread"})
-_FORK_EVENTS = frozenset({"os.fork", "os.forkpty"})
-_AUDIT_EVENTS = _THREAD_EVENTS | _FORK_EVENTS
-# Where os.fork() warns about other threads (and the thread-start events exist).
+# Where os.fork() warns about other threads.
 FORK_WARNS_ABOUT_THREADS = sys.version_info >= (3, 12)
 # How long a fork may wait for the watchdog to finish its tick and exit.
 _STOP_FOR_FORK_SECONDS = 1.0
@@ -78,45 +77,9 @@ def add_wait_callback(callback: Callable[[WatchedLock], None]) -> None:
         _wait_callbacks.append(callback)
 
 
-# The watchdog the audit hook serves (audit hooks cannot be removed: it stays,
-# inert once this is None or the watchdog is stopped).
-_audited: Watchdog | None = None
-_audit_hook_added = False
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    """Called for every audited event of the process: one set lookup for the rest."""
-    if event not in _AUDIT_EVENTS:
-        return
-    watchdog = _audited
-    if watchdog is None:
-        return
-    try:
-        if event in _FORK_EVENTS:
-            watchdog._before_os_fork()
-        else:
-            watchdog.wake()
-    except Exception:  # raising here would fail the thread start or the fork
-        pass
-
-
-def _after_fork_in_parent() -> None:
-    watchdog = _audited
-    if watchdog is not None:
-        watchdog._os_fork = False
-
-
-def _add_audit_hook(watchdog: Watchdog) -> None:
-    global _audited, _audit_hook_added
-    _audited = watchdog
-    if _audit_hook_added:
-        return
-    _audit_hook_added = True
-    try:
-        sys.addaudithook(_audit)
-    except RuntimeError:  # another audit hook refused ours
-        return
-    os.register_at_fork(after_in_parent=_after_fork_in_parent)
+def _forked_by_subprocess_to_exec(frame: Any) -> bool:
+    """Is ``frame`` subprocess's, forking a child that runs ``preexec_fn`` and execs?"""
+    return frame is not None and frame.f_code.co_name == "_execute_child" and frame.f_globals.get("__name__") == "subprocess"
 
 
 class Watchdog:
@@ -130,8 +93,10 @@ class Watchdog:
         self.ticks = 0
         # Between start() and stop(): this process wants a watchdog (running or not).
         self._enabled = False
-        # Set by the audit hook just before os.fork(); the child inherits it.
-        self._os_fork = False
+        # Set by the before-fork hook: this fork's child execs (subprocess's
+        # preexec_fn child); the child inherits it.
+        self._child_execs = False
+        self._fork_hooks_registered = False
         # Serialises starting and stopping the thread.
         self._lifecycle = threading.Lock()
         fork.add_child_callback(self._restart_in_child)
@@ -141,9 +106,13 @@ class Watchdog:
     def start(self, options: Any) -> None:
         self.options = options
         policy.on_wait_timeout = self._on_wait_raised
+        # Left in place by stop(): the wait callbacks (the state file) outlive
+        # a stopped watchdog; uninstall() clears it.
         policy.on_wait_started = self._on_wait_started
         self._enabled = True
-        _add_audit_hook(self)
+        if not self._fork_hooks_registered:
+            self._fork_hooks_registered = True
+            os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent)
         with self._lifecycle:
             self._start_thread()
 
@@ -151,14 +120,13 @@ class Watchdog:
         self._enabled = False
         self._stop.set()
         policy.on_wait_timeout = None
-        policy.on_wait_started = None
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
 
     def wake(self) -> None:
-        """The process starts a thread, or a thread blocks on a watched lock:
-        start the watchdog if it is not running (cheap when it is)."""
+        """A thread blocks on a watched lock: start the watchdog if it is not
+        running (cheap when it is)."""
         if self._thread is not None or not self._enabled:
             return
         if fork.fork_in_progress_since_ns() is not None:
@@ -189,13 +157,14 @@ class Watchdog:
         except RuntimeError:  # interpreter shutting down
             self._thread = None
 
-    def _before_os_fork(self) -> None:
-        """From the audit hook, on the forking thread, before any at-fork hook:
-        leave a single-threaded program single-threaded for the fork."""
-        self._os_fork = True
+    def _before_fork(self) -> None:
+        """Before-fork hook, on the forking thread, before h5watch's lock taking
+        (registered later, it runs earlier): leave a single-threaded program
+        single-threaded for the fork."""
+        self._child_execs = _forked_by_subprocess_to_exec(sys._getframe(1))
         thread = self._thread
         options = self.options
-        if not FORK_WARNS_ABOUT_THREADS or thread is None or not self._enabled or options is None:
+        if not FORK_WARNS_ABOUT_THREADS or self._child_execs or thread is None or not self._enabled or options is None:
             return
         if options.hold_timeout is not None or options.metrics_port is not None:
             return
@@ -216,15 +185,19 @@ class Watchdog:
             except Exception as exc:
                 _log.error("watchdog.callback_failed", error=repr(exc))
 
+    def _after_fork_in_parent(self) -> None:
+        self._child_execs = False
+
     def _restart_in_child(self) -> None:
         """After a fork, in the child: only the forking thread survived."""
-        os_fork, self._os_fork = self._os_fork, False
+        child_execs, self._child_execs = self._child_execs, False
         self._lifecycle = threading.Lock()
         self._thread = None
         self._fork_reported = None
-        if os_fork and self._enabled and self.options is not None:
-            # A child of os.fork() goes on running Python: watched like its parent.
-            # Any other child (preexec_fn, C code) is woken on demand, or execs.
+        self.ticks = 0
+        if not child_execs and self._enabled and self.options is not None:
+            # It goes on running Python: watched like its parent. subprocess's
+            # preexec_fn child is woken on demand, or execs.
             self._start_thread()
 
     def snapshot(self) -> dict[str, Any]:

@@ -15,6 +15,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_sessionstart(session):
+    """Where CI tests an installed build, fail at once if a source tree shadows it."""
+    expected = os.environ.get("H5WATCH_EXPECT_PACKAGE_UNDER")
+    if expected:
+        import h5watch
+
+        found = Path(h5watch.__file__).resolve().parent
+        if found != Path(expected).resolve():
+            raise pytest.UsageError(f"h5watch imported from {found}, expected the install at {expected}")
+
+
 def make_h5(path: Path, seed: int = 0, shape: tuple[int, int] = (200, 200)) -> np.ndarray:
     """Write a real HDF5 file with a dataset 'values' and an attribute 'x'."""
     import h5py

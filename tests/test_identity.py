@@ -153,6 +153,7 @@ def test_late_install_is_partial_and_logged_and_idempotent_across_threads(tmp_pa
                           "watchdogs": sum(t.name == "h5watch-watchdog" for t in threading.enumerate())}}))
         """,
         timeout=60,
+        env={"H5WATCH_LOG_LEVEL": "info"},  # h5watch.installed is an info event
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -30,7 +30,7 @@ def test_defaults_are_safe_and_state_dir_is_per_user(monkeypatch):
 
 
 def test_every_option_has_a_variable():
-    assert set(OPTION_NAMES) == {field for field in Options.__dataclass_fields__}
+    assert set(OPTION_NAMES) == set(Options.__slots__) == set(Options().as_dict())
     for name in OPTION_NAMES:
         assert env_name(name) == "H5WATCH_" + name.upper()
 
@@ -49,6 +49,7 @@ def test_every_option_has_a_variable():
         ("kill_exit_code", "256", "1 to 255"),
         ("metrics_port", "70000", "0 to 65535"),
         ("log_format", "xml", "json, console"),
+        ("log_level", "loud", "debug, info, warning, error, critical"),
         ("state_files", "maybe", "true or false"),
         ("service", "a\nb", "one line"),
     ],

@@ -6,10 +6,13 @@ children, which inherit the environment) imports this module before its own
 code, so ``h5watch.install()`` runs before the first ``import h5py``. Options
 come from the ``H5WATCH_*`` variables. A ``sitecustomize`` this one shadows
 is run afterwards, so the environment's own start-up code still happens.
+
+Every Python process pays for this module: it imports nothing that start-up
+has not loaded already, and ``install()`` defers everything heavy until h5py
+is imported (see ``h5watch.runtime``).
 """
 
 import importlib.machinery
-import importlib.util
 import os
 import sys
 
@@ -33,6 +36,8 @@ def _run_shadowed_sitecustomize() -> None:
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
     if spec is None or spec.loader is None:
         return
+    import importlib.util
+
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
