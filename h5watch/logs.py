@@ -10,9 +10,14 @@ re-initialised: a lock held by a thread that did not survive the fork cannot
 block it (DESIGN.md: logging in a fresh child is itself a fork hazard).
 
 Events below the configured level (``log_level``; ``install()`` sets it,
-default ``warning``) are dropped before anything is rendered, and structlog
-itself is imported only when the first event is rendered: a process with
-nothing to report loads none of it.
+default ``warning``) are dropped before anything is rendered. What renders
+is loaded by :func:`prepare` (h5watch calls it when it starts watching), not
+by the first event: that event may come from an at-fork hook, and an import
+there can leave a child with a module lock held by a thread that did not
+survive the fork. JSON lines are rendered here exactly as structlog's chain
+below would render them (``add_log_level``, ``TimeStamper(fmt="iso",
+utc=True)``, the pid, ``format_exc_info``, ``JSONRenderer(default=repr)``),
+so the ``json`` format loads no structlog at all; ``console`` uses structlog.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
-__all__ = ["configure", "enabled", "get_logger", "set_level", "FdWriter", "LEVELS"]
+__all__ = ["configure", "enabled", "get_logger", "prepare", "set_level", "FdWriter", "LEVELS"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
@@ -32,6 +37,8 @@ _configured_format: str | None = None
 # Until install() says otherwise, every event is shown: host commands (the
 # daemon, status, the demo) log their info events.
 _threshold = LEVELS["info"]
+# Once prepare() ran, every configuration is made ready when it is set.
+_prepared = False
 
 
 class FdWriter:
@@ -62,8 +69,8 @@ class FdWriter:
 
 
 class _FdWriterFactory:
-    def __init__(self, fd: int | None = None) -> None:
-        self._writer = FdWriter(fd)
+    def __init__(self, writer: FdWriter) -> None:
+        self._writer = writer
 
     def __call__(self, *args: Any) -> FdWriter:
         return self._writer
@@ -76,13 +83,23 @@ def _add_pid(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[
 
 def configure(log_format: str = "json", fd: int | None = None, level: str | None = None) -> None:
     """Set the format (and, given ``level``, the least severe event shown) of
-    h5watch's loggers. Cheap: structlog is set up at the first event shown."""
+    h5watch's loggers. Cheap until :func:`prepare` has run."""
     global _config, _configured_format
     if level is not None:
         set_level(level)
     # A new dict, not an update: another thread may be rendering with the old one.
-    _config = {"format": log_format, "fd": fd}
+    config: dict[str, Any] = {"format": log_format, "fd": fd}
+    if _prepared:
+        _build_pipeline(config)
+    _config = config
     _configured_format = log_format
+
+
+def prepare() -> None:
+    """Load what renders events now, so that no event ever imports anything."""
+    global _prepared
+    _prepared = True
+    _build_pipeline(_config)
 
 
 def set_level(level: str) -> None:
@@ -96,12 +113,46 @@ def enabled(level: str) -> bool:
 
 
 def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
-    """structlog's processors and sink for ``config``'s format, built once."""
+    """The renderer and sink for ``config``'s format, built once per config."""
+    if "render" in config:
+        return config
+    writer = FdWriter(config.get("fd"))
+    if config.get("format", "json") == "console":
+        render = _structlog_renderer(writer, console=True)
+    else:
+        render = _json_renderer(writer)
+    config["render"] = render
+    return config
+
+
+def _json_renderer(writer: FdWriter) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
+    import datetime
+    import json
+
+    utc = datetime.timezone.utc
+    now = datetime.datetime.now
+    dumps = json.dumps
+
+    def render(level: str, event: str, initial: dict[str, Any], fields: dict[str, Any]) -> None:
+        if "exc_info" in fields:  # structlog's format_exc_info knows how
+            _structlog_renderer(writer, console=False)(level, event, initial, fields)
+            return
+        event_dict = {**initial, **fields}
+        event_dict["event"] = event
+        event_dict["level"] = level
+        event_dict["timestamp"] = now(tz=utc).isoformat().replace("+00:00", "Z")
+        event_dict.setdefault("pid", os.getpid())
+        writer.msg(dumps(event_dict, default=repr))
+
+    return render
+
+
+def _structlog_renderer(writer: FdWriter, console: bool) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
     import structlog
 
-    log_format = config.get("format", "json")
-    if log_format == "console":
-        renderer: Any = structlog.dev.ConsoleRenderer(colors=False)
+    renderer: Any
+    if console:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer(default=repr)
     processors = [
@@ -111,11 +162,14 @@ def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         structlog.processors.format_exc_info,
         renderer,
     ]
-    config["logger_factory"] = _FdWriterFactory(config.get("fd"))
-    config["wrap_logger"] = structlog.wrap_logger
-    config["wrapper_class"] = structlog.BoundLogger
-    config["processors"] = processors
-    return config
+    factory = _FdWriterFactory(writer)
+
+    def render(level: str, event: str, initial: dict[str, Any], fields: dict[str, Any]) -> None:
+        bound = structlog.wrap_logger(factory(), processors=processors, wrapper_class=structlog.BoundLogger,
+                                      cache_logger_on_first_use=False)
+        getattr(bound, level)(event, **initial, **fields)
+
+    return render
 
 
 # h5watch renders with its own processors, whatever the application does
@@ -138,16 +192,7 @@ class _BoundToConfig:
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if LEVELS[level] < _threshold:
             return
-        config = _config
-        if "processors" not in config:
-            config = _build_pipeline(config)
-        bound = config["wrap_logger"](
-            config["logger_factory"](),
-            processors=config["processors"],
-            wrapper_class=config["wrapper_class"],
-            cache_logger_on_first_use=False,
-        )
-        getattr(bound, level)(event, **self._initial, **fields)
+        _build_pipeline(_config)["render"](level, event, self._initial, fields)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit("debug", event, fields)

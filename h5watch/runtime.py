@@ -78,6 +78,7 @@ def _build() -> None:
     global lock_module, phil_patch, fork_guard, watchdog, state, exporter
     if exporter is not None:
         return
+    logs.prepare()  # events may come from at-fork hooks: nothing may be imported then
     from . import lock
     from .fork import ForkGuard, add_child_callback
     from .h5py_hook import PhilPatch
@@ -272,6 +273,11 @@ def _apply_policy(options: Options) -> None:
 def _reinit_after_fork() -> None:
     global _install_lock
     _install_lock = _thread.RLock()
+
+
+# Also before the parts are built (fork's child callbacks then reach the
+# children of forks that skipped Python's hooks too).
+os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def snapshot() -> dict[str, Any]:

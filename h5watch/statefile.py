@@ -302,7 +302,11 @@ class StateWriter:
         self._new_slot = False
         self._heartbeat = time.time()
         self._last_header_args: tuple[Any, bool] = (None, False)
-        fd = os.open(base, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Made under a name no reader lists, and renamed once its header is
+        # written: a scan never finds the file half-made (files are created
+        # whenever a process first has something to write, not only at start).
+        making = os.path.join(directory, f".{os.path.basename(base)}.new")
+        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, FILE_SIZE)
             self._map = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -314,6 +318,15 @@ class StateWriter:
             workload=_fixed(workload, NAME_BYTES), started_unix=time.time(), tick_interval=tick_interval,
         )
         self.write_header(fork_stats=None, watchdog_running=False)
+        try:
+            os.rename(making, base)
+        except OSError:
+            self._map.close()
+            try:
+                os.unlink(making)
+            except OSError:
+                pass
+            raise
 
     def owned_here(self) -> bool:
         return os.getpid() == self.pid

@@ -23,7 +23,7 @@ a single-threaded program multi-threaded when it forks:
   exporter has a thread of its own anyway;
 - stopped that way, or in the child of subprocess's ``preexec_fn`` fork
   (which execs), it starts again when a thread begins to wait for a watched
-  lock, or at the next ``install()``; never in a child whose fork skipped
+  lock, or when ``install()`` changes an option; never in a child whose fork skipped
   Python's hooks (its ``threading`` is not re-initialised).
 
 subprocess's ``preexec_fn`` fork is told from the others by the Python frame
@@ -88,6 +88,9 @@ class Watchdog:
     def __init__(self) -> None:
         self.options: Any = None
         self._thread: threading.Thread | None = None
+        # The process that started _thread: a child forked without Python's
+        # hooks still holds its parent's Thread object, whose thread is gone.
+        self._thread_pid = 0
         self._stop = threading.Event()
         self._fork_reported: int | None = None
         self.ticks = 0
@@ -121,7 +124,7 @@ class Watchdog:
         self._stop.set()
         policy.on_wait_timeout = None
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and self._thread_pid == os.getpid() and thread is not threading.current_thread():
             thread.join(5)
 
     def wake(self) -> None:
@@ -152,6 +155,7 @@ class Watchdog:
         self._stop = stop = threading.Event()
         thread = threading.Thread(target=self._run, args=(stop,), name="h5watch-watchdog", daemon=True)
         self._thread = thread
+        self._thread_pid = os.getpid()
         try:
             thread.start()
         except RuntimeError:  # interpreter shutting down
@@ -202,7 +206,8 @@ class Watchdog:
 
     def snapshot(self) -> dict[str, Any]:
         thread = self._thread
-        return {"running": bool(thread is not None and thread.is_alive()), "ticks": self.ticks}
+        running = thread is not None and self._thread_pid == os.getpid() and thread.is_alive()
+        return {"running": running, "ticks": self.ticks}
 
     def _on_wait_started(self, lock: WatchedLock) -> None:
         """From a lock's slow path, on a thread about to block."""

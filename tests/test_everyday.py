@@ -199,6 +199,46 @@ def test_info_events_show_at_log_level_info_and_warnings_always(tmp_path):
     assert events["h5py.instrumented"]["coverage"] == "full"
 
 
+def test_events_render_as_structlog_did_and_import_nothing_once_watching():
+    """The JSON line is the one structlog's chain rendered (without loading
+    structlog), and logging imports nothing once h5watch watches: an event
+    may come from an at-fork hook, where an import is a hazard."""
+    result = run_python(
+        """
+        import json, os, re, sys
+        import h5watch
+        h5watch.install(state_files=False, log_level="debug")
+        import h5py
+        from h5watch import logs
+
+        r, w = os.pipe()
+        logs.configure("json", fd=w, level="debug")
+        before = set(sys.modules)
+        fields = dict(holder={"thread_name": "t", "since": 1.5}, waiters=[1, 2], stack=None, obj=object(), text="\u00e9")
+        logs.get_logger(logger="h5watch.test").error("lock.hold_timeout", **fields)
+        imported = sorted(set(sys.modules) - before)
+        import structlog
+        chain = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                 lambda _l, _m, d: {**d, "pid": d.get("pid", os.getpid())}, structlog.processors.format_exc_info,
+                 structlog.processors.JSONRenderer(default=repr)]
+        class Sink:
+            def msg(self, line):
+                os.write(w, (line + "\\n").encode())
+            error = msg
+        structlog.wrap_logger(Sink(), processors=chain).error("lock.hold_timeout", logger="h5watch.test", **fields)
+        os.close(w)
+        ours, theirs = os.read(r, 1 << 16).decode().splitlines()
+        same = re.sub(r'"timestamp": "[^"]+"', "", ours) == re.sub(r'"timestamp": "[^"]+"', "", theirs)
+        print(json.dumps({"imported": imported, "same": same, "ours": ours, "theirs": theirs}))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    report = last_json(result.stdout)
+    assert report["imported"] == []
+    assert report["same"], (report["ours"], report["theirs"])
+    assert json.loads(report["ours"])["timestamp"].endswith("Z")
+
+
 def test_log_level_is_a_checked_option_and_a_flag_of_run():
     from h5watch.options import OptionError, resolve
 

@@ -192,17 +192,18 @@ blocked_forever_here()
     )
     try:
         pid = int(proc.stdout.readline())
-        path = state_files(state_dir)[pid]
 
         def waiting() -> bool:
-            locks = read_state_file(str(path)).locks()
+            # The file is created by the first thing to write: here, the waiter.
+            path = state_files(state_dir).get(pid)
+            locks = read_state_file(str(path)).locks() if path else []
             return any(entry["lock"] == "app.dump" and entry["waiters"] for entry in locks)
 
         deadline = time.monotonic() + 10
         while not waiting():
             assert time.monotonic() < deadline, "the wait never showed in the state file"
             time.sleep(0.02)
-        state = read_state_file(str(path))
+        state = read_state_file(str(state_files(state_dir)[pid]))
         os.kill(pid, int(state.header["dump_signal"]))
         stacks = Path(state.stacks_path)
         deadline = time.monotonic() + 5

@@ -36,9 +36,9 @@ def _run_shadowed_sitecustomize() -> None:
     spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
     if spec is None or spec.loader is None:
         return
-    import importlib.util
+    from importlib.util import module_from_spec
 
-    module = importlib.util.module_from_spec(spec)
+    module = module_from_spec(spec)
     spec.loader.exec_module(module)
 
 
