@@ -156,12 +156,15 @@ def startup_environ(instrumented: bool, directory: str) -> dict[str, str]:
     """The environment ``h5watch run`` gives CMD (or the same without h5watch).
 
     Both sides get compiled bytecode as an installation has it: a cache of
-    our own, whatever PYTHONDONTWRITEBYTECODE this shell sets."""
+    our own, whatever PYTHONDONTWRITEBYTECODE this shell sets; and one BLAS
+    thread, so that CPU time counts the interpreter, not OpenBLAS's threads
+    spinning at numpy's import."""
     from h5watch.runner import instrumented_environ
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.pop("PYTHONPATH", None)
     env["PYTHONPYCACHEPREFIX"] = os.path.join(directory, "pycache")
+    env["OPENBLAS_NUM_THREADS"] = "1"
     if instrumented:
         env = instrumented_environ({"state_dir": os.path.join(directory, "state-startup")}, env)
     return env

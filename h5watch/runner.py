@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from . import lock
@@ -59,7 +60,10 @@ def main(args: argparse.Namespace) -> int:
         except StateDirError as exc:
             raise UsageError(str(exc)) from None
     env = instrumented_environ(flags)
+    if "/" not in command[0] and shutil.which(command[0], path=env.get("PATH")) is None:
+        raise UsageError(f"command not found: {command[0]!r}")
     if lock.EXTENSION_MISSING:
+        # Only for a command that will run: a usage error stays one line.
         sys.stderr.write(
             f"h5watch run: warning: compiled parts missing ({lock.IMPLEMENTATION_REASON}); the lock hot path"
             " runs in pure Python, slower; install a C compiler and reinstall h5watch\n"

@@ -122,7 +122,7 @@ class StateExtension:
             self._write_all(writer)
 
     def _at_exit(self) -> None:
-        writer = self._writer(create=_used_a_watched_lock())
+        writer = self._writer(create=_used_a_watched_lock(), dumps=False)
         if writer is not None:
             self._write_all(writer)
             writer.close(exited=True)
@@ -130,8 +130,9 @@ class StateExtension:
 
     # -- per process -----------------------------------------------------------
 
-    def _writer(self, create: bool) -> StateWriter | None:
-        """This process's writer; with ``create``, made now if it has none yet."""
+    def _writer(self, create: bool, dumps: bool = True) -> StateWriter | None:
+        """This process's writer; with ``create``, made now if it has none yet
+        (with ``dumps``, with its stacks file: not for a last write at exit)."""
         writer = self.writer
         if writer is not None:
             # A child forked without Python's hooks still holds its parent's
@@ -141,10 +142,10 @@ class StateExtension:
             return None
         with self._open_lock:
             if self.writer is None and self._enabled and self._failed_pid != os.getpid():
-                self._open()
+                self._open(dumps)
         return self.writer
 
-    def _open(self) -> None:
+    def _open(self, dumps: bool) -> None:
         try:
             ensure_state_dir(self.options.state_dir)
             writer = StateWriter(self.options.state_dir, self.options.service, DUMP_SIGNAL, self.options.tick_interval)
@@ -152,7 +153,8 @@ class StateExtension:
             self._failed_pid = os.getpid()
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
-        self._register_dump(writer.stacks_path)
+        if dumps:
+            self._register_dump(writer.stacks_path)
         self.writer = writer
 
     def _in_child(self) -> None:
