@@ -17,7 +17,8 @@ there can leave a child with a module lock held by a thread that did not
 survive the fork. JSON lines are rendered here exactly as structlog's chain
 below would render them (``add_log_level``, ``TimeStamper(fmt="iso",
 utc=True)``, the pid, ``format_exc_info``, ``JSONRenderer(default=repr)``),
-so the ``json`` format loads no structlog at all; ``console`` uses structlog.
+so the ``json`` format loads neither structlog nor the ``json`` package (see
+``_json_dumps``); ``console`` uses structlog.
 """
 
 from __future__ import annotations
@@ -127,11 +128,10 @@ def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
 
 def _json_renderer(writer: FdWriter) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
     import datetime
-    import json
 
     utc = datetime.timezone.utc
     now = datetime.datetime.now
-    dumps = json.dumps
+    dumps = _json_dumps()
 
     def render(level: str, event: str, initial: dict[str, Any], fields: dict[str, Any]) -> None:
         if "exc_info" in fields:  # structlog's format_exc_info knows how
@@ -142,9 +142,63 @@ def _json_renderer(writer: FdWriter) -> Callable[[str, str, dict[str, Any], dict
         event_dict["level"] = level
         event_dict["timestamp"] = now(tz=utc).isoformat().replace("+00:00", "Z")
         event_dict.setdefault("pid", os.getpid())
-        writer.msg(dumps(event_dict, default=repr))
+        writer.msg(dumps(event_dict))
 
     return render
+
+
+def _json_dumps() -> Callable[[Any], str]:
+    """``json.dumps(obj, default=repr)``, byte for byte, from the json module's
+    own C string encoder: the ``json`` package costs an instrumented process
+    more than all of this module."""
+    try:
+        from _json import encode_basestring_ascii as quote
+    except ImportError:  # not CPython's build: the real thing
+        import json
+
+        return lambda obj: json.dumps(obj, default=repr)
+
+    def number(value: float) -> str:
+        if value != value:
+            return "NaN"
+        if value == float("inf"):
+            return "Infinity"
+        if value == float("-inf"):
+            return "-Infinity"
+        return float.__repr__(value)
+
+    def key(value: Any) -> str:
+        if isinstance(value, str):
+            return quote(value)
+        if isinstance(value, float):
+            return quote(number(value))
+        if value is True or value is False or value is None:
+            return quote(encode(value))
+        if isinstance(value, int):
+            return quote(int.__repr__(value))
+        raise TypeError(f"keys must be str, int, float, bool or None, not {type(value).__name__}")
+
+    def encode(value: Any) -> str:
+        # The order of json.encoder's checks (a bool is an int, a str subclass is a str).
+        if isinstance(value, str):
+            return quote(value)
+        if value is None:
+            return "null"
+        if value is True:
+            return "true"
+        if value is False:
+            return "false"
+        if isinstance(value, int):
+            return int.__repr__(value)
+        if isinstance(value, float):
+            return number(value)
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(encode(item) for item in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(key(k) + ": " + encode(v) for k, v in value.items()) + "}"
+        return encode(repr(value))
+
+    return encode
 
 
 def _structlog_renderer(writer: FdWriter, console: bool) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:

@@ -214,7 +214,8 @@ def test_events_render_as_structlog_did_and_import_nothing_once_watching():
         r, w = os.pipe()
         logs.configure("json", fd=w, level="debug")
         before = set(sys.modules)
-        fields = dict(holder={"thread_name": "t", "since": 1.5}, waiters=[1, 2], stack=None, obj=object(), text="\u00e9")
+        fields = dict(holder={"thread_name": "t", "since": 1.5, 3: None}, waiters=[1, (2, "x")], stack=None, obj=object(),
+                      text=chr(233) + chr(9) + chr(34) + "q", ratio=float("nan"), big=10**30, flag=True, neg=-0.0, inf=float("inf"))
         logs.get_logger(logger="h5watch.test").error("lock.hold_timeout", **fields)
         imported = sorted(set(sys.modules) - before)
         import structlog
