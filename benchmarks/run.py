@@ -328,6 +328,23 @@ def render(info: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fork_rows(repeats: int) -> list[dict]:
+    """Forks and pool starts while ten threads use h5py (see fork_latency.py),
+    on this interpreter's h5py and, when H5WATCH_TEST_PY313 names one, on h5py 3.13."""
+    from fork_latency import measure
+
+    rows = []
+    pythons = [sys.executable]
+    if os.environ.get("H5WATCH_TEST_PY313"):
+        pythons.append(os.environ["H5WATCH_TEST_PY313"])
+    for python in pythons:
+        result = measure(python, repeats)
+        version = result["h5py"]
+        rows.append(_row(f"fork with 10 h5py threads, h5py {version}, instrumented / bare", result["fork"], "<=", 1.5))
+        rows.append(_row(f"fork Pool(4) start, h5py {version}, instrumented / bare", result["pool"], "<=", 1.5))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="h5watch overhead benchmarks (ratios against bare h5py and raw locks)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about a minute)")
@@ -362,6 +379,7 @@ def main() -> None:
         rows.append(_row("h5watch.snapshot() per call (us)", snapshot, None, None, unit="us"))
         idle = [run_child("idle", True, directory)["cpu_share"] * 100 for _ in range(1 if args.quick else 2)]
         rows.append(_row("watchdog at default tick, CPU % of one core (idle process)", idle, "<=", 0.5, unit="%"))
+    rows.extend(fork_rows(2 if args.quick else 5))
     from daemon_scan import bench_daemon_scan, bench_state_write
 
     scan = bench_daemon_scan(1000, 5 if args.quick else 15)

@@ -81,6 +81,8 @@ _taken: list[WatchedLock] = []
 _threads_at_fork: dict[int, dict[str, Any]] = {}
 # This process is the child of a fork that skipped Python's hooks.
 _unhooked_child = False
+# The armed guard, for the watchdog's orphan check.
+_active_guard: ForkGuard | None = None
 
 
 def add_child_callback(callback: Callable[[], None]) -> None:
@@ -98,6 +100,19 @@ def add_orphan_callback(callback: Callable[[Any, dict], None]) -> None:
 def fork_in_progress_since_ns() -> int | None:
     """When the current fork's before-hook started, while a fork is under way."""
     return _fork_started_ns
+
+
+def fork_stall_limit_seconds(fork_timeout: float) -> float:
+    """How long a fork may sit in its before-hooks before the watchdog calls it
+    stalled: h5watch's own hook may take ``fork_timeout`` plus a last chance
+    per lock; anything longer is another hook (h5py's, when not taken over)."""
+    return fork_timeout + len(watched_locks()) * _LAST_CHANCE_NS / 1e9 + 0.5
+
+
+def check_orphan_waiters() -> None:
+    """For the watchdog, every tick (see ``ForkGuard.check_orphan_waiters``)."""
+    if _active_guard is not None:
+        _active_guard.check_orphan_waiters()
 
 
 def child_of_unhooked_fork() -> bool:
@@ -125,15 +140,19 @@ class ForkGuard:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, options: Any) -> None:
+        global _active_guard
         self.options = options
         self._armed = True
+        _active_guard = self
         self._ensure_registered()
         policy.on_pid_change = self._after_fork_without_hooks
         policy.on_orphan_wait = self._on_orphan_wait
         _set_compiled_orphan_kill(options.kill_exit_code if options.on_orphan == "kill" else 0)
 
     def stop(self) -> None:
+        global _active_guard
         self._armed = False
+        _active_guard = None
         policy.on_pid_change = None
         policy.on_orphan_wait = None
         _set_compiled_orphan_kill(0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.abc
 import importlib.machinery
 import os
 import sys
@@ -101,7 +100,9 @@ def _fork_hooks_adopted(adopt: _AdoptForkHooks | None) -> Iterator[None]:
         os.register_at_fork = register
 
 
-class _PatchingLoader(importlib.abc.Loader):
+class _PatchingLoader:
+    """Wraps h5py._objects' own loader (a plain class: importlib.abc is costly to import)."""
+
     def __init__(
         self, loader: Any, on_executed: Callable[[types.ModuleType], None], adopt_fork_hooks: _AdoptForkHooks | None
     ) -> None:
@@ -121,7 +122,7 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _ObjectsFinder(importlib.abc.MetaPathFinder):
+class _ObjectsFinder:
     """Finds ``h5py._objects`` through the other finders and patches it once executed."""
 
     def __init__(self, on_executed: Callable[[types.ModuleType], None], adopt_fork_hooks: _AdoptForkHooks | None) -> None:

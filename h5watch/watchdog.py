@@ -170,6 +170,8 @@ class Watchdog:
         options = self.options
         if not FORK_WARNS_ABOUT_THREADS or self._child_execs or thread is None or not self._enabled or options is None:
             return
+        if self._thread_pid != os.getpid():
+            return  # the parent's thread, in a child forked without Python's hooks
         if options.hold_timeout is not None or options.metrics_port is not None:
             return
         me = threading.current_thread()
@@ -230,6 +232,7 @@ class Watchdog:
             self._check_hold(lock, now_ns)
             self._check_waits(lock, now_ns)
         self._check_fork(now_ns)
+        fork.check_orphan_waiters()
         self.ticks += 1
         for callback in list(_tick_callbacks):
             try:
@@ -272,7 +275,9 @@ class Watchdog:
         bounded, so this is another hook (h5py >= 3.14 takes phil with no timeout)."""
         started = fork.fork_in_progress_since_ns()
         limit = self.options.fork_timeout
-        if started is None or limit is None or (now_ns - started) < limit * 1e9 or self._fork_reported == started:
+        if started is None or limit is None or self._fork_reported == started:
+            return
+        if now_ns - started < fork.fork_stall_limit_seconds(limit) * 1e9:
             return
         self._fork_reported = started
         locks = [lock_evidence(lock) for lock in watched_locks() if lock.locked()]

@@ -269,3 +269,43 @@ def test_no_libc_fork_handler_and_no_cpython_after_fork_call_in_h5watch():
     assert not any("pthread_atfork" in text or "PyOS_AfterFork" in text for text in sources)
     assert not (REPO / "h5watch" / "_forkrepair.c").exists()
     assert os.path.exists(REPO / "h5watch" / "fork.py")
+
+
+@pytest.mark.timeout(60)
+def test_child_blocked_on_orphaned_phil_inside_h5py_c_code_is_killed_by_its_watchdog(tmp_path):
+    """The child drops an h5py object it inherited: its deallocation takes the
+    real phil in C, never through h5watch's wrapper, and would wait forever for
+    a holder that did not survive the fork. The child's watchdog sees the
+    blocked request through the probe and applies on_orphan=kill."""
+    path = str(tmp_path / "inherited.h5")
+    program = f"""
+import gc, json, os, sys, threading, time
+import h5watch
+h5watch.install(state_files=False, fork_timeout=0.5, tick_interval=0.1)
+import h5py, numpy
+with h5py.File({path!r}, "w") as f:
+    f["v"] = numpy.arange(3.0)
+f = h5py.File({path!r}, "r")
+held = threading.Event()
+def hold():
+    with h5py._objects.phil:
+        held.set()
+        time.sleep(30)
+threading.Thread(target=hold, name="phil-holder", daemon=True).start()
+held.wait(5)
+pid = os.fork()
+if pid == 0:
+    del f
+    gc.collect()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print(json.dumps({{"child": os.waitstatus_to_exitcode(status)}}))
+sys.stdout.flush()
+os._exit(0)
+"""
+    proc = run_python(program, timeout=40)
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"child": 70}, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    [orphaned] = events_named(events, "lock.orphaned")
+    assert orphaned["seen_waiting_by"] == "probe"
+    assert orphaned["holder"]["thread_name"] == "phil-holder"

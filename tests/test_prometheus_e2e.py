@@ -5,9 +5,9 @@ Three instrumented workers share the daemon's state directory:
 - ``e2e-contention``: reader threads and a slow holder contend for h5py's
   lock, with wait and hold timeouts low enough to count; the main thread forks
   twice a second;
-- ``e2e-orphan``: forks with ``ctypes``' ``fork()`` (no at-fork hooks) while
-  another thread holds h5py's lock; the child finds the lock orphaned and
-  exits 70 (``on_orphan=kill``);
+- ``e2e-orphan``: forks while another thread holds h5py's lock past
+  ``fork_timeout``; the child finds the lock orphaned and exits 70
+  (``on_orphan=kill``), its state file counting the orphan;
 - ``e2e-stuck``: the test stops it with SIGSTOP; the daemon (``--kill-after 2``)
   kills it.
 
@@ -83,7 +83,7 @@ CONTENTION_WORKER = """
 ORPHAN_WORKER = """
     import ctypes, json, os, signal, sys, threading, time
     import h5watch
-    h5watch.install(state_dir=sys.argv[1], service="e2e-orphan", on_orphan="kill")
+    h5watch.install(state_dir=sys.argv[1], service="e2e-orphan", on_orphan="kill", fork_timeout=0.3)
     import h5py
 
     phil = h5py._objects.phil
@@ -101,7 +101,7 @@ ORPHAN_WORKER = """
         holder = threading.Thread(target=hold, name="holder-at-fork", daemon=True)
         holder.start()
         held.wait(5)
-        pid = ctypes.PyDLL(None).fork()
+        pid = os.fork()
         if pid == 0:
             with phil:
                 pass
