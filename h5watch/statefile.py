@@ -296,6 +296,9 @@ class StateWriter:
         self.path = base
         self.stacks_path = base[: -len(STATE_SUFFIX)] + STACKS_SUFFIX
         self._lock = threading.Lock()
+        # Set under _lock once the mapping is closed: a write from another
+        # thread (the watchdog ticking during interpreter exit) then does nothing.
+        self._closed = False
         self._slots: dict[str, int] = {}
         self._header_seq = 0
         self._record_seqs = [0] * CAPACITY
@@ -332,9 +335,19 @@ class StateWriter:
         return os.getpid() == self.pid
 
     def close(self, exited: bool = True) -> None:
-        if self.owned_here() and exited:
+        if self.owned_here():
             with self._lock:
-                self.write_header(*self._last_header_args, exited=True, beat=False)
+                if exited and not self._closed:
+                    self.write_header(*self._last_header_args, exited=True, beat=False)
+                self._closed = True
+                self._close_map()
+        else:
+            # A forked child's copy: its lock may be held by a thread that did
+            # not survive the fork, and no other thread of the child uses it.
+            self._closed = True
+            self._close_map()
+
+    def _close_map(self) -> None:
         try:
             self._map.close()
         except (ValueError, BufferError):
@@ -425,6 +438,8 @@ class StateWriter:
 
     def write_all(self, locks: Iterable[Any], fork_stats: Any, watchdog_running: bool) -> None:
         with self._lock:
+            if self._closed:
+                return
             for lock in locks:
                 self.write_lock(lock)
             self.write_header(fork_stats, watchdog_running)
@@ -435,6 +450,8 @@ class StateWriter:
         if not self.owned_here() or not self._lock.acquire(True, timeout):
             return
         try:
+            if self._closed:
+                return
             self.write_lock(lock, orphan)
             if self._new_slot:
                 self._new_slot = False
