@@ -199,7 +199,9 @@ static void out_object_string(Out *o, PyObject *value) {
 static void thread_fields(unsigned long ident, PyObject **name, PyObject **native_id) {
     *name = NULL;
     *native_id = NULL;
-    PyObject *threading = PyImport_GetModule(PyUnicode_FromString("threading"));
+    PyObject *module_name = PyUnicode_FromString("threading");
+    PyObject *threading = module_name ? PyImport_GetModule(module_name) : NULL;
+    Py_XDECREF(module_name);
     if (threading == NULL) { PyErr_Clear(); return; }
     PyObject *active = PyObject_GetAttrString(threading, "_active");
     PyObject *key = PyLong_FromUnsignedLong(ident);

@@ -214,9 +214,7 @@ class ForkGuard:
         start_ns = time.monotonic_ns()
         _forking_thread = me
         _fork_started_ns = start_ns
-        _threads_at_fork.clear()
-        for ident, thread in list(threading._active.items()):  # type: ignore[attr-defined]
-            _threads_at_fork[ident] = {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+        _remember_threads()
         _taken.clear()
         timeout = self.options.fork_timeout
         deadline_ns = None if timeout is None else start_ns + int(timeout * 1e9)
@@ -297,9 +295,7 @@ class ForkGuard:
         which names the dead holders."""
         if os.getpid() == policy.pid:
             return
-        _threads_at_fork.clear()
-        for ident, thread in list(threading._active.items()):  # type: ignore[attr-defined]
-            _threads_at_fork[ident] = {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+        _remember_threads()
         # Locks taken by a hooked fork under way on another thread are that
         # thread's, and it is gone here: they are orphans like any other.
         _taken.clear()
@@ -492,6 +488,14 @@ def _last_chance(order: list[WatchedLock]) -> tuple[list[WatchedLock], list[Watc
         else:
             missing.append(lock)
     return taken, missing
+
+
+def _remember_threads() -> None:
+    """Names of this process's threads as the fork finds them: in the child,
+    the dead holders' names (threading forgets them there)."""
+    _threads_at_fork.clear()
+    for ident, thread in list(threading._active.items()):  # type: ignore[attr-defined]
+        _threads_at_fork[ident] = {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
 
 
 def _nothing() -> None:

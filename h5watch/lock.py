@@ -293,7 +293,7 @@ class _LockLogic:
     def _wait_until(self, deadline_ns: int) -> bool:
         if self._inner_timed:
             remaining = max(0, deadline_ns - _monotonic_ns()) / 1e9
-            return self._inner_acquire(True, min(remaining, threading.TIMEOUT_MAX))
+            return self._inner_acquire(True, min(remaining, _TIMEOUT_MAX))
         if _timed_fastrlock is not None:
             # Queue on FastRLock's own real lock, as its blocking acquire does,
             # but with a deadline: fair to the threads already queued there.
