@@ -78,7 +78,7 @@ fork_stats = ForkStats()
 _fork_started_ns: int | None = None
 _forking_thread: int | None = None
 _taken: list[WatchedLock] = []
-_threads_at_fork: dict[int, dict[str, Any]] = {}
+_threads_at_fork: dict[int, threading.Thread] = {}
 # This process is the child of a fork that skipped Python's hooks.
 _unhooked_child = False
 # The armed guard, for the watchdog's orphan check.
@@ -339,7 +339,7 @@ class ForkGuard:
     def _dead_thread_identity(self, ident: int) -> dict[str, Any]:
         known = _threads_at_fork.get(ident)
         if known is not None:
-            return dict(known)
+            return {"thread_name": known.name, "native_id": getattr(known, "native_id", None)}
         identity = thread_identity(ident)
         if identity["thread_name"] is not None:
             return {"thread_name": identity["thread_name"], "native_id": identity["native_id"]}
@@ -491,11 +491,11 @@ def _last_chance(order: list[WatchedLock]) -> tuple[list[WatchedLock], list[Watc
 
 
 def _remember_threads() -> None:
-    """Names of this process's threads as the fork finds them: in the child,
-    the dead holders' names (threading forgets them there)."""
-    _threads_at_fork.clear()
-    for ident, thread in list(threading._active.items()):  # type: ignore[attr-defined]
-        _threads_at_fork[ident] = {"thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+    """This process's threads as the fork finds them: in the child, the dead
+    holders' names (threading forgets them there). A copy of the table, read
+    only if an orphan is found, keeps the fork itself cheap."""
+    global _threads_at_fork
+    _threads_at_fork = threading._active.copy()  # type: ignore[attr-defined]
 
 
 def _nothing() -> None:
