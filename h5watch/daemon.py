@@ -27,18 +27,15 @@ pid reused by another process in between cannot be hit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from . import logs
+from . import killer, logs, totals
 from .cli import UsageError
 from .exporter import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, MetricsServer
 from .statefile import (
@@ -48,7 +45,6 @@ from .statefile import (
     StateFileError,
     ensure_state_dir,
     list_state_files,
-    proc_stat,
     process_identity,
     read_state_file,
 )
@@ -60,7 +56,6 @@ KILL_REASONS = ("orphaned_lock", "wait", "hold", "heartbeat")
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
 MAX_FILES = 20000
 MAX_CONCURRENT_KILLS = 8
-STACKS_READ_LIMIT = 256 * 1024
 
 _log = logs.get_logger(logger="h5watch.daemon")
 
@@ -342,17 +337,17 @@ class Daemon:
     def _combine(self, live: Aggregate) -> Aggregate:
         """Live processes plus the folded totals of dead ones: a new object each scan."""
         combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges)
-        for key, totals in list(self._totals.items()) + list(live.locks.items()):
+        for key, lock_totals in list(self._totals.items()) + list(live.locks.items()):
             into = combined.locks.get(key)
             if into is None:
                 into = combined.locks[key] = LockTotals()
-            into.add(totals)
+            into.add(lock_totals)
             combined.gauges.setdefault(key, LockGauges())
-        for workload, totals in list(self._fork_totals.items()) + list(live.forks.items()):
+        for workload, fork_totals in list(self._fork_totals.items()) + list(live.forks.items()):
             into_fork = combined.forks.get(workload)
             if into_fork is None:
                 into_fork = combined.forks[workload] = ForkTotals()
-            into_fork.add(totals)
+            into_fork.add(fork_totals)
         # Every counter series exists from the start at 0, so that the first
         # kill or skipped file is an increase Prometheus can see.
         workloads = {workload for workload, _ in combined.locks} | set(combined.forks)
@@ -407,14 +402,13 @@ class Daemon:
 
     def _load_totals(self) -> None:
         try:
-            with open(self._totals_path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = totals.read(self._totals_path)
+            if data is None:
+                return
             self._totals = {(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]}
             self._fork_totals = {w: ForkTotals.from_json(v) for w, v in data["forks"]}
             self._kills = {(w, r): int(n) for w, r, n in data["kills"]}
             self._folded = set(data["folded"])
-        except FileNotFoundError:
-            return
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Start from zero; Prometheus reads the drop as a counter reset.
             _log.error("daemon.totals_unreadable", path=self._totals_path, error=str(exc))
@@ -430,13 +424,8 @@ class Daemon:
             "kills": kills,
             "folded": sorted(self._folded),
         }
-        tmp = f"{self._totals_path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._totals_path)
+            totals.write(self._totals_path, data)
         except OSError as exc:
             _log.error("daemon.totals_unsaved", path=self._totals_path, error=str(exc))
 
@@ -457,66 +446,12 @@ class Daemon:
         thread.start()
 
     def _kill(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
-        pidfd = _open_verified(state)
-        if pidfd is None:
-            return
-        try:
-            now = time.time()
-            stacks = self._dump_stacks(state, pidfd)
-            evidence = {
-                "workload": state.workload,
-                "pid": state.pid,
-                "reason": reason,
-                "kill_after": self.kill_after,
-                "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
-                "lock": culprit.get("lock"),
-                "holder": culprit.get("holder"),
-                "waiters": culprit.get("waiting_threads"),
-                "oldest_wait_seconds": culprit.get("oldest_wait_seconds"),
-                "orphaned": culprit.get("orphaned"),
-                "locks": state.locks(now),
-                **stacks,
-            }
-            if self.dry_run:
-                _log.warning("worker.would_kill", dry_run=True, **evidence)
-                return
-            _log.critical("worker.killed", grace=self.grace, **evidence)
+        def count() -> None:
             with self._kills_lock:
                 self._kills[(state.workload, reason)] = self._kills.get((state.workload, reason), 0) + 1
-            _signal(pidfd, state.pid, signal.SIGTERM)
-            _signal(pidfd, state.pid, signal.SIGCONT)  # a stopped process must run to die of SIGTERM
-            deadline = time.monotonic() + self.grace
-            while time.monotonic() < deadline:
-                if not _still_same(state):
-                    return
-                time.sleep(0.05)
-            if _still_same(state):
-                _signal(pidfd, state.pid, signal.SIGKILL)
-                _log.error("worker.sigkilled", workload=state.workload, pid=state.pid, grace=self.grace)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
 
-    def _dump_stacks(self, state: ProcessState, pidfd: int) -> dict[str, Any]:
-        """Every thread's Python stack, from the process's own faulthandler
-        (works when all its threads are blocked in C; not when it is stopped),
-        and from py-spy where installed."""
-        result: dict[str, Any] = {"stacks": None, "py_spy": None}
-        stat_ = proc_stat(state.pid)
-        dump_signal = int(state.header["dump_signal"])
-        if stat_ is not None and stat_[0] in ("T", "t"):
-            result["stacks"] = "(process is stopped: no faulthandler dump)"
-        elif dump_signal > 0:
-            result["stacks"] = _faulthandler_dump(state, pidfd, dump_signal)
-        py_spy = shutil.which("py-spy")
-        if py_spy:
-            try:
-                out = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(state.pid)], capture_output=True,
-                                     text=True, timeout=5)
-                result["py_spy"] = (out.stdout or out.stderr)[:STACKS_READ_LIMIT]
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                result["py_spy"] = f"(py-spy failed: {exc})"
-        return result
+        killer.kill_worker(state, reason, culprit, kill_after=self.kill_after, grace=self.grace, dry_run=self.dry_run,
+                           count_kill=count)
 
 
 def _well_named(name: str) -> bool:
@@ -525,70 +460,3 @@ def _well_named(name: str) -> bool:
     return bool(sep) and pid.isdigit() and ticks.isdigit()
 
 
-def _open_verified(state: ProcessState) -> int | None:
-    """A pidfd for the state file's process, or None if that process is gone.
-
-    The pidfd is opened first and the identity checked after: if it matches,
-    the pidfd refers to that very process, and signals through it cannot
-    reach a process that reused the pid later. -1: no pidfd support (then
-    every signal re-checks the identity first).
-    """
-    pidfd = -1
-    if hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(state.pid)
-        except ProcessLookupError:
-            return None
-        except OSError:
-            pidfd = -1
-    if not _still_same(state):
-        if pidfd >= 0:
-            os.close(pidfd)
-        return None
-    return pidfd
-
-
-def _still_same(state: ProcessState) -> bool:
-    identity = process_identity(state.pid)
-    return identity is not None and identity[0] == state.start_ticks and identity[1] == int(state.header["uid"])
-
-
-def _signal(pidfd: int, pid: int, signum: int) -> None:
-    try:
-        if pidfd >= 0:
-            signal.pidfd_send_signal(pidfd, signum)
-        else:
-            os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _faulthandler_dump(state: ProcessState, pidfd: int, dump_signal: int) -> str:
-    path = state.stacks_path
-    try:
-        before = os.stat(path).st_size
-    except OSError:
-        return "(no stacks file)"
-    _signal(pidfd, state.pid, dump_signal)
-    deadline = time.monotonic() + 1.0
-    size, stable_since = before, time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.02)
-        try:
-            now_size = os.stat(path).st_size
-        except OSError:
-            break
-        if now_size != size:
-            size, stable_since = now_size, time.monotonic()
-        elif size > before and time.monotonic() - stable_since > 0.1:
-            break
-    if size <= before:
-        return "(no dump written within 1 s)"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, min(size - before, STACKS_READ_LIMIT), before).decode("utf-8", "replace")
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        return f"(stacks unreadable: {exc.strerror})"

@@ -36,6 +36,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .statedir import (  # noqa: F401 (re-exported: the directory's API)
+    STACKS_SUFFIX,
+    STATE_SUFFIX,
+    StateDirError,
+    check_state_dir,
+    ensure_state_dir,
+    list_state_files,
+    proc_start_ticks,
+    proc_stat,
+    process_identity,
+)
 from .stats import N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
 __all__ = [
@@ -63,8 +74,6 @@ MAGIC = b"H5WATCH\0"
 VERSION = 1
 CAPACITY = 16
 MAX_WAITERS = 4
-STATE_SUFFIX = ".h5w"
-STACKS_SUFFIX = ".stacks"
 NAME_BYTES = 64
 OPERATION_BYTES = 128
 THREAD_NAME_BYTES = 48
@@ -182,10 +191,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class StateDirError(Exception):
-    """The state directory is unusable; the message says what to fix."""
-
-
 class StateFileError(Exception):
     """A state file that must be skipped: ``reason`` (a metric label), and a message."""
 
@@ -194,87 +199,8 @@ class StateFileError(Exception):
         self.reason = reason
 
 
-# -- the directory ---------------------------------------------------------
-
-
-def ensure_state_dir(path: str) -> str:
-    """Create ``path`` (mode 0700) if missing; refuse a symlink, a non-directory
-    or a directory owned by someone else."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or "/", exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise StateDirError(f"state_dir {path!r}: cannot create it: {exc.strerror}") from None
-    return check_state_dir(path)
-
-
-def check_state_dir(path: str) -> str:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise StateDirError(f"state_dir {path!r}: does not exist") from None
-    except OSError as exc:
-        raise StateDirError(f"state_dir {path!r}: {exc.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise StateDirError(f"state_dir {path!r}: is a symlink; point state_dir at a real directory")
-    if not stat.S_ISDIR(info.st_mode):
-        raise StateDirError(f"state_dir {path!r}: is not a directory")
-    if info.st_uid != os.geteuid() and os.geteuid() != 0:
-        raise StateDirError(f"state_dir {path!r}: owned by uid {info.st_uid}, not by this user ({os.geteuid()})")
-    return path
-
-
-# -- process identity ------------------------------------------------------
-
-
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from ``/proc/<pid>/stat``:
-    with the pid, the start time names one process for the machine's uptime."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    stat_ = proc_stat(pid)
-    return None if stat_ is None else stat_[1]
-
-
 def state_file_name(pid: int, start_ticks: int) -> str:
     return f"{pid}-{start_ticks}{STATE_SUFFIX}"
-
-
-def list_state_files(directory: str, limit: int) -> tuple[list[str], bool]:
-    """Paths of the state files in ``directory`` (at most ``limit``), and
-    whether there were more."""
-    paths: list[str] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.endswith(STATE_SUFFIX):
-                if len(paths) >= limit:
-                    return paths, True
-                paths.append(entry.path)
-    return paths, False
-
-
-def process_identity(pid: int) -> tuple[int, int, str] | None:
-    """(start ticks, effective uid, state letter) of ``pid``; None when there is
-    no such process, or only its zombie."""
-    stat_ = proc_stat(pid)
-    if stat_ is None or stat_[0] in ("Z", "X"):
-        return None
-    try:
-        uid = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return None
-    return stat_[1], uid, stat_[0]
 
 
 def _fixed(text: str | None, size: int) -> bytes:
