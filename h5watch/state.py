@@ -28,19 +28,16 @@ from __future__ import annotations
 import atexit
 import faulthandler
 import os
-import signal
 import threading
 from typing import Any
 
 from . import fork, logs
 from .lock import WatchedLock, watched_locks
-from .statefile import StateDirError, StateWriter, ensure_state_dir
+from .statefile import DUMP_SIGNAL, StateDirError, StateWriter, ensure_state_dir
 from .watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 
 __all__ = ["StateExtension", "DUMP_SIGNAL"]
 
-# A real-time signal nobody else is likely to use; written into the state file.
-DUMP_SIGNAL = int(signal.SIGRTMIN) + 6 if hasattr(signal, "SIGRTMIN") else int(signal.SIGUSR2)
 
 _log = logs.get_logger(logger="h5watch.state")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 import stat
 import struct
 import threading
@@ -50,6 +51,7 @@ from .statedir import (  # noqa: F401 (re-exported: the directory's API)
 from .stats import N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
 __all__ = [
+    "DUMP_SIGNAL",
     "MAGIC",
     "VERSION",
     "CAPACITY",
@@ -70,6 +72,9 @@ __all__ = [
     "STACKS_SUFFIX",
 ]
 
+# h5watch's stack-dump signal: a real-time signal nobody else is likely to
+# use, the same number in every process (the daemon never takes it from a file).
+DUMP_SIGNAL = int(signal.SIGRTMIN) + 6 if hasattr(signal, "SIGRTMIN") else int(signal.SIGUSR2)
 MAGIC = b"H5WATCH\0"
 VERSION = 1
 CAPACITY = 16
