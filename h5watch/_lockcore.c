@@ -28,10 +28,27 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #define N_BOUNDS 24
 #define N_BUCKETS (N_BOUNDS + 1)
+
+/* One lock's counters: 64 words, the layout of h5watch/stats.py (C_*),
+ * checked there at import through COUNTER_LAYOUT. */
+#define C_ACQUISITIONS 0
+#define C_CONTENTIONS 1
+#define C_REENTRIES 2
+#define C_WAIT_BUCKETS 3
+#define C_WAIT_SUM (C_WAIT_BUCKETS + N_BUCKETS)
+#define C_WAIT_MAX (C_WAIT_SUM + 1)
+#define C_HOLD_BUCKETS (C_WAIT_MAX + 1)
+#define C_HOLD_SUM (C_HOLD_BUCKETS + N_BUCKETS)
+#define C_HOLD_MAX (C_HOLD_SUM + 1)
+#define C_TIMEOUTS (C_HOLD_MAX + 1)
+#define C_ORPHANS (C_TIMEOUTS + 3)
+#define N_COUNTERS (C_ORPHANS + 4)
 
 static const int64_t BOUNDS_NS[N_BOUNDS] = {
     1000LL, 2500LL, 5000LL,
@@ -79,12 +96,38 @@ typedef struct {
     int handoff_waiting;
     unsigned long handoff_to;
     PyThread_type_lock handoff_signal;
-    uint64_t acquisitions;
-    uint64_t reentries;
-    uint64_t hold_buckets[N_BUCKETS];
-    uint64_t hold_sum_ns;
-    uint64_t hold_max_ns;
+    /* The counters: own_counters until the state file is made, then 64
+     * words of its shared mapping (held through `counters_view`), so that
+     * what the process counted is in the file whenever it dies. Every write
+     * to them is made here, with the GIL held: a move between two places is
+     * atomic for every thread. */
+    uint64_t *counters;
+    Py_buffer counters_view;
+    int has_counters_view;
+    unsigned int counters_generation; /* fork_generation when the view was attached */
+    uint64_t own_counters[N_COUNTERS];
 } LockCore;
+
+/* Bumped in every child of a fork, by a libc handler that does nothing
+ * else (no Python code, no CPython call: safe in any child, subprocess's
+ * pre-exec child included). A lock that counts in its parent's shared
+ * mapping notices it at its next counter write and counts privately from
+ * there on, from zero, as a child's statistics start: the child of a fork
+ * that skipped Python's hooks never writes into its parent's state file. */
+static volatile sig_atomic_t fork_generation = 0;
+
+static void count_fork_in_child(void) { fork_generation++; }
+
+static void release_counters_view(LockCore *self);
+
+static inline uint64_t *counters_of(LockCore *self) {
+    if (self->has_counters_view && self->counters_generation != (unsigned int)fork_generation) {
+        release_counters_view(self);
+        memset(self->own_counters, 0, sizeof(self->own_counters));
+        self->counters = self->own_counters;
+    }
+    return self->counters;
+}
 
 static inline int64_t now_ns(void) {
     struct timespec ts;
@@ -314,7 +357,7 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
     unsigned long me = PyThread_get_thread_ident();
     if (self->owner_state == OWNER_LIVE && self->owner == me) {
         self->count += 1;
-        self->reentries += 1;
+        counters_of(self)[C_REENTRIES] += 1;
         return 1;
     }
     /* A fork gate is up (see ForkGate in lock.py): a blocking acquire waits
@@ -340,7 +383,7 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
     self->count = 1;
     self->owner = me;
     self->owner_state = OWNER_LIVE;
-    self->acquisitions += 1;
+    counters_of(self)[C_ACQUISITIONS] += 1;
     return 1;
 }
 
@@ -370,9 +413,10 @@ static int core_release(LockCore *self) {
     if (--self->count > 0) return 0;
     int64_t held = now_ns() - self->since_ns;
     if (held < 0) held = 0;
-    self->hold_buckets[bucket_of(held)] += 1;
-    self->hold_sum_ns += (uint64_t)held;
-    if ((uint64_t)held > self->hold_max_ns) self->hold_max_ns = (uint64_t)held;
+    uint64_t *c = counters_of(self);
+    c[C_HOLD_BUCKETS + bucket_of(held)] += 1;
+    c[C_HOLD_SUM] += (uint64_t)held;
+    if ((uint64_t)held > c[C_HOLD_MAX]) c[C_HOLD_MAX] = (uint64_t)held;
     self->count = 0;
     self->owner_state = OWNER_NONE;
     if (hand_off_to_fork(self, me)) return 0;
@@ -488,8 +532,18 @@ static PyObject *LockCore_is_owned(LockCore *self, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(self->owner_state == OWNER_LIVE && self->owner == PyThread_get_thread_ident());
 }
 
+static PyObject *LockCore_counters(LockCore *self, PyObject *unused);
+static PyObject *LockCore_record_wait(LockCore *self, PyObject *arg);
+static PyObject *LockCore_bump(LockCore *self, PyObject *arg);
+static PyObject *LockCore_move_counters(LockCore *self, PyObject *target);
+
 static PyMethodDef LockCore_methods[] = {
     {"_set_inner", (PyCFunction)LockCore_set_inner, METH_O, "Set the inner lock."},
+    {"_counters", (PyCFunction)LockCore_counters, METH_NOARGS, "The 64 counter words, as a tuple."},
+    {"_record_wait", (PyCFunction)LockCore_record_wait, METH_O, "Count a wait of this many nanoseconds that ended in an acquisition."},
+    {"_bump", (PyCFunction)LockCore_bump, METH_O, "Add one to the timeout or orphan counter at this index."},
+    {"_move_counters", (PyCFunction)LockCore_move_counters, METH_O,
+     "Copy the counters into this writable buffer and count there from now on; None: private and zeroed."},
     {"acquire", (PyCFunction)(void (*)(void))LockCore_acquire, METH_VARARGS | METH_KEYWORDS,
      "acquire(blocking=True, timeout=-1) -> bool, as threading.RLock"},
     {"acquire_for", (PyCFunction)(void (*)(void))LockCore_acquire_for, METH_FASTCALL,
@@ -541,10 +595,6 @@ static int set_owner(LockCore *self, PyObject *value, void *c) {
 INT_GETSET(count, PyLong_FromLong, PyLong_AsLong, long)
 INT_GETSET(owner_pid, PyLong_FromLong, PyLong_AsLong, long)
 INT_GETSET(since_ns, PyLong_FromLongLong, PyLong_AsLongLong, int64_t)
-INT_GETSET(acquisitions, PyLong_FromUnsignedLongLong, PyLong_AsUnsignedLongLong, uint64_t)
-INT_GETSET(reentries, PyLong_FromUnsignedLongLong, PyLong_AsUnsignedLongLong, uint64_t)
-INT_GETSET(hold_sum_ns, PyLong_FromUnsignedLongLong, PyLong_AsUnsignedLongLong, uint64_t)
-INT_GETSET(hold_max_ns, PyLong_FromUnsignedLongLong, PyLong_AsUnsignedLongLong, uint64_t)
 
 static PyObject *get_operation(LockCore *self, void *c) {
     return Py_NewRef(self->operation ? self->operation : Py_None);
@@ -556,33 +606,74 @@ static int set_operation(LockCore *self, PyObject *value, void *c) {
     return 0;
 }
 
-static PyObject *get_hold_buckets(LockCore *self, void *c) {
-    PyObject *list = PyList_New(N_BUCKETS);
-    if (list == NULL) return NULL;
-    for (int i = 0; i < N_BUCKETS; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(self->hold_buckets[i]);
-        if (v == NULL) { Py_DECREF(list); return NULL; }
-        PyList_SET_ITEM(list, i, v);
+/* -- counters ---------------------------------------------------------- */
+
+static PyObject *LockCore_counters(LockCore *self, PyObject *unused) {
+    PyObject *out = PyTuple_New(N_COUNTERS);
+    if (out == NULL) return NULL;
+    for (int i = 0; i < N_COUNTERS; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(counters_of(self)[i]);
+        if (v == NULL) { Py_DECREF(out); return NULL; }
+        PyTuple_SET_ITEM(out, i, v);
     }
-    return list;
+    return out;
 }
 
-static int set_hold_buckets(LockCore *self, PyObject *value, void *c) {
-    PyObject *seq = value ? PySequence_Fast(value, "hold buckets: expected a sequence") : NULL;
-    if (seq == NULL) return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != N_BUCKETS) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "hold buckets: wrong length");
-        return -1;
+static PyObject *LockCore_record_wait(LockCore *self, PyObject *arg) {
+    long long ns = PyLong_AsLongLong(arg);
+    if (ns == -1 && PyErr_Occurred()) return NULL;
+    if (ns < 0) ns = 0;
+    uint64_t *c = counters_of(self);
+    c[C_CONTENTIONS] += 1;
+    c[C_WAIT_BUCKETS + bucket_of(ns)] += 1;
+    c[C_WAIT_SUM] += (uint64_t)ns;
+    if ((uint64_t)ns > c[C_WAIT_MAX]) c[C_WAIT_MAX] = (uint64_t)ns;
+    Py_RETURN_NONE;
+}
+
+static PyObject *LockCore_bump(LockCore *self, PyObject *arg) {
+    long index = PyLong_AsLong(arg);
+    if (index == -1 && PyErr_Occurred()) return NULL;
+    if (index < C_TIMEOUTS || index >= N_COUNTERS) {
+        PyErr_SetString(PyExc_IndexError, "counter index out of range");
+        return NULL;
     }
-    uint64_t buckets[N_BUCKETS];
-    for (int i = 0; i < N_BUCKETS; i++) {
-        buckets[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (PyErr_Occurred()) { Py_DECREF(seq); return -1; }
+    counters_of(self)[index] += 1;
+    Py_RETURN_NONE;
+}
+
+static void release_counters_view(LockCore *self) {
+    if (self->has_counters_view) {
+        self->has_counters_view = 0;
+        PyBuffer_Release(&self->counters_view);
     }
-    Py_DECREF(seq);
-    memcpy(self->hold_buckets, buckets, sizeof(buckets));
-    return 0;
+}
+
+/* Copy the counters into `target` (a writable buffer of at least 64 aligned
+ * words, such as a memoryview of the state file's mapping) and count there
+ * from now on; None: back to private, zeroed counters (a forked child). */
+static PyObject *LockCore_move_counters(LockCore *self, PyObject *target) {
+    if (target == Py_None) {
+        release_counters_view(self);
+        memset(self->own_counters, 0, sizeof(self->own_counters));
+        self->counters = self->own_counters;
+        Py_RETURN_NONE;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(target, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (view.len < (Py_ssize_t)sizeof(self->own_counters) || ((uintptr_t)view.buf % 8) != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "counters: expected a writable buffer of 64 aligned 8-byte words");
+        return NULL;
+    }
+    uint64_t *current = counters_of(self);
+    if (view.buf != (void *)current) memcpy(view.buf, current, sizeof(self->own_counters));
+    self->counters = (uint64_t *)view.buf;
+    release_counters_view(self);
+    self->counters_view = view;
+    self->has_counters_view = 1;
+    self->counters_generation = (unsigned int)fork_generation;
+    Py_RETURN_NONE;
 }
 
 static PyObject *get_inner_acquire(LockCore *self, void *c) { return Py_NewRef(self->inner_acquire ? self->inner_acquire : Py_None); }
@@ -607,15 +698,18 @@ static PyGetSetDef LockCore_getset[] = {
     {"_inner_release", (getter)get_inner_release, NULL, NULL, NULL},
     {"_inner_direct", (getter)get_inner_direct, NULL, NULL, NULL},
     {"_gated", (getter)get_gated, (setter)set_gated, NULL, NULL},
-    {"_core_acquisitions", (getter)get_acquisitions, (setter)set_acquisitions, NULL, NULL},
-    {"_core_reentries", (getter)get_reentries, (setter)set_reentries, NULL, NULL},
-    {"_core_hold_buckets", (getter)get_hold_buckets, (setter)set_hold_buckets, NULL, NULL},
-    {"_core_hold_sum_ns", (getter)get_hold_sum_ns, (setter)set_hold_sum_ns, NULL, NULL},
-    {"_core_hold_max_ns", (getter)get_hold_max_ns, (setter)set_hold_max_ns, NULL, NULL},
     {NULL},
 };
 
+static PyObject *LockCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    LockCore *self = (LockCore *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL) self->counters = self->own_counters;
+    return (PyObject *)self;
+}
+
 static int LockCore_traverse(LockCore *self, visitproc visit, void *arg) {
+    /* counters_view.obj (a view of the state file's mapping) refers to no
+     * object that could refer back to this lock: not visited. */
     Py_VISIT(self->operation);
     Py_VISIT(self->inner);
     Py_VISIT(self->inner_acquire);
@@ -624,6 +718,11 @@ static int LockCore_traverse(LockCore *self, visitproc visit, void *arg) {
 }
 
 static int LockCore_clear(LockCore *self) {
+    if (self->has_counters_view) {
+        memcpy(self->own_counters, self->counters, sizeof(self->own_counters));
+        self->counters = self->own_counters;
+        release_counters_view(self);
+    }
     Py_CLEAR(self->operation);
     Py_CLEAR(self->inner);
     Py_CLEAR(self->inner_acquire);
@@ -643,7 +742,7 @@ static PyTypeObject LockCoreType = {
     .tp_basicsize = sizeof(LockCore),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Compiled hot path of WatchedLock (see h5watch/lock.py).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = LockCore_new,
     .tp_init = (initproc)LockCore_init,
     .tp_dealloc = (destructor)LockCore_dealloc,
     .tp_traverse = (traverseproc)LockCore_traverse,
@@ -917,6 +1016,18 @@ PyMODINIT_FUNC PyInit__lockcore(void) {
         Py_DECREF(m);
         return NULL;
     }
+    PyObject *layout = Py_BuildValue("(iiiiii)", N_BUCKETS, C_WAIT_BUCKETS, C_HOLD_BUCKETS, C_TIMEOUTS, C_ORPHANS, N_COUNTERS);
+    if (layout == NULL || PyModule_AddObjectRef(m, "COUNTER_LAYOUT", layout) < 0) {
+        Py_XDECREF(layout);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(layout);
     current_pid = (long)getpid();
+    static int fork_handler_registered = 0;
+    if (!fork_handler_registered) {
+        fork_handler_registered = 1;
+        pthread_atfork(NULL, NULL, count_fork_in_child);
+    }
     return m;
 }

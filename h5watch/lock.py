@@ -30,7 +30,17 @@ import weakref
 from bisect import bisect_left
 from typing import Any, Callable
 
-from .stats import BUCKET_BOUNDS_NS, CoreLockStats, LockStats
+from .stats import (
+    BUCKET_BOUNDS_NS,
+    C_ACQUISITIONS,
+    C_HOLD_BUCKETS,
+    C_HOLD_MAX,
+    C_HOLD_SUM,
+    C_REENTRIES,
+    COUNTER_LAYOUT,
+    CoreLockStats,
+    LockStats,
+)
 
 __all__ = [
     "WatchedLock",
@@ -105,6 +115,9 @@ policy = _Policy()
 
 _registry_lock = threading.Lock()
 _registry: list[weakref.ReferenceType[WatchedLock]] = []
+# Dead references are dropped when the list reaches this length, which then
+# doubles the live count: registering N locks costs O(N) in all.
+_registry_compact_at = 64
 _sequence = itertools.count()
 
 
@@ -117,8 +130,11 @@ def watched_locks() -> list[WatchedLock]:
 
 
 def _register(lock: WatchedLock) -> None:
+    global _registry_compact_at
     with _registry_lock:
-        _registry[:] = [ref for ref in _registry if ref() is not None]
+        if len(_registry) >= _registry_compact_at:
+            _registry[:] = [ref for ref in _registry if ref() is not None]
+            _registry_compact_at = max(64, 2 * len(_registry))
         _registry.append(weakref.ref(lock))
 
 
@@ -452,6 +468,7 @@ class PythonWatchedLock(_LockLogic):
     __slots__ = (
         "name",
         "stats",
+        "_counters",
         "_inner",
         "_inner_acquire",
         "_inner_release",
@@ -473,6 +490,9 @@ class PythonWatchedLock(_LockLogic):
     def __init__(self, name: str, lock: Any = None) -> None:
         inner = lock if lock is not None else threading.Lock()
         self.stats = LockStats()
+        self.stats._owner_lock = weakref.ref(self)
+        # The counters' 64 words (see h5watch.stats), written here directly.
+        self._counters = self.stats._c
         self._inner_acquire = inner.acquire
         self._inner_release = inner.release
         self._owner: int | None = None
@@ -498,7 +518,7 @@ class PythonWatchedLock(_LockLogic):
         me = _get_ident()
         if self._owner == me:
             self._count += 1
-            self.stats.reentries += 1
+            self._counters[C_REENTRIES] += 1
             return True
         if (self._fork_gate is not None or not self._inner_acquire(False)) and not self._acquire_slow(me, -1):
             return False
@@ -507,14 +527,14 @@ class PythonWatchedLock(_LockLogic):
         self._operation = operation
         self._count = 1
         self._owner = me
-        self.stats.acquisitions += 1
+        self._counters[C_ACQUISITIONS] += 1
         return True
 
     def _acquire(self, blocking: bool, timeout: float, operation: str | None) -> bool:
         me = _get_ident()
         if self._owner == me:
             self._count += 1
-            self.stats.reentries += 1
+            self._counters[C_REENTRIES] += 1
             return True
         if not blocking:
             if not self._inner_acquire(False):
@@ -526,7 +546,7 @@ class PythonWatchedLock(_LockLogic):
         self._operation = operation
         self._count = 1
         self._owner = me
-        self.stats.acquisitions += 1
+        self._counters[C_ACQUISITIONS] += 1
         return True
 
     __enter__ = acquire_for
@@ -539,11 +559,11 @@ class PythonWatchedLock(_LockLogic):
             self._count = count
             return
         held_ns = _monotonic_ns() - self._since_ns
-        stats = self.stats
-        stats.hold_buckets[bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
-        stats.hold_sum_ns += held_ns
-        if held_ns > stats.hold_max_ns:
-            stats.hold_max_ns = held_ns
+        counters = self._counters
+        counters[C_HOLD_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
+        counters[C_HOLD_SUM] += held_ns
+        if held_ns > counters[C_HOLD_MAX]:
+            counters[C_HOLD_MAX] = held_ns
         self._count = 0
         self._owner = None
         self._inner_release()
@@ -584,6 +604,8 @@ def _load_compiled() -> tuple[Any, str]:
         from . import _lockcore  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"{_NOT_BUILT}: {exc}"
+    if tuple(getattr(_lockcore, "COUNTER_LAYOUT", ())) != COUNTER_LAYOUT:
+        return None, f"{_NOT_BUILT}: the compiled core was built from another version of h5watch (reinstall it)"
     return _lockcore, "compiled"
 
 

@@ -33,7 +33,8 @@ from typing import Any
 
 from . import fork, logs
 from .lock import WatchedLock, watched_locks
-from .statefile import DUMP_SIGNAL, StateDirError, StateWriter, ensure_state_dir
+from .statedir import create_file_at
+from .statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 from .watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 
 __all__ = ["StateExtension", "DUMP_SIGNAL"]
@@ -57,19 +58,20 @@ class StateExtension:
         self._open_lock = threading.Lock()
 
     def start(self, options: Any) -> None:
-        previous = self.options
         self.options = options
         if not options.state_files:
             self.stop()
             return
-        if self.writer is not None and previous is not None and (previous.state_dir, previous.service) != (
-            options.state_dir,
-            options.service,
-        ):
-            self.stop()  # the next write creates the file where it now belongs
-        self.options = options
+        writer = self.writer
+        if writer is not None and writer.owned_here() and os.path.abspath(options.state_dir) != os.path.abspath(writer.directory):
+            # The file lives as long as the process image: its counters are
+            # in it, and a second file would count them twice.
+            _log.warning("state.dir_kept", state_dir=options.state_dir, path=writer.path,
+                         hint="a process keeps its first state file until it exits")
         self._enabled = True
         self._failed_pid = None
+        if writer is not None and writer.owned_here() and self._stacks_file is None:
+            self._register_dump(writer.stacks_path)
         if not self._hooks_added:
             self._hooks_added = True
             add_tick_callback(self.tick)
@@ -80,10 +82,12 @@ class StateExtension:
             atexit.register(self._at_exit)
 
     def stop(self) -> None:
+        """Stop writing. The file stays until the process exits (or execs):
+        the locks count in it still, and the daemon keeps their totals."""
         self._enabled = False
-        writer, self.writer = self.writer, None
-        if writer is not None:
-            writer.close(exited=True)
+        writer = self.writer
+        if writer is not None and writer.owned_here():
+            self._write_all(writer)
         self._unregister_dump()
 
     def snapshot(self) -> dict[str, Any]:
@@ -119,7 +123,9 @@ class StateExtension:
             self._write_all(writer)
 
     def _at_exit(self) -> None:
-        writer = self._writer(create=_used_a_watched_lock(), dumps=False)
+        writer = self.writer if self.writer is not None and self.writer.owned_here() else None
+        if writer is None:
+            writer = self._writer(create=_used_a_watched_lock(), dumps=False)
         if writer is not None:
             self._write_all(writer)
             writer.close(exited=True)
@@ -144,12 +150,14 @@ class StateExtension:
 
     def _open(self, dumps: bool) -> None:
         try:
-            ensure_state_dir(self.options.state_dir)
-            writer = StateWriter(self.options.state_dir, self.options.service, DUMP_SIGNAL, self.options.tick_interval)
-        except (StateDirError, OSError) as exc:
+            # This user's own directory, <state_dir>/<uid>, opened once and checked.
+            directory = ensure_state_dir(self.options.state_dir)
+            writer = StateWriter(directory, self.options.service, DUMP_SIGNAL, self.options.tick_interval)
+        except (StateDirError, StateFileError, OSError) as exc:
             self._failed_pid = os.getpid()
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
+        writer.attach_forks(fork.fork_stats)
         if dumps:
             self._register_dump(writer.stacks_path)
         self.writer = writer
@@ -167,7 +175,7 @@ class StateExtension:
 
     def _register_dump(self, path: str) -> None:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = create_file_at(path, os.O_WRONLY | os.O_APPEND)  # O_EXCL: never through a planted link
             stacks_file = os.fdopen(fd, "w")
             faulthandler.register(DUMP_SIGNAL, file=stacks_file, all_threads=True, chain=False)
         except (OSError, ValueError, RuntimeError) as exc:

@@ -3,22 +3,46 @@
 Every instrumented process (every forked child too) owns one file,
 ``<pid>-<start ticks>.h5w`` in ``state_dir``, mode 0600::
 
-    header   HEADER_SIZE bytes: magic, version, sizes, seq, pid, start ticks,
-             uid, dump signal, workload, heartbeat, forks, fork waits
-    records  CAPACITY x RECORD_SIZE bytes: one per watched lock (counters,
-             histograms, holder identity, waiters, oldest wait, orphan flag)
+    header    HEADER_SIZE bytes: magic, version, sizes, seq, pid, start
+              ticks, uid, dump signal, workload, heartbeat, slots in use,
+              locks that found no slot, the merge journal
+    forks     COUNTERS_BYTES: the fork counters (live)
+    records   CAPACITY x RECORD_SIZE bytes: one per watched lock instance
+              (live), or per name for instances already collected
+              (retired): name, state, counter block, holder, waiters
+    blocks    CAPACITY x COUNTERS_BYTES: the counters (live)
 
 All integers are little-endian. The same field list gives the writer's
 ``struct`` format and the reader's numpy dtype, so the two cannot drift.
 Writing needs only ``struct`` and ``mmap``: numpy is imported by the first
-read (the daemon, ``h5watch status``) or use of the dtypes, never by an
-instrumented process that only writes its file.
+read (the daemon, ``h5watch status``), never by a process that only writes.
 
-Torn reads: the header and each record start with a sequence counter. The
-writer makes it odd, writes the body, makes it even (a seqlock). A reader
-copies the bytes, copies them again, and accepts them only when every
-counter is even and unchanged; otherwise it retries, then gives up for this
-scan. Writers of one file are serialised by one lock of the writer's own.
+Live counters: a lock's counters are not copied into the file now and
+then: once the file exists, the lock counts in its block of the mapping
+itself (see ``h5watch.stats``), so whatever kills the process, SIGKILL
+included, what it counted is in the file. A record's block changes only by
+a merge (below); counters are read without a sequence check (each is one
+aligned 8-byte word, and only grows).
+
+Torn reads of the rest: the header and each record start with a sequence
+counter. The writer makes it odd, writes the body, makes it even (a
+seqlock). A reader copies the bytes twice and accepts them only when every
+counter is even and unchanged; otherwise it retries. The file of a writer
+that died in the middle of a write stays odd: it is read as it is
+(``torn``), which the daemon accepts for a dead process only.
+
+Slots: a lock instance gets a live record when the file is made or when it
+is first seen. When the instance is collected, its counts are merged into
+its name's retired record: the sum is written into a free block, the merge
+is noted in the header's journal, the retired record is pointed at the new
+block, the live record is freed, and the journal is cleared. A reader of a
+file whose writer died between two of these steps counts every block
+exactly once by the journal: the live record is left out once the retired
+record points at the new block.
+
+A process that ``exec()``s keeps its pid and start time, and so its file
+name: an instrumented new image adopts the file, retiring the old image's
+records into its names' retired records, and counts on from there.
 
 Next to it, ``<pid>-<start ticks>.stacks`` receives ``faulthandler``'s dump
 of every thread's stack when the process gets its dump signal: the daemon's
@@ -35,6 +59,7 @@ import stat
 import struct
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .statedir import (  # noqa: F401 (re-exported: the directory's API)
@@ -42,13 +67,35 @@ from .statedir import (  # noqa: F401 (re-exported: the directory's API)
     STATE_SUFFIX,
     StateDirError,
     check_state_dir,
+    create_file_at,
     ensure_state_dir,
     list_state_files,
+    open_at,
+    open_for_reading,
     proc_start_ticks,
     proc_stat,
     process_identity,
+    remove_at,
+    rename_at,
 )
-from .stats import N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
+from .stats import (
+    C_ACQUISITIONS,
+    C_CONTENTIONS,
+    C_HOLD_BUCKETS,
+    C_HOLD_MAX,
+    C_HOLD_SUM,
+    C_ORPHANS,
+    C_REENTRIES,
+    C_TIMEOUTS,
+    C_WAIT_BUCKETS,
+    C_WAIT_MAX,
+    C_WAIT_SUM,
+    COUNTERS_BYTES,
+    N_BUCKETS,
+    N_COUNTERS,
+    ORPHAN_ACTIONS,
+    TIMEOUT_KINDS,
+)
 
 __all__ = [
     "DUMP_SIGNAL",
@@ -76,12 +123,16 @@ __all__ = [
 # use, the same number in every process (the daemon never takes it from a file).
 DUMP_SIGNAL = int(signal.SIGRTMIN) + 6 if hasattr(signal, "SIGRTMIN") else int(signal.SIGUSR2)
 MAGIC = b"H5WATCH\0"
-VERSION = 1
-CAPACITY = 16
+VERSION = 2
+CAPACITY = 256
 MAX_WAITERS = 4
 NAME_BYTES = 64
 OPERATION_BYTES = 128
 THREAD_NAME_BYTES = 48
+
+SLOT_FREE = 0
+SLOT_LIVE = 1
+SLOT_RETIRED = 2
 
 # (field, struct code, numpy dtype). Arrays: struct code "<n><c>", dtype (type, n).
 _HEADER_FIELDS = [
@@ -99,30 +150,24 @@ _HEADER_FIELDS = [
     ("started_unix", "d", "<f8"),
     ("heartbeat_unix", "d", "<f8"),
     ("exited", "I", "<u4"),
-    ("n_locks", "I", "<u4"),
+    ("n_slots", "I", "<u4"),
     ("watchdog_running", "I", "<u4"),
     ("tick_interval", "f", "<f4"),
-    ("forks", "Q", "<u8"),
-    ("fork_wait_buckets", f"{N_BUCKETS}Q", ("<u8", N_BUCKETS)),
-    ("fork_wait_sum_ns", "Q", "<u8"),
-    ("fork_wait_max_ns", "Q", "<u8"),
     ("fork_since_unix", "d", "<f8"),
+    ("locks_unrecorded", "Q", "<u8"),
+    ("images", "I", "<u4"),
+    ("merge_active", "I", "<u4"),
+    ("merge_from", "I", "<u4"),
+    ("merge_into", "I", "<u4"),
+    ("merge_block", "I", "<u4"),
 ]
 
 _RECORD_FIELDS = [
     ("seq", "Q", "<u8"),
+    ("state", "I", "<u4"),
+    ("block", "I", "<u4"),
+    ("instance", "Q", "<u8"),
     ("name", f"{NAME_BYTES}s", f"S{NAME_BYTES}"),
-    ("acquisitions", "Q", "<u8"),
-    ("contentions", "Q", "<u8"),
-    ("reentries", "Q", "<u8"),
-    ("wait_buckets", f"{N_BUCKETS}Q", ("<u8", N_BUCKETS)),
-    ("wait_sum_ns", "Q", "<u8"),
-    ("wait_max_ns", "Q", "<u8"),
-    ("hold_buckets", f"{N_BUCKETS}Q", ("<u8", N_BUCKETS)),
-    ("hold_sum_ns", "Q", "<u8"),
-    ("hold_max_ns", "Q", "<u8"),
-    ("timeouts", f"{len(TIMEOUT_KINDS)}Q", ("<u8", len(TIMEOUT_KINDS))),
-    ("orphans", f"{len(ORPHAN_ACTIONS)}Q", ("<u8", len(ORPHAN_ACTIONS))),
     ("held", "I", "<u4"),
     ("orphaned", "I", "<u4"),
     ("depth", "i", "<i4"),
@@ -137,6 +182,27 @@ _RECORD_FIELDS = [
     ("waiter_native_ids", f"{MAX_WAITERS}q", ("<i8", MAX_WAITERS)),
     ("waiter_since_unix", f"{MAX_WAITERS}d", ("<f8", MAX_WAITERS)),
     ("waiter_names", f"{MAX_WAITERS * THREAD_NAME_BYTES}s", f"S{MAX_WAITERS * THREAD_NAME_BYTES}"),
+]
+
+# A lock's counters as the reader returns them, next to its record's fields.
+_COUNTER_FIELDS = [
+    ("acquisitions", "<u8"),
+    ("contentions", "<u8"),
+    ("reentries", "<u8"),
+    ("wait_buckets", ("<u8", N_BUCKETS)),
+    ("wait_sum_ns", "<u8"),
+    ("wait_max_ns", "<u8"),
+    ("hold_buckets", ("<u8", N_BUCKETS)),
+    ("hold_sum_ns", "<u8"),
+    ("hold_max_ns", "<u8"),
+    ("timeouts", ("<u8", len(TIMEOUT_KINDS))),
+    ("orphans", ("<u8", len(ORPHAN_ACTIONS))),
+]
+_FORK_FIELDS = [
+    ("forks", "<u8"),
+    ("fork_wait_buckets", ("<u8", N_BUCKETS)),
+    ("fork_wait_sum_ns", "<u8"),
+    ("fork_wait_max_ns", "<u8"),
 ]
 
 
@@ -161,6 +227,10 @@ _RECORD_STRUCT = _struct(_RECORD_FIELDS)
 HEADER_SIZE = 512
 RECORD_SIZE = (_RECORD_STRUCT.size + 63) // 64 * 64
 assert _HEADER_STRUCT.size <= HEADER_SIZE
+FORKS_OFFSET = HEADER_SIZE
+RECORDS_OFFSET = FORKS_OFFSET + COUNTERS_BYTES
+BLOCKS_OFFSET = RECORDS_OFFSET + CAPACITY * RECORD_SIZE
+FILE_SIZE = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
 
 # struct.pack_into zero-fills its whole target before writing, so the
 # sequence counter must never be inside a packed region: each write packs
@@ -173,25 +243,30 @@ assert _RECORD_FIELDS[0][0] == "seq"
 _HEADER_PREFIX = _struct(_HEADER_PREFIX_FIELDS)
 _HEADER_TAIL = _struct(_HEADER_TAIL_FIELDS)
 _RECORD_TAIL = _struct(_RECORD_TAIL_FIELDS)
-FILE_SIZE = HEADER_SIZE + CAPACITY * RECORD_SIZE
 _SEQ = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 # "<" formats have no padding: the sequence counter follows the prefix.
 _HEADER_SEQ_OFFSET = _HEADER_PREFIX.size
 _DTYPES: dict[str, Any] = {}
 
 
 def _dtypes() -> dict[str, Any]:
-    """HEADER_DTYPE and RECORD_DTYPE, built (and numpy imported) on first use."""
+    """The file's dtypes (HEADER_DTYPE, RECORD_DTYPE) and what the reader
+    returns (LOCK_DTYPE, PROCESS_DTYPE), built (and numpy imported) on first use."""
     if not _DTYPES:
+        import numpy as np
+
         header, record = _dtype(_HEADER_FIELDS, HEADER_SIZE), _dtype(_RECORD_FIELDS, RECORD_SIZE)
         assert header.itemsize == HEADER_SIZE and record.itemsize == RECORD_SIZE
         assert header.fields["seq"][1] == _HEADER_SEQ_OFFSET
-        _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record)
+        lock = np.dtype([(name, dtype) for name, _, dtype in _RECORD_FIELDS if name != "seq"] + _COUNTER_FIELDS)
+        process = np.dtype([(name, dtype) for name, _, dtype in _HEADER_FIELDS] + _FORK_FIELDS)
+        _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record, LOCK_DTYPE=lock, PROCESS_DTYPE=process)
     return _DTYPES
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("HEADER_DTYPE", "RECORD_DTYPE"):
+    if name in ("HEADER_DTYPE", "RECORD_DTYPE", "LOCK_DTYPE", "PROCESS_DTYPE"):
         return _dtypes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -212,7 +287,42 @@ def _fixed(text: str | None, size: int) -> bytes:
     return (text or "").encode("utf-8", "replace")[:size]
 
 
+def _create_or_open(directory: str, name: str) -> tuple[int, bool]:
+    """(descriptor, adopted): a new file, made under a name no reader lists
+    and renamed into place once initialised by the caller (see
+    StateWriter), or this very process's existing file (after ``exec()``,
+    or a new ``install()``), which is adopted."""
+    path = os.path.join(directory, name)
+    try:
+        fd = open_at(path, os.O_RDWR)
+    except FileNotFoundError:
+        # O_EXCL through the checked directory: a link or FIFO planted at
+        # the name is unlinked, never written through.
+        fd = create_file_at(os.path.join(directory, f".{name}.new"))
+        return fd, False
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1 or info.st_size != FILE_SIZE:
+        os.close(fd)
+        raise StateFileError("corrupt", f"{path}: exists and is not this process's state file")
+    return fd, True
+
+
+def _publish(directory: str, name: str) -> None:
+    rename_at(os.path.join(directory, f".{name}.new"), os.path.join(directory, name))
+
+
 # -- writing ---------------------------------------------------------------
+
+
+class _Live:
+    """A live lock instance's slot."""
+
+    __slots__ = ("slot", "lock_ref", "moved")
+
+    def __init__(self, slot: int, lock: Any) -> None:
+        self.slot = slot
+        self.lock_ref = weakref.ref(lock)
+        self.moved = False
 
 
 class StateWriter:
@@ -223,44 +333,58 @@ class StateWriter:
         self.pid = os.getpid()
         self.start_ticks = proc_start_ticks(self.pid) or 0
         self.directory = directory
-        base = os.path.join(directory, state_file_name(self.pid, self.start_ticks))
-        self.path = base
-        self.stacks_path = base[: -len(STATE_SUFFIX)] + STACKS_SUFFIX
+        name = state_file_name(self.pid, self.start_ticks)
+        self.path = os.path.join(directory, name)
+        self.stacks_path = self.path[: -len(STATE_SUFFIX)] + STACKS_SUFFIX
         self._lock = threading.Lock()
         # Set under _lock once the mapping is closed: a write from another
         # thread (the watchdog ticking during interpreter exit) then does nothing.
         self._closed = False
-        self._slots: dict[str, int] = {}
+        self._live: dict[int, _Live] = {}
+        self._retired: dict[str, list[int]] = {}
+        self._unrecorded: set[int] = set()
+        self._locks_unrecorded = 0
+        self._full_logged = False
+        self._free_slots: list[int] = []
+        self._free_blocks: list[int] = []
+        self._n_slots = 0
+        self._n_blocks = 0
+        self._merge = (0, 0, 0, 0)
         self._header_seq = 0
+        self._header_dirty = False
         self._record_seqs = [0] * CAPACITY
-        self._new_slot = False
+        self._record_values: dict[int, dict[str, Any]] = {}
+        self._record_names: dict[int, str] = {}
+        self._blocks: dict[int, int] = {}
         self._heartbeat = time.time()
         self._last_header_args: tuple[Any, bool] = (None, False)
-        # Made under a name no reader lists, and renamed once its header is
-        # written: a scan never finds the file half-made (files are created
-        # whenever a process first has something to write, not only at start).
-        making = os.path.join(directory, f".{os.path.basename(base)}.new")
-        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._images = 1
+        fd, adopted = _create_or_open(directory, name)
         try:
-            os.ftruncate(fd, FILE_SIZE)
+            if not adopted:
+                os.ftruncate(fd, FILE_SIZE)
             self._map = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        self._words = memoryview(self._map)
         self._fixed_header = dict(
             magic=MAGIC, version=VERSION, header_size=HEADER_SIZE, record_size=RECORD_SIZE, capacity=CAPACITY,
             pid=self.pid, start_ticks=self.start_ticks, uid=os.geteuid(), dump_signal=dump_signal,
             workload=_fixed(workload, NAME_BYTES), started_unix=time.time(), tick_interval=tick_interval,
         )
+        if adopted:
+            self._adopt()
         self.write_header(fork_stats=None, watchdog_running=False)
-        try:
-            os.rename(making, base)
-        except OSError:
-            self._map.close()
+        if not adopted:
             try:
-                os.unlink(making)
+                _publish(directory, name)
             except OSError:
-                pass
-            raise
+                self._release_map()
+                try:
+                    remove_at(os.path.join(directory, f".{name}.new"))
+                except OSError:
+                    pass
+                raise
 
     def owned_here(self) -> bool:
         return os.getpid() == self.pid
@@ -271,20 +395,198 @@ class StateWriter:
                 if exited and not self._closed:
                     self.write_header(*self._last_header_args, exited=True, beat=False)
                 self._closed = True
-                self._close_map()
+                self._release_map()
         else:
             # A forked child's copy: its lock may be held by a thread that did
             # not survive the fork, and no other thread of the child uses it.
             self._closed = True
-            self._close_map()
+            self._release_map()
 
-    def _close_map(self) -> None:
+    def _release_map(self) -> None:
+        """Close the mapping where nothing counts in it any more; where a
+        lock still does (the process goes on after ``uninstall()``), it
+        stays mapped, and counting, until the process ends."""
         try:
+            self._words.release()
             self._map.close()
         except (ValueError, BufferError):
             pass
 
-    # Callers hold self._lock (or, in a fresh child, are the only thread).
+    # -- the counters' places ------------------------------------------------
+
+    def counters_at(self, offset: int) -> memoryview:
+        return self._words[offset : offset + COUNTERS_BYTES].cast("Q")
+
+    def _block_offset(self, block: int) -> int:
+        return BLOCKS_OFFSET + block * COUNTERS_BYTES
+
+    def attach_forks(self, fork_stats: Any) -> None:
+        """Count this process's forks in the file from now on."""
+        with self._lock:
+            if not self._closed:
+                fork_stats.move_to(self.counters_at(FORKS_OFFSET), add=True)
+
+    def _new_block(self) -> int | None:
+        if self._free_blocks:
+            block = self._free_blocks.pop()
+        elif self._n_blocks < CAPACITY:
+            block = self._n_blocks
+            self._n_blocks += 1
+        else:
+            return None
+        offset = self._block_offset(block)
+        self._map[offset : offset + COUNTERS_BYTES] = bytes(COUNTERS_BYTES)
+        return block
+
+    def _new_slot(self) -> int | None:
+        if self._free_slots:
+            return self._free_slots.pop()
+        if self._n_slots < CAPACITY:
+            self._n_slots += 1
+            return self._n_slots - 1
+        return None
+
+    def _slot_of(self, lock: Any) -> _Live | None:
+        """The live slot of ``lock``, made (and its counters moved into the
+        file) when first seen; None when the file has no room left."""
+        live = self._live.get(lock._seq)
+        if live is None:
+            if lock._seq in self._unrecorded:
+                return None
+            slot = self._new_slot()
+            if slot is None:
+                self._compact()
+                slot = self._new_slot()
+            block = self._new_block() if slot is not None else None
+            if slot is None or block is None:
+                if slot is not None:
+                    self._free_slots.append(slot)
+                self._no_room(lock)
+                return None
+            live = self._live[lock._seq] = _Live(slot, lock)
+            self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock._seq,
+                                          name=_fixed(lock.name, NAME_BYTES)))
+            self._blocks[slot] = block
+            self._header_dirty = True
+        if not live.moved:
+            target = self.counters_at(self._block_offset(self._blocks[live.slot]))
+            if lock.stats.move_to(target):
+                live.moved = True
+            else:
+                # Busy (pure-Python locks move only while free): a copy for now.
+                target[:] = memoryview(bytearray(COUNTERS_BYTES)).cast("Q")
+                for index, value in enumerate(lock.stats.counters()):
+                    target[index] = value
+        return live
+
+    def _no_room(self, lock: Any) -> None:
+        self._unrecorded.add(lock._seq)
+        self._locks_unrecorded += 1
+        self._header_dirty = True
+        if not self._full_logged:
+            self._full_logged = True
+            from . import logs
+
+            logs.get_logger(logger="h5watch.state").error(
+                "state.slots_full", path=self.path, capacity=CAPACITY, lock=lock.name,
+                hint="more live watched locks than the state file holds: their counts are not exported",
+            )
+
+    def _retire_collected(self) -> None:
+        """Instances that were collected: their records become their names' retired records."""
+        for seq, live in list(self._live.items()):
+            if live.lock_ref() is not None:
+                continue
+            del self._live[seq]
+            name = self._record_names[live.slot]
+            self._write_record_fields(live.slot, state=SLOT_RETIRED, held=0, n_waiters=0, depth=0, orphaned=0)
+            self._retired.setdefault(name, []).append(live.slot)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Merge retired records of one name, two at a time, while blocks allow."""
+        for name, slots in self._retired.items():
+            while len(slots) > 1:
+                if not self._merge_pair(slots[0], slots[-1]):
+                    return
+                slots.pop()
+
+    def _merge_pair(self, into: int, source: int) -> bool:
+        block = self._new_block()
+        if block is None:
+            return False
+        old_into, old_source = self._blocks[into], self._blocks[source]
+        total = self.counters_at(self._block_offset(block))
+        a = self.counters_at(self._block_offset(old_into))
+        b = self.counters_at(self._block_offset(old_source))
+        for index in range(N_COUNTERS):
+            total[index] = max(a[index], b[index]) if index in _MAX_WORDS else a[index] + b[index]
+        # The journal, then the retired record's new block, then the freed
+        # record: a reader counts each block once whatever the interruption.
+        self._merge = (1, source, into, block)
+        self.write_header(*self._last_header_args, beat=False)
+        self._write_record_fields(into, block=block)
+        self._blocks[into] = block
+        self._write_record_fields(source, state=SLOT_FREE)
+        self._merge = (0, 0, 0, 0)
+        self.write_header(*self._last_header_args, beat=False)
+        self._free_slots.append(source)
+        self._free_blocks.extend((old_into, old_source))
+        return True
+
+    def _adopt(self) -> None:
+        """This process's file from before an ``exec()`` (or a new
+        ``install()``): every live record is the old image's, retired now."""
+        self._header_seq = _SEQ.unpack_from(self._map, _HEADER_SEQ_OFFSET)[0] // 2 + 1
+        tail = _unflatten(_HEADER_TAIL_FIELDS, _HEADER_TAIL.unpack_from(self._map, _HEADER_SEQ_OFFSET + 8))
+        n_slots = min(int(tail["n_slots"]), CAPACITY)
+        self._images = int(tail["images"]) + 1
+        active, source, into, block = (int(tail[k]) for k in ("merge_active", "merge_from", "merge_into", "merge_block"))
+        used_blocks = set()
+        for slot in range(n_slots):
+            offset = RECORDS_OFFSET + slot * RECORD_SIZE
+            seq = _SEQ.unpack_from(self._map, offset)[0]
+            self._record_seqs[slot] = seq // 2 + 1
+            values = _unflatten(_RECORD_TAIL_FIELDS, _RECORD_TAIL.unpack_from(self._map, offset + 8))
+            state, block_of = int(values["state"]), int(values["block"])
+            if active and slot == source and self._merge_done(into, block):
+                state = SLOT_FREE
+            if state not in (SLOT_LIVE, SLOT_RETIRED) or block_of >= CAPACITY:
+                self._write_record(slot, dict(_EMPTY_RECORD))
+                self._free_slots.append(slot)
+                continue
+            name = _text(values["name"])
+            self._record_names[slot] = name
+            self._blocks[slot] = block_of
+            used_blocks.add(block_of)
+            self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_RETIRED, block=block_of, instance=int(values["instance"]),
+                                          name=values["name"]))
+            self._retired.setdefault(name, []).append(slot)
+        self._n_slots = n_slots
+        self._n_blocks = max(used_blocks, default=-1) + 1
+        self._free_blocks = [b for b in range(self._n_blocks) if b not in used_blocks]
+        self._merge = (0, 0, 0, 0)
+        self._compact()
+
+    def _merge_done(self, into: int, block: int) -> bool:
+        offset = RECORDS_OFFSET + into * RECORD_SIZE
+        return int(_unflatten(_RECORD_TAIL_FIELDS, _RECORD_TAIL.unpack_from(self._map, offset + 8))["block"]) == block
+
+    # -- records and header (callers hold self._lock, or are the only thread) --
+
+    def _write_record(self, slot: int, fields: dict[str, Any]) -> None:
+        self._record_values[slot] = dict(fields)
+        if fields.get("name") is not None:
+            self._record_names[slot] = _text(fields["name"])
+        offset = RECORDS_OFFSET + slot * RECORD_SIZE
+        self._record_seqs[slot] += 1
+        seq = self._record_seqs[slot] * 2
+        _SEQ.pack_into(self._map, offset, seq - 1)
+        _RECORD_TAIL.pack_into(self._map, offset + 8, *_flatten(_RECORD_TAIL_FIELDS, fields))
+        _SEQ.pack_into(self._map, offset, seq)
+
+    def _write_record_fields(self, slot: int, **changes: Any) -> None:
+        self._write_record(slot, {**self._record_values[slot], **changes})
 
     def write_header(self, fork_stats: Any, watchdog_running: bool, exited: bool = False, beat: bool = True) -> None:
         """``beat``: this write is a heartbeat (the watchdog's tick); else the last one is kept."""
@@ -294,49 +596,35 @@ class StateWriter:
         fields = dict(self._fixed_header)
         fork_since = 0.0
         if fork_stats is not None:
-            snap, since_ns = fork_stats
-            fields.update(forks=snap["forks"], fork_wait_buckets=snap["wait"]["buckets"],
-                          fork_wait_sum_ns=snap["wait"]["sum_ns"], fork_wait_max_ns=snap["wait"]["max_ns"])
+            _snap, since_ns = fork_stats
             if since_ns is not None:
                 fork_since = time.time() - (time.monotonic_ns() - since_ns) / 1e9
-        else:
-            fields.update(forks=0, fork_wait_buckets=[0] * N_BUCKETS, fork_wait_sum_ns=0, fork_wait_max_ns=0)
-        fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_locks=len(self._slots),
-                      watchdog_running=int(watchdog_running), fork_since_unix=fork_since)
+        active, source, into, block = self._merge
+        fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_slots=self._n_slots,
+                      watchdog_running=int(watchdog_running), fork_since_unix=fork_since,
+                      locks_unrecorded=self._locks_unrecorded, images=self._images,
+                      merge_active=active, merge_from=source, merge_into=into, merge_block=block)
         if self._header_seq == 0:
             _HEADER_PREFIX.pack_into(self._map, 0, *_flatten(_HEADER_PREFIX_FIELDS, fields))
         self._header_seq += 1
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2 - 1)
         _HEADER_TAIL.pack_into(self._map, _HEADER_SEQ_OFFSET + 8, *_flatten(_HEADER_TAIL_FIELDS, fields))
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
-
-    def slot(self, name: str) -> int | None:
-        index = self._slots.get(name)
-        if index is None:
-            if len(self._slots) >= CAPACITY:
-                return None
-            index = self._slots[name] = len(self._slots)
-            self._new_slot = True
-        return index
+        self._header_dirty = False
 
     def write_lock(self, lock: Any, orphan: dict[str, Any] | None = None) -> None:
-        index = self.slot(lock.name)
-        if index is None:
+        live = self._slot_of(lock)
+        if live is None:
             return
         now_ns = time.monotonic_ns()
         now_unix = time.time()
-        snap = lock.stats.snapshot()
         orphan = orphan or lock._orphan
         holder = lock.holder(now_ns)
         if orphan is not None:
             holder = dict(orphan.get("holder") or {})
         waiters = lock.waiters(now_ns)
         fields: dict[str, Any] = dict(
-            name=_fixed(lock.name, NAME_BYTES),
-            acquisitions=snap["acquisitions"], contentions=snap["contentions"], reentries=snap["reentries"],
-            wait_buckets=snap["wait"]["buckets"], wait_sum_ns=snap["wait"]["sum_ns"], wait_max_ns=snap["wait"]["max_ns"],
-            hold_buckets=snap["hold"]["buckets"], hold_sum_ns=snap["hold"]["sum_ns"], hold_max_ns=snap["hold"]["max_ns"],
-            timeouts=[snap["timeouts"][k] for k in TIMEOUT_KINDS], orphans=[snap["orphans"][k] for k in ORPHAN_ACTIONS],
+            self._record_values[live.slot],
             held=int(holder is not None), orphaned=int(orphan is not None), n_waiters=len(waiters),
         )
         if holder is not None:
@@ -360,12 +648,7 @@ class StateWriter:
             waiter_since_unix=[now_unix - w["wait_seconds"] for w in shown] + [0.0] * (MAX_WAITERS - len(shown)),
             waiter_names=b"".join(_fixed(w["thread_name"], THREAD_NAME_BYTES).ljust(THREAD_NAME_BYTES, b"\0") for w in shown),
         )
-        offset = HEADER_SIZE + index * RECORD_SIZE
-        self._record_seqs[index] += 1
-        seq = self._record_seqs[index] * 2
-        _SEQ.pack_into(self._map, offset, seq - 1)
-        _RECORD_TAIL.pack_into(self._map, offset + 8, *_flatten(_RECORD_TAIL_FIELDS, fields))
-        _SEQ.pack_into(self._map, offset, seq)
+        self._write_record(live.slot, fields)
 
     def write_all(self, locks: Iterable[Any], fork_stats: Any, watchdog_running: bool) -> None:
         with self._lock:
@@ -373,8 +656,8 @@ class StateWriter:
                 return
             for lock in locks:
                 self.write_lock(lock)
+            self._retire_collected()
             self.write_header(fork_stats, watchdog_running)
-            self._new_slot = False
 
     def write_one(self, lock: Any, timeout: float = 0.05, orphan: dict[str, Any] | None = None) -> None:
         """From a lock's slow path: never wait long for the tick's writer."""
@@ -384,11 +667,18 @@ class StateWriter:
             if self._closed:
                 return
             self.write_lock(lock, orphan)
-            if self._new_slot:
-                self._new_slot = False
+            if self._header_dirty:
                 self.write_header(*self._last_header_args, beat=False)
         finally:
             self._lock.release()
+
+
+_EMPTY_RECORD: dict[str, Any] = dict(
+    state=SLOT_FREE, block=0, instance=0, name=b"", held=0, orphaned=0, depth=0, n_waiters=0, holder_pid=0,
+    holder_ident=0, holder_native_id=0, holder_name=b"", holder_operation=b"", held_since_unix=0.0,
+    oldest_wait_since_unix=0.0, waiter_native_ids=[0] * MAX_WAITERS, waiter_since_unix=[0.0] * MAX_WAITERS, waiter_names=b"",
+)
+_MAX_WORDS = frozenset((C_WAIT_MAX, C_HOLD_MAX))
 
 
 def _flatten(fields: list[tuple[str, str, Any]], values: dict[str, Any]) -> list[Any]:
@@ -402,19 +692,37 @@ def _flatten(fields: list[tuple[str, str, Any]], values: dict[str, Any]) -> list
     return out
 
 
+def _unflatten(fields: list[tuple[str, str, Any]], values: tuple[Any, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    position = 0
+    for name, _code, dtype in fields:
+        if isinstance(dtype, tuple):
+            out[name] = list(values[position : position + dtype[1]])
+            position += dtype[1]
+        else:
+            out[name] = values[position]
+            position += 1
+    return out
+
+
 # -- reading ---------------------------------------------------------------
 
 
 class ProcessState:
-    """One state file as read: its header (numpy record) and lock records."""
+    """One state file as read: its header (numpy record of PROCESS_DTYPE, the
+    fork counters included) and lock records (LOCK_DTYPE: one per live lock
+    instance and per retired name, with their counters)."""
 
-    __slots__ = ("path", "header", "records", "file_uid")
+    __slots__ = ("path", "header", "records", "file_uid", "torn")
 
-    def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int) -> None:
+    def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int, torn: bool = False) -> None:
         self.path = path
         self.header = header
         self.records = records
         self.file_uid = file_uid
+        # Read as it is although its writer's sequence counters were odd:
+        # only for a process that is gone (the counters are still exact).
+        self.torn = torn
 
     def __repr__(self) -> str:
         return f"ProcessState(path={self.path!r}, pid={self.pid}, file_uid={self.file_uid})"
@@ -501,16 +809,20 @@ def _text(raw: Any) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3) -> ProcessState:
+def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, accept_torn: bool = False,
+                    dir_fd: int | None = None) -> ProcessState:
     """Read one state file, or raise :class:`StateFileError` saying why it is skipped.
 
     Opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat`` on the
     open descriptor, so a file swapped for a symlink or a FIFO between the
     directory listing and the read is refused, not followed or waited on.
+    ``accept_torn``: a file whose sequence counters stay odd (its writer died
+    in the middle of a write) is returned as it is, marked ``torn``, instead
+    of raising ``busy``.
     """
     daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_for_reading(path, dir_fd)  # dir_fd: the checked directory's descriptor
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StateFileError("symlink", "is a symlink") from None
@@ -523,46 +835,99 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3) 
             raise StateFileError("foreign_owner", f"owned by uid {info.st_uid}, not by this user")
         if info.st_size != FILE_SIZE:
             raise StateFileError("truncated", f"truncated or corrupt: {info.st_size} bytes, expected {FILE_SIZE}")
-        for _ in range(retries):
-            first = _read_consistent(fd)
-            if first is None:
-                time.sleep(0.001)
-                continue
-            header, records = first
-            if int(header["uid"]) != info.st_uid:
-                raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
-            return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid)
-        raise StateFileError("busy", "being written too often to read a consistent copy")
+        last = None
+        for attempt in range(retries):
+            last = _read_tables(fd)
+            if last[2]:
+                break
+            time.sleep(0.001 * (attempt + 1))
+        assert last is not None
+        head, table, consistent = last
+        if not consistent and not accept_torn:
+            raise StateFileError("busy", "being written too often to read a consistent copy")
+        header, records = _decode(fd, head, table)
+        if int(header["uid"]) != info.st_uid:
+            raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
+        return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid, torn=not consistent)
     finally:
         os.close(fd)
 
 
-def _read_consistent(fd: int) -> tuple[np.void, np.ndarray] | None:
-    import numpy as np
-
-    dtypes = _dtypes()
+def _read_tables(fd: int) -> tuple[bytes, bytes, bool]:
+    """(header bytes, record bytes, consistent): each read twice; consistent
+    when both copies agree and every sequence counter is even."""
     head = os.pread(fd, HEADER_SIZE, 0)
     if len(head) != HEADER_SIZE:
         raise StateFileError("truncated", "truncated header")
-    header = np.frombuffer(head, dtype=dtypes["HEADER_DTYPE"], count=1)[0]
-    if bytes(header["magic"]) != MAGIC.rstrip(b"\0"):  # numpy drops trailing NULs
+    if head[:8] != MAGIC:
         raise StateFileError("corrupt", "corrupt: bad magic")
-    if int(header["version"]) != VERSION:
-        raise StateFileError("version", f"unsupported layout version {int(header['version'])} (this h5watch reads {VERSION})")
-    if (int(header["header_size"]), int(header["record_size"]), int(header["capacity"])) != (HEADER_SIZE, RECORD_SIZE, CAPACITY):
+    version = _U32.unpack_from(head, 8)[0]
+    if version != VERSION:
+        raise StateFileError("version", f"unsupported layout version {version} (this h5watch reads {VERSION})")
+    if struct.unpack_from("<III", head, 12) != (HEADER_SIZE, RECORD_SIZE, CAPACITY):
         raise StateFileError("corrupt", "corrupt: sizes do not match the layout version")
-    n_locks = int(header["n_locks"])
-    if n_locks > CAPACITY:
-        raise StateFileError("corrupt", f"corrupt: {n_locks} lock records, capacity {CAPACITY}")
-    body_size = n_locks * RECORD_SIZE
-    body = os.pread(fd, body_size, HEADER_SIZE) if body_size else b""
-    if len(body) != body_size:
+    tail = _unflatten(_HEADER_TAIL_FIELDS, _HEADER_TAIL.unpack_from(head, _HEADER_SEQ_OFFSET + 8))
+    n_slots = int(tail["n_slots"])
+    if n_slots > CAPACITY:
+        raise StateFileError("corrupt", f"corrupt: {n_slots} lock records, capacity {CAPACITY}")
+    table = os.pread(fd, n_slots * RECORD_SIZE, RECORDS_OFFSET) if n_slots else b""
+    if len(table) != n_slots * RECORD_SIZE:
         raise StateFileError("truncated", "truncated records")
-    records = np.frombuffer(body, dtype=dtypes["RECORD_DTYPE"], count=n_locks)
-    seqs = records["seq"]
-    if int(header["seq"]) % 2 or (seqs % 2).any():
-        return None
-    again = os.pread(fd, HEADER_SIZE + body_size, 0)
-    if again != head + body:
-        return None
-    return header, records
+    head_again = os.pread(fd, HEADER_SIZE, 0)
+    table_again = os.pread(fd, len(table), RECORDS_OFFSET) if table else b""
+    seqs_even = _SEQ.unpack_from(head, _HEADER_SEQ_OFFSET)[0] % 2 == 0 and all(
+        _SEQ.unpack_from(table, i * RECORD_SIZE)[0] % 2 == 0 for i in range(n_slots))
+    return head, table, seqs_even and head == head_again and table == table_again
+
+
+def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
+    """The header with the fork counters, and one LOCK_DTYPE row per counted record."""
+    import numpy as np
+
+    dtypes = _dtypes()
+    raw_header = np.frombuffer(head, dtype=dtypes["HEADER_DTYPE"], count=1)[0]
+    header = np.zeros((), dtype=dtypes["PROCESS_DTYPE"])
+    for name in dtypes["HEADER_DTYPE"].names:
+        header[name] = raw_header[name]
+    forks = _counter_words(np.frombuffer(os.pread(fd, COUNTERS_BYTES, FORKS_OFFSET), dtype="<u8"))
+    header["forks"] = forks[C_ACQUISITIONS]
+    header["fork_wait_buckets"] = forks[C_WAIT_BUCKETS : C_WAIT_BUCKETS + N_BUCKETS]
+    header["fork_wait_sum_ns"] = forks[C_WAIT_SUM]
+    header["fork_wait_max_ns"] = forks[C_WAIT_MAX]
+    records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=len(table) // RECORD_SIZE)
+    counted = np.isin(records["state"], (SLOT_LIVE, SLOT_RETIRED)) & (records["block"] < CAPACITY)
+    if int(raw_header["merge_active"]):
+        # Interrupted between the steps of a merge (see the module docstring).
+        source, into, block = (int(raw_header[k]) for k in ("merge_from", "merge_into", "merge_block"))
+        if into < len(records) and source < len(records) and int(records[into]["block"]) == block:
+            counted[source] = False
+    chosen = records[counted]
+    out = np.zeros(len(chosen), dtype=dtypes["LOCK_DTYPE"])
+    for name in out.dtype.names:
+        if name in records.dtype.names:
+            out[name] = chosen[name]
+    if len(chosen):
+        blocks = chosen["block"].astype(np.intp)
+        span = int(blocks.max()) + 1
+        raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
+        if len(raw) != span * COUNTERS_BYTES:
+            raise StateFileError("truncated", "truncated counters")
+        words = _counter_words(np.frombuffer(raw, dtype="<u8").reshape(span, N_COUNTERS)[blocks])
+        out["acquisitions"] = words[:, C_ACQUISITIONS]
+        out["contentions"] = words[:, C_CONTENTIONS]
+        out["reentries"] = words[:, C_REENTRIES]
+        out["wait_buckets"] = words[:, C_WAIT_BUCKETS : C_WAIT_BUCKETS + N_BUCKETS]
+        out["wait_sum_ns"] = words[:, C_WAIT_SUM]
+        out["wait_max_ns"] = words[:, C_WAIT_MAX]
+        out["hold_buckets"] = words[:, C_HOLD_BUCKETS : C_HOLD_BUCKETS + N_BUCKETS]
+        out["hold_sum_ns"] = words[:, C_HOLD_SUM]
+        out["hold_max_ns"] = words[:, C_HOLD_MAX]
+        out["timeouts"] = words[:, C_TIMEOUTS : C_TIMEOUTS + len(TIMEOUT_KINDS)]
+        out["orphans"] = words[:, C_ORPHANS : C_ORPHANS + len(ORPHAN_ACTIONS)]
+    return header, out
+
+
+def _counter_words(words: Any) -> Any:
+    """Counters as read: a value no real count reaches (a forged or
+    damaged file) is read as 0, so sums cannot wrap."""
+    return words * (words < (1 << 62))

@@ -24,6 +24,11 @@ __all__ = [
     "N_BUCKETS",
     "LockStats",
     "CoreLockStats",
+    "N_COUNTERS",
+    "COUNTERS_BYTES",
+    "COUNTER_LAYOUT",
+    "snapshot_of",
+    "counter_index",
     "ForkStats",
     "quantile_seconds",
     "merge_lock_snapshots",
@@ -49,111 +54,238 @@ TIMEOUT_KINDS = ("wait", "hold", "fork")
 ORPHAN_ACTIONS = ("killed", "recovered", "raised", "warned")
 
 
+# One lock's counters, as 64 unsigned 64-bit words in this order: the same
+# layout in LockStats, in the compiled core (which checks it at import) and
+# in the state file, whose mapping holds them while the process runs.
+C_ACQUISITIONS = 0
+C_CONTENTIONS = 1
+C_REENTRIES = 2
+C_WAIT_BUCKETS = 3
+C_WAIT_SUM = C_WAIT_BUCKETS + N_BUCKETS
+C_WAIT_MAX = C_WAIT_SUM + 1
+C_HOLD_BUCKETS = C_WAIT_MAX + 1
+C_HOLD_SUM = C_HOLD_BUCKETS + N_BUCKETS
+C_HOLD_MAX = C_HOLD_SUM + 1
+C_TIMEOUTS = C_HOLD_MAX + 1
+C_ORPHANS = C_TIMEOUTS + len(TIMEOUT_KINDS)
+N_COUNTERS = C_ORPHANS + len(ORPHAN_ACTIONS)
+COUNTERS_BYTES = N_COUNTERS * 8
+COUNTER_LAYOUT = (N_BUCKETS, C_WAIT_BUCKETS, C_HOLD_BUCKETS, C_TIMEOUTS, C_ORPHANS, N_COUNTERS)
+assert N_COUNTERS == 64
+
+
+def counter_index(table: str, key: str) -> int:
+    if table == "timeouts":
+        return C_TIMEOUTS + TIMEOUT_KINDS.index(key)
+    if table == "orphans":
+        return C_ORPHANS + ORPHAN_ACTIONS.index(key)
+    raise KeyError(table)
+
+
+def snapshot_of(counters: Any) -> dict[str, Any]:
+    """A snapshot (as :meth:`LockStats.snapshot`) from the 64 counter words."""
+    c = list(counters)
+    return {
+        "acquisitions": c[C_ACQUISITIONS],
+        "contentions": c[C_CONTENTIONS],
+        "reentries": c[C_REENTRIES],
+        "wait": _histogram(c[C_WAIT_BUCKETS:C_WAIT_SUM], c[C_WAIT_SUM], c[C_WAIT_MAX]),
+        "hold": _histogram(c[C_HOLD_BUCKETS:C_HOLD_SUM], c[C_HOLD_SUM], c[C_HOLD_MAX]),
+        "timeouts": dict(zip(TIMEOUT_KINDS, c[C_TIMEOUTS:C_ORPHANS])),
+        "orphans": dict(zip(ORPHAN_ACTIONS, c[C_ORPHANS:N_COUNTERS])),
+    }
+
+
+def _private_counters() -> memoryview:
+    return memoryview(bytearray(COUNTERS_BYTES)).cast("Q")
+
+
+def _word(index: int) -> property:
+    def get(self: LockStats) -> int:
+        return self._c[index]
+
+    def set_(self: LockStats, value: int) -> None:
+        self._c[index] = value
+
+    return property(get, set_)
+
+
+def _words(start: int, count: int) -> property:
+    def get(self: LockStats) -> list[int]:
+        return self._c[start : start + count].tolist()
+
+    def set_(self: LockStats, values: list[int]) -> None:
+        self._c[start : start + count] = memoryview(bytearray(8 * count)).cast("Q")
+        for offset, value in enumerate(values):
+            self._c[start + offset] = value
+
+    return property(get, set_)
+
+
 class LockStats:
-    __slots__ = (
-        "acquisitions",
-        "contentions",
-        "reentries",
-        "wait_buckets",
-        "wait_sum_ns",
-        "wait_max_ns",
-        "hold_buckets",
-        "hold_sum_ns",
-        "hold_max_ns",
-        "timeouts",
-        "orphans",
-        "_bump_lock",
-    )
+    """The counters of one pure-Python lock, in 64 words (see ``C_*``).
+
+    They start in private memory and move into the state file's mapping
+    when the process's file is made (:meth:`move_to`), so that what the
+    process counted is in the file whenever it dies.
+    """
+
+    __slots__ = ("_c", "_bump_lock", "_owner_lock")
 
     def __init__(self) -> None:
-        self.acquisitions = 0
-        self.contentions = 0
-        self.reentries = 0
-        self.wait_buckets = [0] * N_BUCKETS
-        self.wait_sum_ns = 0
-        self.wait_max_ns = 0
-        self.hold_buckets = [0] * N_BUCKETS
-        self.hold_sum_ns = 0
-        self.hold_max_ns = 0
-        self.timeouts = dict.fromkeys(TIMEOUT_KINDS, 0)
-        self.orphans = dict.fromkeys(ORPHAN_ACTIONS, 0)
+        self._c = _private_counters()
         self._bump_lock = threading.Lock()
+        # The lock these counters belong to (a weak reference): a move takes
+        # it first (see move_to), and points its hot path at the new place.
+        self._owner_lock: Any = None
+
+    acquisitions = _word(C_ACQUISITIONS)
+    contentions = _word(C_CONTENTIONS)
+    reentries = _word(C_REENTRIES)
+    wait_buckets = _words(C_WAIT_BUCKETS, N_BUCKETS)
+    wait_sum_ns = _word(C_WAIT_SUM)
+    wait_max_ns = _word(C_WAIT_MAX)
+    hold_buckets = _words(C_HOLD_BUCKETS, N_BUCKETS)
+    hold_sum_ns = _word(C_HOLD_SUM)
+    hold_max_ns = _word(C_HOLD_MAX)
 
     def record_wait(self, wait_ns: int) -> None:
-        self.contentions += 1
-        self.wait_buckets[bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += 1
-        self.wait_sum_ns += wait_ns
-        if wait_ns > self.wait_max_ns:
-            self.wait_max_ns = wait_ns
+        c = self._c
+        c[C_CONTENTIONS] += 1
+        c[C_WAIT_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += 1
+        c[C_WAIT_SUM] += wait_ns
+        if wait_ns > c[C_WAIT_MAX]:
+            c[C_WAIT_MAX] = wait_ns
 
     def bump(self, table: str, key: str) -> None:
+        index = counter_index(table, key)
         with self._bump_lock:
-            getattr(self, table)[key] += 1
+            self._c[index] += 1
+
+    def counters(self) -> list[int]:
+        return self._c.tolist()
+
+    def move_to(self, target: memoryview) -> bool:
+        """Carry on counting in ``target`` (64 words of the state file's
+        mapping), after copying what was counted so far. False when the lock
+        is busy now (try again later).
+
+        Every counter is written by the thread holding the lock, or under
+        ``_bump_lock``: holding both, nobody is half-way through an update.
+        """
+        lock = self._owner_lock() if self._owner_lock is not None else None
+        if lock is not None and not lock._acquire_for_fork(0):
+            return False
+        try:
+            with self._bump_lock:
+                target[:] = self._c
+                self._c = target
+                if lock is not None:
+                    lock._counters = target
+        finally:
+            if lock is not None:
+                lock._release_for_fork()
+        return True
 
     def reset_after_fork(self) -> None:
-        """A forked child is a new process: its statistics start at zero."""
-        self.__init__()  # type: ignore[misc]
+        """A forked child is a new process: its statistics start at zero, in
+        private memory (the parent's mapping is not the child's to write)."""
+        self._c = _private_counters()
+        self._bump_lock = threading.Lock()
+        lock = self._owner_lock() if self._owner_lock is not None else None
+        if lock is not None:
+            lock._counters = self._c
 
     def snapshot(self) -> dict[str, Any]:
-        wait_buckets = list(self.wait_buckets)
-        hold_buckets = list(self.hold_buckets)
-        return {
-            "acquisitions": self.acquisitions,
-            "contentions": self.contentions,
-            "reentries": self.reentries,
-            "wait": _histogram(wait_buckets, self.wait_sum_ns, self.wait_max_ns),
-            "hold": _histogram(hold_buckets, self.hold_sum_ns, self.hold_max_ns),
-            "timeouts": dict(self.timeouts),
-            "orphans": dict(self.orphans),
-        }
+        return snapshot_of(self._c.tolist())
 
 
-class CoreLockStats(LockStats):
-    """LockStats whose hot counters live in the compiled lock core (written
-    there by acquire and release, without touching Python objects)."""
+class CoreLockStats:
+    """The counters of a compiled lock: they live in the compiled core, which
+    writes every one of them in C under the GIL (so a move is atomic)."""
 
     __slots__ = ("_core",)
 
-    def __init__(self, core: Any = None) -> None:
-        if core is not None:
-            self._core = core
-        super().__init__()
+    def __init__(self, core: Any) -> None:
+        self._core = core
 
-    def _hot(name: str) -> property:  # type: ignore[misc]
-        attribute = "_core_" + name
-        return property(lambda self: getattr(self._core, attribute), lambda self, value: setattr(self._core, attribute, value))
+    def _get(index: int) -> property:  # type: ignore[misc]
+        return property(lambda self: self._core._counters()[index])
 
-    acquisitions = _hot("acquisitions")
-    reentries = _hot("reentries")
-    hold_buckets = _hot("hold_buckets")
-    hold_sum_ns = _hot("hold_sum_ns")
-    hold_max_ns = _hot("hold_max_ns")
-    del _hot
+    def _get_words(start: int, count: int) -> property:  # type: ignore[misc]
+        return property(lambda self: list(self._core._counters()[start : start + count]))
+
+    acquisitions = _get(C_ACQUISITIONS)
+    contentions = _get(C_CONTENTIONS)
+    reentries = _get(C_REENTRIES)
+    wait_buckets = _get_words(C_WAIT_BUCKETS, N_BUCKETS)
+    wait_sum_ns = _get(C_WAIT_SUM)
+    wait_max_ns = _get(C_WAIT_MAX)
+    hold_buckets = _get_words(C_HOLD_BUCKETS, N_BUCKETS)
+    hold_sum_ns = _get(C_HOLD_SUM)
+    hold_max_ns = _get(C_HOLD_MAX)
+    del _get, _get_words
+
+    def record_wait(self, wait_ns: int) -> None:
+        self._core._record_wait(wait_ns)
+
+    def bump(self, table: str, key: str) -> None:
+        self._core._bump(counter_index(table, key))
+
+    def counters(self) -> list[int]:
+        return list(self._core._counters())
+
+    def move_to(self, target: memoryview) -> bool:
+        self._core._move_counters(target)
+        return True
+
+    def reset_after_fork(self) -> None:
+        self._core._move_counters(None)
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot_of(self._core._counters())
 
 
 class ForkStats:
-    """Forks this process made and how long their before-hooks waited."""
+    """Forks this process made and how long their before-hooks waited: 64
+    words laid out as a lock's (forks in the acquisitions word, waits in the
+    wait histogram), in the state file once it exists."""
 
-    __slots__ = ("forks", "wait_buckets", "wait_sum_ns", "wait_max_ns")
+    __slots__ = ("_c", "_lock")
 
     def __init__(self) -> None:
-        self.forks = 0
-        self.wait_buckets = [0] * N_BUCKETS
-        self.wait_sum_ns = 0
-        self.wait_max_ns = 0
+        self._c = _private_counters()
+        self._lock = threading.Lock()
+
+    @property
+    def forks(self) -> int:
+        return self._c[C_ACQUISITIONS]
 
     def record(self, wait_ns: int) -> None:
-        self.forks += 1
-        self.wait_buckets[bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += 1
-        self.wait_sum_ns += wait_ns
-        if wait_ns > self.wait_max_ns:
-            self.wait_max_ns = wait_ns
+        with self._lock:
+            c = self._c
+            c[C_ACQUISITIONS] += 1
+            c[C_WAIT_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += 1
+            c[C_WAIT_SUM] += wait_ns
+            if wait_ns > c[C_WAIT_MAX]:
+                c[C_WAIT_MAX] = wait_ns
+
+    def move_to(self, target: memoryview, add: bool = False) -> None:
+        """Count in ``target`` from now on; with ``add``, on top of what it
+        holds (an earlier image of this process, before an ``exec()``)."""
+        with self._lock:
+            for index, value in enumerate(self._c.tolist()):
+                if not add:
+                    target[index] = value
+                elif index == C_WAIT_MAX:
+                    target[index] = max(target[index], value)
+                else:
+                    target[index] += value
+            self._c = target
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "forks": self.forks,
-            "wait": _histogram(list(self.wait_buckets), self.wait_sum_ns, self.wait_max_ns),
-        }
+        c = self._c.tolist()
+        return {"forks": c[C_ACQUISITIONS], "wait": _histogram(c[C_WAIT_BUCKETS:C_WAIT_SUM], c[C_WAIT_SUM], c[C_WAIT_MAX])}
 
 
 def _histogram(buckets: list[int], sum_ns: int, max_ns: int) -> dict[str, Any]:
@@ -190,7 +322,7 @@ def merge_histograms(into: dict[str, Any], other: dict[str, Any]) -> None:
 
 def merge_lock_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Sum the counters and histograms of several snapshots of one lock."""
-    merged = LockStats().snapshot()
+    merged = snapshot_of([0] * N_COUNTERS)
     for snap in snapshots:
         for key in ("acquisitions", "contentions", "reentries"):
             merged[key] += snap[key]

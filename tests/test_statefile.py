@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_python
+from h5watch.lock import IMPLEMENTATION
 from h5watch.statefile import FILE_SIZE, StateFileError, proc_start_ticks, read_state_file
 
 pytestmark = pytest.mark.timeout(90)
@@ -70,28 +71,30 @@ time.sleep(30)
 
 
 def test_readers_never_see_a_torn_record(tmp_path):
-    """A writer process rewrites every counter of a record with the same value
-    k = 1, 2, 3...; every copy a reader accepts must hold one single k."""
+    """A writer process takes its lock again and again, each time under a
+    thread name and an operation both equal to k = 1, 2, 3..., and rewrites
+    the record while holding it: every copy a reader accepts names one single
+    k for both, and the live counters a reader sees never go down."""
     state_dir = tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-c", f"""
-import os, sys, time
+import threading, time
 from h5watch.lock import WatchedLock
 from h5watch.statefile import StateWriter, ensure_state_dir
 ensure_state_dir({str(state_dir)!r})
 writer = StateWriter({str(state_dir)!r}, "torn", 0, 0.5)
 lock = WatchedLock("app.torn")
-stats = lock.stats
+writer.write_all([lock], None, True)
 print(writer.path, flush=True)
 deadline = time.monotonic() + 8
 k = 0
+me = threading.current_thread()
 while time.monotonic() < deadline:
     k += 1
-    stats.acquisitions = stats.contentions = stats.reentries = k
-    stats.wait_buckets = [k] * len(stats.wait_buckets)
-    stats.hold_buckets = [k] * len(stats.hold_buckets)
-    stats.wait_sum_ns = stats.hold_sum_ns = k
-    writer.write_all([lock], None, True)
+    me.name = f"{{k:012d}}"
+    lock.acquire_for(me.name)
+    writer.write_one(lock)
+    lock.release()
     if k % 8 == 0:
         time.sleep(0.0002)  # let readers through now and then
 """],
@@ -99,7 +102,7 @@ while time.monotonic() < deadline:
     )
     try:
         path = proc.stdout.readline().strip()
-        seen, busy = set(), 0
+        seen, busy, last_acquisitions = set(), 0, 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
@@ -108,15 +111,17 @@ while time.monotonic() < deadline:
                 assert exc.reason == "busy", exc
                 busy += 1
                 continue
-            if not len(state.records):
-                continue
+            assert not state.torn
+            (lock,) = state.locks()
             record = state.records[0]
-            values = {int(record["acquisitions"]), int(record["contentions"]), int(record["reentries"]),
-                      int(record["wait_sum_ns"]), int(record["hold_sum_ns"]),
-                      *map(int, record["wait_buckets"]), *map(int, record["hold_buckets"])}
-            assert len(values) == 1, f"torn record: {sorted(values)[:5]}..."
-            seen.add(values.pop())
+            assert int(record["acquisitions"]) >= last_acquisitions
+            last_acquisitions = int(record["acquisitions"])
+            if lock["holder"] is None:
+                continue
+            assert lock["holder"]["thread_name"] == lock["holder"]["operation"], lock["holder"]
+            seen.add(lock["holder"]["operation"])
         assert len(seen) > 100  # the test saw the writer at work
+        assert last_acquisitions > 100
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -156,10 +161,14 @@ def test_forked_child_gets_its_own_file(tmp_path, how):
     if how == "nohook":
         # Nothing of h5watch runs in the child of a fork that skipped Python's
         # hooks until it waits for a watched lock: this one never does, so it
-        # has no file of its own, and it never wrote to its parent's.
+        # has no file of its own. The compiled core notices the fork at the
+        # child's first acquisition and counts privately; the pure-Python
+        # implementation cannot notice it there, and the child's uncontended
+        # acquisitions land in its parent's record (see README, Limits).
         assert set(files) == {pids["parent"]}
         parent = read_state_file(str(files[pids["parent"]]))
-        assert {e["lock"]: e["acquisitions"] for e in parent.locks()}["app.fork"] == 5
+        leaked = 0 if IMPLEMENTATION == "compiled" else 2
+        assert {e["lock"]: e["acquisitions"] for e in parent.locks()}["app.fork"] == 5 + leaked
         return
     assert set(files) == {pids["parent"], pids["child"]}
     parent = read_state_file(str(files[pids["parent"]]))
