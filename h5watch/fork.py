@@ -29,9 +29,10 @@ pre-exec child, a child that execs) is left alone.
 A fork that skipped Python's at-fork hooks (C code calling ``fork()``, or
 ``_posixsubprocess`` for ``user=``/``group=``/``extra_groups=``) is noticed by
 a lock's slow path as a changed pid, the first time the child waits for a
-watched lock. Nothing runs in such a child before that: no libc fork handler,
-no call into CPython's after-fork functions (their before-fork half did not
-run), no thread started.
+watched lock. Nothing runs in such a child before that: no Python code, no
+call into CPython's after-fork functions (their before-fork half did not
+run), no thread started. (The compiled core's libc fork handler only bumps a
+number, so that the child's counters leave its parent's state file.)
 
 In the child, nothing here may take a lock a dead thread could hold: logs
 are written with ``os.write`` (see ``logs``), internal locks are replaced.
