@@ -1,8 +1,26 @@
-"""Signals to stuck workers: only to the process a state file names, through a pidfd.
+"""Signals to stuck workers: only to a process that is provably instrumented now.
 
-A pid is signalled only through a pidfd opened first and then checked
-against the state file's start time and uid, so a pid reused by another
-process in between cannot be hit.
+Before every signal (the stack dump, SIGTERM, SIGCONT, SIGKILL) the target
+must pass :func:`why_not_signal`:
+
+- it is not pid 1, this daemon or the daemon's parent, whatever a state file
+  says (``daemon.refused_signal``);
+- it is the process its state file names: same pid, start time and uid, and
+  a process, not a thread of one. The pidfd is opened first and checked
+  after, so a pid reused by another process in between cannot be hit;
+- it is still the instrumented program: it maps its own state file now. An
+  ``exec()`` unmaps every file, so a Python that exec'd ``sleep`` keeps its
+  pid, start time and uid but fails here (``daemon.refused_signal``).
+  SIGCONT and SIGKILL, which follow the SIGTERM of a process proven so,
+  also go to it (through the same pidfd) while it still catches the dump
+  signal: a Python that exits unmaps its file in its exit handlers and may
+  hang in a later one, and an ``exec()`` resets every handler.
+
+The stack-dump signal is h5watch's own :data:`~h5watch.statefile.DUMP_SIGNAL`
+(never a number read from a file), sent only when the process catches it
+(``SigCgt`` in ``/proc/<pid>/status``: faulthandler's registration shows
+there): to a process without a handler a real-time signal is lethal.
+``--dry-run`` sends nothing at all.
 """
 
 from __future__ import annotations
@@ -10,30 +28,53 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from typing import Any, Callable
 
 from . import logs
 from .statedir import proc_stat, process_identity
-from .statefile import ProcessState
+from .statefile import DUMP_SIGNAL, ProcessState
 
-__all__ = ["kill_worker", "dump_stacks", "open_verified", "still_same", "send", "faulthandler_dump", "STACKS_READ_LIMIT"]
+__all__ = [
+    "kill_worker",
+    "dump_stacks",
+    "open_verified",
+    "still_same",
+    "why_not_signal",
+    "refusal",
+    "maps_state_file",
+    "catches_signal",
+    "send",
+    "faulthandler_dump",
+    "py_spy_dump",
+    "STACKS_READ_LIMIT",
+]
 
 STACKS_READ_LIMIT = 256 * 1024
+# why_not_signal's answer for a process that no longer exists: normal, not logged.
+GONE = "the process is gone"
 
 _log = logs.get_logger(logger="h5watch.daemon")
 
 
 def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, kill_after: float | None, grace: float,
                 dry_run: bool, count_kill: Callable[[], None]) -> None:
-    """Dump a stuck worker's stacks, log the evidence, then SIGTERM and, after ``grace``, SIGKILL."""
+    """Dump a stuck worker's stacks, log the evidence, then SIGTERM and, after ``grace``, SIGKILL.
+
+    With ``dry_run``: the same checks and evidence, minus anything that needs
+    a signal (the faulthandler dump), then ``worker.would_kill``; nothing is
+    sent and nothing is counted."""
     pidfd = open_verified(state)
     if pidfd is None:
         return
     try:
         now = time.time()
-        stacks = dump_stacks(state, pidfd)
+        if dry_run:
+            stacks = {"stacks": "(dry run: no dump signal sent)", "py_spy": py_spy_dump(state.pid)}
+        else:
+            stacks = dump_stacks(state, pidfd)
         evidence = {
             "workload": state.workload,
             "pid": state.pid,
@@ -51,17 +92,17 @@ def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, ki
         if dry_run:
             _log.warning("worker.would_kill", dry_run=True, **evidence)
             return
+        if not send(pidfd, state, signal.SIGTERM):
+            return
         _log.critical("worker.killed", grace=grace, **evidence)
         count_kill()
-        send(pidfd, state.pid, signal.SIGTERM)
-        send(pidfd, state.pid, signal.SIGCONT)  # a stopped process must run to die of SIGTERM
+        send(pidfd, state, signal.SIGCONT, after_sigterm=True)  # a stopped process must run to die of SIGTERM
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             if not still_same(state):
                 return
             time.sleep(0.05)
-        if still_same(state):
-            send(pidfd, state.pid, signal.SIGKILL)
+        if send(pidfd, state, signal.SIGKILL, after_sigterm=True):
             _log.error("worker.sigkilled", workload=state.workload, pid=state.pid, grace=grace)
     finally:
         if pidfd >= 0:
@@ -74,30 +115,43 @@ def dump_stacks(state: ProcessState, pidfd: int) -> dict[str, Any]:
     and from py-spy where installed."""
     result: dict[str, Any] = {"stacks": None, "py_spy": None}
     stat_ = proc_stat(state.pid)
-    dump_signal = int(state.header["dump_signal"])
     if stat_ is not None and stat_[0] in ("T", "t"):
         result["stacks"] = "(process is stopped: no faulthandler dump)"
-    elif dump_signal > 0:
-        result["stacks"] = faulthandler_dump(state, pidfd, dump_signal)
-    py_spy = shutil.which("py-spy")
-    if py_spy:
-        try:
-            out = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(state.pid)], capture_output=True,
-                                 text=True, timeout=5)
-            result["py_spy"] = (out.stdout or out.stderr)[:STACKS_READ_LIMIT]
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            result["py_spy"] = f"(py-spy failed: {exc})"
+    elif not catches_signal(state.pid, DUMP_SIGNAL):
+        result["stacks"] = "(no handler for the dump signal: not sent)"
+    else:
+        result["stacks"] = faulthandler_dump(state, pidfd)
+    result["py_spy"] = py_spy_dump(state.pid)
     return result
 
 
-def open_verified(state: ProcessState) -> int | None:
-    """A pidfd for the state file's process, or None if that process is gone.
+def py_spy_dump(pid: int) -> str | None:
+    """py-spy's view of every thread, where py-spy is installed. ``--nonblocking``:
+    it reads the process's memory without stopping or signalling it."""
+    py_spy = shutil.which("py-spy")
+    if not py_spy:
+        return None
+    try:
+        out = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(pid)], capture_output=True, text=True,
+                             timeout=5)
+        return (out.stdout or out.stderr)[:STACKS_READ_LIMIT]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(py-spy failed: {exc})"
 
-    The pidfd is opened first and the identity checked after: if it matches,
+
+def open_verified(state: ProcessState) -> int | None:
+    """A pidfd for the state file's process, or None if it may not be signalled.
+
+    The pidfd is opened first and the process checked after: if it passes,
     the pidfd refers to that very process, and signals through it cannot
     reach a process that reused the pid later. -1: no pidfd support (then
-    every signal re-checks the identity first).
+    every signal re-checks the identity first, as it does anyway). A refusal
+    other than "gone" is logged (``daemon.refused_signal``).
     """
+    refused = refusal(state.pid)
+    if refused is not None:
+        _refused(state, None, refused)
+        return None
     pidfd = -1
     if hasattr(os, "pidfd_open"):
         try:
@@ -106,35 +160,145 @@ def open_verified(state: ProcessState) -> int | None:
             return None
         except OSError:
             pidfd = -1
-    if not still_same(state):
+    why = why_not_signal(state)
+    if why is not None:
         if pidfd >= 0:
             os.close(pidfd)
+        if why is not GONE:
+            _refused(state, None, why)
         return None
     return pidfd
 
 
+def refusal(pid: int) -> str | None:
+    """Why ``pid`` is never signalled, whatever a state file says, or None."""
+    if pid <= 0:
+        return f"pid {pid} is not a single process"  # 0 and -N name process groups
+    if pid == 1:
+        return "pid 1 is init"
+    if pid == os.getpid():
+        return "pid is the daemon itself"
+    if pid == os.getppid():
+        return "pid is the daemon's parent"
+    return None
+
+
+def why_not_signal(state: ProcessState, after_sigterm: bool = False) -> str | None:
+    """None when ``state``'s process may be signalled now; else why not
+    (:data:`GONE` when it no longer exists). ``after_sigterm``: it got our
+    SIGTERM, and may have unmapped its file on its way out."""
+    refused = refusal(state.pid)
+    if refused is not None:
+        return refused
+    if not still_same(state):
+        return GONE
+    if _status_field(state.pid, "Tgid") != str(state.pid):
+        return "pid names a thread, not a process"
+    if not maps_state_file(state) and not (after_sigterm and catches_signal(state.pid, DUMP_SIGNAL)):
+        return "it does not map its state file (it exec'd another program, or stopped writing the file)"
+    return None
+
+
 def still_same(state: ProcessState) -> bool:
+    """The state file's process still exists: same pid, start time and uid."""
     identity = process_identity(state.pid)
     return identity is not None and identity[0] == state.start_ticks and identity[1] == int(state.header["uid"])
 
 
-def send(pidfd: int, pid: int, signum: int) -> None:
+def maps_state_file(state: ProcessState) -> bool:
+    """Does the process map its own state file now? Compared by device and
+    inode with the file mappings in ``/proc/<pid>/maps``."""
+    try:
+        info = os.stat(state.path, follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != int(state.header["uid"]):
+        return False
+    wanted_dev = (os.major(info.st_dev), os.minor(info.st_dev))
+    same_inode: list[str] = []
+    try:
+        with open(f"/proc/{state.pid}/maps", "rb") as maps:
+            for line in maps:
+                # address perms offset major:minor inode [path]
+                fields = line.split(None, 5)
+                if len(fields) < 5 or fields[4] != b"%d" % info.st_ino:
+                    continue
+                major, _, minor = fields[3].partition(b":")
+                if (int(major, 16), int(minor, 16)) == wanted_dev:
+                    return True
+                same_inode.append(fields[0].decode())
+    except (OSError, ValueError):
+        return False
+    # btrfs subvolumes and overlayfs show another device in maps than stat()
+    # does; map_files resolves to the file itself (readable with CAP_SYS_ADMIN).
+    for span in same_inode:
+        try:
+            mapped = os.stat(f"/proc/{state.pid}/map_files/{span}")
+        except OSError:
+            continue
+        if (mapped.st_dev, mapped.st_ino) == (info.st_dev, info.st_ino):
+            return True
+    return False
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    """Has ``pid`` a handler for ``signum`` (its bit in ``SigCgt``)?"""
+    mask = _status_field(pid, "SigCgt")
+    try:
+        return mask is not None and bool(int(mask, 16) >> (signum - 1) & 1)
+    except ValueError:
+        return False
+
+
+def _status_field(pid: int, name: str) -> str | None:
+    prefix = name.encode() + b":"
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(prefix):
+                    return line[len(prefix):].strip().decode()
+    except OSError:
+        return None
+    return None
+
+
+def send(pidfd: int, state: ProcessState, signum: int, after_sigterm: bool = False) -> bool:
+    """Send ``signum`` if the process passes :func:`why_not_signal` now; True when sent."""
+    why = why_not_signal(state, after_sigterm)
+    if why is not None:
+        if why is not GONE:
+            _refused(state, signum, why)
+        return False
     try:
         if pidfd >= 0:
             signal.pidfd_send_signal(pidfd, signum)
         else:
-            os.kill(pid, signum)
+            os.kill(state.pid, signum)
     except ProcessLookupError:
-        pass
+        return False
+    return True
 
 
-def faulthandler_dump(state: ProcessState, pidfd: int, dump_signal: int) -> str:
+def _refused(state: ProcessState, signum: int | None, why: str) -> None:
+    _log.warning("daemon.refused_signal", pid=state.pid, workload=state.workload, path=state.path,
+                 signal=None if signum is None else _signal_name(signum), reason=why)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def faulthandler_dump(state: ProcessState, pidfd: int) -> str:
     path = state.stacks_path
     try:
         before = os.stat(path).st_size
     except OSError:
         return "(no stacks file)"
-    send(pidfd, state.pid, dump_signal)
+    if not send(pidfd, state, DUMP_SIGNAL):
+        return "(not signalled: see daemon.refused_signal)"
     deadline = time.monotonic() + 1.0
     size, stable_since = before, time.monotonic()
     while time.monotonic() < deadline:

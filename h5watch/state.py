@@ -33,7 +33,7 @@ from typing import Any
 
 from . import fork, logs
 from .lock import WatchedLock, watched_locks
-from .statedir import create_file_at
+from .statedir import create_file_at, user_dir_path
 from .statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 from .watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 
@@ -63,7 +63,7 @@ class StateExtension:
             self.stop()
             return
         writer = self.writer
-        if writer is not None and writer.owned_here() and os.path.abspath(options.state_dir) != os.path.abspath(writer.directory):
+        if writer is not None and writer.owned_here() and user_dir_path(options.state_dir) != writer.directory:
             # The file lives as long as the process image: its counters are
             # in it, and a second file would count them twice.
             _log.warning("state.dir_kept", state_dir=options.state_dir, path=writer.path,
@@ -123,9 +123,13 @@ class StateExtension:
             self._write_all(writer)
 
     def _at_exit(self) -> None:
+        # Nothing may make or adopt a file after this (a tick on another thread
+        # would clear the exited mark the daemon relies on).
+        enabled, self._enabled = self._enabled, False
+        self._failed_pid = os.getpid()
         writer = self.writer if self.writer is not None and self.writer.owned_here() else None
-        if writer is None:
-            writer = self._writer(create=_used_a_watched_lock(), dumps=False)
+        if writer is None and enabled and self.options is not None and _used_a_watched_lock():
+            writer = self._open_now(dumps=False)
         if writer is not None:
             self._write_all(writer)
             writer.close(exited=True)
@@ -145,6 +149,12 @@ class StateExtension:
             return None
         with self._open_lock:
             if self.writer is None and self._enabled and self._failed_pid != os.getpid():
+                self._open(dumps)
+        return self.writer
+
+    def _open_now(self, dumps: bool) -> StateWriter | None:
+        with self._open_lock:
+            if self.writer is None:
                 self._open(dumps)
         return self.writer
 

@@ -110,7 +110,7 @@ def test_exact_aggregation_and_counters_never_decrease(state_dir, daemons, worke
         release.touch()
         for proc in procs:
             assert proc.wait(20) == 0
-        wait_for(lambda: not any(str(pid) in name for name in os.listdir(state_dir) for pid in live_pids), 15,
+        wait_for(lambda: not any(str(pid) in name for name in os.listdir(state_dir / str(os.geteuid())) for pid in live_pids), 15,
                  what="exited workers' files folded and removed")
         scrapes.append(counter_samples(daemon.samples()))
 
@@ -177,7 +177,7 @@ def test_dry_run_kills_nothing(state_dir, daemons, workers):
     assert proc.poll() is None
     [event] = daemon.events("worker.would_kill")
     assert event["pid"] == pid and event["lock"] == "app.x" and event["holder"]["thread_name"] == "stuck-holder"
-    assert "hold_forever" in event["stacks"]
+    assert event["stacks"] == "(dry run: no dump signal sent)"  # --dry-run sends no signal at all
     assert daemon.events("worker.killed") == []
     assert daemon.value("h5watch_processes", workload="dry", state="stuck") == 1
 
@@ -188,7 +188,8 @@ def test_reused_pid_is_never_killed_and_bad_files_are_skipped(state_dir, daemons
     report = read_json_line(proc)
     (tmp_path / "release").touch()
     assert proc.wait(20) == 0
-    [original] = [p for p in state_dir.iterdir() if p.name.startswith(f"{report['pid']}-") and p.suffix == ".h5w"]
+    files = state_dir / str(os.geteuid())  # this user's subdirectory of the state dir
+    [original] = [p for p in files.iterdir() if p.name.startswith(f"{report['pid']}-") and p.suffix == ".h5w"]
     data = bytearray(original.read_bytes())
     original.unlink()
 
@@ -209,16 +210,16 @@ def test_reused_pid_is_never_killed_and_bad_files_are_skipped(state_dir, daemons
         record["held"] = 1
         record["held_since_unix"] = time.time() - 3600
         data[HEADER_SIZE : HEADER_SIZE + record.nbytes] = record.tobytes()
-        forged = state_dir / f"{bystander.pid}-{int(header['start_ticks'][0])}.h5w"
+        forged = files / f"{bystander.pid}-{int(header['start_ticks'][0])}.h5w"
         forged.write_bytes(bytes(data))
         os.chmod(forged, 0o600)
 
         # Files that must be skipped, each logged once, while /metrics answers.
         (tmp_path / "elsewhere.h5w").write_bytes(bytes(data))
-        (state_dir / "1-1.h5w").symlink_to(tmp_path / "elsewhere.h5w")
-        (state_dir / "2-2.h5w").write_bytes(os.urandom(len(data)))
-        (state_dir / "3-3.h5w").write_bytes(bytes(data[: len(data) // 2]))
-        foreign = state_dir / "4-4.h5w"
+        (files / "1-1.h5w").symlink_to(tmp_path / "elsewhere.h5w")
+        (files / "2-2.h5w").write_bytes(os.urandom(len(data)))
+        (files / "3-3.h5w").write_bytes(bytes(data[: len(data) // 2]))
+        foreign = files / "4-4.h5w"
         foreign.write_bytes(bytes(data))
         if os.geteuid() == 0:
             os.chown(foreign, 65534, 65534)  # owned by nobody, naming uid 0 inside
@@ -237,7 +238,7 @@ def test_reused_pid_is_never_killed_and_bad_files_are_skipped(state_dir, daemons
         assert len(daemon.events("daemon.state_file_skipped")) == len(skipped)  # once each, not once a scan
         assert daemon.value("h5watch_state_file_errors_total", reason="corrupt") == 1
         assert daemon.get("/healthz")[0] == 200
-        assert (state_dir / "1-1.h5w").is_symlink() and (tmp_path / "elsewhere.h5w").exists()
+        assert (files / "1-1.h5w").is_symlink() and (tmp_path / "elsewhere.h5w").exists()
     finally:
         bystander.kill()
         bystander.wait()
@@ -317,11 +318,23 @@ def test_symlinked_state_dir_is_refused(tmp_path):
     real.mkdir(mode=0o700)
     link = tmp_path / "link"
     link.symlink_to(real)
-    for args in (["daemon", "--state-dir", str(link)], ["status", "--state-dir", str(link)],
-                 ["run", "--state-dir", str(link), "--", "true"]):
+    for args in (["daemon", "--state-dir", str(link)], ["status", "--state-dir", str(link)]):
         result = subprocess.run([*H5WATCH, *args], capture_output=True, text=True, timeout=30, cwd=REPO)
         assert result.returncode == 2 and "symlink" in result.stderr, (args, result)
         assert len(result.stderr.strip().splitlines()) == 1
+    # run never stops the service for its monitoring: one warning, the command's own exit status.
+    result = subprocess.run([*H5WATCH, "run", "--state-dir", str(link), "--", "sh", "-c", "exit 3"], capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 3 and "symlink" in result.stderr and "warning" in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(real.iterdir()) == []
+
+
+def test_status_of_a_missing_state_dir_says_so(tmp_path):
+    result = subprocess.run([*H5WATCH, "status", "--state-dir", str(tmp_path / "typo")], capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 2 and "does not exist" in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir, tmp_path):
@@ -351,5 +364,5 @@ def test_daemon_exits_cleanly_on_sigterm_and_sigint(state_dir, tmp_path, signum)
     daemon.proc.send_signal(signum)
     assert daemon.proc.wait(10) == 0, daemon.log_text()
     assert daemon.events("daemon.stopped") and "Traceback" not in daemon.log_text()
-    assert (state_dir / "h5watch-daemon.json").exists()  # totals saved on the way out
+    assert (state_dir / str(os.geteuid()) / "h5watch-daemon.json").exists()  # totals saved on the way out
     daemon.stop()
