@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import threading
 import time
 from typing import Any
@@ -38,36 +39,41 @@ import numpy as np
 from . import killer, logs, totals
 from .cli import UsageError
 from .exporter import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, MetricsServer
+from .statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from .statefile import (
     STATE_SUFFIX,
     ProcessState,
     StateDirError,
     StateFileError,
-    ensure_state_dir,
-    list_state_files,
     process_identity,
     read_state_file,
 )
 
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
-TOTALS_FILE = "h5watch-daemon.json"
+TOTALS_FILE = totals.TOTALS_FILE
 KILL_REASONS = ("orphaned_lock", "wait", "hold", "heartbeat")
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
-MAX_FILES = 20000
+# Dead processes' files read (and folded) per scan, after every live one.
+MAX_DEAD_PER_SCAN = 2000
+# Files that are not a process's state (or its stacks), temporary files left
+# by a writer that died, and unreadable files of dead processes are removed
+# this long after their last change; at most MAX_JUNK_PER_SCAN per scan.
+JUNK_GRACE_SECONDS = 600.0
+MAX_JUNK_PER_SCAN = 2000
 MAX_CONCURRENT_KILLS = 8
 
 _log = logs.get_logger(logger="h5watch.daemon")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", help="directory of the state files (default: as H5WATCH_STATE_DIR, else $XDG_RUNTIME_DIR/h5watch, else /tmp/h5watch-<uid>)")
+    parser.add_argument("--state-dir", help="the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own")
     parser.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT of /metrics and /healthz (default 127.0.0.1:9464)")
     parser.add_argument("--scan-interval", default="2", help="seconds between scans of the state dir (default 2)")
     parser.add_argument("--kill-after", default=None, help="kill a worker whose heartbeat, wait or hold is older than this many seconds (default: never kill)")
     parser.add_argument("--grace", default="5", help="seconds between SIGTERM and SIGKILL (default 5)")
     parser.add_argument("--stuck-after", default=None, help="seconds after which a process counts as stuck (default: --kill-after, else 30)")
-    parser.add_argument("--dry-run", action="store_true", help="log and dump stuck workers, but kill nothing")
+    parser.add_argument("--dry-run", action="store_true", help="log the evidence against stuck workers (worker.would_kill), but send no signal at all: no stack dump, no kill")
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
 
@@ -102,10 +108,13 @@ def main(args: argparse.Namespace) -> int:
     stuck_after = _seconds("--stuck-after", args.stuck_after, allow_none=True) or kill_after or 30.0
     logs.configure(args.log_format or options.log_format)
     try:
-        ensure_state_dir(options.state_dir)
-    except StateDirError as exc:
+        own_dir = open_user_dir(options.state_dir)
+        # Held (open, flock'ed) until this process ends: one daemon per state dir.
+        claim_fd = totals.claim(own_dir)
+    except (StateDirError, totals.TotalsError) as exc:
         raise UsageError(str(exc)) from None
     daemon = Daemon(options.state_dir, scan_interval, kill_after, grace, stuck_after, args.dry_run)
+    daemon.claim_fd = claim_fd
     try:
         daemon.serve(*listen)
     except OSError as exc:
@@ -132,7 +141,12 @@ class Daemon:
         self.aggregate: Aggregate | None = None
         self.last_scan_unix = 0.0
         self._stop = threading.Event()
-        self._totals_path = os.path.join(state_dir, TOTALS_FILE)
+        # The daemon's own per-user directory holds its totals and lock file.
+        self._own_dir = open_user_dir(state_dir)
+        self._totals_path = os.path.join(self._own_dir.path, TOTALS_FILE)
+        self._unsaved = False
+        self._unsaved_logged = False
+        self.claim_fd: int | None = None
         self._totals: dict[tuple[str, str], LockTotals] = {}
         self._fork_totals: dict[str, ForkTotals] = {}
         self._kills: dict[tuple[str, str], int] = {}
@@ -142,7 +156,6 @@ class Daemon:
         self._handled: dict[tuple[int, int], float] = {}
         self._kill_threads: list[threading.Thread] = []
         self._kills_lock = threading.Lock()
-        self._too_many_logged = False
         self._load_totals()
 
     # -- running -----------------------------------------------------------
@@ -156,13 +169,15 @@ class Daemon:
         self.port = server.port
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stop.set())
-        server.start()
-        _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.kill_after,
-                  grace=self.grace, stuck_after=self.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
         try:
-            while not self._stop.is_set():
+            # One scan before the first request: the first scrape after a
+            # start already carries every series.
+            self.scan()
+            server.start()
+            _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.kill_after,
+                      grace=self.grace, stuck_after=self.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
+            while not self._stop.wait(self.scan_interval):
                 self.scan()
-                self._stop.wait(self.scan_interval)
         finally:
             server.stop()
             self._save_totals()
@@ -180,41 +195,79 @@ class Daemon:
         started = time.perf_counter()
         now = time.time()
         scan_success = True
-        try:
-            paths, truncated = list_state_files(self.state_dir, MAX_FILES)
-        except OSError as exc:
-            self._error(self.state_dir, "unreadable_dir", f"cannot list the state dir: {exc.strerror}")
-            paths, truncated, scan_success = [], False, False
-        if truncated and not self._too_many_logged:
-            self._too_many_logged = True
-            _log.error("daemon.too_many_files", state_dir=self.state_dir, limit=MAX_FILES)
         live = Aggregate(processes={}, heartbeat_age={})
-        changed = False
         stuck: list[tuple[ProcessState, str, dict[str, Any]]] = []
-        present = set()
+        present: set[str] = set()
         live_states: list[ProcessState] = []
-        for path in paths:
-            name = os.path.basename(path)
-            present.add(name)
-            try:
-                state = read_state_file(path)
-            except StateFileError as exc:
-                self._error(path, exc.reason, str(exc))
-                continue
-            verdict = self._classify(state, name, now)
-            if verdict == "dead":
-                changed |= self._fold(state, name)
-                key = (state.workload, "dead")
-                live.processes[key] = live.processes.get(key, 0) + 1
-            elif verdict == "live":
-                live_states.append(state)
+        exiting: set[int] = set()
+        try:
+            dirs, refused = readable_user_dirs(self.state_dir)
+        except (StateDirError, OSError) as exc:
+            self._error(self.state_dir, "unreadable_dir", str(exc))
+            dirs, refused, scan_success = [], [], False
+        for path, message in refused:
+            self._error(path, "foreign_owner", message)
+        try:
+            dead_budget = MAX_DEAD_PER_SCAN
+            folded: list[tuple[OpenDir, ProcessState]] = []
+            for directory in dirs:
+                try:
+                    names = list_names(directory)
+                except OSError as exc:
+                    self._error(directory.path, "unreadable_dir", f"cannot list it: {exc.strerror}")
+                    scan_success = False
+                    continue
+                live_names, dead_names, junk = _sort_names(names, directory.uid)
+                present.update(f"{directory.uid}/{name}" for name in live_names + dead_names)
+                # Every live process first, however many files the directory
+                # holds; dead ones up to a bound per scan (the rest next scan).
+                dead_names, dead_budget = dead_names[:dead_budget], max(0, dead_budget - len(dead_names))
+                dead_set = set(dead_names)
+                for name in live_names + dead_names:
+                    path = os.path.join(directory.path, name)
+                    try:
+                        try:
+                            state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
+                        except StateFileError as exc:
+                            if exc.reason != "busy" or name not in dead_set:
+                                raise
+                            # A writer that died in the middle of a write: its
+                            # counters are exact all the same (see statefile).
+                            state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
+                    except StateFileError as exc:
+                        self._error(path, exc.reason, str(exc))
+                        if name in dead_set and exc.reason in ("truncated", "corrupt"):
+                            junk.append(name)  # a dead process's file no reader can use
+                        continue
+                    verdict = self._classify(state, name, now, directory.uid)
+                    if verdict == "dead":
+                        self._fold(state, f"{directory.uid}/{name}")
+                        folded.append((directory, state))
+                        key = (state.workload, "dead")
+                        live.processes[key] = live.processes.get(key, 0) + 1
+                    elif verdict in ("live", "exiting"):
+                        live_states.append(state)
+                        if verdict == "exiting":
+                            exiting.add(id(state))
+                self._remove_junk(directory, junk, now)
+            # Persist before removing: a crash in between must not count a
+            # process twice, and a failed save keeps its files for the next scan.
+            if folded and (not self._unsaved or self._save_totals()):
+                for directory, state in folded:
+                    self._remove_files(directory, state)
+        finally:
+            for directory in dirs:
+                os.close(directory.fd)
         worst_ages = self._add_live(live, live_states, now)
         thresholds = [self.stuck_after] + ([self.kill_after] if self.kill_after is not None else [])
         for state, worst_age in zip(live_states, worst_ages):
             heartbeat_age = now - state.heartbeat_unix if state.watchdog_running else 0.0
             tick = float(state.header["tick_interval"]) or 0.5
             reason = kill_reason = None
-            if worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick):
+            # A process marked exited is not judged; nor is one that exec'd a
+            # program without h5watch (its counts stay live until it exits).
+            looks_stuck = worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick)
+            if looks_stuck and id(state) not in exiting and not killer.execd_away(state):
                 locks = state.locks(now)
                 reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
                 if self.kill_after is not None:
@@ -223,30 +276,38 @@ class Daemon:
                         stuck.append((state, kill_reason, culprit))
             key = (state.workload, "stuck" if reason else "ok")
             live.processes[key] = live.processes.get(key, 0) + 1
-        self._forget_missing(present)
+        if scan_success:
+            self._forget_missing(present)
         aggregate = self._combine(live)
         aggregate.scan_seconds = time.perf_counter() - started
         aggregate.scan_success = scan_success
         self.aggregate = aggregate
         self.last_scan_unix = time.time()
-        if changed:
+        if self._unsaved:
             self._save_totals()
         for state, reason, culprit in stuck:
             self._handle_stuck(state, reason, culprit)
         return aggregate
 
-    def _classify(self, state: ProcessState, name: str, now: float) -> str:
-        """dead, foreign (a file that does not name itself) or live."""
+    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int) -> str:
+        """dead, foreign (a file that does not name itself, or is not its
+        directory owner's) or live."""
         expected = f"{state.pid}-{state.start_ticks}{STATE_SUFFIX}"
         if name != expected:
-            self._error(os.path.join(self.state_dir, name), "corrupt", f"names pid {state.pid}, start {state.start_ticks}, not its own file name")
+            self._error(state.path, "corrupt", f"names pid {state.pid}, start {state.start_ticks}, not its own file name")
             return "foreign"
-        if name in self._folded or int(state.header["exited"]):
+        if state.file_uid != dir_uid or int(state.header["uid"]) != dir_uid:
+            self._error(state.path, "foreign_owner", f"owned by uid {state.file_uid} in the directory of uid {dir_uid}")
+            return "foreign"
+        if name in self._folded:
             return "dead"
         identity = process_identity(state.pid)
         if identity is None or identity[0] != state.start_ticks or identity[1] != int(state.header["uid"]):
             return "dead"
-        return "live"
+        # Marked exited, yet still there: its last threads may still count in
+        # the file (daemon threads run until the interpreter is gone), so it is
+        # folded once the process is gone, and never judged stuck meanwhile.
+        return "exiting" if int(state.header["exited"]) else "live"
 
     @staticmethod
     def _stuck_reason(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> tuple[str | None, dict[str, Any]]:
@@ -358,36 +419,53 @@ class Daemon:
         combined.state_file_errors.update(self._errors)
         return combined
 
-    def _fold(self, state: ProcessState, name: str) -> bool:
-        """Add a dead process's final counters to the totals (once), then remove its files."""
-        changed = False
-        if name not in self._folded:
+    def _fold(self, state: ProcessState, key: str) -> None:
+        """Add a dead process's final counters to the totals, once (``key``:
+        uid/name); its files are removed once the totals are saved."""
+        if key not in self._folded:
             workload = state.workload
             for record in state.records:
-                key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
-                self._totals.setdefault(key, LockTotals()).add(self._record_totals(record))
+                lock_key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
+                self._totals.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
             self._fork_totals.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
-            self._folded.add(name)
-            changed = True
-            # Persist before removing: a crash in between must not count it twice.
-            self._save_totals()
+            self._folded.add(key)
+            self._unsaved = True
+
+    def _remove_files(self, directory: OpenDir, state: ProcessState) -> None:
         for path in (state.path, state.stacks_path):
             try:
-                os.unlink(path)
+                os.unlink(os.path.basename(path), dir_fd=directory.fd)
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 self._error(path, "unremovable", f"cannot remove: {exc.strerror}")
-        return changed
+
+    def _remove_junk(self, directory: OpenDir, names: list[str], now: float) -> None:
+        """Remove what no process will use, once unchanged for JUNK_GRACE_SECONDS:
+        only regular files of the directory's owner, never through a link."""
+        for name in names[:MAX_JUNK_PER_SCAN]:
+            if name in (TOTALS_FILE, totals.LOCK_FILE) and (directory.dev, directory.ino) == (self._own_dir.dev, self._own_dir.ino):
+                continue
+            try:
+                info = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != directory.uid:
+                    continue
+                if now - info.st_mtime < JUNK_GRACE_SECONDS:
+                    continue
+                os.unlink(name, dir_fd=directory.fd)
+            except OSError:
+                continue
+            _log.info("daemon.junk_removed", path=os.path.join(directory.path, name))
 
     def _forget_missing(self, present: set[str]) -> None:
-        """Bounded memory: forget files that are gone."""
+        """Bounded memory: forget files that are gone (``present``: uid/name keys)."""
         if self._folded - present:
             self._folded &= present
-            self._save_totals()
-        for path in [p for p in self._logged_errors if os.path.basename(p) not in present and p != self.state_dir]:
+            self._unsaved = True
+        names = {key.rpartition("/")[2] for key in present}
+        for path in [p for p in self._logged_errors if os.path.basename(p) not in names and p != self.state_dir]:
             del self._logged_errors[path]
-        alive = {(int(n.split("-")[0]), int(n.split("-")[1][: -len(STATE_SUFFIX)])) for n in present if _well_named(n)}
+        alive = {(int(n.split("-")[0]), int(n.split("-")[1][: -len(STATE_SUFFIX)])) for n in names if _well_named(n)}
         for key in [k for k in self._handled if k not in alive]:
             del self._handled[key]
 
@@ -402,19 +480,20 @@ class Daemon:
 
     def _load_totals(self) -> None:
         try:
-            data = totals.read(self._totals_path)
+            data = totals.read(self._own_dir)
             if data is None:
                 return
             self._totals = {(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]}
             self._fork_totals = {w: ForkTotals.from_json(v) for w, v in data["forks"]}
             self._kills = {(w, r): int(n) for w, r, n in data["kills"]}
             self._folded = set(data["folded"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (totals.TotalsError, OSError, ValueError, KeyError, TypeError) as exc:
             # Start from zero; Prometheus reads the drop as a counter reset.
             _log.error("daemon.totals_unreadable", path=self._totals_path, error=str(exc))
             self._totals, self._fork_totals, self._kills, self._folded = {}, {}, {}, set()
 
-    def _save_totals(self) -> None:
+    def _save_totals(self) -> bool:
+        """Persist the totals; False (logged once until a save succeeds) when it fails."""
         with self._kills_lock:
             kills = [[w, r, n] for (w, r), n in self._kills.items()]
         data = {
@@ -425,9 +504,16 @@ class Daemon:
             "folded": sorted(self._folded),
         }
         try:
-            totals.write(self._totals_path, data)
+            totals.write(self._own_dir, data)
         except OSError as exc:
-            _log.error("daemon.totals_unsaved", path=self._totals_path, error=str(exc))
+            self._unsaved = True
+            if not self._unsaved_logged:
+                self._unsaved_logged = True
+                _log.error("daemon.totals_unsaved", path=self._totals_path, error=str(exc),
+                           action="dead processes' files kept; retried every scan")
+            return False
+        self._unsaved = self._unsaved_logged = False
+        return True
 
     # -- stuck workers ---------------------------------------------------------
 
@@ -452,6 +538,26 @@ class Daemon:
 
         killer.kill_worker(state, reason, culprit, kill_after=self.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)
+
+
+def _sort_names(names: list[str], uid: int) -> tuple[list[str], list[str], list[str]]:
+    """Split a directory's names, by name alone (no open, no stat): state
+    files whose process is alive now (same pid, start time and uid), other
+    state files, and everything else that is no live process's stacks file."""
+    live: list[str] = []
+    dead: list[str] = []
+    other: list[str] = []
+    for name in names:
+        if name.endswith(STATE_SUFFIX) and _well_named(name):
+            pid, _, ticks = name[: -len(STATE_SUFFIX)].partition("-")
+            identity = process_identity(int(pid)) if int(pid) > 0 else None
+            alive = identity is not None and identity[0] == int(ticks) and identity[1] == uid
+            (live if alive else dead).append(name)
+        else:
+            other.append(name)
+    stems = {name[: -len(STATE_SUFFIX)] for name in live + dead}
+    junk = [name for name in other if not (name.endswith(STACKS_SUFFIX) and name[: -len(STACKS_SUFFIX)] in stems)]
+    return live, dead, junk
 
 
 def _well_named(name: str) -> bool:

@@ -241,6 +241,20 @@ def maps_state_file(state: ProcessState) -> bool:
     return False
 
 
+def execd_away(state: ProcessState) -> bool:
+    """Has the state file's process, still alive, certainly stopped mapping
+    its file (it exec'd a program without h5watch)? False when that cannot
+    be told (its maps unreadable)."""
+    if not os.access(f"/proc/{state.pid}/maps", os.R_OK):
+        return False
+    try:
+        with open(f"/proc/{state.pid}/maps", "rb") as maps:
+            maps.read(1)
+    except OSError:
+        return False
+    return not maps_state_file(state)
+
+
 def catches_signal(pid: int, signum: int) -> bool:
     """Has ``pid`` a handler for ``signum`` (its bit in ``SigCgt``)?"""
     mask = _status_field(pid, "SigCgt")
@@ -314,8 +328,13 @@ def faulthandler_dump(state: ProcessState, pidfd: int) -> str:
     if size <= before:
         return "(no dump written within 1 s)"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            info = os.fstat(fd)
+            # Never another user's file planted under this name (a hard link
+            # to a file root alone may read would end up in the daemon's log).
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != state.file_uid or info.st_nlink != 1:
+                return "(stacks file refused: not a regular file of the worker's own with one link)"
             return os.pread(fd, min(size - before, STACKS_READ_LIMIT), before).decode("utf-8", "replace")
         finally:
             os.close(fd)

@@ -126,9 +126,9 @@ class StateExtension:
         # Nothing may make or adopt a file after this (a tick on another thread
         # would clear the exited mark the daemon relies on).
         enabled, self._enabled = self._enabled, False
-        self._failed_pid = os.getpid()
+        failed, self._failed_pid = self._failed_pid == os.getpid(), os.getpid()
         writer = self.writer if self.writer is not None and self.writer.owned_here() else None
-        if writer is None and enabled and self.options is not None and _used_a_watched_lock():
+        if writer is None and enabled and not failed and self.options is not None and _used_a_watched_lock():
             writer = self._open_now(dumps=False)
         if writer is not None:
             self._write_all(writer)

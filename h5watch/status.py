@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
 from .cli import UsageError
 from .options import resolve
-from .statefile import StateDirError, StateFileError, check_state_dir, list_state_files, process_identity, read_state_file
+from .statedir import STATE_SUFFIX, list_names, readable_user_dirs
+from .statefile import StateDirError, StateFileError, process_identity, read_state_file
 
 __all__ = ["add_arguments", "main", "collect_status"]
 
-MAX_FILES = 20000
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", help="directory of the state files (default: as H5WATCH_STATE_DIR, else $XDG_RUNTIME_DIR/h5watch, else /tmp/h5watch-<uid>)")
+    parser.add_argument("--state-dir", help="the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch); root reads every user's subdirectory, others their own")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--stuck-after", type=float, default=30.0, metavar="SECONDS",
                         help="a heartbeat, wait or hold older than this is stuck (default 30)")
@@ -48,19 +48,30 @@ def collect_status(state_dir: str, stuck_after: float = 30.0) -> dict[str, Any]:
     now = time.time()
     report: dict[str, Any] = {"state_dir": state_dir, "time_unix": now, "processes": [], "skipped": []}
     try:
-        check_state_dir(state_dir)
+        directories, refused = readable_user_dirs(state_dir)
     except StateDirError as exc:
-        if "does not exist" in str(exc):
-            return report
         raise UsageError(str(exc)) from None
-    paths, truncated = list_state_files(state_dir, MAX_FILES)
-    report["truncated"] = truncated
-    for path in sorted(paths):
-        try:
-            state = read_state_file(path)
-        except StateFileError as exc:
-            report["skipped"].append({"path": path, "reason": exc.reason, "error": str(exc)})
-            continue
+    report["skipped"] = [{"path": path, "reason": "foreign_owner", "error": message} for path, message in refused]
+    report["truncated"] = False
+    states = []
+    try:
+        for directory in directories:
+            for name in sorted(_live_state_files(list_names(directory), directory.uid)):
+                path = f"{directory.path}/{name}"
+                try:
+                    state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
+                except StateFileError as exc:
+                    report["skipped"].append({"path": path, "reason": exc.reason, "error": str(exc)})
+                    continue
+                if state.file_uid != directory.uid:
+                    report["skipped"].append({"path": path, "reason": "foreign_owner",
+                                              "error": f"owned by uid {state.file_uid} in the directory of uid {directory.uid}"})
+                    continue
+                states.append(state)
+    finally:
+        for directory in directories:
+            os.close(directory.fd)
+    for state in states:
         identity = process_identity(state.pid)
         alive = (
             identity is not None
@@ -93,6 +104,20 @@ def collect_status(state_dir: str, stuck_after: float = 30.0) -> dict[str, Any]:
             "locks": locks,
         })
     return report
+
+
+def _live_state_files(names: list[str], uid: int) -> list[str]:
+    """State files whose process (pid and start time in the name) is alive
+    now as ``uid``: found by name alone, however many dead files there are."""
+    out = []
+    for name in names:
+        pid, sep, ticks = name[: -len(STATE_SUFFIX)].partition("-")
+        if not (name.endswith(STATE_SUFFIX) and sep and pid.isdigit() and ticks.isdigit() and int(pid) > 0):
+            continue
+        identity = process_identity(int(pid))
+        if identity is not None and identity[0] == int(ticks) and identity[1] == uid:
+            out.append(name)
+    return out
 
 
 def _age(seconds: float | None) -> str:

@@ -1,28 +1,97 @@
-"""The daemon's persisted totals: what exited processes counted, across restarts."""
+"""The daemon's persisted totals (what exited processes counted, across
+restarts) and its claim on the state dir (one daemon per directory).
+
+Both live in the daemon's own per-user directory, opened once and checked
+(:mod:`h5watch.statedir`). The totals are replaced atomically: written to a
+new file under an unpredictable hidden name (``O_EXCL | O_NOFOLLOW``, mode
+0600), fsynced, renamed over the old name. They are read with ``O_NOFOLLOW |
+O_NONBLOCK`` and checked (regular, one link, the daemon's own): a symlink or
+a FIFO planted at the name is refused, never followed or waited on.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from typing import Any
 
-__all__ = ["read", "write"]
+from .statedir import (
+    OpenDir,
+    UnsafeFileError,
+    create_file,
+    open_existing,
+    remove,
+    temp_name,
+)
+
+__all__ = ["TOTALS_FILE", "LOCK_FILE", "TotalsError", "read", "write", "claim"]
+
+TOTALS_FILE = "h5watch-daemon.json"
+LOCK_FILE = "h5watch-daemon.lock"
+MAX_TOTALS_BYTES = 64 * 1024 * 1024
 
 
-def read(path: str) -> dict[str, Any] | None:
+class TotalsError(Exception):
+    """The totals or the lock file cannot be used; the message is one line."""
+
+
+def read(directory: OpenDir) -> dict[str, Any] | None:
     """The saved totals, or None when there are none yet."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        fd = open_existing(directory, TOTALS_FILE, os.O_RDONLY, owner=os.geteuid())
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise TotalsError(str(exc) if isinstance(exc, UnsafeFileError) else f"{TOTALS_FILE}: {exc.strerror}") from None
+    try:
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > MAX_TOTALS_BYTES:
+                raise TotalsError(f"{TOTALS_FILE}: larger than {MAX_TOTALS_BYTES} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data = json.loads(b"".join(chunks))
+    if not isinstance(data, dict):
+        raise TotalsError(f"{TOTALS_FILE}: not a JSON object")
+    return data
 
 
-def write(path: str, data: dict[str, Any]) -> None:
-    """Replace the totals atomically (write, fsync, rename)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write(directory: OpenDir, data: dict[str, Any]) -> None:
+    """Replace the totals atomically (new file, fsync, rename, fsync the directory)."""
+    tmp = temp_name(TOTALS_FILE)
+    fd = create_file(directory, tmp, os.O_WRONLY)
+    try:
+        try:
+            payload = json.dumps(data).encode()
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, TOTALS_FILE, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+    except BaseException:
+        remove(directory, tmp)
+        raise
+    os.fsync(directory.fd)
+
+
+def claim(directory: OpenDir) -> int:
+    """Hold the daemon's lock file for this process's life (its descriptor
+    is returned and must stay open); :class:`TotalsError` if another daemon
+    holds it. The kernel drops the lock when the process ends, however."""
+    path = os.path.join(directory.path, LOCK_FILE)
+    try:
+        fd = open_existing(directory, LOCK_FILE, os.O_RDWR | os.O_CREAT, owner=os.geteuid())
+    except OSError as exc:
+        raise TotalsError(f"lock file {exc}" if isinstance(exc, UnsafeFileError) else f"lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TotalsError(f"another h5watch daemon already runs on this state dir (it holds {path}); stop it first") from None
+    return fd

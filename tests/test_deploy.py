@@ -289,8 +289,11 @@ def test_systemd_unit_is_hardened():
     assert service["RuntimeDirectory"] == "h5watch"
     assert service["RuntimeDirectoryPreserve"] == "yes", "a daemon restart must not delete the workers' state files"
     assert "--state-dir /run/h5watch" in service["ExecStart"]
-    assert service["CapabilityBoundingSet"] == "CAP_KILL"
-    assert service["User"] != "root"
+    # The shared base: root-owned (no User=: the daemon is root, to read every
+    # user's subdirectory), sticky and world-writable like /tmp.
+    assert service["RuntimeDirectoryMode"] == "1777"
+    assert "User" not in service and "DynamicUser" not in service
+    assert set(service["CapabilityBoundingSet"].split()) == {"CAP_DAC_OVERRIDE", "CAP_KILL"}
 
 
 def h5watch_command() -> str | None:
@@ -324,6 +327,8 @@ def test_compose_shares_the_state_directory_and_pids():
     assert services["example-worker"]["pid"] == "service:h5watch-daemon"
     assert services["example-worker"]["environment"]["H5WATCH_STATE_DIR"] == "/run/h5watch"
     assert "h5watch-state" in compose["volumes"]
+    assert compose["volumes"]["h5watch-state"]["driver_opts"]["o"] == "mode=1777", "the shared base must be sticky"
+    assert "mkdir -p -m 1777 /run/h5watch" in (DEPLOY / build_file(services)).read_text()
     for name, spec in services.items():
         for volume in spec.get("volumes", []):
             source = volume.split(":")[0]
@@ -333,6 +338,11 @@ def test_compose_shares_the_state_directory_and_pids():
     assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
     prometheus_config = next(arg for arg in services["prometheus"]["command"] if arg.startswith("--config.file="))
     assert (PROMETHEUS / Path(prometheus_config.split("=", 1)[1]).name).is_file()
+
+
+def build_file(services: dict[str, Any]) -> Path:
+    build = services["h5watch-daemon"]["build"]
+    return Path(build["context"]) / build["dockerfile"]
 
 
 def test_compose_grafana_paths_match_the_provisioning():
@@ -374,6 +384,15 @@ def test_kubernetes_manifests_are_well_formed():
         ), "every container must mount the state directory"
         # Pids in state files must be the daemon's pids.
         assert pod.get("shareProcessNamespace") or pod.get("hostPID")
+        # The emptyDir is root's, mode 0777: an init step makes it sticky
+        # (1777), the only shared mode h5watch trusts, before any container runs.
+        [init] = [c for c in pod.get("initContainers", []) if state_dir in c.get("command", []) + c.get("args", [])]
+        assert init["command"] == ["chmod", "1777", state_dir]
+        assert init["securityContext"]["runAsUser"] == 0 and init["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert any(m["mountPath"] == state_dir for m in init["volumeMounts"])
+        # Probes ask /healthz (cheap), never /metrics.
+        probes = [c[kind] for c in daemons for kind in ("readinessProbe", "livenessProbe") if kind in c]
+        assert probes and all(probe["httpGet"]["path"] == "/healthz" for probe in probes)
 
 
 def test_kubernetes_kustomization_builds():

@@ -38,7 +38,8 @@ def under_run(state_dir: Path, **flags: str) -> dict[str, str]:
 def children_files(state_dir: Path, parent: int) -> list[str]:
     if not state_dir.exists():
         return []
-    return sorted(name for name in os.listdir(state_dir) if not name.startswith(f"{parent}-"))
+    files = state_dir / str(os.geteuid())  # this user's subdirectory of the state dir
+    return sorted(name for name in os.listdir(files) if not name.startswith(f"{parent}-")) if files.exists() else []
 
 
 def last_json(stdout: str) -> dict:
@@ -451,8 +452,7 @@ def _write_state(state_dir: Path, watchdog_running: bool) -> object:
     from h5watch.lock import WatchedLock
     from h5watch.statefile import StateWriter, ensure_state_dir
 
-    ensure_state_dir(str(state_dir))
-    writer = StateWriter(str(state_dir), "idle", 0, 0.1)
+    writer = StateWriter(ensure_state_dir(str(state_dir)), "idle", 0, 0.1)
     lock = WatchedLock(f"app.idle.{watchdog_running}", threading.Lock())
     with lock:
         time.sleep(0.2)
@@ -487,7 +487,7 @@ def test_status_and_daemon_judge_a_process_without_watchdog_by_its_records(tmp_p
             assert "no watchdog" in __import__("h5watch.status").status.render(report)
     finally:
         writer.close(exited=False)
-        for path in state_dir.iterdir():
+        for path in (state_dir / str(os.geteuid())).iterdir():
             path.unlink()
 
 

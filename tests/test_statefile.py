@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def state_files(directory: Path) -> dict[int, Path]:
-    return {int(p.name.split("-")[0]): p for p in directory.glob("*.h5w")}
+    """The state files in this user's subdirectory of the state dir ``directory``."""
+    return {int(p.name.split("-")[0]): p for p in (directory / str(os.geteuid())).glob("*.h5w")}
 
 
 def test_layout_identity_and_waiter_written_at_once(tmp_path):
@@ -58,6 +59,7 @@ time.sleep(30)
         assert path.name == f"{pid}-{proc_start_ticks(pid)}.h5w"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and path.parent.name == str(os.geteuid())
         assert path.stat().st_size == FILE_SIZE
         state = read_state_file(str(path))
         assert state.pid == pid and state.workload == "layout" and int(state.header["uid"]) == os.geteuid()
