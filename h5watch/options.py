@@ -8,6 +8,7 @@ accepts. Nothing else in h5watch reads the environment for options.
 
 from __future__ import annotations
 
+import operator
 import os
 
 # Every instrumented process reads its options at start-up: no import here
@@ -36,11 +37,21 @@ class OptionError(ValueError):
     """A bad option value; its message is one line naming what to fix."""
 
 
+SHARED_STATE_DIR = "/run/h5watch"
+
+
 def default_state_dir() -> str:
+    """The shared ``/run/h5watch`` when it exists (everybody writes in their
+    own ``<uid>`` subdirectory); else ``$XDG_RUNTIME_DIR/h5watch`` for a user
+    who has one; else ``/run/h5watch`` for root (made then). Never a
+    predictable name in ``/tmp``, which another user could make first: for
+    anyone else there is no default ("", refused with a one-line error)."""
+    if os.path.isdir(SHARED_STATE_DIR):
+        return SHARED_STATE_DIR
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir and os.path.isabs(runtime_dir):
+    if os.geteuid() != 0 and runtime_dir and os.path.isabs(runtime_dir):
         return os.path.join(runtime_dir, "h5watch")
-    return f"/tmp/h5watch-{os.getuid()}"
+    return SHARED_STATE_DIR if os.geteuid() == 0 else ""
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -130,22 +141,61 @@ def _source(name: str, value: Any) -> str:
     return f"{name}={value!r}"
 
 
+# Every number option is bounded here, where it is read: a value that passes
+# must work everywhere it is used (threading's waits, nanosecond integers,
+# the state file's 32-bit float), so nothing breaks later, far from its cause.
+MAX_SECONDS = 86400.0
+_MIN_SECONDS = {"tick_interval": 0.01}
+_MIN_TIMEOUT_SECONDS = 0.001
+_DIGITS = frozenset("0123456789")
+
+
+def _shown(value: Any) -> str:
+    """The offending value for a one-line message, cut short if long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _decimal(text: str) -> float | None:
+    """A plain decimal number (``5``, ``0.25``, ``1e3``), else None: no
+    ``inf``, ``nan``, ``0x10`` or ``1_000`` (which ``float()`` would take)."""
+    mantissa, _, exponent = text.lower().partition("e")
+    if mantissa[:1] in "+-":
+        mantissa = mantissa[1:]
+    if exponent[:1] in "+-":
+        exponent = exponent[1:]
+    whole, _, fraction = mantissa.partition(".")
+    if not (whole or fraction) or not set(whole + fraction) <= _DIGITS:
+        return None
+    if "e" in text.lower() and (not exponent or not set(exponent) <= _DIGITS):
+        return None
+    try:
+        return float(text)
+    except (ValueError, OverflowError):
+        return None
+
+
 def _seconds(allow_off: bool) -> Callable[[str, Any], float | None]:
     def parse(name: str, value: Any) -> float | None:
-        if value is None or (allow_off and isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        option = name[len(ENV_PREFIX):].lower() if name.startswith(ENV_PREFIX) else name
+        low = _MIN_SECONDS.get(option, _MIN_TIMEOUT_SECONDS)
+        off = ", or off" if allow_off else ""
+        problem = f"{name}: expected seconds between {low:g} and {MAX_SECONDS:g}{off}, got {_shown(value)}"
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
             if allow_off:
                 return None
-            raise OptionError(f"{name}: expected a number of seconds > 0, got {value!r}")
-        if isinstance(value, bool):
-            raise OptionError(f"{name}: expected a number of seconds > 0, got {value!r}")
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            off = " or 'off'" if allow_off else ""
-            raise OptionError(f"{name}: expected a number of seconds > 0{off}, got {value!r}") from None
-        if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-            off = " or 'off'" if allow_off else ""
-            raise OptionError(f"{name}: expected a number of seconds > 0{off}, got {value!r}")
+            raise OptionError(problem)
+        seconds: float | None = None
+        if isinstance(value, str):
+            seconds = _decimal(value.strip())
+        elif not isinstance(value, bool):
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError, ArithmeticError):
+                seconds = None
+        # NaN fails both comparisons.
+        if seconds is None or not low <= seconds <= MAX_SECONDS:
+            raise OptionError(problem)
         return seconds
 
     return parse
@@ -153,46 +203,49 @@ def _seconds(allow_off: bool) -> Callable[[str, Any], float | None]:
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     def parse(name: str, value: Any) -> str:
-        text = str(value).strip().lower() if isinstance(value, str) else value
+        text = value.strip().lower() if isinstance(value, str) else None
         if text not in choices:
-            raise OptionError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+            raise OptionError(f"{name}: expected one of {', '.join(choices)}, got {_shown(value)}")
         return text
 
     return parse
 
 
-def _exit_code(name: str, value: Any) -> int:
+def _integer(value: Any) -> int | None:
+    """Digits (text), or a true integer (``int``, numpy's); never a float or a bool."""
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if text and len(text) <= 10 and set(text) <= _DIGITS else None
+    if isinstance(value, bool):
+        return None
     try:
-        code = int(value)
-        if isinstance(value, bool) or isinstance(value, float):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise OptionError(f"{name}: expected an exit code from 1 to 255, got {value!r}") from None
-    if not 1 <= code <= 255:
-        raise OptionError(f"{name}: expected an exit code from 1 to 255, got {value!r}")
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _exit_code(name: str, value: Any) -> int:
+    code = _integer(value)
+    if code is None or not 1 <= code <= 255:
+        raise OptionError(f"{name}: expected an exit code from 1 to 255, got {_shown(value)}")
     return code
 
 
 def _port(name: str, value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
         return None
-    try:
-        port = int(value)
-        if isinstance(value, bool) or isinstance(value, float):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise OptionError(f"{name}: expected a TCP port from 0 to 65535 or 'off', got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise OptionError(f"{name}: expected a TCP port from 0 to 65535 or 'off', got {value!r}")
+    port = _integer(value)
+    if port is None or not 0 <= port <= 65535:
+        raise OptionError(f"{name}: expected a TCP port from 0 to 65535 (0: any free port) or off, got {_shown(value)}")
     return port
 
 
 def _text(max_len: int) -> Callable[[str, Any], str]:
     def parse(name: str, value: Any) -> str:
         if not isinstance(value, str):
-            raise OptionError(f"{name}: expected text, got {value!r}")
+            raise OptionError(f"{name}: expected text, got {_shown(value)}")
         if len(value) > max_len or any(ch in value for ch in "\0\n\r"):
-            raise OptionError(f"{name}: expected one line of at most {max_len} characters, got {value!r}")
+            raise OptionError(f"{name}: expected one line of at most {max_len} characters, got {_shown(value)}")
         return value
 
     return parse
@@ -203,7 +256,17 @@ def _path(name: str, value: Any) -> str:
         value = os.fspath(value)
     if not isinstance(value, str) or "\0" in value:
         raise OptionError(f"{name}: expected a directory path, got {value!r}")
+    if value and not os.path.isabs(value):
+        # Relative to what? Each process's working directory differs.
+        raise OptionError(f"{name}: expected an absolute directory path, got {value!r}")
     return value
+
+
+def _address(name: str, value: Any) -> str:
+    text = _text(255)(name, value).strip()
+    if not text:
+        raise OptionError(f"{name}: expected an address such as 127.0.0.1 (0.0.0.0 for every interface), got {value!r}")
+    return text
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -214,7 +277,7 @@ def _bool(name: str, value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise OptionError(f"{name}: expected true or false, got {value!r}")
+    raise OptionError(f"{name}: expected true or false, got {_shown(value)}")
 
 
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
@@ -227,7 +290,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "on_orphan": _choice(ON_ORPHAN_CHOICES),
     "kill_exit_code": _exit_code,
     "metrics_port": _port,
-    "metrics_addr": _text(255),
+    "metrics_addr": _address,
     "log_format": _choice(LOG_FORMAT_CHOICES),
     "log_level": _choice(LOG_LEVEL_CHOICES),
     "tick_interval": _seconds(allow_off=False),
@@ -235,19 +298,20 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 OPTION_HELP: dict[str, str] = {
-    "state_dir": "directory of per-process state files (default $XDG_RUNTIME_DIR/h5watch, else /tmp/h5watch-<uid>)",
+    "state_dir": "absolute path of the shared state directory; each user's processes write in its <uid> subdirectory (default /run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch)",
     "service": "workload name, exported as the 'workload' label (default: the program name)",
-    "wait_timeout": "seconds a thread may wait for a watched lock before it is an incident (default off)",
-    "hold_timeout": "seconds a thread may hold a watched lock before it is an incident (default off)",
-    "fork_timeout": "seconds the before-fork hook waits for each watched lock (default 10; 'off' waits forever)",
+    "wait_timeout": "seconds (0.001 to 86400) a thread may wait for a watched lock before it is an incident (default off)",
+    "hold_timeout": "seconds (0.001 to 86400) a thread may hold a watched lock before it is an incident (default off)",
+    "fork_timeout": "seconds (0.001 to 86400) the before-fork hook waits for each watched lock (default 10; 'off' waits forever)",
     "on_timeout": "what a wait or hold timeout does: warn, raise or kill (default warn)",
-    "on_orphan": "what an orphaned lock in a forked child does: kill, recover, raise or warn (default kill)",
-    "kill_exit_code": "exit code of a process h5watch kills (default 70)",
-    "metrics_port": "serve this process's /metrics on this port (default off)",
+    "on_orphan": "what an orphaned lock in a forked child does: kill, recover (may crash the child: see README), raise or warn"
+    " (default kill)",
+    "kill_exit_code": "exit code (1 to 255) of a process h5watch kills (default 70)",
+    "metrics_port": "serve this process's /metrics on this port (0 to 65535, 0: any free port; default off)",
     "metrics_addr": "address of the in-process /metrics server (default 127.0.0.1)",
     "log_format": "json (one object a line) or console (default json)",
     "log_level": "least severe event logged: debug, info, warning, error or critical (default warning)",
-    "tick_interval": "seconds between watchdog ticks (default 0.5)",
+    "tick_interval": "seconds (0.01 to 86400) between watchdog ticks (default 0.5)",
     "state_files": "write this process's state file for the daemon: true or false (default true)",
 }
 

@@ -58,9 +58,11 @@ def main(args: argparse.Namespace) -> int:
         try:
             ensure_state_dir(options.state_dir)
         except StateDirError as exc:
-            raise UsageError(str(exc)) from None
+            # Monitoring never stops the service: CMD runs, unmonitored, and
+            # each of its processes logs state.unavailable.
+            sys.stderr.write(f"h5watch run: warning: {exc}; running without state files\n")
     env = instrumented_environ(flags)
-    if "/" not in command[0] and shutil.which(command[0], path=env.get("PATH")) is None:
+    if not command[0] or ("/" not in command[0] and shutil.which(command[0], path=env.get("PATH")) is None):
         raise UsageError(f"command not found: {command[0]!r}")
     if lock.EXTENSION_MISSING:
         # Only for a command that will run: a usage error stays one line.
@@ -78,4 +80,6 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"command not executable: {command[0]!r}") from None
     except OSError as exc:
         raise UsageError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+    except ValueError as exc:  # a name exec refuses before trying (empty, or with a NUL)
+        raise UsageError(f"cannot run {command[0]!r}: {exc}") from None
     return 0  # not reached: exec replaced this process

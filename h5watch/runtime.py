@@ -109,40 +109,87 @@ def install(**options: Any) -> Options:
 
     Call it before h5py is imported for full coverage. Raises
     :class:`h5watch.OptionError` on a bad option, before changing anything.
-    The parts start on first need (see the module's docstring).
+    The parts start on first need (see the module's docstring). All or
+    nothing: if a later step raises, h5watch is left as the call found it
+    (not installed at all, on a first call) and the error is raised.
     """
-    global _options
     resolved = resolve(options)
     with _install_lock:
-        logs.configure(resolved.log_format, level=resolved.log_level)
-        if _options == resolved:
-            if _active:
-                phil_patch.install()
-            else:
-                _activate_if_due()
-            return resolved
-        first = _options is None
-        _options = resolved
-        if _active:
-            _apply_policy(resolved)
-            phil_patch.install()
-            for extension in _extensions:
-                extension.start(resolved)
-        else:
-            _arm()
-            _activate_if_due()
-        if first and logs.enabled("info"):
-            _build()  # the event names parts that are otherwise loaded on first need
-            _log.info(
-                "h5watch.installed",
-                service=resolved.service,
-                h5py_imported="h5py" in sys.modules,
-                coverage=phil_patch.coverage,
-                implementation=lock_module.IMPLEMENTATION,
-                implementation_reason=lock_module.IMPLEMENTATION_REASON,
-                fork_bounded=fork_guard.fork_bounded(),
-            )
+        previous = _options
+        try:
+            _apply_options(resolved)
+            if previous is None and logs.enabled("info"):
+                _build()  # the event names parts that are otherwise loaded on first need
+                _log.info(
+                    "h5watch.installed",
+                    service=resolved.service,
+                    h5py_imported="h5py" in sys.modules,
+                    coverage=phil_patch.coverage,
+                    implementation=lock_module.IMPLEMENTATION,
+                    implementation_reason=lock_module.IMPLEMENTATION_REASON,
+                    fork_bounded=fork_guard.fork_bounded(),
+                )
+        except BaseException:
+            _roll_back(previous)
+            raise
         return resolved
+
+
+def _apply_options(resolved: Options) -> None:
+    """Install or reconfigure; the caller holds ``_install_lock``."""
+    global _options
+    logs.configure(resolved.log_format, level=resolved.log_level)
+    if _options == resolved:
+        if _active:
+            phil_patch.install()
+        else:
+            _activate_if_due()
+        return
+    _options = resolved
+    if _active:
+        _start_parts(resolved)
+    else:
+        _arm()
+        _activate_if_due()
+
+
+def _roll_back(previous: Options | None) -> None:
+    """A step of ``install()`` failed: leave h5watch as the call found it,
+    else uninstalled; never half installed. The caller holds ``_install_lock``."""
+    global _options, _active
+    if previous is not None:
+        logs.configure(previous.log_format, level=previous.log_level)
+        _options = previous
+        if not _active:
+            return  # _activate() stopped what it had started; still armed
+        try:
+            _start_parts(previous)
+            return
+        except Exception as exc:
+            _log.error("h5watch.unavailable", error=repr(exc), reason="the previous options could not be restored")
+    _disarm()
+    if _active:
+        _stop_parts()
+        _active = False
+    _options = None
+
+
+def _start_parts(options: Options) -> None:
+    _apply_policy(options)
+    phil_patch.install()
+    for extension in _extensions:
+        extension.start(options)
+
+
+def _stop_parts() -> None:
+    """Stop every part, whichever started; each stop is safe on a part never started."""
+    for extension in reversed(_extensions):
+        extension.stop()
+    if phil_patch is not None:
+        phil_patch.uninstall()
+    if lock_module is not None:
+        lock_module.policy.raise_after_ns = None
+        lock_module.policy.on_wait_started = None
 
 
 def _warn_at_first_activation() -> None:
@@ -170,10 +217,11 @@ def _activate() -> None:
     _activating = True
     try:
         _build()
-        _apply_policy(_options)
-        phil_patch.install()
-        for extension in _extensions:
-            extension.start(_options)
+        try:
+            _start_parts(_options)
+        except BaseException:
+            _stop_parts()
+            raise
         _active = True
     finally:
         _activating = False
@@ -240,11 +288,7 @@ def uninstall() -> None:
             return
         _disarm()
         if _active:
-            for extension in reversed(_extensions):
-                extension.stop()
-            phil_patch.uninstall()
-            lock_module.policy.raise_after_ns = None
-            lock_module.policy.on_wait_started = None
+            _stop_parts()
             _active = False
         _options = None
 
