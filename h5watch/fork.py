@@ -80,6 +80,8 @@ _fork_started_ns: int | None = None
 _forking_thread: int | None = None
 _taken: list[WatchedLock] = []
 _threads_at_fork: dict[int, threading.Thread] = {}
+# The fork under way (or, in a child, the one that made it) is subprocess's.
+_fork_for_exec = False
 # This process is the child of a fork that skipped Python's hooks.
 _unhooked_child = False
 # The armed guard, for the watchdog's orphan check.
@@ -114,6 +116,11 @@ def check_orphan_waiters() -> None:
     """For the watchdog, every tick (see ``ForkGuard.check_orphan_waiters``)."""
     if _active_guard is not None:
         _active_guard.check_orphan_waiters()
+
+
+def fork_for_exec() -> bool:
+    """In a child: was the fork ``subprocess``'s, which execs at once?"""
+    return _fork_for_exec
 
 
 def child_of_unhooked_fork() -> bool:
@@ -191,6 +198,11 @@ class ForkGuard:
     # -- the hooks ---------------------------------------------------------
 
     def _before_hook(self) -> None:
+        global _fork_for_exec
+        # subprocess forks to exec at once (its preexec_fn child runs the
+        # hooks): such a child makes no state file of its own.
+        caller = sys._getframe(1)
+        _fork_for_exec = caller.f_code.co_name == "_execute_child" and caller.f_globals.get("__name__") == "subprocess"
         if self._armed:
             self._before_fork()
         elif self._h5py_hooks is not None:

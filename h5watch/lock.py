@@ -98,6 +98,9 @@ class _Policy:
         self.on_pid_change: Callable[[], None] | None = None
         self.on_orphan_wait: Callable[[WatchedLock, dict[str, Any]], None] | None = None
         self.on_wait_started: Callable[[WatchedLock], None] | None = None
+        # A new lock: the state file, if this process has one, gives it its
+        # record (and its counters their place in the file) at once.
+        self.on_lock_created: Callable[[WatchedLock], None] | None = None
         self.on_wait_timeout: Callable[[WatchedLock, int], None] | None = None
 
     @property
@@ -213,6 +216,8 @@ class _LockLogic:
         self._reported: set[tuple[str, int, int]] = set()
         self._seq = next(_sequence)
         _register(self)
+        if policy.on_lock_created is not None:
+            policy.on_lock_created(self)
 
     def __repr__(self) -> str:
         owner = self._owner
@@ -469,6 +474,7 @@ class PythonWatchedLock(_LockLogic):
         "name",
         "stats",
         "_counters",
+        "_counters_pending",
         "_inner",
         "_inner_acquire",
         "_inner_release",
@@ -491,8 +497,10 @@ class PythonWatchedLock(_LockLogic):
         inner = lock if lock is not None else threading.Lock()
         self.stats = LockStats()
         self.stats._owner_lock = weakref.ref(self)
-        # The counters' 64 words (see h5watch.stats), written here directly.
+        # The counters' 64 words (see h5watch.stats), written here directly;
+        # where they move next, when a move found the lock busy.
         self._counters = self.stats._c
+        self._counters_pending: Any = None
         self._inner_acquire = inner.acquire
         self._inner_release = inner.release
         self._owner: int | None = None
@@ -559,6 +567,8 @@ class PythonWatchedLock(_LockLogic):
             self._count = count
             return
         held_ns = _monotonic_ns() - self._since_ns
+        if self._counters_pending is not None:
+            self.stats._adopt_pending()
         counters = self._counters
         counters[C_HOLD_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
         counters[C_HOLD_SUM] += held_ns

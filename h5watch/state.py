@@ -1,24 +1,24 @@
 """Keeps this process's state file current, and lets outsiders dump its stacks.
 
-Started by ``install()`` when ``state_files`` is on. The file (and its
-stacks file) is created when there is something to write, never before:
+Started when h5watch activates (h5py imported, or a ``WatchedLock`` made)
+with ``state_files`` on. The file (and its stacks file) is made then, so
+that every count is in it from the start (see ``h5watch.statefile``), and
+written:
 
 - every watchdog tick: every lock record, then the header (the heartbeat);
-  the first tick creates the file;
 - at once, from a lock's slow path, when a thread starts to block on it;
 - at once, when a forked child finds an orphaned lock (before its policy:
   a killed child leaves the evidence behind);
 - when the watchdog stops for a fork: a last write, marked "watchdog not
   running" (the daemon then judges the process by its records alone);
-- at exit: a last write marked ``exited`` (created then only if a watched
-  lock was used in this process).
+- at exit: a last write marked ``exited``.
 
-So a process that never watches anything, and a forked child that execs
-(subprocess's ``preexec_fn`` child), leave no file. A forked child (whether
-or not the fork ran Python's hooks) never writes its parent's file: the
-parent's mapping is shared memory. It drops its copy of the mapping and of
-the stacks file descriptor, and opens its own file when it has something to
-write. ``faulthandler`` is registered for ``DUMP_SIGNAL`` on a per-process
+A forked child never writes its parent's file (the parent's mapping is
+shared memory): it drops its copy of the mapping and of the stacks file
+descriptor, and makes its own file at once, unless the fork was
+``subprocess``'s (its ``preexec_fn`` child execs, and leaves no file) or
+skipped Python's hooks (then nothing of h5watch runs there until a wait).
+``faulthandler`` is registered for ``DUMP_SIGNAL`` on a per-process
 stacks file, so the daemon can read every thread's Python stack even when
 they are all blocked in C.
 """
@@ -32,6 +32,7 @@ import threading
 from typing import Any
 
 from . import fork, logs
+from . import lock as lock_module
 from .lock import WatchedLock, watched_locks
 from .statedir import create_file_at, user_dir_path
 from .statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
@@ -72,6 +73,10 @@ class StateExtension:
         self._failed_pid = None
         if writer is not None and writer.owned_here() and self._stacks_file is None:
             self._register_dump(writer.stacks_path)
+        lock_module.policy.on_lock_created = self._on_lock_created
+        # The file is made now, not at the first tick: from here on every
+        # count is in it, whatever ends the process.
+        self._writer(create=True)
         if not self._hooks_added:
             self._hooks_added = True
             add_tick_callback(self.tick)
@@ -115,6 +120,11 @@ class StateExtension:
         writer = self._writer(create=True)
         if writer is not None:
             writer.write_one(lock)
+
+    def _on_lock_created(self, lock: WatchedLock) -> None:
+        writer = self.writer
+        if writer is not None and writer.owned_here():
+            writer.attach_locks([lock])
 
     def _on_orphan(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
         writer = self._writer(create=True)
@@ -168,6 +178,7 @@ class StateExtension:
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
         writer.attach_forks(fork.fork_stats)
+        writer.attach_locks(watched_locks())
         if dumps:
             self._register_dump(writer.stacks_path)
         self.writer = writer
@@ -182,6 +193,10 @@ class StateExtension:
             # mapping here unmaps the child's view only).
             old.close(exited=False)
         self._unregister_dump()
+        if self._enabled and not fork.fork_for_exec() and not fork.child_of_unhooked_fork():
+            # The child's own file at once (its counts start now); not for
+            # subprocess's child, which execs.
+            self._writer(create=True)
 
     def _register_dump(self, path: str) -> None:
         try:

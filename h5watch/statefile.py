@@ -659,6 +659,18 @@ class StateWriter:
             self._retire_collected()
             self.write_header(fork_stats, watchdog_running)
 
+    def attach_locks(self, locks: Iterable[Any]) -> None:
+        """Give these locks their records now: from now on they count in the file."""
+        if not self.owned_here():
+            return
+        with self._lock:
+            if self._closed:
+                return
+            for lock in locks:
+                self._slot_of(lock)
+            if self._header_dirty:
+                self.write_header(*self._last_header_args, beat=False)
+
     def write_one(self, lock: Any, timeout: float = 0.05, orphan: dict[str, Any] | None = None) -> None:
         """From a lock's slow path: never wait long for the tick's writer."""
         if not self.owned_here() or not self._lock.acquire(True, timeout):

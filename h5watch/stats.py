@@ -175,17 +175,29 @@ class LockStats:
         """
         lock = self._owner_lock() if self._owner_lock is not None else None
         if lock is not None and not lock._acquire_for_fork(0):
+            # Busy: the holder moves them at its release (see _adopt_pending).
+            lock._counters_pending = target
             return False
         try:
-            with self._bump_lock:
-                target[:] = self._c
-                self._c = target
-                if lock is not None:
-                    lock._counters = target
+            self._move(target, lock)
         finally:
             if lock is not None:
                 lock._release_for_fork()
         return True
+
+    def _adopt_pending(self) -> None:
+        """Called by the holder at its outermost release: the move that found the lock busy."""
+        lock = self._owner_lock()
+        if lock is not None and lock._counters_pending is not None:
+            self._move(lock._counters_pending, lock)
+
+    def _move(self, target: memoryview, lock: Any) -> None:
+        with self._bump_lock:
+            target[:] = self._c
+            self._c = target
+            if lock is not None:
+                lock._counters = target
+                lock._counters_pending = None
 
     def reset_after_fork(self) -> None:
         """A forked child is a new process: its statistics start at zero, in
@@ -195,6 +207,7 @@ class LockStats:
         lock = self._owner_lock() if self._owner_lock is not None else None
         if lock is not None:
             lock._counters = self._c
+            lock._counters_pending = None
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot_of(self._c.tolist())
