@@ -54,8 +54,9 @@ def bench_daemon_scan(n_files: int = 1000, repeats: int = 15) -> dict[str, float
     sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(n_files)]
     try:
         with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as tmp:
-            state_dir = ensure_state_dir(os.path.join(tmp, "state"))
-            template = bytearray(_template(state_dir))
+            state_dir = os.path.join(tmp, "state")
+            user_dir = ensure_state_dir(state_dir)
+            template = bytearray(_template(user_dir))
             for proc in sleepers:
                 ticks = proc_start_ticks(proc.pid)
                 header = np.frombuffer(template, dtype=HEADER_DTYPE, count=1).copy()
@@ -63,7 +64,7 @@ def bench_daemon_scan(n_files: int = 1000, repeats: int = 15) -> dict[str, float
                 header["start_ticks"] = ticks
                 header["heartbeat_unix"] = time.time() + 3600  # fresh for the whole run
                 template[:HEADER_SIZE] = header.tobytes()
-                path = os.path.join(state_dir, state_file_name(proc.pid, ticks))
+                path = os.path.join(user_dir, state_file_name(proc.pid, ticks))
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 os.write(fd, bytes(template))
                 os.close(fd)

@@ -41,6 +41,7 @@ from .cli import UsageError
 from .exporter import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, MetricsServer
 from .statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from .statefile import (
+    concat_records,
     STATE_SUFFIX,
     ProcessState,
     StateDirError,
@@ -356,7 +357,7 @@ class Daemon:
             live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), age)
         if not states:
             return np.zeros(0)
-        records = np.concatenate([state.records for state in states])
+        records = concat_records([state.records for state in states])
         owner = np.repeat(np.arange(len(states)), [len(state.records) for state in states])
         keys: dict[tuple[str, str], int] = {}
         workloads = [state.workload for state in states]

@@ -112,6 +112,7 @@ __all__ = [
     "check_state_dir",
     "proc_start_ticks",
     "read_state_file",
+    "concat_records",
     "state_file_name",
     "list_state_files",
     "process_identity",
@@ -184,25 +185,26 @@ _RECORD_FIELDS = [
     ("waiter_names", f"{MAX_WAITERS * THREAD_NAME_BYTES}s", f"S{MAX_WAITERS * THREAD_NAME_BYTES}"),
 ]
 
-# A lock's counters as the reader returns them, next to its record's fields.
-_COUNTER_FIELDS = [
-    ("acquisitions", "<u8"),
-    ("contentions", "<u8"),
-    ("reentries", "<u8"),
-    ("wait_buckets", ("<u8", N_BUCKETS)),
-    ("wait_sum_ns", "<u8"),
-    ("wait_max_ns", "<u8"),
-    ("hold_buckets", ("<u8", N_BUCKETS)),
-    ("hold_sum_ns", "<u8"),
-    ("hold_max_ns", "<u8"),
-    ("timeouts", ("<u8", len(TIMEOUT_KINDS))),
-    ("orphans", ("<u8", len(ORPHAN_ACTIONS))),
+# A lock's counters as the reader returns them, after its record's fields:
+# (name, first word, number of words) of the 64 words (see h5watch.stats).
+_COUNTER_WORDS = [
+    ("acquisitions", C_ACQUISITIONS, 1),
+    ("contentions", C_CONTENTIONS, 1),
+    ("reentries", C_REENTRIES, 1),
+    ("wait_buckets", C_WAIT_BUCKETS, N_BUCKETS),
+    ("wait_sum_ns", C_WAIT_SUM, 1),
+    ("wait_max_ns", C_WAIT_MAX, 1),
+    ("hold_buckets", C_HOLD_BUCKETS, N_BUCKETS),
+    ("hold_sum_ns", C_HOLD_SUM, 1),
+    ("hold_max_ns", C_HOLD_MAX, 1),
+    ("timeouts", C_TIMEOUTS, len(TIMEOUT_KINDS)),
+    ("orphans", C_ORPHANS, len(ORPHAN_ACTIONS)),
 ]
-_FORK_FIELDS = [
-    ("forks", "<u8"),
-    ("fork_wait_buckets", ("<u8", N_BUCKETS)),
-    ("fork_wait_sum_ns", "<u8"),
-    ("fork_wait_max_ns", "<u8"),
+_FORK_WORDS = [
+    ("forks", C_ACQUISITIONS, 1),
+    ("fork_wait_buckets", C_WAIT_BUCKETS, N_BUCKETS),
+    ("fork_wait_sum_ns", C_WAIT_SUM, 1),
+    ("fork_wait_max_ns", C_WAIT_MAX, 1),
 ]
 
 
@@ -214,12 +216,19 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def _dtype(fields: list[tuple[str, str, Any]], size: int) -> np.dtype:
+def _dtype(fields: list[tuple[str, str, Any]], size: int, extra: list[tuple[str, Any, int]] = ()) -> np.dtype:  # type: ignore[assignment]
+    """The fields at their packed offsets, plus ``extra`` (name, dtype, offset)."""
     import numpy as np
 
     base = np.dtype([(name, dtype) for name, _, dtype in fields])
-    return np.dtype({"names": base.names, "formats": [base.fields[n][0] for n in base.names],
-                     "offsets": [base.fields[n][1] for n in base.names], "itemsize": size})
+    names = list(base.names) + [name for name, _, _ in extra]
+    formats = [base.fields[n][0] for n in base.names] + [dtype for _, dtype, _ in extra]
+    offsets = [base.fields[n][1] for n in base.names] + [offset for _, _, offset in extra]
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": size})
+
+
+def _counter_fields(start: int, words: list[tuple[str, int, int]]) -> list[tuple[str, Any, int]]:
+    return [(name, "<u8" if count == 1 else ("<u8", count), start + 8 * index) for name, index, count in words]
 
 
 _HEADER_STRUCT = _struct(_HEADER_FIELDS)
@@ -259,8 +268,10 @@ def _dtypes() -> dict[str, Any]:
         header, record = _dtype(_HEADER_FIELDS, HEADER_SIZE), _dtype(_RECORD_FIELDS, RECORD_SIZE)
         assert header.itemsize == HEADER_SIZE and record.itemsize == RECORD_SIZE
         assert header.fields["seq"][1] == _HEADER_SEQ_OFFSET
-        lock = np.dtype([(name, dtype) for name, _, dtype in _RECORD_FIELDS if name != "seq"] + _COUNTER_FIELDS)
-        process = np.dtype([(name, dtype) for name, _, dtype in _HEADER_FIELDS] + _FORK_FIELDS)
+        # What the reader returns: a record's bytes followed by its block's,
+        # and the header's followed by the fork counters' (as in the file).
+        lock = _dtype(_RECORD_FIELDS, RECORD_SIZE + COUNTERS_BYTES, _counter_fields(RECORD_SIZE, _COUNTER_WORDS))
+        process = _dtype(_HEADER_FIELDS, HEADER_SIZE + COUNTERS_BYTES, _counter_fields(HEADER_SIZE, _FORK_WORDS))
         _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record, LOCK_DTYPE=lock, PROCESS_DTYPE=process)
     return _DTYPES
 
@@ -897,49 +908,45 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     import numpy as np
 
     dtypes = _dtypes()
-    raw_header = np.frombuffer(head, dtype=dtypes["HEADER_DTYPE"], count=1)[0]
-    header = np.zeros((), dtype=dtypes["PROCESS_DTYPE"])
-    for name in dtypes["HEADER_DTYPE"].names:
-        header[name] = raw_header[name]
-    forks = _counter_words(np.frombuffer(os.pread(fd, COUNTERS_BYTES, FORKS_OFFSET), dtype="<u8"))
-    header["forks"] = forks[C_ACQUISITIONS]
-    header["fork_wait_buckets"] = forks[C_WAIT_BUCKETS : C_WAIT_BUCKETS + N_BUCKETS]
-    header["fork_wait_sum_ns"] = forks[C_WAIT_SUM]
-    header["fork_wait_max_ns"] = forks[C_WAIT_MAX]
-    records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=len(table) // RECORD_SIZE)
-    counted = np.isin(records["state"], (SLOT_LIVE, SLOT_RETIRED)) & (records["block"] < CAPACITY)
-    if int(raw_header["merge_active"]):
+    forks = bytearray(os.pread(fd, COUNTERS_BYTES, FORKS_OFFSET))
+    if len(forks) != COUNTERS_BYTES:
+        raise StateFileError("truncated", "truncated fork counters")
+    _counter_words(np.frombuffer(forks, dtype="<u8"))
+    header = np.frombuffer(head + bytes(forks), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
+    n = len(table) // RECORD_SIZE
+    records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=n)
+    state = records["state"]
+    counted = ((state == SLOT_LIVE) | (state == SLOT_RETIRED)) & (records["block"] < CAPACITY)
+    if int(header["merge_active"]):
         # Interrupted between the steps of a merge (see the module docstring).
-        source, into, block = (int(raw_header[k]) for k in ("merge_from", "merge_into", "merge_block"))
-        if into < len(records) and source < len(records) and int(records[into]["block"]) == block:
+        source, into, block = (int(header[k]) for k in ("merge_from", "merge_into", "merge_block"))
+        if into < n and source < n and int(records[into]["block"]) == block:
             counted[source] = False
-    chosen = records[counted]
-    out = np.zeros(len(chosen), dtype=dtypes["LOCK_DTYPE"])
-    for name in out.dtype.names:
-        if name in records.dtype.names:
-            out[name] = chosen[name]
-    if len(chosen):
-        blocks = chosen["block"].astype(np.intp)
+    rows = np.frombuffer(table, dtype=np.uint8).reshape(n, RECORD_SIZE)[counted]
+    combined = np.zeros((len(rows), RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
+    combined[:, :RECORD_SIZE] = rows
+    if len(rows):
+        blocks = records["block"][counted].astype(np.intp)
         span = int(blocks.max()) + 1
         raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
         if len(raw) != span * COUNTERS_BYTES:
             raise StateFileError("truncated", "truncated counters")
-        words = _counter_words(np.frombuffer(raw, dtype="<u8").reshape(span, N_COUNTERS)[blocks])
-        out["acquisitions"] = words[:, C_ACQUISITIONS]
-        out["contentions"] = words[:, C_CONTENTIONS]
-        out["reentries"] = words[:, C_REENTRIES]
-        out["wait_buckets"] = words[:, C_WAIT_BUCKETS : C_WAIT_BUCKETS + N_BUCKETS]
-        out["wait_sum_ns"] = words[:, C_WAIT_SUM]
-        out["wait_max_ns"] = words[:, C_WAIT_MAX]
-        out["hold_buckets"] = words[:, C_HOLD_BUCKETS : C_HOLD_BUCKETS + N_BUCKETS]
-        out["hold_sum_ns"] = words[:, C_HOLD_SUM]
-        out["hold_max_ns"] = words[:, C_HOLD_MAX]
-        out["timeouts"] = words[:, C_TIMEOUTS : C_TIMEOUTS + len(TIMEOUT_KINDS)]
-        out["orphans"] = words[:, C_ORPHANS : C_ORPHANS + len(ORPHAN_ACTIONS)]
-    return header, out
+        combined[:, RECORD_SIZE:] = np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]
+        _counter_words(combined[:, RECORD_SIZE:].view("<u8"))
+    return header, combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
 
 
-def _counter_words(words: Any) -> Any:
-    """Counters as read: a value no real count reaches (a forged or
-    damaged file) is read as 0, so sums cannot wrap."""
-    return words * (words < (1 << 62))
+def _counter_words(words: Any) -> None:
+    """Counters as read, in place: a value no real count reaches (a forged
+    or damaged file) is read as 0, so sums cannot wrap."""
+    words[words >= (1 << 62)] = 0
+
+
+def concat_records(arrays: list[np.ndarray]) -> np.ndarray:
+    """Several processes' records as one array (as raw rows: numpy would
+    otherwise compare the structured dtypes field by field for each)."""
+    import numpy as np
+
+    dtype = _dtypes()["LOCK_DTYPE"]
+    raw = np.concatenate([a.view(np.uint8).reshape(len(a), dtype.itemsize) for a in arrays])
+    return raw.view(dtype).reshape(len(raw))
