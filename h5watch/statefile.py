@@ -828,8 +828,13 @@ class ProcessState:
         return out
 
 
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)], "?")
+
+
 def _text(raw: Any) -> str:
-    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+    """A name from a file: never a control character (escape sequences on an
+    operator's terminal, broken log lines)."""
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace").translate(_CONTROL)
 
 
 def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, accept_torn: bool = False,
@@ -912,7 +917,9 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     if len(forks) != COUNTERS_BYTES:
         raise StateFileError("truncated", "truncated fork counters")
     _counter_words(np.frombuffer(forks, dtype="<u8"))
-    header = np.frombuffer(head + bytes(forks), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
+    header = np.frombuffer(bytearray(head + bytes(forks)), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
+    for name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval"):
+        header[name] = _sane_time(header[name])
     n = len(table) // RECORD_SIZE
     records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=n)
     state = records["state"]
@@ -933,7 +940,19 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
             raise StateFileError("truncated", "truncated counters")
         combined[:, RECORD_SIZE:] = np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]
         _counter_words(combined[:, RECORD_SIZE:].view("<u8"))
-    return header, combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
+    out = combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
+    for name in ("held_since_unix", "oldest_wait_since_unix", "waiter_since_unix"):
+        out[name] = _sane_time(out[name])
+    return header, out
+
+
+def _sane_time(values: Any) -> Any:
+    """Times and intervals as read: NaN, infinities, negatives and values
+    past the year 10000 (a forged or damaged file) read as 0, "unknown"."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values) & (values >= 0) & (values < 2.5e11), values, 0.0)
 
 
 def _counter_words(words: Any) -> None:

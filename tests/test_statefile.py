@@ -284,3 +284,55 @@ time.sleep(60)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(tmp_path):
+    """A forged or damaged file: NaN and infinite times, a counter no real
+    count reaches, escape sequences in names. ``h5watch status`` prints no
+    NaN/Infinity in its JSON, no control character on the terminal, and sums
+    nothing that wraps."""
+    import math
+
+    import numpy as np
+
+    from h5watch.statedir import ensure_state_dir
+    from h5watch.lock import WatchedLock
+    from h5watch.statefile import HEADER_DTYPE, RECORD_DTYPE, RECORDS_OFFSET, StateWriter
+
+    base = tmp_path / "state"
+    user_dir = ensure_state_dir(str(base))
+    writer = StateWriter(user_dir, "evil\x1b[2Jname", 0, 0.5)
+    lock = WatchedLock("app.\x1b]0;pwned\x07lock")
+    with lock:
+        pass
+    writer.write_all([lock], None, True)
+    writer.close(exited=False)
+    data = bytearray(Path(writer.path).read_bytes())
+    header = np.frombuffer(data, dtype=HEADER_DTYPE, count=1)
+    header["heartbeat_unix"] = float("nan")
+    header["tick_interval"] = float("inf")
+    record = np.frombuffer(data, dtype=RECORD_DTYPE, count=1, offset=RECORDS_OFFSET)
+    record["held"] = 1
+    record["held_since_unix"] = float("-inf")
+    record["oldest_wait_since_unix"] = 1e308
+    block = int(record["block"][0])
+    from h5watch.statefile import BLOCKS_OFFSET
+
+    words = np.frombuffer(data, dtype="<u8", count=64, offset=BLOCKS_OFFSET + 512 * block)
+    words[0] = 2**63 + 5  # acquisitions
+    Path(writer.path).write_bytes(bytes(data))
+
+    state = read_state_file(writer.path)
+    assert int(state.records["acquisitions"][0]) == 0
+    assert state.heartbeat_unix == 0.0 and float(state.header["tick_interval"]) == 0.0
+    (entry,) = state.locks()
+    assert "\x1b" not in entry["lock"] and "\x07" not in entry["lock"]
+    assert entry["holder"]["held_since_unix"] is None and entry["oldest_wait_seconds"] == 0.0
+    for args in (["--json"], []):
+        result = subprocess.run([sys.executable, "-m", "h5watch", "status", "--state-dir", str(base), *args],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode in (0, 1), result.stderr
+        assert "evil?[2Jname" in result.stdout  # the process is listed, its name defused
+        assert "NaN" not in result.stdout and "Infinity" not in result.stdout
+        assert not any(ord(c) < 0x20 and c not in "\n" for c in result.stdout), repr(result.stdout)
+    assert math.isfinite(state.heartbeat_unix)
