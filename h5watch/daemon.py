@@ -147,6 +147,7 @@ class Daemon:
         self._totals_path = os.path.join(self._own_dir.path, TOTALS_FILE)
         self._unsaved = False
         self._unsaved_logged = False
+        self._save_failures = 0
         self.claim_fd: int | None = None
         self._totals: dict[tuple[str, str], LockTotals] = {}
         self._fork_totals: dict[str, ForkTotals] = {}
@@ -280,6 +281,11 @@ class Daemon:
         if scan_success:
             self._forget_missing(present)
         aggregate = self._combine(live)
+        aggregate.totals_save_failures = self._save_failures
+        aggregate.locks_unrecorded = {}
+        for state in live_states:
+            aggregate.locks_unrecorded[state.workload] = (aggregate.locks_unrecorded.get(state.workload, 0)
+                                                          + int(state.header["locks_unrecorded"]))
         aggregate.scan_seconds = time.perf_counter() - started
         aggregate.scan_success = scan_success
         self.aggregate = aggregate
@@ -508,6 +514,7 @@ class Daemon:
             totals.write(self._own_dir, data)
         except OSError as exc:
             self._unsaved = True
+            self._save_failures += 1
             if not self._unsaved_logged:
                 self._unsaved_logged = True
                 _log.error("daemon.totals_unsaved", path=self._totals_path, error=str(exc),

@@ -139,6 +139,8 @@ class Aggregate:
     scan_seconds: float | None = None
     scan_success: bool | None = None
     state_file_errors: dict[str, int] | None = None
+    totals_save_failures: int | None = None
+    locks_unrecorded: dict[str, int] | None = None
 
 
 def aggregate_snapshot(snapshot: dict[str, Any], workload: str) -> Aggregate:
@@ -256,6 +258,15 @@ class AggregateCollector:
         if aggregate.scan_success is not None:
             yield GaugeMetricFamily("h5watch_daemon_last_scan_success", "1 if the daemon's last scan could list the state directory.",
                                     value=int(aggregate.scan_success))
+        if aggregate.totals_save_failures is not None:
+            yield CounterMetricFamily("h5watch_daemon_totals_save_failures", "Failed saves of the daemon's totals (dead "
+                                      "processes' files are kept until a save succeeds).", value=aggregate.totals_save_failures)
+        if aggregate.locks_unrecorded is not None:
+            family = GaugeMetricFamily("h5watch_locks_unrecorded", "Watched locks of live processes that found no record in "
+                                       "their state file (their counts are not exported).", labels=["workload"])
+            for workload, count in sorted(aggregate.locks_unrecorded.items()):
+                family.add_metric([workload], count)
+            yield family
         if aggregate.state_file_errors is not None:
             family = CounterMetricFamily("h5watch_state_file_errors", "State files the daemon skipped, by reason.", labels=["reason"])
             for reason, count in sorted(aggregate.state_file_errors.items()):

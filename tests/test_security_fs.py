@@ -452,6 +452,7 @@ def test_a_failed_totals_save_keeps_the_dead_workers_file(base, daemons):
     assert state_path.exists(), "a dead worker's file was removed although its counts were not saved"
     assert len(daemon.events("daemon.totals_unsaved")) == 1  # once, not once a scan
     assert daemon.value("h5watch_lock_acquisitions_total", workload="unsaved", lock="app.sec") == 77
+    assert daemon.value("h5watch_daemon_totals_save_failures_total") >= 2  # counted every scan it fails
     blocker.rmdir()
     wait_for(lambda: not state_path.exists(), 15, what="the file removed once the totals are saved")
     daemon.stop()

@@ -336,3 +336,32 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
         assert "NaN" not in result.stdout and "Infinity" not in result.stdout
         assert not any(ord(c) < 0x20 and c not in "\n" for c in result.stdout), repr(result.stdout)
     assert math.isfinite(state.heartbeat_unix)
+
+
+def test_locks_beyond_the_files_records_are_counted_and_logged_never_silently_dropped(tmp_path):
+    """More live locks than the file has records: every one that fits keeps
+    its record; the rest are counted in the header (the daemon exports it as
+    h5watch_locks_unrecorded) and logged once."""
+    result = run_python(
+        f"""
+        import json
+        import h5watch
+        h5watch.install(state_dir={str(tmp_path / "state")!r}, log_level="error", tick_interval=60)
+        from h5watch.statefile import CAPACITY, read_state_file
+        locks = [h5watch.WatchedLock(f"app.many.{{i:03d}}") for i in range(CAPACITY + 9)]
+        for lock in locks:
+            with lock:
+                pass
+        path = h5watch.snapshot()["state"]["path"]
+        state = read_state_file(path)
+        print(json.dumps({{"records": len(state.records), "unrecorded": int(state.header["locks_unrecorded"]),
+                          "capacity": CAPACITY, "first": int(state.records["acquisitions"][0])}}))
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["records"] == report["capacity"] and report["first"] == 1
+    assert report["unrecorded"] == 9
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events].count("state.slots_full") == 1
