@@ -241,7 +241,7 @@ class Daemon:
                         if name in dead_set and exc.reason in ("truncated", "corrupt"):
                             junk.append(name)  # a dead process's file no reader can use
                         continue
-                    verdict = self._classify(state, name, now, directory.uid)
+                    verdict = self._classify(state, name, now, directory.uid, name not in dead_set)
                     if verdict == "dead":
                         self._fold(state, f"{directory.uid}/{name}")
                         folded.append((directory, state))
@@ -296,9 +296,10 @@ class Daemon:
             self._handle_stuck(state, reason, culprit)
         return aggregate
 
-    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int) -> str:
+    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int, seen_alive: bool) -> str:
         """dead, foreign (a file that does not name itself, or is not its
-        directory owner's) or live."""
+        directory owner's), exiting or live. ``seen_alive``: its name's
+        process (pid, start time, uid) was found alive by this scan."""
         expected = f"{state.pid}-{state.start_ticks}{STATE_SUFFIX}"
         if name != expected:
             self._error(state.path, "corrupt", f"names pid {state.pid}, start {state.start_ticks}, not its own file name")
@@ -308,9 +309,10 @@ class Daemon:
             return "foreign"
         if name in self._folded:
             return "dead"
-        identity = process_identity(state.pid)
-        if identity is None or identity[0] != state.start_ticks or identity[1] != int(state.header["uid"]):
-            return "dead"
+        if not seen_alive:
+            identity = process_identity(state.pid)
+            if identity is None or identity[0] != state.start_ticks or identity[1] != int(state.header["uid"]):
+                return "dead"
         # Marked exited, yet still there: its last threads may still count in
         # the file (daemon threads run until the interpreter is gone), so it is
         # folded once the process is gone, and never judged stuck meanwhile.

@@ -32,7 +32,6 @@ import errno
 import os
 import stat
 import threading
-from typing import NamedTuple
 
 __all__ = [
     "SHARED_BASE",
@@ -82,14 +81,14 @@ class UnsafeFileError(OSError):
         return str(self.strerror)
 
 
-class OpenDir(NamedTuple):
-    """A directory opened once and checked; file operations go through ``fd``."""
+class OpenDir:
+    """A directory opened once and checked; file operations go through ``fd``.
+    ``uid``: its owner, the only user whose files are trusted in it."""
 
-    path: str
-    fd: int
-    uid: int  # its owner: the only user whose files are trusted in it
-    dev: int
-    ino: int
+    __slots__ = ("path", "fd", "uid", "dev", "ino")
+
+    def __init__(self, path: str, fd: int, uid: int, dev: int, ino: int) -> None:
+        self.path, self.fd, self.uid, self.dev, self.ino = path, fd, uid, dev, ino
 
 
 # Per-user directories this process writes in, by path. Inherited across

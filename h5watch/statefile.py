@@ -257,6 +257,8 @@ _U32 = struct.Struct("<I")
 # "<" formats have no padding: the sequence counter follows the prefix.
 _HEADER_SEQ_OFFSET = _HEADER_PREFIX.size
 _DTYPES: dict[str, Any] = {}
+_N_SLOTS_OFFSET = _HEADER_SEQ_OFFSET + 8 + struct.calcsize(
+    "<" + "".join(code for name, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index("n_slots")]))
 
 
 def _dtypes() -> dict[str, Any]:
@@ -894,8 +896,7 @@ def _read_tables(fd: int) -> tuple[bytes, bytes, bool]:
         raise StateFileError("version", f"unsupported layout version {version} (this h5watch reads {VERSION})")
     if struct.unpack_from("<III", head, 12) != (HEADER_SIZE, RECORD_SIZE, CAPACITY):
         raise StateFileError("corrupt", "corrupt: sizes do not match the layout version")
-    tail = _unflatten(_HEADER_TAIL_FIELDS, _HEADER_TAIL.unpack_from(head, _HEADER_SEQ_OFFSET + 8))
-    n_slots = int(tail["n_slots"])
+    n_slots = _U32.unpack_from(head, _N_SLOTS_OFFSET)[0]
     if n_slots > CAPACITY:
         raise StateFileError("corrupt", f"corrupt: {n_slots} lock records, capacity {CAPACITY}")
     table = os.pread(fd, n_slots * RECORD_SIZE, RECORDS_OFFSET) if n_slots else b""
@@ -919,7 +920,8 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     _counter_words(np.frombuffer(forks, dtype="<u8"))
     header = np.frombuffer(bytearray(head + bytes(forks)), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
     for name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval"):
-        header[name] = _sane_time(header[name])
+        if not 0 <= float(header[name]) < _TIME_LIMIT:  # NaN fails too
+            header[name] = 0.0
     n = len(table) // RECORD_SIZE
     records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=n)
     state = records["state"]
@@ -930,29 +932,26 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         if into < n and source < n and int(records[into]["block"]) == block:
             counted[source] = False
     rows = np.frombuffer(table, dtype=np.uint8).reshape(n, RECORD_SIZE)[counted]
-    combined = np.zeros((len(rows), RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
-    combined[:, :RECORD_SIZE] = rows
     if len(rows):
         blocks = records["block"][counted].astype(np.intp)
         span = int(blocks.max()) + 1
         raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
         if len(raw) != span * COUNTERS_BYTES:
             raise StateFileError("truncated", "truncated counters")
-        combined[:, RECORD_SIZE:] = np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]
+        combined = np.concatenate([rows, np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]], axis=1)
         _counter_words(combined[:, RECORD_SIZE:].view("<u8"))
+    else:
+        combined = np.zeros((0, RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
     out = combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
     for name in ("held_since_unix", "oldest_wait_since_unix", "waiter_since_unix"):
-        out[name] = _sane_time(out[name])
+        column = out[name]
+        np.copyto(column, 0.0, where=~((column >= 0) & (column < _TIME_LIMIT)))
     return header, out
 
 
-def _sane_time(values: Any) -> Any:
-    """Times and intervals as read: NaN, infinities, negatives and values
-    past the year 10000 (a forged or damaged file) read as 0, "unknown"."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=np.float64)
-    return np.where(np.isfinite(values) & (values >= 0) & (values < 2.5e11), values, 0.0)
+# Times and intervals as read: NaN, infinities, negatives and values past the
+# year 9000 (a forged or damaged file) read as 0, "unknown".
+_TIME_LIMIT = 2.5e11
 
 
 def _counter_words(words: Any) -> None:
