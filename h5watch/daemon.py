@@ -27,6 +27,7 @@ pid reused by another process in between cannot be hit.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import stat
@@ -148,6 +149,9 @@ class Daemon:
         self._unsaved = False
         self._unsaved_logged = False
         self._save_failures = 0
+        # Per-user directories this daemon reads, locked for it: (dev, ino) -> fd.
+        self._claims: dict[tuple[int, int], int] = {}
+        self._claim_refused: set[tuple[int, int]] = set()
         self.claim_fd: int | None = None
         self._totals: dict[tuple[str, str], LockTotals] = {}
         self._fork_totals: dict[str, ForkTotals] = {}
@@ -213,6 +217,8 @@ class Daemon:
             dead_budget = MAX_DEAD_PER_SCAN
             folded: list[tuple[OpenDir, ProcessState]] = []
             for directory in dirs:
+                if not self._claim(directory):
+                    continue
                 try:
                     names = list_names(directory)
                 except OSError as exc:
@@ -295,6 +301,27 @@ class Daemon:
         for state, reason, culprit in stuck:
             self._handle_stuck(state, reason, culprit)
         return aggregate
+
+    def _claim(self, directory: OpenDir) -> bool:
+        """One daemon per user directory (a root daemon and a user's own on one
+        base would otherwise both fold that user's files): a lock on the
+        directory itself, held while this daemon lives."""
+        key = (directory.dev, directory.ino)
+        if key in self._claims:
+            return True
+        claim = os.dup(directory.fd)
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(claim)
+            if key not in self._claim_refused:
+                self._claim_refused.add(key)
+                _log.warning("daemon.dir_claimed", path=directory.path,
+                             hint="another h5watch daemon reads this directory; this one leaves it to it")
+            return False
+        self._claims[key] = claim
+        self._claim_refused.discard(key)
+        return True
 
     def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int, seen_alive: bool) -> str:
         """dead, foreign (a file that does not name itself, or is not its

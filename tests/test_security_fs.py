@@ -438,6 +438,45 @@ def test_a_root_daemon_exports_a_users_workers_and_refuses_files_owned_by_anothe
     assert status.returncode == 0, status.stderr
 
 
+def test_one_daemon_per_user_directory_a_root_daemon_and_the_users_own_never_both_fold_it(users, base, daemons, top):
+    _, bob = users
+    worker = Worker(bob.argv(), base, "bobs", 55)
+    root_daemon = daemons(base)
+    wait_for(lambda: root_daemon.value("h5watch_lock_acquisitions_total", workload="bobs") == 55, 15,
+             what="bob's counts on the root daemon")
+    port = free_port()
+    log = open(top / "bob-daemon.log", "wb")
+    bob_daemon = subprocess.Popen(
+        bob.argv(*H5WATCH_AS_USER, "daemon", "--state-dir", str(base), "--listen", f"127.0.0.1:{port}", "--scan-interval", "0.2"),
+        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd="/", start_new_session=True)
+    try:
+        def bob_metrics() -> str:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return response.read().decode()
+
+        def bob_log() -> list[dict]:
+            return [json.loads(line) for line in (top / "bob-daemon.log").read_text().splitlines() if line.startswith("{")]
+
+        wait_for(lambda: any(e["event"] == "daemon.dir_claimed" for e in bob_log()), 15, what="bob's daemon leaving his dir")
+        assert 'workload="bobs"' not in bob_metrics()
+        worker.finish()
+        wait_for(lambda: not Path(worker.report["state"]).exists(), 15, what="the exited worker folded")
+        time.sleep(0.6)
+        assert root_daemon.value("h5watch_lock_acquisitions_total", workload="bobs") == 55
+        assert 'workload="bobs"' not in bob_metrics()  # folded once, by the daemon that holds the directory
+        # The root daemon gone, bob's own takes his directory over.
+        root_daemon.stop()
+        again = Worker(bob.argv(), base, "bobs", 7)
+        wait_for(lambda: 'h5watch_lock_acquisitions_total{lock="app.sec",workload="bobs"} 7.0' in bob_metrics(), 15,
+                 what="bob's daemon reading his directory")
+        again.finish()
+    finally:
+        kill(bob_daemon)
+        log.close()
+
+
 def test_a_failed_totals_save_keeps_the_dead_workers_file(base, daemons):
     own = base / "0"
     own.mkdir(mode=0o700)
