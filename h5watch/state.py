@@ -34,9 +34,12 @@ from typing import Any
 from . import fork, logs
 from . import lock as lock_module
 from .lock import WatchedLock, watched_locks
-from .statedir import create_file_at, user_dir_path
+from .statedir import create_file_at, prune_unread, user_dir_path
 from .statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 from .watchdog import add_idle_callback, add_tick_callback, add_wait_callback
+
+# Dead processes' files kept in a directory no daemon reads (see prune_unread).
+KEEP_UNREAD_DEAD = 1000
 
 __all__ = ["StateExtension", "DUMP_SIGNAL"]
 
@@ -179,6 +182,13 @@ class StateExtension:
             return
         writer.attach_forks(fork.fork_stats)
         writer.attach_locks(watched_locks())
+        try:
+            pruned = prune_unread(directory, KEEP_UNREAD_DEAD)
+        except OSError:
+            pruned = 0
+        if pruned:
+            _log.warning("state.pruned", state_dir=directory, removed=pruned, kept=KEEP_UNREAD_DEAD,
+                         hint="no h5watch daemon reads this directory: dead processes' files were removed unfolded")
         if dumps:
             self._register_dump(writer.stacks_path)
         self.writer = writer

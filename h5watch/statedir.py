@@ -34,6 +34,7 @@ import stat
 import threading
 
 __all__ = [
+    "prune_unread",
     "SHARED_BASE",
     "StateDirError",
     "UnsafeFileError",
@@ -395,6 +396,44 @@ def open_for_reading(path: str, dir_fd: int | None = None) -> int:
 def list_names(directory: OpenDir) -> list[str]:
     """Every name in ``directory``: cheap (no stat, no open), however many."""
     return os.listdir(directory.fd)
+
+
+def prune_unread(path: str, keep: int) -> int:
+    """With no daemon reading this user's directory (none holds its lock),
+    remove the files of dead processes beyond the newest ``keep``: without a
+    daemon nobody folds them, and they would pile up for good. Returns how
+    many processes' files went. Cheap unless the directory is that full."""
+    import fcntl
+
+    directory = dir_of(os.path.join(path, "x"))
+    names = list_names(directory)
+    if len(names) <= 2 * keep:
+        return 0
+    claim = os.dup(directory.fd)
+    try:
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # a daemon reads it: it folds and removes them
+        dead = []
+        for name in names:
+            pid, sep, ticks = name[: -len(STATE_SUFFIX)].partition("-")
+            if not (name.endswith(STATE_SUFFIX) and sep and pid.isdigit() and ticks.isdigit()):
+                continue
+            identity = process_identity(int(pid)) if int(pid) > 0 else None
+            if identity is None or identity[0] != int(ticks) or identity[1] != directory.uid:
+                try:
+                    dead.append((os.stat(name, dir_fd=directory.fd, follow_symlinks=False).st_mtime, name))
+                except OSError:
+                    continue
+        dead.sort()
+        removed = dead[: max(0, len(dead) - keep)]
+        for _, name in removed:
+            remove(directory, name)
+            remove(directory, name[: -len(STATE_SUFFIX)] + STACKS_SUFFIX)
+        return len(removed)
+    finally:
+        os.close(claim)
 
 
 def list_state_files(directory: str, limit: int) -> tuple[list[str], bool]:

@@ -365,3 +365,45 @@ def test_locks_beyond_the_files_records_are_counted_and_logged_never_silently_dr
     assert report["unrecorded"] == 9
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events].count("state.slots_full") == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("daemon_running", [False, True])
+def test_dead_files_do_not_pile_up_without_a_daemon_and_are_left_to_one(tmp_path, daemon_running):
+    """Without a daemon nobody folds dead processes' files: a process making
+    its own file keeps the newest 1,000 and removes the rest. With a daemon
+    reading the directory, they are the daemon's to fold: nothing is removed."""
+    from daemon_support import DaemonProcess
+
+    from h5watch.statedir import ensure_state_dir
+
+    base = tmp_path / "state"
+    user_dir = Path(ensure_state_dir(str(base)))
+    now = time.time()
+    for i in range(2500):
+        (user_dir / f"{4_000_000_000 + i}-1.h5w").write_bytes(b"")
+        (user_dir / f"{4_000_000_000 + i}-1.stacks").write_bytes(b"")
+        # Recent (a daemon removes unreadable dead files only after a grace), in order.
+        os.utime(user_dir / f"{4_000_000_000 + i}-1.h5w", (now - 100 + i * 0.01, now - 100 + i * 0.01))
+    daemon = DaemonProcess(base, tmp_path / "daemon.log", "--scan-interval", "60") if daemon_running else None
+    try:
+        result = run_python(
+            f"""
+            import h5watch
+            h5watch.install(state_dir={str(base)!r}, tick_interval=60)
+            lock = h5watch.WatchedLock("app.x")
+            """,
+            timeout=60,
+        )
+    finally:
+        if daemon is not None:
+            daemon.stop()
+    assert result.returncode == 0, result.stderr
+    left = sorted(int(p.name.split("-")[0]) - 4_000_000_000 for p in user_dir.glob("4*-1.h5w"))
+    stacks = list(user_dir.glob("4*-1.stacks"))
+    if daemon_running:
+        assert len(left) == 2500 and "state.pruned" not in result.stderr
+    else:
+        assert left == list(range(1500, 2500))  # the newest 1,000 kept
+        assert len(stacks) == 1000
+        assert '"state.pruned"' in result.stderr
