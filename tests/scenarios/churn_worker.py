@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 import sys
 import threading
 import time
@@ -38,13 +37,15 @@ import numpy as np
 
 journal_path, directory = sys.argv[1], sys.argv[2]
 k, forks, n_threads = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-WORD = struct.Struct("<Q")
 JOURNAL_BYTES = 4096
 
 fd = os.open(journal_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 os.ftruncate(fd, JOURNAL_BYTES)
 journal = mmap.mmap(fd, JOURNAL_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 os.close(fd)
+# One 8-byte store per update (struct.pack_into would zero the word first,
+# and a SIGKILL between the two stores would leave a 0 behind).
+words = memoryview(journal).cast("Q")
 
 for _ in range(forks):
     pid = os.fork()
@@ -56,9 +57,9 @@ exact = h5watch.WatchedLock("app.exact")
 for _ in range(k):
     with exact:
         pass
-WORD.pack_into(journal, 0, k)
-WORD.pack_into(journal, 8, forks)
-WORD.pack_into(journal, 16, 1)
+words[0] = k
+words[1] = forks
+words[2] = 1
 
 data_path = os.path.join(directory, f"data-{os.getpid()}.h5")
 with h5py.File(data_path, "w") as f:
@@ -70,14 +71,14 @@ stop = threading.Event()
 
 
 def run(i: int) -> None:
-    begun_at, done_at = 64 + 16 * i, 64 + 16 * i + 8
+    begun_at, done_at = 8 + 2 * i, 8 + 2 * i + 1
     begun = done = 0
     while not stop.is_set():
         begun += 1
-        WORD.pack_into(journal, begun_at, begun)
+        words[begun_at] = begun
         with churn:
             done += 1
-            WORD.pack_into(journal, done_at, done)
+            words[done_at] = done
             if done % 4 == 0:
                 dataset[:8]
 
