@@ -149,6 +149,8 @@ class Daemon:
         self._unsaved = False
         self._unsaved_logged = False
         self._save_failures = 0
+        # Each state file's last good read, by path (this scan's files only).
+        self._last_read: dict[str, ProcessState] = {}
         # Per-user directories this daemon reads, locked for it: (dev, ino) -> fd.
         self._claims: dict[tuple[int, int], int] = {}
         self._claim_refused: set[tuple[int, int]] = set()
@@ -206,6 +208,7 @@ class Daemon:
         present: set[str] = set()
         live_states: list[ProcessState] = []
         exiting: set[int] = set()
+        last_read: dict[str, ProcessState] = {}
         try:
             dirs, refused = readable_user_dirs(self.state_dir)
         except (StateDirError, OSError) as exc:
@@ -237,16 +240,26 @@ class Daemon:
                         try:
                             state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
                         except StateFileError as exc:
-                            if exc.reason != "busy" or name not in dead_set:
+                            if exc.reason != "busy":
                                 raise
-                            # A writer that died in the middle of a write: its
-                            # counters are exact all the same (see statefile).
-                            state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
+                            if name in dead_set:
+                                # A writer that died in the middle of a write: its
+                                # counters are exact all the same (see statefile).
+                                state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd,
+                                                        accept_torn=True)
+                            elif path in self._last_read:
+                                # Live, and being written at each try: its last
+                                # read stands for it (dropping it for one scan would
+                                # make every counter of its workload go down).
+                                state = self._last_read[path]
+                            else:
+                                raise
                     except StateFileError as exc:
                         self._error(path, exc.reason, str(exc))
                         if name in dead_set and exc.reason in ("truncated", "corrupt"):
                             junk.append(name)  # a dead process's file no reader can use
                         continue
+                    last_read[path] = state
                     verdict = self._classify(state, name, now, directory.uid, name not in dead_set)
                     if verdict == "dead":
                         self._fold(state, f"{directory.uid}/{name}")
@@ -284,6 +297,7 @@ class Daemon:
                         stuck.append((state, kill_reason, culprit))
             key = (state.workload, "stuck" if reason else "ok")
             live.processes[key] = live.processes.get(key, 0) + 1
+        self._last_read = last_read
         if scan_success:
             self._forget_missing(present)
         aggregate = self._combine(live)
