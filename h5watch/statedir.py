@@ -409,7 +409,9 @@ def prune_unread(path: str, keep: int) -> int:
     names = list_names(directory)
     if len(names) <= 2 * keep:
         return 0
-    claim = os.dup(directory.fd)
+    # A descriptor of its own (a lock belongs to the open file, and the
+    # cached descriptor lives on, in forked children too).
+    claim = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
     try:
         try:
             fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -433,7 +435,7 @@ def prune_unread(path: str, keep: int) -> int:
             remove(directory, name[: -len(STATE_SUFFIX)] + STACKS_SUFFIX)
         return len(removed)
     finally:
-        os.close(claim)
+        os.close(claim)  # and with it the lock
 
 
 def list_state_files(directory: str, limit: int) -> tuple[list[str], bool]:
