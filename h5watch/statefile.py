@@ -938,8 +938,9 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
         if len(raw) != span * COUNTERS_BYTES:
             raise StateFileError("truncated", "truncated counters")
-        combined = np.concatenate([rows, np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]], axis=1)
-        _counter_words(combined[:, RECORD_SIZE:].view("<u8"))
+        counters = np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]  # a copy
+        _counter_words(counters.view("<u8"))
+        combined = np.concatenate([rows, counters], axis=1)
     else:
         combined = np.zeros((0, RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
     out = combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
