@@ -100,29 +100,40 @@ def _private_counters() -> memoryview:
     return memoryview(bytearray(COUNTERS_BYTES)).cast("Q")
 
 
-def _word(index: int) -> property:
-    def get(self: LockStats) -> int:
-        return self._c[index]
-
-    def set_(self: LockStats, value: int) -> None:
+def _field(index: int) -> property:
+    def set_(self: Any, value: int) -> None:  # pure-Python counters only (tests set them)
         self._c[index] = value
 
-    return property(get, set_)
+    return property(lambda self: self.counters()[index], set_)
 
 
-def _words(start: int, count: int) -> property:
-    def get(self: LockStats) -> list[int]:
-        return self._c[start : start + count].tolist()
-
-    def set_(self: LockStats, values: list[int]) -> None:
-        self._c[start : start + count] = memoryview(bytearray(8 * count)).cast("Q")
-        for offset, value in enumerate(values):
-            self._c[start + offset] = value
-
-    return property(get, set_)
+def _fields(start: int, count: int) -> property:
+    return property(lambda self: self.counters()[start : start + count])
 
 
-class LockStats:
+class _CounterFields:
+    """Named read access to a lock's 64 counter words, for both implementations."""
+
+    __slots__ = ()
+
+    def counters(self) -> list[int]:
+        raise NotImplementedError
+
+    acquisitions = _field(C_ACQUISITIONS)
+    contentions = _field(C_CONTENTIONS)
+    reentries = _field(C_REENTRIES)
+    wait_buckets = _fields(C_WAIT_BUCKETS, N_BUCKETS)
+    wait_sum_ns = _field(C_WAIT_SUM)
+    wait_max_ns = _field(C_WAIT_MAX)
+    hold_buckets = _fields(C_HOLD_BUCKETS, N_BUCKETS)
+    hold_sum_ns = _field(C_HOLD_SUM)
+    hold_max_ns = _field(C_HOLD_MAX)
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot_of(self.counters())
+
+
+class LockStats(_CounterFields):
     """The counters of one pure-Python lock, in 64 words (see ``C_*``).
 
     They start in private memory and move into the state file's mapping
@@ -138,16 +149,6 @@ class LockStats:
         # The lock these counters belong to (a weak reference): a move takes
         # it first (see move_to), and points its hot path at the new place.
         self._owner_lock: Any = None
-
-    acquisitions = _word(C_ACQUISITIONS)
-    contentions = _word(C_CONTENTIONS)
-    reentries = _word(C_REENTRIES)
-    wait_buckets = _words(C_WAIT_BUCKETS, N_BUCKETS)
-    wait_sum_ns = _word(C_WAIT_SUM)
-    wait_max_ns = _word(C_WAIT_MAX)
-    hold_buckets = _words(C_HOLD_BUCKETS, N_BUCKETS)
-    hold_sum_ns = _word(C_HOLD_SUM)
-    hold_max_ns = _word(C_HOLD_MAX)
 
     def record_wait(self, wait_ns: int) -> None:
         c = self._c
@@ -209,11 +210,9 @@ class LockStats:
             lock._counters = self._c
             lock._counters_pending = None
 
-    def snapshot(self) -> dict[str, Any]:
-        return snapshot_of(self._c.tolist())
 
 
-class CoreLockStats:
+class CoreLockStats(_CounterFields):
     """The counters of a compiled lock: they live in the compiled core, which
     writes every one of them in C under the GIL (so a move is atomic)."""
 
@@ -221,23 +220,6 @@ class CoreLockStats:
 
     def __init__(self, core: Any) -> None:
         self._core = core
-
-    def _get(index: int) -> property:  # type: ignore[misc]
-        return property(lambda self: self._core._counters()[index])
-
-    def _get_words(start: int, count: int) -> property:  # type: ignore[misc]
-        return property(lambda self: list(self._core._counters()[start : start + count]))
-
-    acquisitions = _get(C_ACQUISITIONS)
-    contentions = _get(C_CONTENTIONS)
-    reentries = _get(C_REENTRIES)
-    wait_buckets = _get_words(C_WAIT_BUCKETS, N_BUCKETS)
-    wait_sum_ns = _get(C_WAIT_SUM)
-    wait_max_ns = _get(C_WAIT_MAX)
-    hold_buckets = _get_words(C_HOLD_BUCKETS, N_BUCKETS)
-    hold_sum_ns = _get(C_HOLD_SUM)
-    hold_max_ns = _get(C_HOLD_MAX)
-    del _get, _get_words
 
     def record_wait(self, wait_ns: int) -> None:
         self._core._record_wait(wait_ns)
@@ -255,8 +237,6 @@ class CoreLockStats:
     def reset_after_fork(self) -> None:
         self._core._move_counters(None)
 
-    def snapshot(self) -> dict[str, Any]:
-        return snapshot_of(self._core._counters())
 
 
 class ForkStats:
