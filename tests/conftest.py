@@ -104,3 +104,27 @@ def _lock_classes() -> dict:
 def lock_class(request):
     """Each WatchedLock implementation built here: they must behave the same."""
     return _lock_classes()[request.param]
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):
+    """Start real daemons (``start(state_dir, *args)``); every one is stopped at the end."""
+    from daemon_support import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(state_dir: Path, *args: str, kind: type[DaemonProcess] = DaemonProcess) -> DaemonProcess:
+        daemon = kind(state_dir, tmp_path / f"daemon-{len(started)}.log", *args)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()

@@ -36,24 +36,13 @@ NO_TICK = ("--tick-interval", "60")
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "state"
-    path.mkdir(mode=0o700)
-    return path
-
-
-@pytest.fixture
-def daemons(tmp_path: Path):
-    started: list[DaemonProcess] = []
+def daemons(daemons):
+    """The shared fixture, scanning every 0.2 s."""
 
     def start(state_dir: Path, *args: str, kind: type[DaemonProcess] = DaemonProcess) -> DaemonProcess:
-        daemon = kind(state_dir, tmp_path / f"daemon-{len(started)}.log", "--scan-interval", "0.2", *args)
-        started.append(daemon)
-        return daemon
+        return daemons(state_dir, "--scan-interval", "0.2", *args, kind=kind)
 
-    yield start
-    for daemon in started:
-        daemon.stop()
+    return start
 
 
 @pytest.fixture

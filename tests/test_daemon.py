@@ -23,27 +23,6 @@ COUNTERS = ("_total", "_count", "_bucket", "_sum")
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "state"
-    path.mkdir(mode=0o700)
-    return path
-
-
-@pytest.fixture
-def daemons(tmp_path: Path):
-    started: list[DaemonProcess] = []
-
-    def start(state_dir: Path, *args: str) -> DaemonProcess:
-        daemon = DaemonProcess(state_dir, tmp_path / f"daemon-{len(started)}.log", *args)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-
-
-@pytest.fixture
 def workers():
     started: list[subprocess.Popen] = []
 

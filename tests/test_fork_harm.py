@@ -8,7 +8,6 @@ Each case runs the same program in a fresh interpreter twice, bare and with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from daemon_support import DaemonProcess, free_port, kill_group, read_json_line, start_worker, wait_for
+from daemon_support import free_port, kill_group, read_json_line, start_worker, wait_for
 from h5watch.statefile import DUMP_SIGNAL
 
 pytestmark = pytest.mark.timeout(90)
@@ -105,13 +105,6 @@ if mode == "hang_at_exit":
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "state"
-    path.mkdir(mode=0o700)
-    return path
-
-
-@pytest.fixture
 def processes():
     """Start processes in sessions of their own; every one is killed at the end."""
     started: list[subprocess.Popen] = []
@@ -125,20 +118,6 @@ def processes():
     yield start
     for proc in started:
         kill_group(proc)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path):
-    started: list[DaemonProcess] = []
-
-    def start(state_dir: Path, *args: str) -> DaemonProcess:
-        daemon = DaemonProcess(state_dir, tmp_path / f"daemon-{len(started)}.log", *args)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 def instrumented(processes, tmp_path: Path, mode: str, state_dir: Path, *args: str, **kwargs) -> subprocess.Popen:
