@@ -485,16 +485,37 @@ static PyObject *LockCore_fork_wait_handoff(LockCore *self, PyObject *arg) {
 
 static PyObject *LockCore_acquire(LockCore *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"blocking", "timeout", NULL};
-    int blocking = 1;
+    PyObject *blocking_obj = NULL, *timeout_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO:acquire", kwlist, &blocking_obj, &timeout_obj)) return NULL;
+    /* Plainly valid: blocking a bool, timeout a float or int that is -1, or
+     * (blocking) in [0, TIMEOUT_MAX]. Anything else is checked as
+     * PythonWatchedLock.acquire checks it. */
+    int blocking = 1, plain = 1;
     double timeout = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pd:acquire", kwlist, &blocking, &timeout)) return NULL;
-    if (timeout != -1 && (!blocking || !(timeout >= 0 && timeout <= timeout_max))) {
-        /* Raise what threading.RLock raises here (its messages change between
-         * Python versions): lock.py's _check_acquire_args asks a real one. */
-        PyObject *result = PyObject_CallMethod((PyObject *)self, "_check_acquire_args", "Od",
-                                               blocking ? Py_True : Py_False, timeout);
+    if (blocking_obj == Py_False) blocking = 0;
+    else if (blocking_obj != NULL && blocking_obj != Py_True) plain = 0;
+    if (plain && timeout_obj != NULL) {
+        if (PyFloat_CheckExact(timeout_obj)) timeout = PyFloat_AS_DOUBLE(timeout_obj);
+        else if (PyLong_CheckExact(timeout_obj)) {
+            timeout = PyLong_AsDouble(timeout_obj);
+            if (timeout == -1.0 && PyErr_Occurred()) { PyErr_Clear(); plain = 0; }
+        }
+        else plain = 0;
+        if (timeout != -1 && (!blocking || !(timeout >= 0 && timeout <= timeout_max))) plain = 0;
+    }
+    if (!plain) {
+        /* Raise what threading.RLock raises for these arguments (its messages
+         * change between Python versions): lock.py's _check_acquire_args asks
+         * a real one, and returns them as (bool, float) if it accepts them. */
+        PyObject *timeout_arg = timeout_obj != NULL ? Py_NewRef(timeout_obj) : PyLong_FromLong(-1);
+        if (timeout_arg == NULL) return NULL;
+        PyObject *result = PyObject_CallMethod((PyObject *)self, "_check_acquire_args", "OO",
+                                               blocking_obj != NULL ? blocking_obj : Py_True, timeout_arg);
+        Py_DECREF(timeout_arg);
         if (result == NULL) return NULL;
+        int parsed = PyArg_ParseTuple(result, "pd:_check_acquire_args", &blocking, &timeout);
         Py_DECREF(result);
+        if (!parsed) return NULL;
     }
     int r = core_acquire(self, blocking, timeout, Py_None);
     if (r < 0) return NULL;
@@ -532,6 +553,12 @@ static PyObject *LockCore_is_owned(LockCore *self, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(self->owner_state == OWNER_LIVE && self->owner == PyThread_get_thread_ident());
 }
 
+/* threading.RLock._recursion_count: this thread's depth, 0 if it is not the holder. */
+static PyObject *LockCore_recursion_count(LockCore *self, PyObject *Py_UNUSED(ignored)) {
+    int mine = self->owner_state == OWNER_LIVE && self->owner == PyThread_get_thread_ident();
+    return PyLong_FromLong(mine ? self->count : 0);
+}
+
 static PyObject *LockCore_counters(LockCore *self, PyObject *unused);
 static PyObject *LockCore_record_wait(LockCore *self, PyObject *arg);
 static PyObject *LockCore_bump(LockCore *self, PyObject *arg);
@@ -552,6 +579,8 @@ static PyMethodDef LockCore_methods[] = {
     {"release", (PyCFunction)LockCore_release, METH_NOARGS, "Release; RuntimeError if not the owner."},
     {"__exit__", (PyCFunction)(void (*)(void))LockCore_exit, METH_FASTCALL, NULL},
     {"_is_owned", (PyCFunction)LockCore_is_owned, METH_NOARGS, NULL},
+    {"_recursion_count", (PyCFunction)LockCore_recursion_count, METH_NOARGS,
+     "This thread's recursion depth, 0 if it does not hold the lock (as threading.RLock)."},
     {"_fork_wait_handoff", (PyCFunction)LockCore_fork_wait_handoff, METH_O,
      "Wait up to timeout seconds for the inner lock to be handed over on its next release."},
     {NULL},

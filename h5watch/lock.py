@@ -58,6 +58,11 @@ __all__ = [
 
 _get_ident = threading.get_ident
 _TIMEOUT_MAX = threading.TIMEOUT_MAX
+# acquire's default timeout (in CPython also the object a caller's -1 is; any
+# other -1 goes through the check, which accepts it) and the timeout types it
+# takes without asking threading.RLock about them.
+_DEFAULT_TIMEOUT = -1
+_PLAIN_TIMEOUT_TYPES = (float, int)
 # Thread idents are addresses, never -2: the owner of a lock whose holder died in a fork.
 DEAD_OWNER = -2
 _monotonic_ns = time.monotonic_ns
@@ -220,9 +225,13 @@ class _LockLogic:
             policy.on_lock_created(self)
 
     def __repr__(self) -> str:
+        # threading.RLock's form, with the lock's name after the type.
         owner = self._owner
-        state = "unlocked" if owner is None else f"held by {owner} x{self._count}"
-        return f"<WatchedLock {self.name!r} {state} inner={self._inner_kind}>"
+        state = "locked" if self.locked() else "unlocked"
+        return (
+            f"<{state} h5watch.WatchedLock object {self.name!r} owner={0 if owner is None else owner} "
+            f"count={self._count} at {hex(id(self))}>"
+        )
 
     def locked(self) -> bool:
         if self._owner is not None:
@@ -232,13 +241,16 @@ class _LockLogic:
             return bool(inner_locked())
         return False
 
-    def _check_acquire_args(self, blocking: bool, timeout: float) -> None:
+    def _check_acquire_args(self, blocking: Any, timeout: Any) -> tuple[bool, float]:
         """Raise what ``threading.RLock().acquire(blocking, timeout)`` raises
         (its messages differ between Python versions) by asking a fresh one;
-        reached only for a timeout that is not plainly valid."""
+        reached only for arguments that are not plainly valid (blocking not a
+        bool, or timeout not a float or int that is -1 or, blocking, within
+        [0, TIMEOUT_MAX]). Returns them as ``acquire`` uses them, if accepted."""
         specimen = threading.RLock()
         if specimen.acquire(blocking, timeout):
             specimen.release()
+        return bool(blocking), float(timeout)
 
     # threading.Condition support, as threading.RLock offers it.
     def _release_save(self) -> tuple[int, int | None, str | None]:
@@ -512,9 +524,16 @@ class PythonWatchedLock(_LockLogic):
 
     # -- acquisition -------------------------------------------------------
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if timeout != -1 and (not blocking or not 0 <= timeout <= _TIMEOUT_MAX):
-            self._check_acquire_args(blocking, timeout)
+    def acquire(self, blocking: bool = True, timeout: float = _DEFAULT_TIMEOUT) -> bool:
+        # The checks LockCore_acquire makes: only arguments that are not
+        # plainly valid are checked against threading.RLock.
+        if timeout is not _DEFAULT_TIMEOUT or (blocking is not True and blocking is not False):
+            if not (
+                (blocking is True or blocking is False)
+                and type(timeout) in _PLAIN_TIMEOUT_TYPES
+                and (timeout == -1 or (blocking and 0 <= timeout <= _TIMEOUT_MAX))
+            ):
+                blocking, timeout = self._check_acquire_args(blocking, timeout)
         return self._acquire(blocking, timeout, None)
 
     def acquire_for(self, operation: str | None = None) -> bool:
@@ -583,6 +602,10 @@ class PythonWatchedLock(_LockLogic):
 
     def _is_owned(self) -> bool:
         return self._owner == _get_ident()
+
+    def _recursion_count(self) -> int:
+        """This thread's recursion depth, 0 if it does not hold the lock (as ``threading.RLock``)."""
+        return self._count if self._owner == _get_ident() else 0
 
     def _set_gated(self, gated: bool) -> None:
         """The hot path reads ``_fork_gate`` itself (LockCore keeps a flag)."""
