@@ -330,11 +330,14 @@ def _publish(directory: str, name: str) -> None:
 class _Live:
     """A live lock instance's slot."""
 
-    __slots__ = ("slot", "lock_ref", "moved")
+    __slots__ = ("slot", "lock_ref", "counters", "moved")
 
-    def __init__(self, slot: int, lock: Any) -> None:
+    def __init__(self, slot: int, lock: Any, counters: memoryview) -> None:
         self.slot = slot
         self.lock_ref = weakref.ref(lock)
+        # The lock's place in the mapping: one object, so a move can tell
+        # whether the lock already counts there.
+        self.counters = counters
         self.moved = False
 
 
@@ -476,20 +479,15 @@ class StateWriter:
                     self._free_slots.append(slot)
                 self._no_room(lock)
                 return None
-            live = self._live[lock._seq] = _Live(slot, lock)
+            live = self._live[lock._seq] = _Live(slot, lock, self.counters_at(self._block_offset(block)))
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock._seq,
                                           name=_fixed(lock.name, NAME_BYTES)))
             self._blocks[slot] = block
             self._header_dirty = True
         if not live.moved:
-            target = self.counters_at(self._block_offset(self._blocks[live.slot]))
-            if lock.stats.move_to(target):
-                live.moved = True
-            else:
-                # Busy (pure-Python locks move only while free): a copy for now.
-                target[:] = memoryview(bytearray(COUNTERS_BYTES)).cast("Q")
-                for index, value in enumerate(lock.stats.counters()):
-                    target[index] = value
+            # False while a pure-Python lock is busy: its holder moves the
+            # counters at its release; until then the place holds a copy.
+            live.moved = lock.stats.move_to(live.counters)
         return live
 
     def _no_room(self, lock: Any) -> None:

@@ -168,16 +168,24 @@ class LockStats(_CounterFields):
 
     def move_to(self, target: memoryview) -> bool:
         """Carry on counting in ``target`` (64 words of the state file's
-        mapping), after copying what was counted so far. False when the lock
-        is busy now (try again later).
+        mapping, the same memoryview object at every call for one place),
+        after copying what was counted so far. False when the lock is busy
+        now: its holder moves them at its outermost release (see
+        ``_adopt_pending``), and ``target`` holds a copy until then.
 
         Every counter is written by the thread holding the lock, or under
         ``_bump_lock``: holding both, nobody is half-way through an update.
         """
+        if self._c is target:
+            return True
         lock = self._owner_lock() if self._owner_lock is not None else None
         if lock is not None and not lock._acquire_for_fork(0):
-            # Busy: the holder moves them at its release (see _adopt_pending).
-            lock._counters_pending = target
+            with self._bump_lock:
+                # Under _bump_lock, as _move: never a stale copy over counts
+                # the holder has already moved there.
+                if self._c is not target:
+                    lock._counters_pending = target
+                    target[:] = self._c
             return False
         try:
             self._move(target, lock)

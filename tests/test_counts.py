@@ -337,3 +337,63 @@ def test_first_scrape_after_each_restart_carries_every_series(state_dir, daemons
     finally:
         kill_group(gone)
         kill_group(live)
+
+
+BUSY_AT_ATTACH = r"""
+import os, sys, threading
+import h5watch
+from h5watch import runtime
+from h5watch.statefile import read_state_file
+
+lock = h5watch.WatchedLock("app.busy")
+for _ in range(1000):
+    with lock:
+        pass
+held, go = threading.Event(), threading.Event()
+
+def hold():
+    with lock:
+        held.set()
+        go.wait()
+
+def held_by_another_thread(then):
+    held.clear(); go.clear()
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    then()
+    go.set()
+    thread.join()
+
+def in_file():
+    state = read_state_file(runtime.state.writer.path)
+    return sum(int(r["acquisitions"]) for r in state.records if bytes(r["name"]).rstrip(b"\0") == b"app.busy")
+
+seen = []
+def tick():
+    runtime.state.tick()
+    seen.append(in_file())
+
+# The file is made while another thread holds the lock (a pure-Python lock's
+# counters then move at that holder's release), and ticks find it busy again.
+held_by_another_thread(lambda: (h5watch.install(state_dir=sys.argv[1], tick_interval=3600), runtime._build(), tick()))
+for _ in range(500):
+    with lock:
+        pass
+held_by_another_thread(tick)
+tick()
+print(h5watch.snapshot()["locks"]["app.busy"]["stats"]["acquisitions"], in_file(), *seen)
+"""
+
+
+@pytest.mark.parametrize("implementation", ["default", "python"])
+def test_a_lock_busy_when_its_counters_move_into_the_file_loses_nothing(state_dir, implementation):
+    env = dict(os.environ)
+    if implementation == "python":
+        env["H5WATCH_IMPLEMENTATION"] = "python"
+    result = subprocess.run([sys.executable, "-c", BUSY_AT_ATTACH, str(state_dir)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    snapshot, final, *ticks = map(int, result.stdout.split())
+    assert snapshot == final == 1502
+    assert ticks == sorted(ticks) and ticks[-1] == 1502, ticks
