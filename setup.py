@@ -25,6 +25,6 @@ class OptionalBuildExt(build_ext):
 
 extensions = []
 if os.environ.get("H5WATCH_NO_EXTENSIONS", "") not in ("1", "true", "yes"):
-    extensions.append(Extension("h5watch._lockcore", ["h5watch/_lockcore.c"], optional=True))
+    extensions.append(Extension("h5watch.process._lockcore", ["h5watch/process/_lockcore.c"], optional=True))
 
 setup(ext_modules=extensions, cmdclass={"build_ext": OptionalBuildExt})

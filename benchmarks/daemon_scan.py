@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prometheus_client.exposition import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
-from h5watch.daemon import Daemon  # noqa: E402
-from h5watch.exporter import AggregateCollector  # noqa: E402
-from h5watch.lock import WatchedLock  # noqa: E402
+from h5watch.host.daemon import Daemon  # noqa: E402
+from h5watch.export.metrics import AggregateCollector  # noqa: E402
+from h5watch.process.lock import WatchedLock  # noqa: E402
 from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name  # noqa: E402
 
 import numpy as np  # noqa: E402

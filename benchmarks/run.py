@@ -159,7 +159,7 @@ def startup_environ(instrumented: bool, directory: str) -> dict[str, str]:
     our own, whatever PYTHONDONTWRITEBYTECODE this shell sets; and one BLAS
     thread, so that CPU time counts the interpreter, not OpenBLAS's threads
     spinning at numpy's import."""
-    from h5watch.runner import instrumented_environ
+    from h5watch.cli.run import instrumented_environ
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.pop("PYTHONPATH", None)
@@ -301,7 +301,7 @@ def machine() -> dict:
     import h5py
     import numpy
 
-    import h5watch.lock
+    import h5watch.process.lock
 
     cpu = platform.processor()
     try:
@@ -313,7 +313,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "h5py": h5py.version.version,
-        "hdf5": h5py.version.hdf5_version, "numpy": numpy.__version__, "implementation": h5watch.lock.IMPLEMENTATION,
+        "hdf5": h5py.version.hdf5_version, "numpy": numpy.__version__, "implementation": h5watch.process.lock.IMPLEMENTATION,
     }
 
 

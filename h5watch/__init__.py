@@ -10,14 +10,14 @@ import sys
 
 __version__ = "0.1.0"
 
-from .options import OptionError, Options
+from h5watch.options import OptionError, Options
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .lock import LockTimeout, OrphanedLockError, WatchedLock
-    from .runtime import install, is_installed, snapshot, uninstall
+    from h5watch.process.lock import LockTimeout, OrphanedLockError, WatchedLock
+    from h5watch.process.runtime import install, is_installed, snapshot, uninstall
 
 _RUNTIME_NAMES = frozenset({"install", "is_installed", "snapshot", "uninstall"})
 _LOCK_NAMES = frozenset({"LockTimeout", "OrphanedLockError", "WatchedLock"})
@@ -29,14 +29,14 @@ def __getattr__(name: str) -> Any:
     # under ``h5watch run``) loads neither the lock nor the rest of h5watch
     # until h5py is imported or a WatchedLock is wanted.
     if name in _RUNTIME_NAMES:
-        from . import runtime
+        from h5watch.process import runtime
 
         return getattr(runtime, name)
     if name in _LOCK_NAMES:
-        from . import lock
+        from h5watch.process import lock
 
         value = getattr(lock, name)
-        runtime = sys.modules.get(__name__ + ".runtime")
+        runtime = sys.modules.get("h5watch.process.runtime")
         if runtime is not None:
             runtime.activate_for_locks()  # installed before: start watching now
         globals()[name] = value

@@ -19,7 +19,7 @@ read (the daemon, ``h5watch status``), never by a process that only writes.
 
 Live counters: a lock's counters are not copied into the file now and
 then: once the file exists, the lock counts in its block of the mapping
-itself (see ``h5watch.stats``), so whatever kills the process, SIGKILL
+itself (see ``h5watch.process.stats``), so whatever kills the process, SIGKILL
 included, what it counted is in the file. A record's block changes only by
 a merge (below); counters are read without a sequence check (each is one
 aligned 8-byte word, and only grows).
@@ -62,7 +62,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .statedir import (  # noqa: F401 (re-exported: the directory's API)
+from h5watch.statedir import (  # noqa: F401 (re-exported: the directory's API)
     STACKS_SUFFIX,
     STATE_SUFFIX,
     StateDirError,
@@ -78,24 +78,7 @@ from .statedir import (  # noqa: F401 (re-exported: the directory's API)
     remove_at,
     rename_at,
 )
-from .stats import (
-    C_ACQUISITIONS,
-    C_CONTENTIONS,
-    C_HOLD_BUCKETS,
-    C_HOLD_MAX,
-    C_HOLD_SUM,
-    C_ORPHANS,
-    C_REENTRIES,
-    C_TIMEOUTS,
-    C_WAIT_BUCKETS,
-    C_WAIT_MAX,
-    C_WAIT_SUM,
-    COUNTERS_BYTES,
-    N_BUCKETS,
-    N_COUNTERS,
-    ORPHAN_ACTIONS,
-    TIMEOUT_KINDS,
-)
+from h5watch.schema import C_ACQUISITIONS, C_CONTENTIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_ORPHANS, C_REENTRIES, C_TIMEOUTS, C_WAIT_BUCKETS, C_WAIT_MAX, C_WAIT_SUM, COUNTERS_BYTES, N_BUCKETS, N_COUNTERS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
 __all__ = [
     "DUMP_SIGNAL",
@@ -186,7 +169,7 @@ _RECORD_FIELDS = [
 ]
 
 # A lock's counters as the reader returns them, after its record's fields:
-# (name, first word, number of words) of the 64 words (see h5watch.stats).
+# (name, first word, number of words) of the 64 words (see h5watch.process.stats).
 _COUNTER_WORDS = [
     ("acquisitions", C_ACQUISITIONS, 1),
     ("contentions", C_CONTENTIONS, 1),
@@ -496,7 +479,7 @@ class StateWriter:
         self._header_dirty = True
         if not self._full_logged:
             self._full_logged = True
-            from . import logs
+            from h5watch import logs
 
             logs.get_logger(logger="h5watch.state").error(
                 "state.slots_full", path=self.path, capacity=CAPACITY, lock=lock.name,

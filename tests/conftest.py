@@ -92,7 +92,7 @@ def python313() -> str:
 
 
 def _lock_classes() -> dict:
-    from h5watch.lock import CompiledWatchedLock, PythonWatchedLock
+    from h5watch.process.lock import CompiledWatchedLock, PythonWatchedLock
 
     classes = {"python": PythonWatchedLock}
     if CompiledWatchedLock is not None:

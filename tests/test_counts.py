@@ -342,7 +342,7 @@ def test_first_scrape_after_each_restart_carries_every_series(state_dir, daemons
 BUSY_AT_ATTACH = r"""
 import os, sys, threading
 import h5watch
-from h5watch import runtime
+from h5watch.process import runtime
 from h5watch.statefile import read_state_file
 
 lock = h5watch.WatchedLock("app.busy")

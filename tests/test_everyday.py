@@ -2,7 +2,7 @@
 has nothing to report, and what forking programs see.
 
 Real interpreters in the environment ``h5watch run`` gives its command
-(``h5watch.runner.instrumented_environ``). Speed is measured in
+(``h5watch.cli.run.instrumented_environ``). Speed is measured in
 ``benchmarks/run.py``; these tests pin what can be seen: modules loaded,
 threads, files, bytes on stderr, warnings.
 """
@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import run_python
-from h5watch.runner import instrumented_environ
+from h5watch.cli.run import instrumented_environ
 
 pytestmark = pytest.mark.timeout(180)
 
 HEAVY = ("numpy", "h5py", "structlog", "prometheus_client")
-DEFERRED = ("h5watch.lock", "h5watch.fork", "h5watch.h5py_hook", "h5watch.watchdog", "h5watch.state",
-            "h5watch.statefile", "h5watch.exporter", "h5watch.probe")
+DEFERRED = ("h5watch.process.lock", "h5watch.process.fork", "h5watch.process.h5py_hook", "h5watch.process.watchdog", "h5watch.process.publisher",
+            "h5watch.statefile", "h5watch.export.metrics", "h5watch.process.probe")
 FORK_WARNS = sys.version_info >= (3, 12)
 MULTI_THREADED = "is multi-threaded, use of fork()"
 
@@ -87,7 +87,7 @@ def test_import_h5py_instruments_it_fully_without_structlog_or_exporter(tmp_path
             "coverage": snap["h5py"]["coverage"],
             "acquisitions": snap["locks"]["h5py.phil"]["stats"]["acquisitions"],
             "watchdog": snap["watchdog"]["running"],
-            "loaded": sorted(m for m in ("structlog", "prometheus_client", "h5watch.exporter") if m in sys.modules),
+            "loaded": sorted(m for m in ("structlog", "prometheus_client", "h5watch.export.metrics") if m in sys.modules),
         }}))
         """,
         env=under_run(state_dir),
@@ -449,7 +449,7 @@ def _write_state(state_dir: Path, watchdog_running: bool) -> object:
     watchdog leaves it: one record, held for 0.2 s at the last write."""
     import threading
 
-    from h5watch.lock import WatchedLock
+    from h5watch.process.lock import WatchedLock
     from h5watch.statefile import StateWriter, ensure_state_dir
 
     writer = StateWriter(ensure_state_dir(str(state_dir)), "idle", 0, 0.1)
@@ -462,8 +462,8 @@ def _write_state(state_dir: Path, watchdog_running: bool) -> object:
 
 @pytest.mark.parametrize("watchdog_running", [False, True])
 def test_status_and_daemon_judge_a_process_without_watchdog_by_its_records(tmp_path, watchdog_running):
-    from h5watch.daemon import Daemon
-    from h5watch.status import collect_status
+    from h5watch.host.daemon import Daemon
+    from h5watch.host.status import collect_status, render
 
     state_dir = tmp_path / "state"
     writer = _write_state(state_dir, watchdog_running)
@@ -484,7 +484,7 @@ def test_status_and_daemon_judge_a_process_without_watchdog_by_its_records(tmp_p
             assert process["state"] == "ok" and states == {"ok"}, process
             assert process["locks"][0]["holder"]["hold_age_seconds"] < 1.0
             assert aggregate.heartbeat_age["idle"] == 0.0
-            assert "no watchdog" in __import__("h5watch.status").status.render(report)
+            assert "no watchdog" in render(report)
     finally:
         writer.close(exited=False)
         for path in (state_dir / str(os.geteuid())).iterdir():
@@ -495,7 +495,7 @@ def test_orphan_in_a_child_without_watchdog_is_still_stuck(tmp_path):
     """Waits are recorded by the waiter itself and judged as of now, with or
     without a watchdog: a single-threaded child waiting on an orphaned lock
     is stuck."""
-    from h5watch.status import collect_status
+    from h5watch.host.status import collect_status
 
     state_dir = tmp_path / "state"
     code = textwrap.dedent(

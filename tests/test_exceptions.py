@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_python
-from h5watch.lock import CompiledWatchedLock, PythonWatchedLock
+from h5watch.process.lock import CompiledWatchedLock, PythonWatchedLock
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_support import DaemonProcess, wait_for
-from h5watch.exporter import MetricsServer
+from h5watch.export.server import MetricsServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -3,7 +3,7 @@
 ``h5watch --version`` names it (loading neither numpy, h5py, structlog nor
 prometheus_client), the ``h5watch.installed`` event carries it, and a
 missing extension (simulated here by blocking the import of
-``h5watch._lockcore``) is a ``h5watch.degraded`` warning at install time and
+``h5watch.process._lockcore``) is a ``h5watch.degraded`` warning at install time and
 a warning line from ``h5watch run``. Choosing the pure-Python implementation
 on purpose (``H5WATCH_IMPLEMENTATION=python``) is not a degradation.
 """
@@ -18,15 +18,15 @@ import pytest
 
 from conftest import run_python
 from h5watch import __version__
-from h5watch.lock import CompiledWatchedLock
+from h5watch.process.lock import CompiledWatchedLock
 
 pytestmark = pytest.mark.timeout(120)
 
 HEAVY = ("numpy", "h5py", "structlog", "prometheus_client")
 PYTHON = sys.version.split()[0]
 # Stands in for an installation built without a compiler.
-BLOCK_EXTENSION = "import sys; sys.modules['h5watch._lockcore'] = None\n"
-NOT_BUILT = "extension not built: import of h5watch._lockcore halted; None in sys.modules"
+BLOCK_EXTENSION = "import sys; sys.modules['h5watch.process._lockcore'] = None\n"
+NOT_BUILT = "extension not built: import of h5watch.process._lockcore halted; None in sys.modules"
 # Info-level events must be shown, whatever the default log level becomes.
 LOG_ENV = {"H5WATCH_LOG_LEVEL": "info", "H5WATCH_LOG_FORMAT": "json"}
 
@@ -115,8 +115,8 @@ def test_help_loads_nothing_heavy():
 def test_import_h5watch_loads_no_runtime():
     result = run_python(
         "import sys, h5watch\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m == 'h5watch.runtime'))\n"
-        "print(callable(h5watch.install), 'h5watch.runtime' in sys.modules)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m == 'h5watch.process.runtime'))\n"
+        "print(callable(h5watch.install), 'h5watch.process.runtime' in sys.modules)\n"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["[]", "True True"]
@@ -183,15 +183,15 @@ def test_run_does_not_warn_otherwise(implementation):
 
 def test_free_threaded_builds_do_not_load_the_compiled_core(monkeypatch):
     """No free-threaded interpreter here: the decision itself, on a faked build."""
-    from h5watch import lock
+    from h5watch.process import implementation
 
     monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
     monkeypatch.setattr(sys, "abiflags", "t", raising=False)
     monkeypatch.delenv("H5WATCH_IMPLEMENTATION", raising=False)
-    assert lock._load_compiled() == (None, "free-threaded interpreter")
+    assert implementation._load_compiled() == (None, "free-threaded interpreter")
     monkeypatch.setattr(sys, "abiflags", "", raising=False)
-    core, reason = lock._load_compiled()
-    built = importlib.util.find_spec("h5watch._lockcore") is not None
+    core, reason = implementation._load_compiled()
+    built = importlib.util.find_spec("h5watch.process._lockcore") is not None
     assert (core is not None) is built
     if built:
         assert reason == "compiled"

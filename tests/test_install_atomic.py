@@ -16,12 +16,12 @@ from conftest import run_python
 PROLOGUE = """
 import json, os, sys, threading
 import h5watch
-from h5watch import runtime
+from h5watch.process import runtime
 STATE_DIR = sys.argv[1]
 
 def state():
     import h5py
-    from h5watch.lock import policy
+    from h5watch.process.lock import policy
     return {
         "installed": h5watch.is_installed(),
         "options": None if runtime.current_options() is None else runtime.current_options().tick_interval,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from h5watch.lock import CompiledWatchedLock, PythonWatchedLock
+from h5watch.process.lock import CompiledWatchedLock, PythonWatchedLock
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 
-from h5watch import lock as lock_module
-from h5watch.lock import watched_locks
+from h5watch.process import lock as lock_module
+from h5watch.process.lock import watched_locks
 
 
 def test_every_live_lock_is_found_in_creation_order_and_collected_ones_disappear(lock_class):

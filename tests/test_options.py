@@ -177,7 +177,7 @@ def test_the_largest_and_smallest_accepted_values_work_where_they_are_used(tmp_p
 import json, os, sys, threading, time
 import h5py
 import h5watch
-from h5watch import runtime
+from h5watch.process import runtime
 report = {}
 for extreme in ({"wait_timeout": 86400, "hold_timeout": 86400, "fork_timeout": 86400, "tick_interval": 86400},
                 {"wait_timeout": 0.001, "hold_timeout": 0.001, "fork_timeout": 0.001, "tick_interval": 0.01}):

@@ -18,7 +18,7 @@ import h5py
 import pytest
 
 import h5watch
-from h5watch.lock import CompiledWatchedLock, PythonWatchedLock
+from h5watch.process.lock import CompiledWatchedLock, PythonWatchedLock
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -80,7 +80,7 @@ if mode == "daemon":
     sys.exit(0)
 
 if mode == "killer":
-    from h5watch import killer
+    from h5watch.host import reaper as killer
 
     class NamingPid:
         # The real state file of this process, naming another pid.
@@ -161,7 +161,7 @@ def test_instrumented_python_that_exec_ed_sleep_is_not_signalled(state_dir, daem
     assert daemon.value("h5watch_worker_kills_total") == 0
     assert daemon.value("h5watch_processes", state="stuck") == 0
     # And were it judged, the kill path itself would refuse it.
-    from h5watch.killer import why_not_signal
+    from h5watch.host.reaper import why_not_signal
     from h5watch.statefile import read_state_file
 
     [path] = list(state_dir.rglob(f"{pid}-*.h5w"))

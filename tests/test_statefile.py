@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_python
-from h5watch.lock import IMPLEMENTATION
+from h5watch.process.lock import IMPLEMENTATION
 from h5watch.statefile import FILE_SIZE, StateFileError, proc_start_ticks, read_state_file
 
 pytestmark = pytest.mark.timeout(90)
@@ -81,7 +81,7 @@ def test_readers_never_see_a_torn_record(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", f"""
 import threading, time
-from h5watch.lock import WatchedLock
+from h5watch.process.lock import WatchedLock
 from h5watch.statefile import StateWriter, ensure_state_dir
 ensure_state_dir({str(state_dir)!r})
 writer = StateWriter({str(state_dir)!r}, "torn", 0, 0.5)
@@ -296,7 +296,7 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
     import numpy as np
 
     from h5watch.statedir import ensure_state_dir
-    from h5watch.lock import WatchedLock
+    from h5watch.process.lock import WatchedLock
     from h5watch.statefile import HEADER_DTYPE, RECORD_DTYPE, RECORDS_OFFSET, StateWriter
 
     base = tmp_path / "state"

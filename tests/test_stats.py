@@ -8,7 +8,8 @@ from bisect import bisect_left
 
 import pytest
 
-from h5watch.stats import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS, LockStats, merge_lock_snapshots, quantile_seconds
+from h5watch.schema import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS
+from h5watch.process.stats import LockStats, merge_lock_snapshots, quantile_seconds
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ is run afterwards, so the environment's own start-up code still happens.
 
 Every Python process pays for this module: it imports nothing that start-up
 has not loaded already, and ``install()`` defers everything heavy until h5py
-is imported (see ``h5watch.runtime``).
+is imported (see ``h5watch.process.runtime``).
 """
 
 import importlib.machinery

@@ -75,7 +75,7 @@ if mode == "orphan":
     time.sleep(0.2)
     pid = ctypes.PyDLL(None).fork()
     if pid == 0:
-        from h5watch import runtime
+        from h5watch.process import runtime
 
         runtime.watchdog.stop()
 

@@ -1,6 +1,6 @@
 """The demo's fork-safety scenarios (F1, F2, F3), each without and with h5watch.
 
-Every scenario runs in a fresh interpreter (``python -m h5watch.demo_forks
+Every scenario runs in a fresh interpreter (``python -m h5watch.demo.forks
 SCENARIO instrumented|bare DIR``), since h5watch must be installed before
 h5py is imported, and prints one JSON result line; the parent reads it and
 the child's JSON log lines. Hung children are killed by the scenario itself.
@@ -33,7 +33,7 @@ def run_scenario(name: str, instrument: bool, directory: str, timeout: float = 3
     """Run one scenario in a fresh interpreter; its result and its log events."""
     mode = "instrumented" if instrument else "bare"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "h5watch.demo_forks", name, mode, directory],
+        [sys.executable, "-m", "h5watch.demo.forks", name, mode, directory],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -189,7 +189,7 @@ def _f3(directory: str) -> dict[str, Any]:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m h5watch.demo_forks")
+    parser = argparse.ArgumentParser(prog="python -m h5watch.demo.forks")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("mode", choices=("instrumented", "bare"))
     parser.add_argument("directory")

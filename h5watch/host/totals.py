@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from .statedir import (
+from h5watch.statedir import (
     OpenDir,
     UnsafeFileError,
     create_file,

@@ -41,9 +41,10 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import fork, logs
-from .evidence import lock_evidence, thread_stack
-from .lock import WatchedLock, policy, watched_locks
+from h5watch.process import fork
+from h5watch import logs
+from h5watch.process.evidence import lock_evidence, thread_stack
+from h5watch.process.lock import WatchedLock, policy, watched_locks
 
 __all__ = ["Watchdog", "add_idle_callback", "add_tick_callback", "add_wait_callback"]
 

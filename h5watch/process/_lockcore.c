@@ -767,7 +767,7 @@ static void LockCore_dealloc(LockCore *self) {
 
 static PyTypeObject LockCoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "h5watch._lockcore.LockCore",
+    .tp_name = "h5watch.process._lockcore.LockCore",
     .tp_basicsize = sizeof(LockCore),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Compiled hot path of WatchedLock (see h5watch/lock.py).",
@@ -906,7 +906,7 @@ static PyGetSetDef PhilCall_getset[] = {
 
 static PyTypeObject PhilCallType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "h5watch._lockcore.PhilCall",
+    .tp_name = "h5watch.process._lockcore.PhilCall",
     .tp_basicsize = sizeof(PhilCall),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
     .tp_doc = "with_phil's wrapper: holds the watched phil around a call, naming the operation.",
@@ -1023,7 +1023,7 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef lockcore_module = {
-    PyModuleDef_HEAD_INIT, "h5watch._lockcore", "Compiled hot path of h5watch.WatchedLock and with_phil.", -1, module_methods,
+    PyModuleDef_HEAD_INIT, "h5watch.process._lockcore", "Compiled hot path of h5watch.WatchedLock and with_phil.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__lockcore(void) {

@@ -30,17 +30,9 @@ import weakref
 from bisect import bisect_left
 from typing import Any, Callable
 
-from .stats import (
-    BUCKET_BOUNDS_NS,
-    C_ACQUISITIONS,
-    C_HOLD_BUCKETS,
-    C_HOLD_MAX,
-    C_HOLD_SUM,
-    C_REENTRIES,
-    COUNTER_LAYOUT,
-    CoreLockStats,
-    LockStats,
-)
+from h5watch.schema import BUCKET_BOUNDS_NS, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES
+from h5watch.process import implementation
+from h5watch.process.stats import CoreLockStats, LockStats
 
 __all__ = [
     "WatchedLock",
@@ -346,7 +338,7 @@ class _LockLogic:
             time.sleep(min(delay, remaining / 1e9))
             delay = min(delay * 2, 1e-3)
 
-    # -- fork support (used by h5watch.fork only) --------------------------
+    # -- fork support (used by h5watch.process.fork only) --------------------------
 
     def _acquire_for_fork(self, deadline_ns: int | None) -> bool:
         """Take the lock for the forking thread by ``deadline_ns`` (None: wait
@@ -509,7 +501,7 @@ class PythonWatchedLock(_LockLogic):
         inner = lock if lock is not None else threading.Lock()
         self.stats = LockStats()
         self.stats._owner_lock = weakref.ref(self)
-        # The counters' 64 words (see h5watch.stats), written here directly;
+        # The counters' 64 words (see h5watch.process.stats), written here directly;
         # where they move next, when a move found the lock busy.
         self._counters = self.stats._c
         self._counters_pending: Any = None
@@ -612,41 +604,9 @@ class PythonWatchedLock(_LockLogic):
 
 
 
-_NOT_BUILT = "extension not built"
-
-
-def _free_threaded_build() -> bool:
-    if not hasattr(sys, "_is_gil_enabled"):  # before 3.13: no free-threaded builds
-        return False
-    abiflags = getattr(sys, "abiflags", None)
-    if abiflags is not None:
-        return "t" in abiflags
-    import sysconfig
-
-    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
-
-
-def _load_compiled() -> tuple[Any, str]:
-    """The compiled core, or None; and why."""
-    if os.environ.get("H5WATCH_IMPLEMENTATION", "").strip().lower() == "python":
-        return None, "H5WATCH_IMPLEMENTATION=python"
-    if _free_threaded_build():
-        # The core's field updates rely on the GIL for atomicity.
-        return None, "free-threaded interpreter"
-    try:
-        from . import _lockcore  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return None, f"{_NOT_BUILT}: {exc}"
-    if tuple(getattr(_lockcore, "COUNTER_LAYOUT", ())) != COUNTER_LAYOUT:
-        return None, f"{_NOT_BUILT}: the compiled core was built from another version of h5watch (reinstall it)"
-    return _lockcore, "compiled"
-
-
-_lockcore, IMPLEMENTATION_REASON = _load_compiled()
-# The compiled core should be there and is not (no compiler at install time):
-# everything works, the hot path is slower. Not so for an explicit choice or
-# a free-threaded interpreter, where it is off on purpose.
-EXTENSION_MISSING = IMPLEMENTATION_REASON.startswith(_NOT_BUILT)
+_lockcore = implementation.compiled_core
+IMPLEMENTATION_REASON = implementation.REASON
+EXTENSION_MISSING = implementation.EXTENSION_MISSING
 _fastrlock_checked: set[type] = set()
 # A FastRLock acquire with a deadline that queues like FastRLock's own
 # blocking acquire (compiled; layout-verified FastRLock types only).
@@ -659,7 +619,7 @@ def _enable_direct_fastrlock(lock_type: type) -> None:
     if lock_type in _fastrlock_checked:
         return
     _fastrlock_checked.add(lock_type)
-    from .probe import ProbeUnavailable, validate_layout
+    from h5watch.process.probe import ProbeUnavailable, validate_layout
 
     try:
         validate_layout(lock_type)

@@ -4,7 +4,7 @@ Part 1 runs in this process: h5watch is installed before h5py is imported,
 ten threads read their own files while the main thread reads too, and a
 per-lock table shows what the wrapper and the probe saw. Part 2 runs each
 fork-safety scenario in fresh interpreters, without and with h5watch
-(``h5watch.demo_forks``), and ends with a summary table.
+(``h5watch.demo.forks``), and ends with a summary table.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from .cli import UsageError
+from h5watch.errors import UsageError
 
 __all__ = ["add_arguments", "main", "seed_workload", "lock_table"]
 
@@ -90,7 +90,7 @@ def _ms(seconds: float | None) -> str:
 
 
 def lock_table(snap: dict[str, Any]) -> str:
-    from .stats import quantile_seconds
+    from h5watch.process.stats import quantile_seconds
 
     header = ("lock", "acquisitions", "contention%", "wait p50 ms", "p99", "max", "hold p50 ms", "p99", "max")
     rows = [header]
@@ -135,7 +135,7 @@ def format_table(rows: list[tuple[str, ...]], numeric: bool = True) -> str:
 
 
 def fork_scenarios(directory: str) -> None:
-    from .demo_forks import SCENARIOS, run_scenario
+    from h5watch.demo.forks import SCENARIOS, run_scenario
 
     summary = [("scenario", "without h5watch", "with h5watch")]
     for name, title in SCENARIOS.items():

@@ -15,7 +15,7 @@ takes every watched lock, ``h5py.phil`` included, by ``fork_timeout``:
 A lock it cannot get in time is logged (``fork.lock_timeout``) with its
 holder and left: the fork goes on, and the child finds that lock orphaned.
 h5py >= 3.14 registers its own before-fork hook, a ``phil.acquire()`` with no
-timeout; ``h5watch.h5py_hook`` hands that registration to ``adopt_h5py_hooks``
+timeout; ``h5watch.process.h5py_hook`` hands that registration to ``adopt_h5py_hooks``
 while h5py imports, so phil is taken here, bounded, instead.
 
 After a fork the child has exactly one thread, the one that forked. Any lock
@@ -47,11 +47,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import lock as lock_module
-from . import logs
-from .evidence import current_stack, thread_stack
-from .lock import ForkGate, OrphanedLockError, WatchedLock, policy, reinit_registry_after_fork, thread_identity, watched_locks
-from .stats import ForkStats
+from h5watch.process import lock as lock_module
+from h5watch import logs
+from h5watch.process.evidence import current_stack, thread_stack
+from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, policy, reinit_registry_after_fork, thread_identity, watched_locks
+from h5watch.process.stats import ForkStats
 
 __all__ = [
     "FORK_GATE_SECONDS",

@@ -25,9 +25,9 @@ import threading
 import types
 from typing import Any, Callable, Iterator
 
-from . import lock as lock_module
-from .lock import WatchedLock
-from .probe import FastRLockProbe, ProbeUnavailable
+from h5watch.process import lock as lock_module
+from h5watch.process.lock import WatchedLock
+from h5watch.process.probe import FastRLockProbe, ProbeUnavailable
 
 __all__ = ["PhilPatch", "PHIL_LOCK_NAME"]
 

@@ -16,10 +16,10 @@ import sys
 import time
 from typing import Any
 
-from .cli import UsageError
-from .options import resolve
-from .statedir import STATE_SUFFIX, list_names, readable_user_dirs
-from .statefile import StateDirError, StateFileError, process_identity, read_state_file
+from h5watch.errors import UsageError
+from h5watch.options import resolve
+from h5watch.statedir import STATE_SUFFIX, list_names, readable_user_dirs
+from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
 
 __all__ = ["add_arguments", "main", "collect_status"]
 

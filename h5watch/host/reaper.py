@@ -33,9 +33,9 @@ import subprocess
 import time
 from typing import Any, Callable
 
-from . import logs
-from .statedir import proc_stat, process_identity
-from .statefile import DUMP_SIGNAL, ProcessState
+from h5watch import logs
+from h5watch.statedir import proc_stat, process_identity
+from h5watch.statefile import DUMP_SIGNAL, ProcessState
 
 __all__ = [
     "kill_worker",

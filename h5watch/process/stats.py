@@ -18,68 +18,29 @@ import threading
 from bisect import bisect_left
 from typing import Any, Iterable
 
-__all__ = [
-    "BUCKET_BOUNDS_SECONDS",
-    "BUCKET_BOUNDS_NS",
-    "N_BUCKETS",
-    "LockStats",
-    "CoreLockStats",
-    "N_COUNTERS",
-    "COUNTERS_BYTES",
-    "COUNTER_LAYOUT",
-    "snapshot_of",
-    "counter_index",
-    "ForkStats",
-    "quantile_seconds",
-    "merge_lock_snapshots",
-    "TIMEOUT_KINDS",
-    "ORPHAN_ACTIONS",
-]
-
-BUCKET_BOUNDS_SECONDS: tuple[float, ...] = (
-    1e-6, 2.5e-6, 5e-6,
-    1e-5, 2.5e-5, 5e-5,
-    1e-4, 2.5e-4, 5e-4,
-    1e-3, 2.5e-3, 5e-3,
-    0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0,
-    10.0, 30.0, 60.0,
+from h5watch.schema import (
+    BUCKET_BOUNDS_NS,
+    BUCKET_BOUNDS_SECONDS,
+    COUNTERS_BYTES,
+    C_ACQUISITIONS,
+    C_CONTENTIONS,
+    C_HOLD_BUCKETS,
+    C_HOLD_MAX,
+    C_HOLD_SUM,
+    C_ORPHANS,
+    C_REENTRIES,
+    C_TIMEOUTS,
+    C_WAIT_BUCKETS,
+    C_WAIT_MAX,
+    C_WAIT_SUM,
+    N_BUCKETS,
+    N_COUNTERS,
+    ORPHAN_ACTIONS,
+    TIMEOUT_KINDS,
+    counter_index,
 )
-BUCKET_BOUNDS_NS: tuple[int, ...] = tuple(round(b * 1e9) for b in BUCKET_BOUNDS_SECONDS)
-# One bucket per bound plus the +Inf bucket; counts are per bucket, not cumulative.
-N_BUCKETS = len(BUCKET_BOUNDS_NS) + 1
 
-TIMEOUT_KINDS = ("wait", "hold", "fork")
-ORPHAN_ACTIONS = ("killed", "recovered", "raised", "warned")
-
-
-# One lock's counters, as 64 unsigned 64-bit words in this order: the same
-# layout in LockStats, in the compiled core (which checks it at import) and
-# in the state file, whose mapping holds them while the process runs.
-C_ACQUISITIONS = 0
-C_CONTENTIONS = 1
-C_REENTRIES = 2
-C_WAIT_BUCKETS = 3
-C_WAIT_SUM = C_WAIT_BUCKETS + N_BUCKETS
-C_WAIT_MAX = C_WAIT_SUM + 1
-C_HOLD_BUCKETS = C_WAIT_MAX + 1
-C_HOLD_SUM = C_HOLD_BUCKETS + N_BUCKETS
-C_HOLD_MAX = C_HOLD_SUM + 1
-C_TIMEOUTS = C_HOLD_MAX + 1
-C_ORPHANS = C_TIMEOUTS + len(TIMEOUT_KINDS)
-N_COUNTERS = C_ORPHANS + len(ORPHAN_ACTIONS)
-COUNTERS_BYTES = N_COUNTERS * 8
-COUNTER_LAYOUT = (N_BUCKETS, C_WAIT_BUCKETS, C_HOLD_BUCKETS, C_TIMEOUTS, C_ORPHANS, N_COUNTERS)
-assert N_COUNTERS == 64
-
-
-def counter_index(table: str, key: str) -> int:
-    if table == "timeouts":
-        return C_TIMEOUTS + TIMEOUT_KINDS.index(key)
-    if table == "orphans":
-        return C_ORPHANS + ORPHAN_ACTIONS.index(key)
-    raise KeyError(table)
+__all__ = ["LockStats", "CoreLockStats", "ForkStats", "snapshot_of", "quantile_seconds", "merge_lock_snapshots"]
 
 
 def snapshot_of(counters: Any) -> dict[str, Any]:

@@ -14,10 +14,10 @@ import os
 import shutil
 import sys
 
-from . import lock
-from .cli import UsageError
-from .options import OPTION_HELP, OPTION_NAMES, as_environ, resolve
-from .statefile import StateDirError, ensure_state_dir
+from h5watch.process import lock
+from h5watch.errors import UsageError
+from h5watch.options import OPTION_HELP, OPTION_NAMES, as_environ, resolve
+from h5watch.statefile import StateDirError, ensure_state_dir
 
 __all__ = ["add_arguments", "main", "bootstrap_dir", "instrumented_environ"]
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bootstrap_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bootstrap")
 
 
 def instrumented_environ(flags: dict[str, str], environ: dict[str, str] | None = None) -> dict[str, str]:

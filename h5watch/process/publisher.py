@@ -31,12 +31,13 @@ import os
 import threading
 from typing import Any
 
-from . import fork, logs
-from . import lock as lock_module
-from .lock import WatchedLock, watched_locks
-from .statedir import create_file_at, prune_unread, user_dir_path
-from .statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
-from .watchdog import add_idle_callback, add_tick_callback, add_wait_callback
+from h5watch.process import fork
+from h5watch import logs
+from h5watch.process import lock as lock_module
+from h5watch.process.lock import WatchedLock, watched_locks
+from h5watch.statedir import create_file_at, prune_unread, user_dir_path
+from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
+from h5watch.process.watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 
 # Dead processes' files kept in a directory no daemon reads (see prune_unread).
 KEEP_UNREAD_DEAD = 1000

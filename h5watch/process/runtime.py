@@ -15,7 +15,7 @@ by ``_activate()`` on first need:
   coverage is full, as when everything was started by ``install()``);
 - when ``h5watch.WatchedLock`` (or ``LockTimeout``, ``OrphanedLockError``) is
   first looked up: a watched lock is coming;
-- by ``install()`` itself, if h5py or ``h5watch.lock`` is loaded already.
+- by ``install()`` itself, if h5py or ``h5watch.process.lock`` is loaded already.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import os
 import sys
 import time
 
-from . import logs
-from .options import Options, resolve
+from h5watch import logs
+from h5watch.options import Options, resolve
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .lock import WatchedLock
+    from h5watch.process.lock import WatchedLock
 
 __all__ = ["install", "uninstall", "snapshot", "current_options", "is_installed", "phil_patch"]
 
@@ -79,11 +79,11 @@ def _build() -> None:
     if exporter is not None:
         return
     logs.prepare()  # events may come from at-fork hooks: nothing may be imported then
-    from . import lock
-    from .fork import ForkGuard, add_child_callback
-    from .h5py_hook import PhilPatch
-    from .state import StateExtension
-    from .watchdog import Watchdog
+    from h5watch.process import lock
+    from h5watch.process.fork import ForkGuard, add_child_callback
+    from h5watch.process.h5py_hook import PhilPatch
+    from h5watch.process.publisher import StateExtension
+    from h5watch.process.watchdog import Watchdog
 
     lock_module = lock
     phil_patch = PhilPatch(_log)
@@ -231,7 +231,7 @@ def _activate() -> None:
 
 
 def _activate_if_due() -> None:
-    if "h5py" in sys.modules or "h5watch.lock" in sys.modules:
+    if "h5py" in sys.modules or "h5watch.process.lock" in sys.modules:
         _activate()
 
 
@@ -329,7 +329,7 @@ def snapshot() -> dict[str, Any]:
     if exporter is None:
         with _install_lock:
             _build()
-    from .h5py_hook import PHIL_LOCK_NAME
+    from h5watch.process.h5py_hook import PHIL_LOCK_NAME
 
     now_ns = time.monotonic_ns()
     locks = {}
@@ -368,7 +368,7 @@ class _ExporterSlot:
         if self.exporter is None:
             if options.metrics_port is None:
                 return
-            from .exporter import InProcessExporter
+            from h5watch.process.exporter import InProcessExporter
 
             self.exporter = InProcessExporter(snapshot)
         self.exporter.start(options)

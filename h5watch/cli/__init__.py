@@ -12,23 +12,18 @@ import importlib
 import sys
 from typing import Any, Sequence
 
-from . import __version__
-from .options import OptionError
+from h5watch import __version__
+from h5watch.errors import EXIT_USAGE, UsageError
+from h5watch.options import OptionError
 
 __all__ = ["main", "UsageError"]
 
-EXIT_USAGE = 2
-
 _SUBCOMMANDS = {
-    "run": ("h5watch.runner", "run a command with h5watch installed in it (and its children)"),
-    "daemon": ("h5watch.daemon", "watch every instrumented process on this host and export to Prometheus"),
-    "status": ("h5watch.status", "show live instrumented processes, lock holders and waiters"),
+    "run": ("h5watch.cli.run", "run a command with h5watch installed in it (and its children)"),
+    "daemon": ("h5watch.host.daemon", "watch every instrumented process on this host and export to Prometheus"),
+    "status": ("h5watch.host.status", "show live instrumented processes, lock holders and waiters"),
     "demo": ("h5watch.demo", "run the built-in demonstration workload"),
 }
-
-
-class UsageError(Exception):
-    """A user error found after argument parsing; one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,12 +35,12 @@ class _Parser(argparse.ArgumentParser):
 def version_text() -> str:
     """``h5watch 0.1.0 (compiled hot path; Python 3.11.7)``: which lock
     implementation this interpreter uses, and why when it is not the compiled one."""
-    from . import lock
+    from h5watch.process import implementation
 
     python = f"Python {sys.version.split()[0]}"
-    if lock.IMPLEMENTATION == "compiled":
+    if implementation.NAME == "compiled":
         return f"h5watch {__version__} (compiled hot path; {python})"
-    return f"h5watch {__version__} (pure-Python hot path: {lock.IMPLEMENTATION_REASON}; {python})"
+    return f"h5watch {__version__} (pure-Python hot path: {implementation.REASON}; {python})"
 
 
 class _VersionAction(argparse.Action):

@@ -13,7 +13,7 @@ Each scan reads every state file in ``state_dir`` and sorts its process:
   last write;
 - **ok**.
 
-The scan publishes a fresh :class:`~h5watch.exporter.Aggregate`; scrapes
+The scan publishes a fresh :class:`~h5watch.export.metrics.Aggregate`; scrapes
 only read the latest one. With ``--kill-after``, a stuck worker's stacks are
 taken from outside (its ``faulthandler`` dump signal; py-spy where
 installed), ``worker.killed`` is logged with the lock evidence of its state
@@ -37,11 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from . import killer, logs, totals
-from .cli import UsageError
-from .exporter import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, MetricsServer
-from .statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
-from .statefile import (
+from h5watch.host import reaper
+from h5watch import logs
+from h5watch.host import totals
+from h5watch.errors import UsageError
+from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
+from h5watch.export.server import MetricsServer
+from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
+from h5watch.statefile import (
     concat_records,
     STATE_SUFFIX,
     ProcessState,
@@ -100,7 +103,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .options import resolve
+    from h5watch.options import resolve
 
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
     listen = parse_listen(args.listen)
@@ -288,7 +291,7 @@ class Daemon:
             # A process marked exited is not judged; nor is one that exec'd a
             # program without h5watch (its counts stay live until it exits).
             looks_stuck = worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick)
-            if looks_stuck and id(state) not in exiting and not killer.execd_away(state):
+            if looks_stuck and id(state) not in exiting and not reaper.execd_away(state):
                 locks = state.locks(now)
                 reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
                 if self.kill_after is not None:
@@ -587,7 +590,7 @@ class Daemon:
             with self._kills_lock:
                 self._kills[(state.workload, reason)] = self._kills.get((state.workload, reason), 0) + 1
 
-        killer.kill_worker(state, reason, culprit, kill_after=self.kill_after, grace=self.grace, dry_run=self.dry_run,
+        reaper.kill_worker(state, reason, culprit, kill_after=self.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)
 
 

@@ -1,0 +1,247 @@
+"""Prometheus export: one aggregate model and one collector, for both sides.
+
+Both exporters (this process's, from ``h5watch.snapshot()``; the daemon's,
+from every state file) fill an :class:`Aggregate` keyed by ``workload`` and
+``lock``, and :class:`AggregateCollector` turns the latest one into metric
+families. ``collect()`` only reads an aggregate that is never modified after
+it is published, so concurrent scrapes need no lock.
+
+Names follow DESIGN.md section 4: base units, ``_total`` counters, classic
+histograms with h5watch's own log-scale buckets, the ``service`` option
+exported as the ``workload`` label.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+from h5watch import __version__
+from h5watch.schema import BUCKET_BOUNDS_SECONDS, N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
+
+__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions"]
+
+_LE = [floatToGoString(bound) for bound in BUCKET_BOUNDS_SECONDS] + ["+Inf"]
+
+
+@dataclass
+class LockTotals:
+    """Counters and histograms of one (workload, lock), summed over processes."""
+
+    acquisitions: int = 0
+    contentions: int = 0
+    reentries: int = 0
+    wait_buckets: np.ndarray = field(default_factory=lambda: np.zeros(N_BUCKETS, dtype=np.uint64))
+    wait_sum_ns: int = 0
+    hold_buckets: np.ndarray = field(default_factory=lambda: np.zeros(N_BUCKETS, dtype=np.uint64))
+    hold_sum_ns: int = 0
+    timeouts: np.ndarray = field(default_factory=lambda: np.zeros(len(TIMEOUT_KINDS), dtype=np.uint64))
+    orphans: np.ndarray = field(default_factory=lambda: np.zeros(len(ORPHAN_ACTIONS), dtype=np.uint64))
+
+    def add(self, other: "LockTotals") -> None:
+        self.acquisitions += other.acquisitions
+        self.contentions += other.contentions
+        self.reentries += other.reentries
+        self.wait_buckets = self.wait_buckets + other.wait_buckets
+        self.wait_sum_ns += other.wait_sum_ns
+        self.hold_buckets = self.hold_buckets + other.hold_buckets
+        self.hold_sum_ns += other.hold_sum_ns
+        self.timeouts = self.timeouts + other.timeouts
+        self.orphans = self.orphans + other.orphans
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "acquisitions": self.acquisitions, "contentions": self.contentions, "reentries": self.reentries,
+            "wait_buckets": [int(v) for v in self.wait_buckets], "wait_sum_ns": self.wait_sum_ns,
+            "hold_buckets": [int(v) for v in self.hold_buckets], "hold_sum_ns": self.hold_sum_ns,
+            "timeouts": [int(v) for v in self.timeouts], "orphans": [int(v) for v in self.orphans],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LockTotals":
+        totals = cls(
+            acquisitions=int(data["acquisitions"]), contentions=int(data["contentions"]), reentries=int(data["reentries"]),
+            wait_buckets=np.array(data["wait_buckets"], dtype=np.uint64), wait_sum_ns=int(data["wait_sum_ns"]),
+            hold_buckets=np.array(data["hold_buckets"], dtype=np.uint64), hold_sum_ns=int(data["hold_sum_ns"]),
+            timeouts=np.array(data["timeouts"], dtype=np.uint64), orphans=np.array(data["orphans"], dtype=np.uint64),
+        )
+        if totals.wait_buckets.shape != (N_BUCKETS,) or totals.hold_buckets.shape != (N_BUCKETS,):
+            raise ValueError("bucket count differs from this version's")
+        if totals.timeouts.shape != (len(TIMEOUT_KINDS),) or totals.orphans.shape != (len(ORPHAN_ACTIONS),):
+            raise ValueError("timeout or orphan table differs from this version's")
+        return totals
+
+
+@dataclass
+class ForkTotals:
+    forks: int = 0
+    wait_buckets: np.ndarray = field(default_factory=lambda: np.zeros(N_BUCKETS, dtype=np.uint64))
+    wait_sum_ns: int = 0
+
+    def add(self, other: "ForkTotals") -> None:
+        self.forks += other.forks
+        self.wait_buckets = self.wait_buckets + other.wait_buckets
+        self.wait_sum_ns += other.wait_sum_ns
+
+    def to_json(self) -> dict[str, Any]:
+        return {"forks": self.forks, "wait_buckets": [int(v) for v in self.wait_buckets], "wait_sum_ns": self.wait_sum_ns}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ForkTotals":
+        totals = cls(int(data["forks"]), np.array(data["wait_buckets"], dtype=np.uint64), int(data["wait_sum_ns"]))
+        if totals.wait_buckets.shape != (N_BUCKETS,):
+            raise ValueError("bucket count differs from this version's")
+        return totals
+
+
+@dataclass
+class LockGauges:
+    held: int = 0
+    hold_age_seconds: float = 0.0
+    waiters: int = 0
+    oldest_wait_seconds: float = 0.0
+
+    def add(self, held: bool, hold_age: float, waiters: int, oldest_wait: float) -> None:
+        self.held += int(held)
+        self.hold_age_seconds = max(self.hold_age_seconds, hold_age)
+        self.waiters += waiters
+        self.oldest_wait_seconds = max(self.oldest_wait_seconds, oldest_wait)
+
+
+@dataclass
+class Aggregate:
+    """Everything one scrape shows. Built by one thread, then only read."""
+
+    locks: dict[tuple[str, str], LockTotals] = field(default_factory=dict)
+    gauges: dict[tuple[str, str], LockGauges] = field(default_factory=dict)
+    forks: dict[str, ForkTotals] = field(default_factory=dict)
+    processes: dict[tuple[str, str], int] | None = None
+    heartbeat_age: dict[str, float] | None = None
+    kills: dict[tuple[str, str], int] | None = None
+    scan_seconds: float | None = None
+    scan_success: bool | None = None
+    state_file_errors: dict[str, int] | None = None
+    totals_save_failures: int | None = None
+    locks_unrecorded: dict[str, int] | None = None
+
+
+def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, labels=labels)
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], buckets: np.ndarray, sum_ns: int) -> None:
+    cumulative = np.cumsum(buckets.astype(np.uint64))
+    family.add_metric(labels, [(le, float(count)) for le, count in zip(_LE, cumulative)], sum_value=sum_ns / 1e9)
+
+
+class AggregateCollector:
+    """A prometheus_client collector over whatever ``source()`` returns now."""
+
+    def __init__(self, source: Callable[[], Aggregate | None]) -> None:
+        self.source = source
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        aggregate = self.source()
+        versions = build_versions()
+        info = GaugeMetricFamily("h5watch_build_info", "h5watch build and the h5py/HDF5 it was built against.",
+                                 labels=["version", "h5py_version", "hdf5_version"])
+        info.add_metric([__version__, versions.get("h5py", ""), versions.get("hdf5", "")], 1)
+        yield info
+        if aggregate is None:
+            return
+        lock_labels = ["workload", "lock"]
+        counters = {
+            "acquisitions": CounterMetricFamily("h5watch_lock_acquisitions", "Outermost acquisitions of the lock.", labels=lock_labels),
+            "contentions": CounterMetricFamily("h5watch_lock_contentions", "Acquisitions that had to wait.", labels=lock_labels),
+            "reentries": CounterMetricFamily("h5watch_lock_reentries", "Re-entrant acquisitions by the holder.", labels=lock_labels),
+        }
+        wait = _histogram("h5watch_lock_wait_seconds", "Time spent waiting for the lock, for acquisitions that waited.", lock_labels)
+        hold = _histogram("h5watch_lock_hold_seconds", "Time the lock was held, per outermost hold.", lock_labels)
+        timeouts = CounterMetricFamily("h5watch_lock_timeouts", "Wait, hold and fork timeouts (incidents).", labels=lock_labels + ["kind"])
+        orphans = CounterMetricFamily("h5watch_orphaned_locks", "Locks found orphaned after a fork, by the action taken.",
+                                      labels=lock_labels + ["action"])
+        for (workload, lock), totals in sorted(aggregate.locks.items()):
+            labels = [workload, lock]
+            for key, family in counters.items():
+                family.add_metric(labels, getattr(totals, key))
+            _add_histogram(wait, labels, totals.wait_buckets, totals.wait_sum_ns)
+            _add_histogram(hold, labels, totals.hold_buckets, totals.hold_sum_ns)
+            for kind, value in zip(TIMEOUT_KINDS, totals.timeouts):
+                timeouts.add_metric(labels + [kind], int(value))
+            for action, value in zip(ORPHAN_ACTIONS, totals.orphans):
+                orphans.add_metric(labels + [action], int(value))
+        yield from counters.values()
+        yield from (wait, hold, timeouts, orphans)
+
+        gauge_families = {
+            "held": GaugeMetricFamily("h5watch_lock_held", "Live processes in which the lock is held now.", labels=lock_labels),
+            "hold_age_seconds": GaugeMetricFamily("h5watch_lock_hold_age_seconds", "Age of the longest current hold.", labels=lock_labels),
+            "waiters": GaugeMetricFamily("h5watch_lock_waiters", "Threads waiting for the lock now.", labels=lock_labels),
+            "oldest_wait_seconds": GaugeMetricFamily("h5watch_lock_oldest_wait_seconds", "Age of the oldest current wait.", labels=lock_labels),
+        }
+        for (workload, lock), gauges in sorted(aggregate.gauges.items()):
+            for key, family in gauge_families.items():
+                family.add_metric([workload, lock], getattr(gauges, key))
+        yield from gauge_families.values()
+
+        forks = CounterMetricFamily("h5watch_forks", "Forks made by instrumented processes.", labels=["workload"])
+        fork_wait = _histogram("h5watch_fork_wait_seconds", "Time a fork's before-hook waited for the watched locks.", ["workload"])
+        for workload, totals in sorted(aggregate.forks.items()):
+            forks.add_metric([workload], totals.forks)
+            _add_histogram(fork_wait, [workload], totals.wait_buckets, totals.wait_sum_ns)
+        yield forks
+        yield fork_wait
+
+        if aggregate.processes is not None:
+            family = GaugeMetricFamily("h5watch_processes", "Instrumented processes by state.", labels=["workload", "state"])
+            for (workload, state), count in sorted(aggregate.processes.items()):
+                family.add_metric([workload, state], count)
+            yield family
+        if aggregate.heartbeat_age is not None:
+            family = GaugeMetricFamily("h5watch_heartbeat_age_seconds", "Oldest heartbeat among live processes.", labels=["workload"])
+            for workload, age in sorted(aggregate.heartbeat_age.items()):
+                family.add_metric([workload], age)
+            yield family
+        if aggregate.kills is not None:
+            family = CounterMetricFamily("h5watch_worker_kills", "Stuck workers the daemon killed, by reason.", labels=["workload", "reason"])
+            for (workload, reason), count in sorted(aggregate.kills.items()):
+                family.add_metric([workload, reason], count)
+            yield family
+        if aggregate.scan_seconds is not None:
+            yield GaugeMetricFamily("h5watch_daemon_scan_seconds", "Duration of the daemon's last scan of the state directory.",
+                                    value=aggregate.scan_seconds)
+        if aggregate.scan_success is not None:
+            yield GaugeMetricFamily("h5watch_daemon_last_scan_success", "1 if the daemon's last scan could list the state directory.",
+                                    value=int(aggregate.scan_success))
+        if aggregate.totals_save_failures is not None:
+            yield CounterMetricFamily("h5watch_daemon_totals_save_failures", "Failed saves of the daemon's totals (dead "
+                                      "processes' files are kept until a save succeeds).", value=aggregate.totals_save_failures)
+        if aggregate.locks_unrecorded is not None:
+            family = GaugeMetricFamily("h5watch_locks_unrecorded", "Watched locks of live processes that found no record in "
+                                       "their state file (their counts are not exported).", labels=["workload"])
+            for workload, count in sorted(aggregate.locks_unrecorded.items()):
+                family.add_metric([workload], count)
+            yield family
+        if aggregate.state_file_errors is not None:
+            family = CounterMetricFamily("h5watch_state_file_errors", "State files the daemon skipped, by reason.", labels=["reason"])
+            for reason, count in sorted(aggregate.state_file_errors.items()):
+                family.add_metric([reason], count)
+            yield family
+
+
+def build_versions() -> dict[str, str]:
+    """h5py and HDF5 versions for ``h5watch_build_info``, once h5py is imported
+    (the exporter never imports it itself: install() may precede that import)."""
+    h5py = sys.modules.get("h5py")
+    version = getattr(h5py, "version", None)
+    if version is None:
+        return {}
+    return {"h5py": getattr(version, "version", ""), "hdf5": getattr(version, "hdf5_version", "")}

@@ -1,0 +1,262 @@
+"""The small HTTP server behind both exporters' ``/metrics`` and ``/healthz``."""
+
+from __future__ import annotations
+
+import email.utils
+import http
+import http.client
+import io
+import queue
+import re
+import selectors
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+from h5watch import logs
+
+__all__ = ["MetricsServer"]
+
+_log = logs.get_logger(logger="h5watch.exporter")
+
+
+class MetricsServer:
+    """``/metrics`` (text or OpenMetrics, by the Accept header) and ``/healthz``,
+    made to survive abuse: many scrapers at once, slow clients, vanishing ones.
+
+    One thread reads the requests of every connection in a ``selectors`` loop,
+    so a client that sends half a request and waits costs a socket and a few
+    bytes, not a thread (one thread per connection, or a pool whose threads
+    each wait on one client, lets a few hundred slow clients starve every
+    scrape). A connection whose request is not complete
+    ``REQUEST_TIMEOUT_SECONDS`` after it was accepted is dropped. A complete
+    request goes to a fixed pool of ``WORKERS`` threads, which build the reply
+    and send it, giving up on a client that does not read it within
+    ``SEND_TIMEOUT_SECONDS``. At most ``MAX_CONNECTIONS`` are held: beyond
+    that the oldest incomplete one is dropped. One request per connection
+    (``Connection: close``). Clients that go away are not logged.
+    """
+
+    WORKERS = 4
+    REQUEST_TIMEOUT_SECONDS = 5.0
+    SEND_TIMEOUT_SECONDS = 10.0
+    MAX_REQUEST_BYTES = 16 * 1024
+    MAX_CONNECTIONS = 512
+    LISTEN_BACKLOG = 256
+
+    def __init__(self, registry: CollectorRegistry, addr: str, port: int, healthy: Callable[[], bool] = lambda: True) -> None:
+        self._registry = registry
+        self._healthy = healthy
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(sockaddr)
+            listener.listen(self.LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port: int = listener.getsockname()[1]
+        # Owned by the loop thread: connections still sending their request,
+        # in the order accepted (so the first is the next to time out).
+        self._reading: dict[socket.socket, tuple[float, bytearray]] = {}
+        # poll rather than epoll: no kernel object that a forked child of an
+        # instrumented process would share with this loop.
+        self._selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
+        self._requests: queue.SimpleQueue[tuple[socket.socket, bytes] | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="h5watch-metrics", daemon=True)
+        self._workers = [threading.Thread(target=self._work, name=f"h5watch-metrics-{i}", daemon=True) for i in range(self.WORKERS)]
+
+    def start(self) -> "MetricsServer":
+        for worker in self._workers:
+            worker.start()
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self._wake_writer.send(b"x")
+        except OSError:
+            pass
+        if self.thread.is_alive():
+            self.thread.join(5)
+        for _ in self._workers:
+            self._requests.put(None)
+        for sock in (self._listener, self._wake_reader, self._wake_writer):
+            sock.close()
+
+    # -- the loop thread: accept, read requests, drop slow clients ---------------
+
+    def _serve(self) -> None:
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._serve_once()
+                except Exception as exc:  # never let one bad round end the server
+                    _log.error("metrics.server_error", error=repr(exc))
+                    time.sleep(0.1)
+        finally:
+            for conn in list(self._reading):
+                self._drop(conn)
+            self._selector.close()
+
+    def _serve_once(self) -> None:
+        timeout = None
+        if self._reading:
+            first_deadline = next(iter(self._reading.values()))[0]
+            timeout = max(0.0, first_deadline - time.monotonic())
+        for key, _ in self._selector.select(timeout):
+            if key.fileobj is self._listener:
+                self._accept()
+            elif key.fileobj is self._wake_reader:
+                self._wake_reader.recv(64)
+            else:
+                self._read(key.fileobj)  # type: ignore[arg-type]
+        now = time.monotonic()
+        while self._reading:
+            conn, (deadline, _) = next(iter(self._reading.items()))
+            if deadline > now:
+                break
+            self._drop(conn)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst per round; the backlog keeps the rest
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError:
+                # Out of descriptors (EMFILE, ENFILE) or memory: make room by
+                # dropping the oldest slow client, or wait for the workers.
+                if self._reading:
+                    self._drop(next(iter(self._reading)))
+                else:
+                    time.sleep(0.05)
+                return
+            if len(self._reading) + self._requests.qsize() >= self.MAX_CONNECTIONS:
+                if not self._reading:
+                    conn.close()
+                    continue
+                self._drop(next(iter(self._reading)))
+            conn.setblocking(False)
+            self._reading[conn] = (time.monotonic() + self.REQUEST_TIMEOUT_SECONDS, bytearray())
+            self._selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, conn: socket.socket) -> None:
+        entry = self._reading.get(conn)
+        if entry is None:
+            return
+        try:
+            chunk = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(conn)
+            return
+        data = entry[1]
+        data += chunk
+        end = _end_of_head(data)
+        if end is None:
+            if len(data) > self.MAX_REQUEST_BYTES:
+                self._drop(conn)
+            return
+        self._selector.unregister(conn)
+        del self._reading[conn]
+        self._requests.put((conn, bytes(data[:end])))
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._reading.pop(conn, None)
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    # -- the worker threads: answer complete requests ----------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            conn, head = item
+            try:
+                self._answer(conn, head, time.monotonic() + self.SEND_TIMEOUT_SECONDS)
+            except OSError:
+                pass  # the client went away or stopped reading: nothing to tell
+            except Exception as exc:
+                _log.error("metrics.request_failed", error=repr(exc))
+            finally:
+                conn.close()
+
+    def _answer(self, conn: socket.socket, head: bytes, deadline: float) -> None:
+        request_line, _, header_lines = head.partition(b"\n")
+        parts = request_line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            _send_reply(conn, deadline, 400, b"bad request\n", _TEXT, head_only=False)
+            return
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            _send_reply(conn, deadline, 405, b"only GET and HEAD\n", _TEXT, head_only=False, extra="Allow: GET, HEAD\r\n")
+            return
+        head_only = method == "HEAD"
+        try:
+            headers = http.client.parse_headers(io.BytesIO(header_lines))
+        except http.client.HTTPException:
+            _send_reply(conn, deadline, 400, b"bad request headers\n", _TEXT, head_only)
+            return
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(headers.get("Accept", ""))
+            try:
+                body = encoder(self._registry)
+            except Exception as exc:
+                _log.error("metrics.collect_failed", error=repr(exc))
+                _send_reply(conn, deadline, 500, b"collect failed\n", _TEXT, head_only)
+                return
+            _send_reply(conn, deadline, 200, body, content_type, head_only)
+        elif path == "/healthz":
+            ok = self._healthy()
+            _send_reply(conn, deadline, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", _TEXT, head_only)
+        else:
+            _send_reply(conn, deadline, 404, b"not found: try /metrics or /healthz\n", _TEXT, head_only)
+
+
+_TEXT = "text/plain; charset=utf-8"
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+
+
+def _end_of_head(data: bytearray) -> int | None:
+    """Where a request's head (request line and headers) ends, or None if it has not yet."""
+    match = _END_OF_HEAD.search(data)
+    return None if match is None else match.end()
+
+
+def _send_reply(conn: socket.socket, deadline: float, code: int, body: bytes, content_type: str, head_only: bool,
+                extra: str = "") -> None:
+    head = (
+        f"HTTP/1.1 {code} {http.HTTPStatus(code).phrase}\r\nServer: h5watch\r\n"
+        f"Date: {email.utils.formatdate(usegmt=True)}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
+    ).encode("latin-1")
+    view = memoryview(head if head_only else head + body)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("client did not read the reply in time")
+        conn.settimeout(remaining)
+        view = view[conn.send(view):]

@@ -1,0 +1,50 @@
+"""Which hot path this interpreter runs: the compiled core or its pure-Python
+mirror, and why. Loaded alone by ``h5watch --version``, which must say so
+without loading the in-process runtime."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from h5watch.schema import COUNTER_LAYOUT
+
+__all__ = ["EXTENSION_MISSING", "NAME", "REASON", "compiled_core"]
+
+_NOT_BUILT = "extension not built"
+
+
+def _free_threaded_build() -> bool:
+    if not hasattr(sys, "_is_gil_enabled"):  # before 3.13: no free-threaded builds
+        return False
+    abiflags = getattr(sys, "abiflags", None)
+    if abiflags is not None:
+        return "t" in abiflags
+    import sysconfig
+
+    return bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+def _load_compiled() -> tuple[Any, str]:
+    """The compiled core, or None; and why."""
+    if os.environ.get("H5WATCH_IMPLEMENTATION", "").strip().lower() == "python":
+        return None, "H5WATCH_IMPLEMENTATION=python"
+    if _free_threaded_build():
+        # The core's field updates rely on the GIL for atomicity.
+        return None, "free-threaded interpreter"
+    try:
+        from h5watch.process import _lockcore  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"{_NOT_BUILT}: {exc}"
+    if tuple(getattr(_lockcore, "COUNTER_LAYOUT", ())) != COUNTER_LAYOUT:
+        return None, f"{_NOT_BUILT}: the compiled core was built from another version of h5watch (reinstall it)"
+    return _lockcore, "compiled"
+
+
+compiled_core, REASON = _load_compiled()
+NAME = "compiled" if compiled_core is not None else "python"
+# The compiled core should be there and is not (no compiler at install time):
+# everything works, the hot path is slower. Not so for an explicit choice or
+# a free-threaded interpreter, where it is off on purpose.
+EXTENSION_MISSING = REASON.startswith(_NOT_BUILT)
