@@ -3,8 +3,11 @@ counter tables, and the layout of one lock's 64 counter words.
 
 The in-process lock (both implementations), the state file and the
 exporters all read these names from here; the compiled core declares its
-own copy in C and exports it (``_lockcore.COUNTER_LAYOUT``), and a test
-fails if the two disagree.
+own copy in C and exports it (``_lockcore.COUNTER_LAYOUT``, ``BOUNDS_NS``,
+``DEAD_OWNER``): ``h5watch.process.implementation`` refuses a core whose
+numbers differ, and a test fails if the two disagree. (h5py's FastRLock
+layout is declared once, in ``h5watch.process.probe``, and checked against
+the core's the same way.)
 
 Buckets are fixed for every process and every version of the state file: a
 log scale from 1 us to 60 s with a boundary at each alert threshold of
@@ -22,6 +25,7 @@ __all__ = [
     "N_COUNTERS",
     "COUNTERS_BYTES",
     "COUNTER_LAYOUT",
+    "DEAD_OWNER",
     "counter_index",
 ]
 
@@ -38,6 +42,10 @@ BUCKET_BOUNDS_SECONDS: tuple[float, ...] = (
 BUCKET_BOUNDS_NS: tuple[int, ...] = tuple(round(b * 1e9) for b in BUCKET_BOUNDS_SECONDS)
 # One bucket per bound plus the +Inf bucket; counts are per bucket, not cumulative.
 N_BUCKETS = len(BUCKET_BOUNDS_NS) + 1
+
+# What a lock reports as its owner once the holder did not survive a fork:
+# thread idents are addresses, never -2 (written into FastRLock's _owner too).
+DEAD_OWNER = -2
 
 TIMEOUT_KINDS = ("wait", "hold", "fork")
 ORPHAN_ACTIONS = ("killed", "recovered", "raised", "warned")

@@ -76,6 +76,9 @@ static long current_pid = 0;
 static double timeout_max = 0;  /* threading.TIMEOUT_MAX, set by lock.py */
 
 enum { OWNER_NONE = 0, OWNER_LIVE = 1, OWNER_DEAD = 2 };
+/* What `_owner` reads as for OWNER_DEAD: no thread ident is -2 (idents are
+ * addresses). Exported as DEAD_OWNER, checked against h5watch/schema.py. */
+#define DEAD_OWNER_IDENT -2
 
 typedef struct {
     PyObject_HEAD
@@ -85,6 +88,10 @@ typedef struct {
     long owner_pid;
     int64_t since_ns;
     PyObject *operation;
+    /* The current hold was not counted as an acquisition here (a fork's own
+     * acquisition, or a hold this process inherited from its parent): its
+     * release records no hold either. */
+    int hold_uncounted;
     PyObject *inner;
     PyObject *inner_acquire;
     PyObject *inner_release;
@@ -119,12 +126,21 @@ static volatile sig_atomic_t fork_generation = 0;
 static void count_fork_in_child(void) { fork_generation++; }
 
 static void release_counters_view(LockCore *self);
+static void restart_counters(LockCore *self);
+
+/* The counters start again from zero, private (a forked child). A hold
+ * open now was counted where it began, in the parent: its release is not
+ * counted here. */
+static void restart_counters(LockCore *self) {
+    release_counters_view(self);
+    memset(self->own_counters, 0, sizeof(self->own_counters));
+    self->counters = self->own_counters;
+    if (self->owner_state != OWNER_NONE) self->hold_uncounted = 1;
+}
 
 static inline uint64_t *counters_of(LockCore *self) {
     if (self->has_counters_view && self->counters_generation != (unsigned int)fork_generation) {
-        release_counters_view(self);
-        memset(self->own_counters, 0, sizeof(self->own_counters));
-        self->counters = self->own_counters;
+        restart_counters(self);
     }
     return self->counters;
 }
@@ -352,6 +368,22 @@ static void kill_if_orphaned_in_unhooked_child(LockCore *self, unsigned long me)
     }
 }
 
+/* The one step that makes a thread the holder, once it has the inner lock:
+ * every path goes through it (acquire, acquire_for, with, with_phil, and
+ * the before-fork acquisition with counted=0). An uncounted hold records
+ * no hold time on release. */
+static inline void core_commit(LockCore *self, unsigned long me, PyObject *operation, int counted) {
+    self->since_ns = now_ns();
+    self->owner_pid = current_pid;
+    Py_XINCREF(operation);
+    Py_XSETREF(self->operation, operation);
+    self->count = 1;
+    self->owner = me;
+    self->owner_state = OWNER_LIVE;
+    self->hold_uncounted = !counted;
+    if (counted) counters_of(self)[C_ACQUISITIONS] += 1;
+}
+
 /* 1: acquired, 0: not acquired (non-blocking or timed out), -1: error */
 static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *operation) {
     unsigned long me = PyThread_get_thread_ident();
@@ -376,14 +408,7 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
         Py_DECREF(result);
         if (taken <= 0) return taken;
     }
-    self->since_ns = now_ns();
-    self->owner_pid = current_pid;
-    Py_XINCREF(operation);
-    Py_XSETREF(self->operation, operation);
-    self->count = 1;
-    self->owner = me;
-    self->owner_state = OWNER_LIVE;
-    counters_of(self)[C_ACQUISITIONS] += 1;
+    core_commit(self, me, operation, 1);
     return 1;
 }
 
@@ -404,6 +429,8 @@ static int hand_off_to_fork(LockCore *self, unsigned long me) {
     return 1;
 }
 
+/* The one release step: every path (release, with, with_phil, the fork's
+ * own release) goes through it. */
 static int core_release(LockCore *self) {
     unsigned long me = PyThread_get_thread_ident();
     if (!(self->owner_state == OWNER_LIVE && self->owner == me)) {
@@ -411,12 +438,15 @@ static int core_release(LockCore *self) {
         return -1;
     }
     if (--self->count > 0) return 0;
-    int64_t held = now_ns() - self->since_ns;
-    if (held < 0) held = 0;
-    uint64_t *c = counters_of(self);
-    c[C_HOLD_BUCKETS + bucket_of(held)] += 1;
-    c[C_HOLD_SUM] += (uint64_t)held;
-    if ((uint64_t)held > c[C_HOLD_MAX]) c[C_HOLD_MAX] = (uint64_t)held;
+    uint64_t *c = counters_of(self);  /* first: may mark this hold uncounted */
+    if (!self->hold_uncounted) {
+        int64_t held = now_ns() - self->since_ns;
+        if (held < 0) held = 0;
+        c[C_HOLD_BUCKETS + bucket_of(held)] += 1;
+        c[C_HOLD_SUM] += (uint64_t)held;
+        if ((uint64_t)held > c[C_HOLD_MAX]) c[C_HOLD_MAX] = (uint64_t)held;
+    }
+    self->hold_uncounted = 0;
     self->count = 0;
     self->owner_state = OWNER_NONE;
     if (hand_off_to_fork(self, me)) return 0;
@@ -533,6 +563,13 @@ static PyObject *LockCore_acquire_for(LockCore *self, PyObject *const *args, Py_
     return PyBool_FromLong(r);
 }
 
+/* The before-fork acquisition, once the inner lock is this thread's: the
+ * holder is recorded, nothing is counted (see core_commit). */
+static PyObject *LockCore_take_for_fork(LockCore *self, PyObject *operation) {
+    core_commit(self, PyThread_get_thread_ident(), operation, 0);
+    Py_RETURN_NONE;
+}
+
 static PyObject *LockCore_enter(LockCore *self, PyObject *Py_UNUSED(ignored)) {
     int r = core_acquire(self, 1, -1, Py_None);
     if (r < 0) return NULL;
@@ -575,6 +612,8 @@ static PyMethodDef LockCore_methods[] = {
      "acquire(blocking=True, timeout=-1) -> bool, as threading.RLock"},
     {"acquire_for", (PyCFunction)(void (*)(void))LockCore_acquire_for, METH_FASTCALL,
      "Blocking acquire that names the operation the holder performs."},
+    {"_take_for_fork", (PyCFunction)LockCore_take_for_fork, METH_O,
+     "Record this thread, which has the inner lock, as the holder without counting an acquisition."},
     {"__enter__", (PyCFunction)LockCore_enter, METH_NOARGS, NULL},
     {"release", (PyCFunction)LockCore_release, METH_NOARGS, "Release; RuntimeError if not the owner."},
     {"__exit__", (PyCFunction)(void (*)(void))LockCore_exit, METH_FASTCALL, NULL},
@@ -590,7 +629,7 @@ static PyMethodDef LockCore_methods[] = {
 
 static PyObject *get_owner(LockCore *self, void *c) {
     if (self->owner_state == OWNER_NONE) Py_RETURN_NONE;
-    if (self->owner_state == OWNER_DEAD) return PyLong_FromLong(-2);
+    if (self->owner_state == OWNER_DEAD) return PyLong_FromLong(DEAD_OWNER_IDENT);
     return PyLong_FromUnsignedLong(self->owner);
 }
 
@@ -605,7 +644,7 @@ static int set_owner(LockCore *self, PyObject *value, void *c) {
         self->owner_state = OWNER_LIVE;
         return 0;
     }
-    if (v == -2) { self->owner_state = OWNER_DEAD; return 0; }
+    if (v == DEAD_OWNER_IDENT) { self->owner_state = OWNER_DEAD; return 0; }
     self->owner = (unsigned long)v;
     self->owner_state = OWNER_LIVE;
     return 0;
@@ -683,9 +722,7 @@ static void release_counters_view(LockCore *self) {
  * from now on; None: back to private, zeroed counters (a forked child). */
 static PyObject *LockCore_move_counters(LockCore *self, PyObject *target) {
     if (target == Py_None) {
-        release_counters_view(self);
-        memset(self->own_counters, 0, sizeof(self->own_counters));
-        self->counters = self->own_counters;
+        restart_counters(self);
         Py_RETURN_NONE;
     }
     Py_buffer view;
@@ -709,6 +746,7 @@ static PyObject *get_inner_acquire(LockCore *self, void *c) { return Py_NewRef(s
 static PyObject *get_inner_release(LockCore *self, void *c) { return Py_NewRef(self->inner_release ? self->inner_release : Py_None); }
 static PyObject *get_inner_direct(LockCore *self, void *c) { return PyBool_FromLong(self->inner_direct); }
 static PyObject *get_gated(LockCore *self, void *c) { return PyBool_FromLong(self->gated); }
+static PyObject *get_hold_uncounted(LockCore *self, void *c) { return PyBool_FromLong(self->hold_uncounted); }
 
 static int set_gated(LockCore *self, PyObject *value, void *c) {
     int flag = value == NULL ? 0 : PyObject_IsTrue(value);
@@ -727,6 +765,7 @@ static PyGetSetDef LockCore_getset[] = {
     {"_inner_release", (getter)get_inner_release, NULL, NULL, NULL},
     {"_inner_direct", (getter)get_inner_direct, NULL, NULL, NULL},
     {"_gated", (getter)get_gated, (setter)set_gated, NULL, NULL},
+    {"_hold_uncounted", (getter)get_hold_uncounted, NULL, NULL, NULL},
     {NULL},
 };
 
@@ -1052,6 +1091,29 @@ PyMODINIT_FUNC PyInit__lockcore(void) {
         return NULL;
     }
     Py_DECREF(layout);
+    /* The other numbers this file shares with h5watch/schema.py and
+     * h5watch/process/probe.py, for implementation.py to compare. */
+    PyObject *bounds = PyTuple_New(N_BOUNDS);
+    if (bounds == NULL) { Py_DECREF(m); return NULL; }
+    for (int i = 0; i < N_BOUNDS; i++) {
+        PyObject *bound = PyLong_FromLongLong(BOUNDS_NS[i]);
+        if (bound == NULL) { Py_DECREF(bounds); Py_DECREF(m); return NULL; }
+        PyTuple_SET_ITEM(bounds, i, bound);
+    }
+    PyObject *fastrlock = Py_BuildValue(
+        "(nnnnnn)", (Py_ssize_t)sizeof(FastRLockLayout), (Py_ssize_t)offsetof(FastRLockLayout, real_lock),
+        (Py_ssize_t)offsetof(FastRLockLayout, owner), (Py_ssize_t)offsetof(FastRLockLayout, count),
+        (Py_ssize_t)offsetof(FastRLockLayout, pending_requests), (Py_ssize_t)offsetof(FastRLockLayout, is_locked));
+    if (fastrlock == NULL || PyModule_AddObjectRef(m, "BOUNDS_NS", bounds) < 0 ||
+        PyModule_AddObjectRef(m, "FASTRLOCK_LAYOUT", fastrlock) < 0 ||
+        PyModule_AddIntConstant(m, "DEAD_OWNER", DEAD_OWNER_IDENT) < 0) {
+        Py_DECREF(bounds);
+        Py_XDECREF(fastrlock);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(bounds);
+    Py_DECREF(fastrlock);
     current_pid = (long)getpid();
     static int fork_handler_registered = 0;
     if (!fork_handler_registered) {

@@ -274,7 +274,7 @@ class ForkGuard:
         # 2. Waiters, gates, reported incidents and statistics were the parent's.
         for lock in watched_locks():
             lock._forget_other_threads()
-            lock.stats.reset_after_fork()
+            lock._restart_counters_after_fork()
         fork_stats = ForkStats()
         # 3. What the before-hook took for this fork is this thread's to give back.
         if hooked:

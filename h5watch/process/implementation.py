@@ -8,9 +8,9 @@ import os
 import sys
 from typing import Any
 
-from h5watch.schema import COUNTER_LAYOUT
+from h5watch.schema import BUCKET_BOUNDS_NS, COUNTER_LAYOUT, DEAD_OWNER
 
-__all__ = ["EXTENSION_MISSING", "NAME", "REASON", "compiled_core"]
+__all__ = ["EXTENSION_MISSING", "NAME", "REASON", "compiled_core", "shared_numbers", "shared_numbers_of"]
 
 _NOT_BUILT = "extension not built"
 
@@ -37,9 +37,23 @@ def _load_compiled() -> tuple[Any, str]:
         from h5watch.process import _lockcore  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"{_NOT_BUILT}: {exc}"
-    if tuple(getattr(_lockcore, "COUNTER_LAYOUT", ())) != COUNTER_LAYOUT:
+    if shared_numbers_of(_lockcore) != shared_numbers():
         return None, f"{_NOT_BUILT}: the compiled core was built from another version of h5watch (reinstall it)"
     return _lockcore, "compiled"
+
+
+def shared_numbers() -> dict[str, Any]:
+    """The numbers the compiled core must agree on, as h5watch.schema has them."""
+    return {"COUNTER_LAYOUT": COUNTER_LAYOUT, "BOUNDS_NS": BUCKET_BOUNDS_NS, "DEAD_OWNER": DEAD_OWNER}
+
+
+def shared_numbers_of(core: Any) -> dict[str, Any]:
+    """The same numbers as the compiled core declares them."""
+    return {
+        "COUNTER_LAYOUT": tuple(getattr(core, "COUNTER_LAYOUT", ())),
+        "BOUNDS_NS": tuple(getattr(core, "BOUNDS_NS", ())),
+        "DEAD_OWNER": getattr(core, "DEAD_OWNER", None),
+    }
 
 
 compiled_core, REASON = _load_compiled()

@@ -30,7 +30,7 @@ import weakref
 from bisect import bisect_left
 from typing import Any, Callable
 
-from h5watch.schema import BUCKET_BOUNDS_NS, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES
+from h5watch.schema import BUCKET_BOUNDS_NS, DEAD_OWNER, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES
 from h5watch.process import implementation
 from h5watch.process.stats import CoreLockStats, LockStats
 
@@ -55,8 +55,6 @@ _TIMEOUT_MAX = threading.TIMEOUT_MAX
 # takes without asking threading.RLock about them.
 _DEFAULT_TIMEOUT = -1
 _PLAIN_TIMEOUT_TYPES = (float, int)
-# Thread idents are addresses, never -2: the owner of a lock whose holder died in a fork.
-DEAD_OWNER = -2
 _monotonic_ns = time.monotonic_ns
 
 
@@ -344,9 +342,8 @@ class _LockLogic:
         """Take the lock for the forking thread by ``deadline_ns`` (None: wait
         forever; 0: do not wait), never raising and passing any fork gate.
 
-        Not counted as an acquisition, and ``_release_for_fork`` records no
-        hold: the fork's own hold is not the service's, and in the child the
-        statistics start again from zero.
+        Not counted as an acquisition, and its release records no hold: the
+        fork's own hold is not the service's.
         """
         me = _get_ident()
         if self._owner == me:
@@ -371,23 +368,20 @@ class _LockLogic:
                 self._waiters.pop(me, None)
             if not acquired:
                 return False
-        self._since_ns = _monotonic_ns()
-        self._owner_pid = policy.pid
-        self._operation = "h5watch.fork.before_fork"
-        self._count = 1
-        self._owner = me
+        self._take_for_fork("h5watch.fork.before_fork")
         return True
 
     def _release_for_fork(self) -> None:
         """Undo one ``_acquire_for_fork`` (in the parent, or in the child by
-        the thread that forked), recording nothing."""
-        count = self._count - 1
-        if count > 0:
-            self._count = count
-            return
-        self._count = 0
-        self._owner = None
-        self._inner_release()
+        the thread that forked): an uncounted hold records nothing."""
+        self.release()
+
+    def _restart_counters_after_fork(self) -> None:
+        """A forked child counts from zero. A hold open now (the fork's own,
+        or one the forking thread had taken before) was counted in the
+        parent, so its release is not counted here (restart_counters in
+        _lockcore.c marks it; the Python mirror overrides this)."""
+        self.stats.reset_after_fork()
 
     def _raise_fork_gate(self, gate: ForkGate) -> None:
         self._fork_gate = gate
@@ -489,6 +483,7 @@ class PythonWatchedLock(_LockLogic):
         "_count",
         "_since_ns",
         "_operation",
+        "_hold_uncounted",
         "_waiters",
         "_fork_gate",
         "_orphan",
@@ -512,6 +507,7 @@ class PythonWatchedLock(_LockLogic):
         self._count = 0
         self._since_ns = 0
         self._operation: str | None = None
+        self._hold_uncounted = False
         self._init_common(name, inner)
 
     # -- acquisition -------------------------------------------------------
@@ -529,27 +525,12 @@ class PythonWatchedLock(_LockLogic):
         return self._acquire(blocking, timeout, None)
 
     def acquire_for(self, operation: str | None = None) -> bool:
-        """Blocking acquire that names the operation the holder performs.
-
-        The hot path of ``with lock:`` and of h5py's ``with_phil``: it repeats
-        ``_acquire`` inline to save a call.
-        """
-        me = _get_ident()
-        if self._owner == me:
-            self._count += 1
-            self._counters[C_REENTRIES] += 1
-            return True
-        if (self._fork_gate is not None or not self._inner_acquire(False)) and not self._acquire_slow(me, -1):
-            return False
-        self._since_ns = _monotonic_ns()
-        self._owner_pid = policy.pid
-        self._operation = operation
-        self._count = 1
-        self._owner = me
-        self._counters[C_ACQUISITIONS] += 1
-        return True
+        """Blocking acquire that names the operation the holder performs
+        (the hot path of ``with lock:`` and of h5py's ``with_phil``)."""
+        return self._acquire(True, -1, operation)
 
     def _acquire(self, blocking: bool, timeout: float, operation: str | None) -> bool:
+        # core_acquire in _lockcore.c.
         me = _get_ident()
         if self._owner == me:
             self._count += 1
@@ -560,31 +541,54 @@ class PythonWatchedLock(_LockLogic):
                 return False
         elif (self._fork_gate is not None or not self._inner_acquire(False)) and not self._acquire_slow(me, timeout):
             return False
+        self._commit(me, operation, True)
+        return True
+
+    def _commit(self, me: int, operation: str | None, counted: bool) -> None:
+        """The one step that makes ``me``, which has the inner lock, the
+        holder (core_commit in _lockcore.c): every path goes through it, the
+        before-fork acquisition with ``counted`` False. An uncounted hold
+        records no hold time on release."""
         self._since_ns = _monotonic_ns()
         self._owner_pid = policy.pid
         self._operation = operation
         self._count = 1
+        self._hold_uncounted = not counted
         self._owner = me
-        self._counters[C_ACQUISITIONS] += 1
-        return True
+        if counted:
+            self._counters[C_ACQUISITIONS] += 1
+
+    def _take_for_fork(self, operation: str) -> None:
+        # LockCore_take_for_fork in _lockcore.c.
+        self._commit(_get_ident(), operation, False)
+
+    def _restart_counters_after_fork(self) -> None:
+        # restart_counters in _lockcore.c.
+        self.stats.reset_after_fork()
+        if self._owner is not None:
+            self._hold_uncounted = True
 
     __enter__ = acquire_for
 
     def release(self) -> None:
+        """The one release step (core_release in _lockcore.c): every path
+        (release, ``with``, ``with_phil``, the fork's own release) goes through it."""
         if self._owner != _get_ident():
             raise RuntimeError("cannot release un-acquired lock")
         count = self._count - 1
         if count:
             self._count = count
             return
-        held_ns = _monotonic_ns() - self._since_ns
         if self._counters_pending is not None:
             self.stats._adopt_pending()
-        counters = self._counters
-        counters[C_HOLD_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
-        counters[C_HOLD_SUM] += held_ns
-        if held_ns > counters[C_HOLD_MAX]:
-            counters[C_HOLD_MAX] = held_ns
+        if not self._hold_uncounted:
+            held_ns = _monotonic_ns() - self._since_ns
+            counters = self._counters
+            counters[C_HOLD_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
+            counters[C_HOLD_SUM] += held_ns
+            if held_ns > counters[C_HOLD_MAX]:
+                counters[C_HOLD_MAX] = held_ns
+        self._hold_uncounted = False
         self._count = 0
         self._owner = None
         self._inner_release()
@@ -619,8 +623,10 @@ def _enable_direct_fastrlock(lock_type: type) -> None:
     if lock_type in _fastrlock_checked:
         return
     _fastrlock_checked.add(lock_type)
-    from h5watch.process.probe import ProbeUnavailable, validate_layout
+    from h5watch.process.probe import ProbeUnavailable, fastrlock_layout, validate_layout
 
+    if tuple(_lockcore.FASTRLOCK_LAYOUT) != fastrlock_layout():
+        return  # the core's FastRLock struct is not the probe's: fields left alone
     try:
         validate_layout(lock_type)
         _lockcore.enable_fastrlock(lock_type)

@@ -1,11 +1,11 @@
 """Read (and, in a forked child, reset) h5py's ``FastRLock`` through its layout.
 
-``FastRLock`` (h5py/_locks.pxi) is a Cython class. On 64-bit CPython its
-instance is 48 bytes: the object header (16), ``PyThread_type_lock
-_real_lock`` (8), ``long _owner`` (8, -1 when free), then ``int _count``,
-``int _pending_requests`` and ``bint _is_locked`` (4 each). Reading those
-with ctypes costs h5py's hot path nothing and shows the true owner even of
-holds taken by C code that no Python wrapper sees.
+``FastRLock`` (h5py/_locks.pxi) is a Cython class; :class:`FastRLockFields`
+below is its instance layout, declared as the Cython source declares it
+(the compiled core's ``FastRLockLayout`` is the same struct, and exports
+its offsets so that a test and the core's loader can compare). Reading those
+fields with ctypes costs h5py's hot path nothing and shows the true owner
+even of holds taken by C code that no Python wrapper sees.
 
 The layout is an assumption about someone else's build, so it is checked
 before use: the type's basic size, then a fresh instance read while free,
@@ -21,25 +21,43 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["FastRLockProbe", "ProbeUnavailable"]
+from h5watch.schema import DEAD_OWNER
+
+__all__ = ["FastRLockFields", "FastRLockProbe", "ProbeUnavailable", "fastrlock_layout", "validate_layout"]
 
 _OWNER_FREE = -1
-# No thread ident is -2 (idents are addresses): marks a holder that died in a fork.
-_DEAD_OWNER = -2
-_LAYOUT = {"real_lock": 16, "owner": 24, "count": 32, "pending": 36, "is_locked": 40}
-_BASICSIZE = 48
+
+
+class FastRLockFields(ctypes.Structure):
+    """``cdef class FastRLock`` in h5py/_locks.pxi, after the object header."""
+
+    _fields_ = [
+        ("ob_refcnt", ctypes.c_ssize_t),  # PyObject_HEAD
+        ("ob_type", ctypes.c_void_p),
+        ("_real_lock", ctypes.c_void_p),  # cdef pythread.PyThread_type_lock _real_lock
+        ("_owner", ctypes.c_long),  # cdef long _owner (-1 when free)
+        ("_count", ctypes.c_int),  # cdef int _count
+        ("_pending_requests", ctypes.c_int),  # cdef int _pending_requests
+        ("_is_locked", ctypes.c_int),  # cdef bint _is_locked
+    ]
+
+
+def fastrlock_layout() -> tuple[int, ...]:
+    """(size, then the offsets of _real_lock, _owner, _count,
+    _pending_requests, _is_locked): the form ``_lockcore.FASTRLOCK_LAYOUT`` has."""
+    fields = FastRLockFields
+    return (
+        ctypes.sizeof(fields),
+        fields._real_lock.offset,
+        fields._owner.offset,
+        fields._count.offset,
+        fields._pending_requests.offset,
+        fields._is_locked.offset,
+    )
 
 
 class ProbeUnavailable(Exception):
     """The probe cannot be trusted on this build; the message says why."""
-
-
-def _read_long(address: int) -> int:
-    return ctypes.c_long.from_address(address).value
-
-
-def _read_int(address: int) -> int:
-    return ctypes.c_int.from_address(address).value
 
 
 def _as_ident(owner: int) -> int | None:
@@ -54,16 +72,16 @@ class FastRLockProbe:
 
     def __init__(self, lock: Any) -> None:
         self._lock = lock
-        self._address = id(lock)
         validate_layout(type(lock))
+        self._fields = FastRLockFields.from_address(id(lock))
 
     def read(self) -> dict[str, Any]:
-        base = self._address
+        fields = self._fields
         return {
-            "owner_ident": _as_ident(_read_long(base + _LAYOUT["owner"])),
-            "count": _read_int(base + _LAYOUT["count"]),
-            "pending_requests": _read_int(base + _LAYOUT["pending"]),
-            "is_locked": bool(_read_int(base + _LAYOUT["is_locked"])),
+            "owner_ident": _as_ident(fields._owner),
+            "count": fields._count,
+            "pending_requests": fields._pending_requests,
+            "is_locked": bool(fields._is_locked),
         }
 
     def poison_dead_owner(self, alive_ident: int) -> bool:
@@ -73,11 +91,11 @@ class FastRLockProbe:
         ident (pthread ids are addresses, and the dead thread's are free for
         reuse); FastRLock would then let it "re-enter" a lock it never took.
         """
-        base = self._address
-        owner = _read_long(base + _LAYOUT["owner"])
+        fields = self._fields
+        owner = fields._owner
         if owner == _OWNER_FREE or _as_ident(owner) == alive_ident:
             return False
-        ctypes.c_long.from_address(base + _LAYOUT["owner"]).value = _DEAD_OWNER
+        fields._owner = DEAD_OWNER
         return True
 
     def reset(self) -> None:
@@ -93,12 +111,12 @@ class FastRLockProbe:
         fresh = allocate()
         if not fresh:
             raise MemoryError("PyThread_allocate_lock failed")
-        base = self._address
-        ctypes.c_void_p.from_address(base + _LAYOUT["real_lock"]).value = fresh
-        ctypes.c_long.from_address(base + _LAYOUT["owner"]).value = _OWNER_FREE
-        ctypes.c_int.from_address(base + _LAYOUT["count"]).value = 0
-        ctypes.c_int.from_address(base + _LAYOUT["pending"]).value = 0
-        ctypes.c_int.from_address(base + _LAYOUT["is_locked"]).value = 0
+        fields = self._fields
+        fields._real_lock = fresh
+        fields._owner = _OWNER_FREE
+        fields._count = 0
+        fields._pending_requests = 0
+        fields._is_locked = 0
 
 
 def validate_layout(lock_type: type) -> None:
@@ -108,22 +126,17 @@ def validate_layout(lock_type: type) -> None:
         raise ProbeUnavailable("not a 64-bit build with 8-byte C long")
     if lock_type.__name__ != "FastRLock":
         raise ProbeUnavailable(f"lock type is {lock_type.__module__}.{lock_type.__qualname__}, not FastRLock")
-    if lock_type.__basicsize__ != _BASICSIZE:
-        raise ProbeUnavailable(f"FastRLock basicsize is {lock_type.__basicsize__}, expected {_BASICSIZE}")
+    if lock_type.__basicsize__ != ctypes.sizeof(FastRLockFields):
+        raise ProbeUnavailable(f"FastRLock basicsize is {lock_type.__basicsize__}, expected {ctypes.sizeof(FastRLockFields)}")
     _check_with_helper_thread(lock_type)
 
 
 def _check_with_helper_thread(lock_type: type) -> None:
     specimen = lock_type()
-    base = id(specimen)
+    fields = FastRLockFields.from_address(id(specimen))
 
     def view() -> tuple[int | None, int, int, int]:
-        return (
-            _as_ident(_read_long(base + _LAYOUT["owner"])),
-            _read_int(base + _LAYOUT["count"]),
-            _read_int(base + _LAYOUT["pending"]),
-            _read_int(base + _LAYOUT["is_locked"]),
-        )
+        return (_as_ident(fields._owner), fields._count, fields._pending_requests, fields._is_locked)
 
     if view() != (None, 0, 0, 0):
         raise ProbeUnavailable(f"a free FastRLock reads as {view()}, expected (None, 0, 0, 0)")
