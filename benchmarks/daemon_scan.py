@@ -24,15 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client.exposition import generate_latest  # noqa: E402
-from prometheus_client.registry import CollectorRegistry  # noqa: E402
+import numpy as np
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
-from h5watch.host.daemon import Daemon  # noqa: E402
-from h5watch.export.metrics import AggregateCollector  # noqa: E402
-from h5watch.process.lock import WatchedLock  # noqa: E402
-from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name  # noqa: E402
-
-import numpy as np  # noqa: E402
+from h5watch.export.metrics import AggregateCollector
+from h5watch.host.daemon import Daemon
+from h5watch.process.lock import WatchedLock
+from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name
 
 
 def _template(directory: str) -> bytes:

@@ -108,7 +108,14 @@ def measure(python: str, repeats: int) -> dict:
             worst_ms.append(watched["fork_max_ns"] / 1e6)
             bare_ms.append(bare["fork_ns"] / 1e6)
             watched_ms.append(watched["fork_ns"] / 1e6)
-    return {"h5py": version, "fork": fork_ratios, "pool": pool_ratios, "worst_fork_ms": worst_ms, "bare_fork_ms": bare_ms, "watched_fork_ms": watched_ms}
+    return {
+        "h5py": version,
+        "fork": fork_ratios,
+        "pool": pool_ratios,
+        "worst_fork_ms": worst_ms,
+        "bare_fork_ms": bare_ms,
+        "watched_fork_ms": watched_ms,
+    }
 
 
 def main() -> None:

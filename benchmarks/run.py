@@ -322,7 +322,7 @@ def render(info: dict, rows: list[dict]) -> str:
     lines.append(f"{'row':<72} {'min':>9} {'median':>9} {'max':>9}  {'target':<8} ")
     for row in rows:
         unit = row["unit"]
-        fmt = (lambda v: f"{v:.3f}") if unit == "x" else (lambda v: f"{v:.2f}{unit}")
+        fmt = (lambda v: f"{v:.3f}") if unit == "x" else (lambda v, unit=unit: f"{v:.2f}{unit}")
         verdict = "" if row["ok"] is None else ("ok" if row["ok"] else "FAIL")
         lines.append(f"{row['row']:<72} {fmt(row['min']):>9} {fmt(row['median']):>9} {fmt(row['max']):>9}  {row['target']:<8} {verdict}")
     return "\n".join(lines)

@@ -36,9 +36,9 @@ def __getattr__(name: str) -> Any:
         from h5watch.process import lock
 
         value = getattr(lock, name)
-        runtime = sys.modules.get("h5watch.process.runtime")
-        if runtime is not None:
-            runtime.activate_for_locks()  # installed before: start watching now
+        loaded_runtime = sys.modules.get("h5watch.process.runtime")
+        if loaded_runtime is not None:
+            loaded_runtime.activate_for_locks()  # installed before: start watching now
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

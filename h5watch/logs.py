@@ -28,7 +28,8 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["configure", "enabled", "get_logger", "prepare", "set_level", "FdWriter", "LEVELS"]
 
@@ -231,7 +232,7 @@ def _structlog_renderer(writer: FdWriter, console: bool) -> Callable[[str, str, 
 _config: dict[str, Any] = {}
 
 
-def get_logger(**initial: Any) -> "_BoundToConfig":
+def get_logger(**initial: Any) -> _BoundToConfig:
     return _BoundToConfig(initial)
 
 

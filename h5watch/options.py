@@ -15,7 +15,8 @@ import os
 # may cost more than a fraction of a millisecond (typing and dataclasses do).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Mapping
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 __all__ = [
     "ENV_PREFIX",
@@ -298,7 +299,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 OPTION_HELP: dict[str, str] = {
-    "state_dir": "absolute path of the shared state directory; each user's processes write in its <uid> subdirectory (default /run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch)",
+    "state_dir": (
+        "absolute path of the shared state directory; each user's processes write in its <uid> subdirectory (default "
+        "/run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch)"
+    ),
     "service": "workload name, exported as the 'workload' label (default: the program name)",
     "wait_timeout": "seconds (0.001 to 86400) a thread may wait for a watched lock before it is an incident (default off)",
     "hold_timeout": "seconds (0.001 to 86400) a thread may hold a watched lock before it is an incident (default off)",

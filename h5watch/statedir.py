@@ -218,7 +218,10 @@ def _open_base(base: str, create: bool) -> int:
         info = os.fstat(fd)
         euid = os.geteuid()
         if info.st_uid not in (0, euid):
-            raise _error(base, f"owned by uid {info.st_uid}, not by root or this user (uid {euid}); another user made it: remove it, or choose another state_dir")
+            raise _error(base, (
+                f"owned by uid {info.st_uid}, not by root or this user (uid {euid}); another user made it: remove it, "
+                "or choose another state_dir"
+            ))
         if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
             raise _error(base, f"mode {stat.S_IMODE(info.st_mode):o}: writable by others without the sticky bit; chmod 1777 (shared) or 0755")
     except BaseException:

@@ -60,8 +60,27 @@ import struct
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
+from h5watch.schema import (
+    C_ACQUISITIONS,
+    C_CONTENTIONS,
+    C_HOLD_BUCKETS,
+    C_HOLD_MAX,
+    C_HOLD_SUM,
+    C_ORPHANS,
+    C_REENTRIES,
+    C_TIMEOUTS,
+    C_WAIT_BUCKETS,
+    C_WAIT_MAX,
+    C_WAIT_SUM,
+    COUNTERS_BYTES,
+    N_BUCKETS,
+    N_COUNTERS,
+    ORPHAN_ACTIONS,
+    TIMEOUT_KINDS,
+)
 from h5watch.statedir import (  # noqa: F401 (re-exported: the directory's API)
     STACKS_SUFFIX,
     STATE_SUFFIX,
@@ -78,15 +97,14 @@ from h5watch.statedir import (  # noqa: F401 (re-exported: the directory's API)
     remove_at,
     rename_at,
 )
-from h5watch.schema import C_ACQUISITIONS, C_CONTENTIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_ORPHANS, C_REENTRIES, C_TIMEOUTS, C_WAIT_BUCKETS, C_WAIT_MAX, C_WAIT_SUM, COUNTERS_BYTES, N_BUCKETS, N_COUNTERS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
 __all__ = [
     "DUMP_SIGNAL",
     "MAGIC",
     "VERSION",
     "CAPACITY",
-    "HEADER_DTYPE",
-    "RECORD_DTYPE",
+    "HEADER_DTYPE",  # noqa: F822 (built on first use by __getattr__)
+    "RECORD_DTYPE",  # noqa: F822
     "StateDirError",
     "StateFileError",
     "StateWriter",
@@ -204,6 +222,7 @@ def _dtype(fields: list[tuple[str, str, Any]], size: int, extra: list[tuple[str,
     import numpy as np
 
     base = np.dtype([(name, dtype) for name, _, dtype in fields])
+    assert base.names is not None and base.fields is not None  # a structured dtype: it has both
     names = list(base.names) + [name for name, _, _ in extra]
     formats = [base.fields[n][0] for n in base.names] + [dtype for _, dtype, _ in extra]
     offsets = [base.fields[n][1] for n in base.names] + [offset for _, _, offset in extra]
@@ -248,11 +267,10 @@ def _dtypes() -> dict[str, Any]:
     """The file's dtypes (HEADER_DTYPE, RECORD_DTYPE) and what the reader
     returns (LOCK_DTYPE, PROCESS_DTYPE), built (and numpy imported) on first use."""
     if not _DTYPES:
-        import numpy as np
 
         header, record = _dtype(_HEADER_FIELDS, HEADER_SIZE), _dtype(_RECORD_FIELDS, RECORD_SIZE)
         assert header.itemsize == HEADER_SIZE and record.itemsize == RECORD_SIZE
-        assert header.fields["seq"][1] == _HEADER_SEQ_OFFSET
+        assert header.fields is not None and header.fields["seq"][1] == _HEADER_SEQ_OFFSET
         # What the reader returns: a record's bytes followed by its block's,
         # and the header's followed by the fork counters' (as in the file).
         lock = _dtype(_RECORD_FIELDS, RECORD_SIZE + COUNTERS_BYTES, _counter_fields(RECORD_SIZE, _COUNTER_WORDS))
@@ -499,7 +517,7 @@ class StateWriter:
 
     def _compact(self) -> None:
         """Merge retired records of one name, two at a time, while blocks allow."""
-        for name, slots in self._retired.items():
+        for slots in self._retired.values():
             while len(slots) > 1:
                 if not self._merge_pair(slots[0], slots[-1]):
                     return
@@ -689,7 +707,7 @@ _MAX_WORDS = frozenset((C_WAIT_MAX, C_HOLD_MAX))
 
 def _flatten(fields: list[tuple[str, str, Any]], values: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
-    for name, code, dtype in fields:
+    for name, _code, dtype in fields:
         value = values[name]
         if isinstance(dtype, tuple):
             out.extend(value)
@@ -947,6 +965,6 @@ def concat_records(arrays: list[np.ndarray]) -> np.ndarray:
     otherwise compare the structured dtypes field by field for each)."""
     import numpy as np
 
-    dtype = _dtypes()["LOCK_DTYPE"]
+    dtype: np.dtype = _dtypes()["LOCK_DTYPE"]
     raw = np.concatenate([a.view(np.uint8).reshape(len(a), dtype.itemsize) for a in arrays])
     return raw.view(dtype).reshape(len(raw))

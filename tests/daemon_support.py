@@ -13,9 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import REPO
+from prometheus_client.parser import text_string_to_metric_families
 
 H5WATCH = [sys.executable, "-m", "h5watch"]
 WORKER = str(REPO / "tests" / "scenarios" / "worker.py")
@@ -79,7 +78,7 @@ class DaemonProcess:
 
     def value(self, name: str, **labels: str) -> float:
         wanted = tuple(sorted(labels.items()))
-        return sum(v for (n, l), v in self.samples().items() if n == name and all(item in l for item in wanted))
+        return sum(v for (n, have), v in self.samples().items() if n == name and all(item in have for item in wanted))
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 H5WATCH = [sys.executable, "-m", "h5watch"]

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import REPO
 from daemon_support import H5WATCH, DaemonProcess, kill_group, read_json_line, start_worker, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,13 +82,13 @@ def test_exact_aggregation_and_counters_never_decrease(state_dir, daemons, worke
         expected_phil += sum(report["phil"] for report in reports)
         live_pids = {report["pid"] for report in reports}
         # The watchdog writes each tick: wait for the workers' final counts.
-        wait_for(lambda: daemon.value("h5watch_lock_acquisitions_total", lock="app.x") == 3 * k * (wave + 1), 15,
+        wait_for(lambda wave=wave: daemon.value("h5watch_lock_acquisitions_total", lock="app.x") == 3 * k * (wave + 1), 15,
                  what="app.x acquisitions from live workers")
         scrapes.append(counter_samples(daemon.samples()))
         release.touch()
         for proc in procs:
             assert proc.wait(20) == 0
-        wait_for(lambda: not any(str(pid) in name for name in os.listdir(state_dir / str(os.geteuid())) for pid in live_pids), 15,
+        wait_for(lambda live_pids=live_pids: not any(str(pid) in name for name in os.listdir(state_dir / str(os.geteuid())) for pid in live_pids), 15,
                  what="exited workers' files folded and removed")
         scrapes.append(counter_samples(daemon.samples()))
 

@@ -15,12 +15,12 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 DEPLOY = REPO / "deploy"

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
+
 from h5watch.cli.run import instrumented_environ
 
 pytestmark = pytest.mark.timeout(180)
@@ -181,7 +181,7 @@ def test_an_instrumented_process_prints_nothing(tmp_path, case):
 
 
 def test_info_events_show_at_log_level_info_and_warnings_always(tmp_path):
-    code = f"""
+    code = """
         import h5py
         import h5watch
         h5watch.install(state_files=False)
@@ -371,11 +371,11 @@ def test_hold_timeout_keeps_the_watchdog_through_forks_as_documented(tmp_path):
 def test_a_threaded_program_keeps_its_watchdog_and_a_wait_restarts_a_stopped_one(tmp_path):
     state_dir = tmp_path / "state"
     result = run_python(
-        f"""
+        """
         import json, os, threading, time
         import h5py
         import h5watch
-        report = {{}}
+        report = {}
         stop = threading.Event()
         helper = threading.Thread(target=stop.wait, name="app-thread")
         helper.start()

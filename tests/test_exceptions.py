@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
+
 from h5watch.process.lock import CompiledWatchedLock, PythonWatchedLock
 
 pytestmark = pytest.mark.timeout(240)
@@ -257,7 +257,7 @@ BAD_ARGUMENTS = [
 def rlock_outcome(lock, args) -> tuple:
     try:
         acquired = lock.acquire(*args)
-    except Exception as exc:  # noqa: BLE001 - the outcome is compared
+    except Exception as exc:
         return type(exc), str(exc)
     if acquired:
         lock.release()

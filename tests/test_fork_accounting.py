@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_python
+
 from h5watch.process.lock import CompiledWatchedLock
 
 SCENARIO = r"""

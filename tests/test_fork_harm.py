@@ -12,7 +12,6 @@ import shutil
 import sys
 
 import pytest
-
 from conftest import REPO, run_python
 from test_fork import events_named, run_scenario
 

@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from daemon_support import DaemonProcess, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_support import DaemonProcess, wait_for
 from h5watch.export.server import MetricsServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +57,7 @@ def scrape_concurrently(port: int, clients: int) -> list[BaseException]:
         try:
             start.wait(30)
             scrape(port)
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+        except BaseException as exc:
             failures.append(exc)
 
     threads = [threading.Thread(target=one) for _ in range(clients)]

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import run_python
 
 pytestmark = pytest.mark.timeout(60)

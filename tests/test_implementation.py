@@ -15,8 +15,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import run_python
+
 from h5watch import __version__
 from h5watch.process.lock import CompiledWatchedLock
 

@@ -43,7 +43,7 @@ def in_thread(func):
     def run():
         try:
             result["value"] = func()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+        except BaseException as exc:
             result["error"] = exc
 
     thread = threading.Thread(target=run)
@@ -57,7 +57,7 @@ def in_thread(func):
 
 def test_reentrancy(make_lock):
     lock = make_lock()
-    for depth in range(1, 6):
+    for _depth in range(1, 6):
         assert lock.acquire() is True
         assert lock.locked()
     for _ in range(4):

@@ -31,13 +31,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
-
 from test_deploy import RULES, dashboard_queries, recording_rules, tool
 
 pytestmark = pytest.mark.timeout(300)
@@ -321,7 +321,7 @@ def stack(tmp_path_factory):
         stack.start_worker("orphan", ORPHAN_WORKER, str(state_dir), "5")
         stuck = stack.start_worker("stuck", STUCK_WORKER, str(state_dir))
         for name in ("contention", "orphan", "stuck"):
-            if not wait_for(lambda: saw_line(stack.logs[name], "ready"), 60, 0.2):
+            if not wait_for(lambda name=name: saw_line(stack.logs[name], "ready"), 60, 0.2):
                 pytest.fail(f"worker {name} did not start\n{stack.diagnostics()}")
 
         # Let the daemon see the stuck worker alive, then freeze it.

@@ -112,7 +112,7 @@ ODD_ARGUMENTS = [
 def _outcome(lock, args, kwargs):
     try:
         acquired = lock.acquire(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - compared with threading.RLock's
+    except Exception as exc:
         return type(exc), str(exc)
     if acquired:
         lock.release()

@@ -8,8 +8,8 @@ import ctypes
 
 import h5py._objects
 import pytest
-
 from conftest import run_python
+
 from h5watch import schema
 from h5watch.process import implementation, probe
 from h5watch.process.lock import CompiledWatchedLock, PythonWatchedLock

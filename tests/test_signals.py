@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from daemon_support import free_port, kill_group, read_json_line, start_worker, wait_for
+
 from h5watch.statefile import DUMP_SIGNAL
 
 pytestmark = pytest.mark.timeout(90)

@@ -236,7 +236,7 @@ def test_churn_soak_counts_are_exact_across_kills_and_daemon_restarts(tmp_path):
 
         def exported(name: str, **labels: str) -> float:
             wanted = {"workload": WORKLOAD, **labels}
-            return sum(v for (n, l), v in final.items() if n == name and all(dict(l).get(a) == b for a, b in wanted.items()))
+            return sum(v for (n, have), v in final.items() if n == name and all(dict(have).get(a) == b for a, b in wanted.items()))
 
         expected_exact = sum(w.k for w in workers)
         expected_forks = sum(w.forks for w in workers)

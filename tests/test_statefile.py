@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
+
 from h5watch.process.lock import IMPLEMENTATION
 from h5watch.statefile import FILE_SIZE, StateFileError, proc_start_ticks, read_state_file
 
@@ -295,8 +295,8 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
 
     import numpy as np
 
-    from h5watch.statedir import ensure_state_dir
     from h5watch.process.lock import WatchedLock
+    from h5watch.statedir import ensure_state_dir
     from h5watch.statefile import HEADER_DTYPE, RECORD_DTYPE, RECORDS_OFFSET, StateWriter
 
     base = tmp_path / "state"

@@ -8,8 +8,8 @@ from bisect import bisect_left
 
 import pytest
 
-from h5watch.schema import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS
 from h5watch.process.stats import LockStats, merge_lock_snapshots, quantile_seconds
+from h5watch.schema import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,9 +14,9 @@ import os
 import shutil
 import sys
 
-from h5watch.process import lock
 from h5watch.errors import UsageError
 from h5watch.options import OPTION_HELP, OPTION_NAMES, as_environ, resolve
+from h5watch.process import lock
 from h5watch.statefile import StateDirError, ensure_state_dir
 
 __all__ = ["add_arguments", "main", "bootstrap_dir", "instrumented_environ"]

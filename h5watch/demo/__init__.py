@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from h5watch.errors import UsageError
@@ -122,7 +123,7 @@ def probe_line(probe: dict[str, Any]) -> str:
     )
 
 
-def format_table(rows: list[tuple[str, ...]], numeric: bool = True) -> str:
+def format_table(rows: Sequence[tuple[str, ...]], numeric: bool = True) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for number, row in enumerate(rows):

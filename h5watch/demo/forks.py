@@ -127,7 +127,7 @@ class _SlowFile(io.BytesIO):
             time.sleep(3)
         return io.BytesIO.readinto(self, target)
 
-    def readinto(self, target: Any) -> int:  # type: ignore[override]
+    def readinto(self, target: Any) -> int:
         return self.slow_readinto(target)
 
 

@@ -14,8 +14,9 @@ exported as the ``workload`` label.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -26,7 +27,7 @@ from h5watch.schema import BUCKET_BOUNDS_SECONDS, N_BUCKETS, ORPHAN_ACTIONS, TIM
 
 __all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions"]
 
-_LE = [floatToGoString(bound) for bound in BUCKET_BOUNDS_SECONDS] + ["+Inf"]
+_LE = [floatToGoString(bound) for bound in BUCKET_BOUNDS_SECONDS] + ["+Inf"]  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LockTotals:
     timeouts: np.ndarray = field(default_factory=lambda: np.zeros(len(TIMEOUT_KINDS), dtype=np.uint64))
     orphans: np.ndarray = field(default_factory=lambda: np.zeros(len(ORPHAN_ACTIONS), dtype=np.uint64))
 
-    def add(self, other: "LockTotals") -> None:
+    def add(self, other: LockTotals) -> None:
         self.acquisitions += other.acquisitions
         self.contentions += other.contentions
         self.reentries += other.reentries
@@ -63,7 +64,7 @@ class LockTotals:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LockTotals":
+    def from_json(cls, data: dict[str, Any]) -> LockTotals:
         totals = cls(
             acquisitions=int(data["acquisitions"]), contentions=int(data["contentions"]), reentries=int(data["reentries"]),
             wait_buckets=np.array(data["wait_buckets"], dtype=np.uint64), wait_sum_ns=int(data["wait_sum_ns"]),
@@ -83,7 +84,7 @@ class ForkTotals:
     wait_buckets: np.ndarray = field(default_factory=lambda: np.zeros(N_BUCKETS, dtype=np.uint64))
     wait_sum_ns: int = 0
 
-    def add(self, other: "ForkTotals") -> None:
+    def add(self, other: ForkTotals) -> None:
         self.forks += other.forks
         self.wait_buckets = self.wait_buckets + other.wait_buckets
         self.wait_sum_ns += other.wait_sum_ns
@@ -92,7 +93,7 @@ class ForkTotals:
         return {"forks": self.forks, "wait_buckets": [int(v) for v in self.wait_buckets], "wait_sum_ns": self.wait_sum_ns}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ForkTotals":
+    def from_json(cls, data: dict[str, Any]) -> ForkTotals:
         totals = cls(int(data["forks"]), np.array(data["wait_buckets"], dtype=np.uint64), int(data["wait_sum_ns"]))
         if totals.wait_buckets.shape != (N_BUCKETS,):
             raise ValueError("bucket count differs from this version's")
@@ -170,8 +171,8 @@ class AggregateCollector:
                                       labels=lock_labels + ["action"])
         for (workload, lock), totals in sorted(aggregate.locks.items()):
             labels = [workload, lock]
-            for key, family in counters.items():
-                family.add_metric(labels, getattr(totals, key))
+            for key, counter in counters.items():
+                counter.add_metric(labels, getattr(totals, key))
             _add_histogram(wait, labels, totals.wait_buckets, totals.wait_sum_ns)
             _add_histogram(hold, labels, totals.hold_buckets, totals.hold_sum_ns)
             for kind, value in zip(TIMEOUT_KINDS, totals.timeouts):
@@ -188,33 +189,33 @@ class AggregateCollector:
             "oldest_wait_seconds": GaugeMetricFamily("h5watch_lock_oldest_wait_seconds", "Age of the oldest current wait.", labels=lock_labels),
         }
         for (workload, lock), gauges in sorted(aggregate.gauges.items()):
-            for key, family in gauge_families.items():
-                family.add_metric([workload, lock], getattr(gauges, key))
+            for key, gauge in gauge_families.items():
+                gauge.add_metric([workload, lock], getattr(gauges, key))
         yield from gauge_families.values()
 
         forks = CounterMetricFamily("h5watch_forks", "Forks made by instrumented processes.", labels=["workload"])
         fork_wait = _histogram("h5watch_fork_wait_seconds", "Time a fork's before-hook waited for the watched locks.", ["workload"])
-        for workload, totals in sorted(aggregate.forks.items()):
-            forks.add_metric([workload], totals.forks)
-            _add_histogram(fork_wait, [workload], totals.wait_buckets, totals.wait_sum_ns)
+        for workload, fork_totals in sorted(aggregate.forks.items()):
+            forks.add_metric([workload], fork_totals.forks)
+            _add_histogram(fork_wait, [workload], fork_totals.wait_buckets, fork_totals.wait_sum_ns)
         yield forks
         yield fork_wait
 
         if aggregate.processes is not None:
-            family = GaugeMetricFamily("h5watch_processes", "Instrumented processes by state.", labels=["workload", "state"])
+            gauge = GaugeMetricFamily("h5watch_processes", "Instrumented processes by state.", labels=["workload", "state"])
             for (workload, state), count in sorted(aggregate.processes.items()):
-                family.add_metric([workload, state], count)
-            yield family
+                gauge.add_metric([workload, state], count)
+            yield gauge
         if aggregate.heartbeat_age is not None:
-            family = GaugeMetricFamily("h5watch_heartbeat_age_seconds", "Oldest heartbeat among live processes.", labels=["workload"])
+            gauge = GaugeMetricFamily("h5watch_heartbeat_age_seconds", "Oldest heartbeat among live processes.", labels=["workload"])
             for workload, age in sorted(aggregate.heartbeat_age.items()):
-                family.add_metric([workload], age)
-            yield family
+                gauge.add_metric([workload], age)
+            yield gauge
         if aggregate.kills is not None:
-            family = CounterMetricFamily("h5watch_worker_kills", "Stuck workers the daemon killed, by reason.", labels=["workload", "reason"])
+            counter = CounterMetricFamily("h5watch_worker_kills", "Stuck workers the daemon killed, by reason.", labels=["workload", "reason"])
             for (workload, reason), count in sorted(aggregate.kills.items()):
-                family.add_metric([workload, reason], count)
-            yield family
+                counter.add_metric([workload, reason], count)
+            yield counter
         if aggregate.scan_seconds is not None:
             yield GaugeMetricFamily("h5watch_daemon_scan_seconds", "Duration of the daemon's last scan of the state directory.",
                                     value=aggregate.scan_seconds)
@@ -225,16 +226,16 @@ class AggregateCollector:
             yield CounterMetricFamily("h5watch_daemon_totals_save_failures", "Failed saves of the daemon's totals (dead "
                                       "processes' files are kept until a save succeeds).", value=aggregate.totals_save_failures)
         if aggregate.locks_unrecorded is not None:
-            family = GaugeMetricFamily("h5watch_locks_unrecorded", "Watched locks of live processes that found no record in "
-                                       "their state file (their counts are not exported).", labels=["workload"])
+            gauge = GaugeMetricFamily("h5watch_locks_unrecorded", "Watched locks of live processes that found no record in "
+                                      "their state file (their counts are not exported).", labels=["workload"])
             for workload, count in sorted(aggregate.locks_unrecorded.items()):
-                family.add_metric([workload], count)
-            yield family
+                gauge.add_metric([workload], count)
+            yield gauge
         if aggregate.state_file_errors is not None:
-            family = CounterMetricFamily("h5watch_state_file_errors", "State files the daemon skipped, by reason.", labels=["reason"])
+            counter = CounterMetricFamily("h5watch_state_file_errors", "State files the daemon skipped, by reason.", labels=["reason"])
             for reason, count in sorted(aggregate.state_file_errors.items()):
-                family.add_metric([reason], count)
-            yield family
+                counter.add_metric([reason], count)
+            yield counter
 
 
 def build_versions() -> dict[str, str]:

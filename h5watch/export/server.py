@@ -12,7 +12,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -76,7 +76,7 @@ class MetricsServer:
         self.thread = threading.Thread(target=self._serve, name="h5watch-metrics", daemon=True)
         self._workers = [threading.Thread(target=self._work, name=f"h5watch-metrics-{i}", daemon=True) for i in range(self.WORKERS)]
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         for worker in self._workers:
             worker.start()
         self.thread.start()

@@ -33,23 +33,22 @@ import signal
 import stat
 import threading
 import time
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
-from h5watch.host import reaper
 from h5watch import logs
-from h5watch.host import totals
 from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
 from h5watch.export.server import MetricsServer
+from h5watch.host import reaper, totals
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import (
-    concat_records,
     STATE_SUFFIX,
     ProcessState,
     StateDirError,
     StateFileError,
+    concat_records,
     process_identity,
     read_state_file,
 )
@@ -72,16 +71,28 @@ _log = logs.get_logger(logger="h5watch.daemon")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", help="the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own")
+    parser.add_argument("--state-dir", help=(
+        "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
+        "$XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own"
+    ))
     parser.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT of /metrics and /healthz (default 127.0.0.1:9464)")
     parser.add_argument("--scan-interval", default="2", help="seconds between scans of the state dir (default 2)")
-    parser.add_argument("--kill-after", default=None, help="kill a worker whose heartbeat, wait or hold is older than this many seconds (default: never kill)")
+    parser.add_argument("--kill-after", default=None, help=(
+        "kill a worker whose heartbeat, wait or hold is older than this many seconds (default: never kill)"
+    ))
     parser.add_argument("--grace", default="5", help="seconds between SIGTERM and SIGKILL (default 5)")
     parser.add_argument("--stuck-after", default=None, help="seconds after which a process counts as stuck (default: --kill-after, else 30)")
-    parser.add_argument("--dry-run", action="store_true", help="log the evidence against stuck workers (worker.would_kill), but send no signal at all: no stack dump, no kill")
+    parser.add_argument("--dry-run", action="store_true", help=(
+        "log the evidence against stuck workers (worker.would_kill), but send no signal at all: no stack dump, no "
+        "kill"
+    ))
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
 
+@overload
+def _seconds(flag: str, text: str | None, allow_none: Literal[False] = False) -> float: ...
+@overload
+def _seconds(flag: str, text: str | None, allow_none: bool) -> float | None: ...
 def _seconds(flag: str, text: str | None, allow_none: bool = False) -> float | None:
     if text is None and allow_none:
         return None
@@ -206,7 +217,8 @@ class Daemon:
         started = time.perf_counter()
         now = time.time()
         scan_success = True
-        live = Aggregate(processes={}, heartbeat_age={})
+        processes: dict[tuple[str, str], int] = {}
+        live = Aggregate(processes=processes, heartbeat_age={})
         stuck: list[tuple[ProcessState, str, dict[str, Any]]] = []
         present: set[str] = set()
         live_states: list[ProcessState] = []
@@ -268,7 +280,7 @@ class Daemon:
                         self._fold(state, f"{directory.uid}/{name}")
                         folded.append((directory, state))
                         key = (state.workload, "dead")
-                        live.processes[key] = live.processes.get(key, 0) + 1
+                        processes[key] = processes.get(key, 0) + 1
                     elif verdict in ("live", "exiting"):
                         live_states.append(state)
                         if verdict == "exiting":
@@ -299,7 +311,7 @@ class Daemon:
                     if kill_reason:
                         stuck.append((state, kill_reason, culprit))
             key = (state.workload, "stuck" if reason else "ok")
-            live.processes[key] = live.processes.get(key, 0) + 1
+            processes[key] = processes.get(key, 0) + 1
         self._last_read = last_read
         if scan_success:
             self._forget_missing(present)

@@ -31,7 +31,8 @@ import signal
 import stat
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from h5watch import logs
 from h5watch.statedir import proc_stat, process_identity

@@ -25,7 +25,10 @@ __all__ = ["add_arguments", "main", "collect_status"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", help="the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else $XDG_RUNTIME_DIR/h5watch); root reads every user's subdirectory, others their own")
+    parser.add_argument("--state-dir", help=(
+        "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
+        "$XDG_RUNTIME_DIR/h5watch); root reads every user's subdirectory, others their own"
+    ))
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--stuck-after", type=float, default=30.0, metavar="SECONDS",
                         help="a heartbeat, wait or hold older than this is stuck (default 30)")

@@ -1,6 +1,7 @@
 """Types of the compiled core (``_lockcore.c``)."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 COUNTER_LAYOUT: tuple[int, ...]
 BOUNDS_NS: tuple[int, ...]
@@ -15,14 +16,11 @@ class LockCore:
     _since_ns: int
     _operation: str | None
     _gated: bool
-    @property
-    def _inner_acquire(self) -> Callable[..., bool]: ...
-    @property
-    def _inner_release(self) -> Callable[[], None]: ...
-    @property
-    def _inner_direct(self) -> bool: ...
-    @property
-    def _hold_uncounted(self) -> bool: ...
+    # Read-only in C.
+    _inner_acquire: Callable[..., bool]
+    _inner_release: Callable[[], None]
+    _inner_direct: bool
+    _hold_uncounted: bool
     def _set_inner(self, inner: Any) -> None: ...
     def _counters(self) -> tuple[int, ...]: ...
     def _record_wait(self, wait_ns: int) -> None: ...

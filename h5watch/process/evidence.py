@@ -28,7 +28,7 @@ def current_stack(skip: int = 1) -> str:
 
 def lock_evidence(lock: Any, with_stacks: bool = True) -> dict[str, Any]:
     """Holder identity and waiters of ``lock``, with their current stacks."""
-    evidence = lock.evidence()
+    evidence: dict[str, Any] = lock.evidence()
     if with_stacks:
         holder = evidence.get("holder")
         if holder is not None:

@@ -41,14 +41,16 @@ are written with ``os.write`` (see ``logs``), internal locks are replaced.
 from __future__ import annotations
 
 import faulthandler  # noqa: F401  (the compiled core's kill path prints stacks through it)
+import functools
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
-from h5watch.process import lock as lock_module
 from h5watch import logs
+from h5watch.process import lock as lock_module
 from h5watch.process.evidence import current_stack, thread_stack
 from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, policy, reinit_registry_after_fork, thread_identity, watched_locks
 from h5watch.process.stats import ForkStats
@@ -71,7 +73,7 @@ _LAST_CHANCE_NS = 100_000_000
 _log = logs.get_logger(logger="h5watch.fork")
 
 _child_callbacks: list[Callable[[], None]] = []
-_orphan_callbacks: list[Callable[[Any, dict], None]] = []
+_orphan_callbacks: list[Callable[[Any, dict[str, Any]], None]] = []
 
 fork_stats = ForkStats()
 
@@ -94,7 +96,7 @@ def add_child_callback(callback: Callable[[], None]) -> None:
         _child_callbacks.append(callback)
 
 
-def add_orphan_callback(callback: Callable[[Any, dict], None]) -> None:
+def add_orphan_callback(callback: Callable[[Any, dict[str, Any]], None]) -> None:
     """Run ``callback(lock, evidence)`` when an orphan's policy is carried out, just before."""
     if callback not in _orphan_callbacks:
         _orphan_callbacks.append(callback)
@@ -154,7 +156,8 @@ class ForkGuard:
         _active_guard = self
         self._ensure_registered()
         policy.on_pid_change = self._after_fork_without_hooks
-        policy.on_orphan_wait = self._on_orphan_wait
+        # lock.py calls it with the lock's _LockLogic self, always a WatchedLock.
+        policy.on_orphan_wait = cast("Callable[[Any, dict[str, Any]], None]", self._on_orphan_wait)
         _set_compiled_orphan_kill(options.kill_exit_code if options.on_orphan == "kill" else 0)
 
     def stop(self) -> None:
@@ -525,7 +528,7 @@ def _set_compiled_orphan_kill(exit_code: int) -> None:
 def _notify_orphan(lock: WatchedLock, evidence: dict[str, Any]) -> None:
     """Orphan callbacks run after the action is counted, before it is carried out."""
     for callback in list(_orphan_callbacks):
-        _call_quietly(lambda: callback(lock, evidence))
+        _call_quietly(functools.partial(callback, lock, evidence))
 
 
 def _call_quietly(callback: Callable[[], Any]) -> None:

@@ -23,11 +23,15 @@ import os
 import sys
 import threading
 import types
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from h5watch.process import lock as lock_module
 from h5watch.process.lock import WatchedLock
 from h5watch.process.probe import FastRLockProbe, ProbeUnavailable
+
+if TYPE_CHECKING:
+    import importlib.abc
 
 __all__ = ["PhilPatch", "PHIL_LOCK_NAME"]
 
@@ -46,9 +50,9 @@ def make_with_phil(lock: WatchedLock) -> Callable[[Callable[..., Any]], Callable
         operation = f"{getattr(func, '__module__', None) or 'h5py'}.{getattr(func, '__qualname__', repr(func))}"
         if compiled is not None:
             # A compiled callable that binds as a method like a function does.
-            wrapper = compiled.PhilCall(func, lock, operation)
-            functools.update_wrapper(wrapper, func)
-            return wrapper
+            phil_call: Callable[..., Any] = compiled.PhilCall(func, lock, operation)
+            functools.update_wrapper(phil_call, func)
+            return phil_call
 
         def wrapper(*args: Any, **kwds: Any) -> Any:
             acquire_for(operation)
@@ -137,7 +141,7 @@ class _ObjectsFinder:
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader, self._on_executed, self._adopt_fork_hooks)
+                spec.loader = cast("importlib.abc.Loader", _PatchingLoader(spec.loader, self._on_executed, self._adopt_fork_hooks))
                 return spec
         return None
 
@@ -207,8 +211,8 @@ class PhilPatch:
             self.original_with_phil = module.with_phil
             self.watched = WatchedLock(PHIL_LOCK_NAME, current)
             self._start_probe(current)
-        module.phil = self.watched
-        module.with_phil = make_with_phil(self.watched)
+        module.phil = self.watched  # type: ignore[attr-defined]  # h5py module attribute
+        module.with_phil = make_with_phil(self.watched)  # type: ignore[attr-defined]  # h5py module attribute
 
     def _start_probe(self, real_phil: Any) -> None:
         try:

@@ -34,7 +34,7 @@ def _load_compiled() -> tuple[Any, str]:
         # The core's field updates rely on the GIL for atomicity.
         return None, "free-threaded interpreter"
     try:
-        from h5watch.process import _lockcore  # type: ignore[attr-defined]
+        from h5watch.process import _lockcore
     except ImportError as exc:
         return None, f"{_NOT_BUILT}: {exc}"
     if shared_numbers_of(_lockcore) != shared_numbers():

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import threading
 import time
 import weakref
 from bisect import bisect_left
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
-from h5watch.schema import BUCKET_BOUNDS_NS, DEAD_OWNER, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES
 from h5watch.process import implementation
 from h5watch.process.stats import CoreLockStats, LockStats
+from h5watch.schema import BUCKET_BOUNDS_NS, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES, DEAD_OWNER
 
 __all__ = [
     "WatchedLock",
@@ -91,12 +91,12 @@ class _Policy:
         self._pid = os.getpid()
         self.raise_after_ns: int | None = None
         self.on_pid_change: Callable[[], None] | None = None
-        self.on_orphan_wait: Callable[[WatchedLock, dict[str, Any]], None] | None = None
-        self.on_wait_started: Callable[[WatchedLock], None] | None = None
+        self.on_orphan_wait: Callable[[_LockLogic, dict[str, Any]], None] | None = None
+        self.on_wait_started: Callable[[_LockLogic], None] | None = None
         # A new lock: the state file, if this process has one, gives it its
         # record (and its counters their place in the file) at once.
-        self.on_lock_created: Callable[[WatchedLock], None] | None = None
-        self.on_wait_timeout: Callable[[WatchedLock, int], None] | None = None
+        self.on_lock_created: Callable[[_LockLogic], None] | None = None
+        self.on_wait_timeout: Callable[[_LockLogic, int], None] | None = None
 
     @property
     def pid(self) -> int:
@@ -112,7 +112,7 @@ class _Policy:
 policy = _Policy()
 
 _registry_lock = threading.Lock()
-_registry: list[weakref.ReferenceType[WatchedLock]] = []
+_registry: list[weakref.ReferenceType[_LockLogic]] = []
 # Dead references are dropped when the list reaches this length, which then
 # doubles the live count: registering N locks costs O(N) in all.
 _registry_compact_at = 64
@@ -124,10 +124,10 @@ def watched_locks() -> list[WatchedLock]:
     with _registry_lock:
         locks = [lock for lock in (ref() for ref in _registry) if lock is not None]
     locks.sort(key=lambda lock: (lock.name != "h5py.phil", lock._seq))
-    return locks
+    return cast("list[WatchedLock]", locks)  # every _LockLogic is one of the two implementations
 
 
-def _register(lock: WatchedLock) -> None:
+def _register(lock: _LockLogic) -> None:
     global _registry_compact_at
     with _registry_lock:
         if len(_registry) >= _registry_compact_at:
@@ -194,7 +194,33 @@ class _LockLogic:
     :class:`PythonWatchedLock`'s or the compiled ``_lockcore.LockCore``'s.
     """
 
-    __slots__ = ()
+    if TYPE_CHECKING:
+        # What each implementation provides (PythonWatchedLock's slots, or
+        # LockCore's fields and methods).
+        name: str
+        stats: LockStats | CoreLockStats
+        _inner: Any
+        _inner_kind: str
+        _inner_timed: bool
+        _inner_acquire: Callable[..., bool]
+        _inner_release: Callable[[], None]
+        _owner: int | None
+        _owner_pid: int
+        _count: int
+        _since_ns: int
+        _operation: str | None
+        _waiters: dict[int, int]
+        _fork_gate: ForkGate | None
+        _orphan: dict[str, Any] | None
+        _reported: set[tuple[str, int, int]]
+        _seq: int
+
+        def acquire_for(self, operation: str | None = None) -> bool: ...
+        def release(self) -> None: ...
+        def _take_for_fork(self, operation: str) -> None: ...
+        def _set_gated(self, gated: bool) -> None: ...
+    else:
+        __slots__ = ()
 
     def _init_common(self, name: str, inner: Any) -> None:
         if not isinstance(name, str) or not name:
@@ -492,6 +518,8 @@ class PythonWatchedLock(_LockLogic):
         "__weakref__",
     )
 
+    stats: LockStats
+
     def __init__(self, name: str, lock: Any = None) -> None:
         inner = lock if lock is not None else threading.Lock()
         self.stats = LockStats()
@@ -636,9 +664,15 @@ def _enable_direct_fastrlock(lock_type: type) -> None:
         pass
 
 
-if _lockcore is not None:
+if TYPE_CHECKING:
+    from h5watch.process._lockcore import LockCore as _LockCoreBase
+elif _lockcore is not None:
+    _LockCoreBase = _lockcore.LockCore
 
-    class CompiledWatchedLock(_lockcore.LockCore, _LockLogic):
+
+if TYPE_CHECKING or _lockcore is not None:
+
+    class CompiledWatchedLock(_LockCoreBase, _LockLogic):
         """A ``threading.RLock`` look-alike that records waits, holds and
         holders; its hot path is compiled (``h5watch/_lockcore.c``)."""
 
@@ -656,10 +690,16 @@ if _lockcore is not None:
         def _set_gated(self, gated: bool) -> None:
             self._gated = gated
 
+
+if TYPE_CHECKING:
+    # Both implementations have the same interface; type checkers see one.
+    WatchedLock = PythonWatchedLock
+    IMPLEMENTATION: str
+elif _lockcore is not None:
     policy.pid_sink = _lockcore.set_pid
     policy.pid = os.getpid()
     _lockcore.set_timeout_max(_TIMEOUT_MAX)
-    WatchedLock: Any = CompiledWatchedLock
+    WatchedLock = CompiledWatchedLock
     IMPLEMENTATION = "compiled"
 else:
     CompiledWatchedLock = None  # type: ignore[assignment,misc]

@@ -29,15 +29,16 @@ import atexit
 import faulthandler
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
-from h5watch.process import fork
 from h5watch import logs
+from h5watch.process import fork
 from h5watch.process import lock as lock_module
 from h5watch.process.lock import WatchedLock, watched_locks
+from h5watch.process.watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 from h5watch.statedir import create_file_at, prune_unread, user_dir_path
 from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
-from h5watch.process.watchdog import add_idle_callback, add_tick_callback, add_wait_callback
 
 # Dead processes' files kept in a directory no daemon reads (see prune_unread).
 KEEP_UNREAD_DEAD = 1000
@@ -77,7 +78,8 @@ class StateExtension:
         self._failed_pid = None
         if writer is not None and writer.owned_here() and self._stacks_file is None:
             self._register_dump(writer.stacks_path)
-        lock_module.policy.on_lock_created = self._on_lock_created
+        # lock.py calls it with the lock's _LockLogic self, always a WatchedLock.
+        lock_module.policy.on_lock_created = cast("Callable[[Any], None]", self._on_lock_created)
         # The file is made now, not at the first tick: from here on every
         # count is in it, whatever ends the process.
         self._writer(create=True)

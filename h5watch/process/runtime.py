@@ -55,7 +55,8 @@ _warned = False
 
 def _read_real_phil(lock: WatchedLock) -> dict[str, Any] | None:
     if lock is phil_patch.watched and phil_patch.probe is not None:
-        return phil_patch.probe.read()
+        probe_state: dict[str, Any] | None = phil_patch.probe.read()
+        return probe_state
     return None
 
 
@@ -68,7 +69,8 @@ def _reset_real_phil(lock: WatchedLock) -> bool:
 
 def _poison_real_phil(lock: WatchedLock, alive_ident: int) -> bool:
     if lock is phil_patch.watched and phil_patch.probe is not None:
-        return phil_patch.probe.poison_dead_owner(alive_ident)
+        poisoned: bool = phil_patch.probe.poison_dead_owner(alive_ident)
+        return poisoned
     return False
 
 

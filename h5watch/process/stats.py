@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from h5watch.schema import (
     BUCKET_BOUNDS_NS,
     BUCKET_BOUNDS_SECONDS,
-    COUNTERS_BYTES,
     C_ACQUISITIONS,
     C_CONTENTIONS,
     C_HOLD_BUCKETS,
@@ -33,6 +33,7 @@ from h5watch.schema import (
     C_WAIT_BUCKETS,
     C_WAIT_MAX,
     C_WAIT_SUM,
+    COUNTERS_BYTES,
     N_BUCKETS,
     N_COUNTERS,
     ORPHAN_ACTIONS,

@@ -39,10 +39,11 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
-from h5watch.process import fork
 from h5watch import logs
+from h5watch.process import fork
 from h5watch.process.evidence import lock_evidence, thread_stack
 from h5watch.process.lock import WatchedLock, policy, watched_locks
 
@@ -109,10 +110,12 @@ class Watchdog:
 
     def start(self, options: Any) -> None:
         self.options = options
-        policy.on_wait_timeout = self._on_wait_raised
+        # lock.py calls it with the lock's _LockLogic self, always a WatchedLock.
+        policy.on_wait_timeout = cast("Callable[[Any, int], None]", self._on_wait_raised)
         # Left in place by stop(): the wait callbacks (the state file) outlive
         # a stopped watchdog; uninstall() clears it.
-        policy.on_wait_started = self._on_wait_started
+        # lock.py calls it with the lock's _LockLogic self, always a WatchedLock.
+        policy.on_wait_started = cast("Callable[[Any], None]", self._on_wait_started)
         self._enabled = True
         if not self._fork_hooks_registered:
             self._fork_hooks_registered = True

@@ -17,12 +17,12 @@ import time
 
 directory, which, how, on_orphan = sys.argv[1:5]
 
-import h5watch  # noqa: E402
+import h5watch
 
 h5watch.install(on_orphan=on_orphan, fork_timeout=0.5, state_files=False)
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 
 source = os.path.join(directory, "parent.h5")
 with h5py.File(source, "w") as f:

@@ -12,9 +12,9 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
-import subprocess
 import time
 
 parser = argparse.ArgumentParser()
@@ -37,8 +37,8 @@ if args.instrument:
 
     h5watch.install(on_orphan=args.on_orphan, fork_timeout=5, state_files=False)
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 
 paths = [os.path.join(args.dir, f"seed-{i}.h5") for i in range(args.threads)]
 expected = []

@@ -16,8 +16,8 @@ import h5watch
 
 h5watch.install(fork_timeout=1, state_files=False)
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 
 buffer = io.BytesIO()
 with h5py.File(buffer, "w") as f:

@@ -13,7 +13,7 @@ import time
 
 on_timeout, kind = sys.argv[1:3]
 
-import h5watch  # noqa: E402
+import h5watch
 
 options = {"on_timeout": on_timeout, "tick_interval": 0.05, "state_files": False}
 options["hold_timeout" if kind == "hold" else "wait_timeout"] = 0.3

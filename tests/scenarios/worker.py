@@ -24,8 +24,8 @@ import h5watch
 
 assert h5watch.is_installed(), "run me under 'h5watch run'"
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 
 mode, directory = sys.argv[1], sys.argv[2]
 app = h5watch.WatchedLock("app.x", threading.Lock())
