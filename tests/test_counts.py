@@ -371,7 +371,7 @@ def in_file():
 
 seen = []
 def tick():
-    runtime.state.tick()
+    runtime.state.beat()
     seen.append(in_file())
 
 # The file is made while another thread holds the lock (a pure-Python lock's

@@ -21,7 +21,7 @@ STATE_DIR = sys.argv[1]
 
 def state():
     import h5py
-    from h5watch.process.lock import policy
+    from h5watch.process.lock import wiring
     return {
         "installed": h5watch.is_installed(),
         "options": None if runtime.current_options() is None else runtime.current_options().tick_interval,
@@ -29,8 +29,8 @@ def state():
         "phil": type(h5py._objects.phil).__name__,
         "dataset_phil": type(sys.modules["h5py._hl.dataset"].phil).__name__,
         "finders": [type(f).__name__ for f in sys.meta_path if type(f).__module__.startswith("h5watch")],
-        "raise_after_ns": policy.raise_after_ns,
-        "on_wait_started": policy.on_wait_started is not None,
+        "raise_after_ns": wiring.raise_after_ns,
+        "lock_events": wiring.events is not None,
     }
 
 def usable():
@@ -54,7 +54,7 @@ UNTOUCHED = {
     "dataset_phil": "FastRLock",
     "finders": [],
     "raise_after_ns": None,
-    "on_wait_started": False,
+    "lock_events": False,
 }
 
 

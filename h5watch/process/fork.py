@@ -47,19 +47,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol
 
 from h5watch import logs
 from h5watch.process import lock as lock_module
 from h5watch.process.evidence import current_stack, thread_stack
-from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, policy, reinit_registry_after_fork, thread_identity, watched_locks
+from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, reinit_registry_after_fork, thread_identity, watched_locks, wiring
 from h5watch.process.stats import ForkStats
 
 __all__ = [
     "FORK_GATE_SECONDS",
     "ForkGuard",
-    "add_child_callback",
-    "add_orphan_callback",
+    "ForkParts",
+    "RealLocks",
     "child_of_unhooked_fork",
     "fork_stats",
     "fork_in_progress_since_ns",
@@ -72,9 +72,6 @@ _LAST_CHANCE_NS = 100_000_000
 
 _log = logs.get_logger(logger="h5watch.fork")
 
-_child_callbacks: list[Callable[[], None]] = []
-_orphan_callbacks: list[Callable[[Any, dict[str, Any]], None]] = []
-
 fork_stats = ForkStats()
 
 # Written by the forking thread only (the before-hook runs on it).
@@ -86,20 +83,33 @@ _threads_at_fork: dict[int, threading.Thread] = {}
 _fork_for_exec = False
 # This process is the child of a fork that skipped Python's hooks.
 _unhooked_child = False
-# The armed guard, for the watchdog's orphan check.
-_active_guard: ForkGuard | None = None
 
 
-def add_child_callback(callback: Callable[[], None]) -> None:
-    """Run ``callback()`` in every forked child once h5watch's own state is re-initialised."""
-    if callback not in _child_callbacks:
-        _child_callbacks.append(callback)
+class ForkParts(Protocol):
+    """The rest of h5watch as the fork path sees it (the runtime's component graph)."""
+
+    def before_fork(self) -> None:
+        """On the forking thread, before any lock is taken for the fork."""
+
+    def after_fork_in_child(self) -> None:
+        """The other parts' child steps, in their fixed order; h5watch's own
+        state is re-initialised and orphans are marked by then."""
+
+    def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+        """An orphan's policy is counted and about to be carried out."""
 
 
-def add_orphan_callback(callback: Callable[[Any, dict[str, Any]], None]) -> None:
-    """Run ``callback(lock, evidence)`` when an orphan's policy is carried out, just before."""
-    if callback not in _orphan_callbacks:
-        _orphan_callbacks.append(callback)
+class RealLocks(Protocol):
+    """What only the probe of a wrapped FastRLock (h5py's real ``phil``) can do."""
+
+    def real_state(self, lock: WatchedLock) -> dict[str, Any] | None:
+        """The real FastRLock's owner and counts, or None: not a probed lock."""
+
+    def reset_real(self, lock: WatchedLock) -> bool:
+        """Make the real FastRLock free (in a child); False: not a probed lock."""
+
+    def poison_real(self, lock: WatchedLock, alive_ident: int) -> bool:
+        """Mark the real FastRLock's dead owner so no new thread matches it."""
 
 
 def fork_in_progress_since_ns() -> int | None:
@@ -112,12 +122,6 @@ def fork_stall_limit_seconds(fork_timeout: float) -> float:
     stalled: h5watch's own hook may take ``fork_timeout`` plus a last chance
     per lock; anything longer is another hook (h5py's, when not taken over)."""
     return fork_timeout + len(watched_locks()) * _LAST_CHANCE_NS / 1e9 + 0.5
-
-
-def check_orphan_waiters() -> None:
-    """For the watchdog, every tick (see ``ForkGuard.check_orphan_waiters``)."""
-    if _active_guard is not None:
-        _active_guard.check_orphan_waiters()
 
 
 def fork_for_exec() -> bool:
@@ -136,37 +140,45 @@ class ForkGuard:
 
     snapshot_key = "forks"
 
-    def __init__(self) -> None:
+    def __init__(self, real_locks: RealLocks, parts: ForkParts) -> None:
         self.options: Any = None
+        self._real = real_locks
+        self._parts = parts
         self._armed = False
         self._registered = False
         # h5py's own (before, after_in_parent, after_in_child), taken over
         # while h5py imported; run as they are whenever h5watch is disarmed.
         self._h5py_hooks: tuple[Callable[[], Any], ...] | None = None
-        self.probe_reader: Callable[[WatchedLock], dict[str, Any] | None] | None = None
-        self.probe_resetter: Callable[[WatchedLock], bool] | None = None
-        self.probe_poisoner: Callable[[WatchedLock, int], bool] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, options: Any) -> None:
-        global _active_guard
         self.options = options
         self._armed = True
-        _active_guard = self
         self._ensure_registered()
-        policy.on_pid_change = self._after_fork_without_hooks
-        # lock.py calls it with the lock's _LockLogic self, always a WatchedLock.
-        policy.on_orphan_wait = cast("Callable[[Any, dict[str, Any]], None]", self._on_orphan_wait)
         _set_compiled_orphan_kill(options.kill_exit_code if options.on_orphan == "kill" else 0)
 
     def stop(self) -> None:
-        global _active_guard
         self._armed = False
-        _active_guard = None
-        policy.on_pid_change = None
-        policy.on_orphan_wait = None
         _set_compiled_orphan_kill(0)
+
+    # -- what the other parts ask (see watchdog.Forks, publisher.Forks) -----
+
+    @property
+    def stats(self) -> ForkStats:
+        return fork_stats
+
+    def in_progress_since_ns(self) -> int | None:
+        return _fork_started_ns
+
+    def stall_limit_seconds(self, fork_timeout: float) -> float:
+        return fork_stall_limit_seconds(fork_timeout)
+
+    def child_of_unhooked_fork(self) -> bool:
+        return _unhooked_child
+
+    def fork_for_exec(self) -> bool:
+        return _fork_for_exec
 
     def adopt_h5py_hooks(self, before: Callable[[], Any], after_in_parent: Callable[[], Any] | None,
                          after_in_child: Callable[[], Any] | None) -> bool:
@@ -207,6 +219,7 @@ class ForkGuard:
         caller = sys._getframe(1)
         _fork_for_exec = caller.f_code.co_name == "_execute_child" and caller.f_globals.get("__name__") == "subprocess"
         if self._armed:
+            self._parts.before_fork()
             self._before_fork()
         elif self._h5py_hooks is not None:
             self._h5py_hooks[0]()
@@ -264,52 +277,48 @@ class ForkGuard:
         _forking_thread = None
 
     def _after_fork_in_child(self, hooked: bool) -> None:
-        """The child's steps, in this order (see the module docstring)."""
-        global _fork_started_ns, _forking_thread, _unhooked_child, fork_stats
-        parent_pid = policy.pid
-        policy.pid = os.getpid()
-        _fork_started_ns = None
-        _forking_thread = None
-        _unhooked_child = not hooked
-        # 1. Internal locks a dead thread may hold are replaced.
-        reinit_registry_after_fork()
-        me = threading.get_ident()
-        # 2. Waiters, gates, reported incidents and statistics were the parent's.
-        for lock in watched_locks():
-            lock._forget_other_threads()
-            lock._restart_counters_after_fork()
-        fork_stats = ForkStats()
-        # 3. What the before-hook took for this fork is this thread's to give back.
+        """The child's steps, in this order (as ``threading._after_fork``)."""
+        parent_pid = _adopt_child_pid(hooked)
+        reinit_registry_after_fork()  # internal locks a dead thread may hold
+        _forget_parent_threads()
+        self._give_back_fork_locks(hooked)
+        orphans = self._mark_orphans(parent_pid, hooked)
+        _call_quietly(self._parts.after_fork_in_child)
+        self._apply_policies_at_fork(orphans)
+
+    def _give_back_fork_locks(self, hooked: bool) -> None:
+        """What the before-hook took for this fork is this thread's to give back."""
         if hooked:
             for lock in reversed(_taken):
                 lock._release_for_fork()
         _taken.clear()
-        # 4. Orphans are marked before any new thread starts: a new thread may
-        #    be given a dead holder's ident, and would then look like the owner.
+
+    def _mark_orphans(self, parent_pid: int, hooked: bool) -> list[tuple[WatchedLock, dict[str, Any]]]:
+        """Orphans are marked before any new thread starts: a new thread may
+        be given a dead holder's ident, and would then look like the owner."""
+        me = threading.get_ident()
         orphans = [(lock, evidence) for lock in watched_locks() if (evidence := self._orphan_evidence(lock, me)) is not None]
         orphaned = {id(lock) for lock, _ in orphans}
         for lock in watched_locks():
-            if lock._owner is None and id(lock) not in orphaned:
-                self._clear_stale_handoff(lock, me)
+            if lock._owner_ident() is None and id(lock) not in orphaned:
+                self._clear_stale_handoff(lock)
         for lock, evidence in orphans:
             evidence.update(parent_pid=parent_pid, fork_hooks_ran=hooked)
-            lock._mark_owner_dead()
-            lock._orphan = evidence
-            if self.probe_poisoner is not None:
-                self.probe_poisoner(lock, me)
-        # 5. The other parts of h5watch (state file, watchdog, exporter).
-        for callback in list(_child_callbacks):
-            _call_quietly(callback)
-        # 6. Policies that act at once; kill and raise wait for a waiter.
+            lock._mark_orphaned(evidence)
+            self._real.poison_real(lock, me)
+        return orphans
+
+    def _apply_policies_at_fork(self, orphans: list[tuple[WatchedLock, dict[str, Any]]]) -> None:
+        """Policies that act at once; kill and raise wait for a waiter."""
         for lock, evidence in orphans:
             self._apply_policy_at_fork(lock, evidence)
 
-    def _after_fork_without_hooks(self) -> None:
+    def after_fork_without_hooks(self) -> None:
         """Called from a lock's slow path when ``os.getpid()`` changed under us:
         a fork that skipped Python's hooks. Runs h5watch's own child steps and
         nothing else: threading's table still lists the parent's threads,
         which names the dead holders."""
-        if os.getpid() == policy.pid:
+        if not self._armed or os.getpid() == wiring.pid:
             return
         _remember_threads()
         # Locks taken by a hooked fork under way on another thread are that
@@ -320,26 +329,25 @@ class ForkGuard:
     # -- orphans -----------------------------------------------------------
 
     def _orphan_evidence(self, lock: WatchedLock, me: int) -> dict[str, Any] | None:
-        owner = lock._owner
+        owner = lock._owner_ident()
         if owner is not None and owner != me:
             holder = lock.holder() or {}
             holder.update(self._dead_thread_identity(owner))
             return {"lock": lock.name, "seen_by": "wrapper", "holder": holder}
-        if self.probe_reader is not None:
-            real = self.probe_reader(lock)
-            if real is not None and real["owner_ident"] not in (None, me):
-                holder = {
-                    "pid": None,
-                    "thread_ident": real["owner_ident"],
-                    "operation": None,
-                    "since_ns": None,
-                    "depth": real["count"],
-                    **self._dead_thread_identity(real["owner_ident"]),
-                }
-                return {"lock": lock.name, "seen_by": "probe", "holder": holder}
+        real = self._real.real_state(lock)
+        if real is not None and real["owner_ident"] not in (None, me):
+            holder = {
+                "pid": None,
+                "thread_ident": real["owner_ident"],
+                "operation": None,
+                "since_ns": None,
+                "depth": real["count"],
+                **self._dead_thread_identity(real["owner_ident"]),
+            }
+            return {"lock": lock.name, "seen_by": "probe", "holder": holder}
         return None
 
-    def _clear_stale_handoff(self, lock: WatchedLock, me: int) -> None:
+    def _clear_stale_handoff(self, lock: WatchedLock) -> None:
         """No holder inside, yet the inner lock is taken: a dead thread was
         between taking it and recording itself (or the reverse on release), or
         a dead waiter held FastRLock's hand-off lock. Nobody was inside the
@@ -370,21 +378,21 @@ class ForkGuard:
             evidence["child_stack"] = current_stack(skip=2)
             if self._recover(lock):
                 lock.stats.bump("orphans", "recovered")
-                _notify_orphan(lock, evidence)
+                self._notify_orphan(lock, evidence)
                 _log.warning("lock.recovered", action="recovered", **evidence)
                 return
             # No safe way to reset this lock's inner lock: kill at the first wait.
             evidence["recover_failed"] = "no safe way to reset this lock's inner lock"
-            lock._orphan = evidence
+            lock._mark_orphaned(evidence)
         elif action == "warn":
             lock.stats.bump("orphans", "warned")
             evidence["child_stack"] = current_stack(skip=2)
-            _notify_orphan(lock, evidence)
+            self._notify_orphan(lock, evidence)
             _log.error("lock.orphaned", action="warned", **evidence)
 
-    def _on_orphan_wait(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+    def orphan_wait(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
         """A thread of the child is about to wait for a lock known to be orphaned."""
-        if self.options is None:
+        if not self._armed:
             return
         action = self.options.on_orphan
         if action == "recover" and "recover_failed" not in evidence:
@@ -394,7 +402,7 @@ class ForkGuard:
         evidence = {**evidence, "child_stack": current_stack(skip=3)}
         if action == "raise":
             lock.stats.bump("orphans", "raised")
-            _notify_orphan(lock, evidence)
+            self._notify_orphan(lock, evidence)
             _log.error("lock.orphaned", action="raised", **evidence)
             raise OrphanedLockError(
                 f"lock {lock.name!r} is held by thread {evidence['holder'].get('thread_name')!r}, "
@@ -407,7 +415,7 @@ class ForkGuard:
         """Evidence out, then exit with ``kill_exit_code``: waiting could only hang."""
         code = self.options.kill_exit_code
         lock.stats.bump("orphans", "killed")
-        _notify_orphan(lock, evidence)
+        self._notify_orphan(lock, evidence)
         _log.critical("lock.orphaned", action="killed", exit_code=code, **evidence)
         _log.critical("process.killed", reason="lock.orphaned", exit_code=code, lock=lock.name, holder=evidence.get("holder"))
         os._exit(code)
@@ -416,19 +424,23 @@ class ForkGuard:
         """From the child's watchdog: a thread blocked on an orphaned lock at C
         level (h5py's own code takes the real phil directly) never reaches the
         slow path; the probe's count of pending requests shows it."""
-        if self.options is None or self.options.on_orphan not in ("kill", "raise"):
+        if not self._armed or self.options.on_orphan not in ("kill", "raise"):
             return
         for lock in watched_locks():
-            evidence = lock._orphan
-            if evidence is None or self.probe_reader is None:
+            evidence = lock._orphan_evidence()
+            if evidence is None:
                 continue
-            real = self.probe_reader(lock)
+            real = self._real.real_state(lock)
             if real is not None and real["pending_requests"] > 0:
                 self.kill_for_orphan(lock, {**evidence, "seen_waiting_by": "probe"})
 
+    def _notify_orphan(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+        """After the action is counted, before it is carried out."""
+        _call_quietly(functools.partial(self._parts.orphan_acted_on, lock, evidence))
+
     def _recover(self, lock: WatchedLock) -> bool:
         if lock._inner_kind == "fastrlock":
-            if self.probe_resetter is None or not self.probe_resetter(lock):
+            if not self._real.reset_real(lock):
                 return False
         elif not lock._reinit_inner():
             return False
@@ -437,8 +449,8 @@ class ForkGuard:
 
     def _holder_evidence(self, lock: WatchedLock) -> dict[str, Any]:
         holder = lock.holder()
-        if holder is None and self.probe_reader is not None:
-            real = self.probe_reader(lock)
+        if holder is None:
+            real = self._real.real_state(lock)
             if real is not None and real["owner_ident"] is not None:
                 holder = {**thread_identity(real["owner_ident"]), "operation": None, "seen_by": "probe"}
         if holder is not None:
@@ -506,6 +518,26 @@ def _last_chance(order: list[WatchedLock]) -> tuple[list[WatchedLock], list[Watc
     return taken, missing
 
 
+def _adopt_child_pid(hooked: bool) -> int:
+    """The child's first step: its own pid, no fork under way; the parent's pid."""
+    global _fork_started_ns, _forking_thread, _unhooked_child
+    parent_pid = wiring.pid
+    wiring.pid = os.getpid()
+    _fork_started_ns = None
+    _forking_thread = None
+    _unhooked_child = not hooked
+    return parent_pid
+
+
+def _forget_parent_threads() -> None:
+    """Waiters, gates and statistics were the parent's."""
+    global fork_stats
+    for lock in watched_locks():
+        lock._forget_other_threads()
+        lock._restart_counters_after_fork()
+    fork_stats = ForkStats()
+
+
 def _remember_threads() -> None:
     """This process's threads as the fork finds them: in the child, the dead
     holders' names (threading forgets them there). A copy of the table, read
@@ -523,12 +555,6 @@ def _set_compiled_orphan_kill(exit_code: int) -> None:
     ``kill_if_orphaned_in_unhooked_child`` in ``_lockcore.c``)."""
     if lock_module._lockcore is not None:
         lock_module._lockcore.set_orphan_kill(exit_code)
-
-
-def _notify_orphan(lock: WatchedLock, evidence: dict[str, Any]) -> None:
-    """Orphan callbacks run after the action is counted, before it is carried out."""
-    for callback in list(_orphan_callbacks):
-        _call_quietly(functools.partial(callback, lock, evidence))
 
 
 def _call_quietly(callback: Callable[[], Any]) -> None:

@@ -160,19 +160,20 @@ class PhilPatch:
         self.probe_error: str | None = None
         self.coverage = "none"
         self.uncovered: list[str] = []
-        # Takes h5py's own at-fork registration over (the fork guard's).
-        self.adopt_fork_hooks: _AdoptForkHooks | None = None
 
     # -- install / uninstall ----------------------------------------------
 
-    def install(self) -> None:
+    def install(self, adopt_fork_hooks: _AdoptForkHooks) -> None:
+        """Patch h5py now if it is loaded, else when ``h5py._objects`` executes;
+        ``adopt_fork_hooks`` (the fork guard's) then takes over h5py's own
+        at-fork registration."""
         with self._lock:
             objects = sys.modules.get(_OBJECTS)
             if objects is not None:
                 self._patch_objects(objects)
                 self._patch_loaded_late()
             elif self._finder is None:
-                self._finder = _ObjectsFinder(self._on_objects_executed, self.adopt_fork_hooks)
+                self._finder = _ObjectsFinder(self._on_objects_executed, adopt_fork_hooks)
                 sys.meta_path.insert(0, self._finder)
 
     def uninstall(self) -> None:
@@ -285,6 +286,26 @@ class PhilPatch:
         return rewrapped, missed
 
     # -- reading -----------------------------------------------------------
+
+    # -- the real phil, through the probe (fork.RealLocks) ------------------
+
+    def real_state(self, lock: WatchedLock) -> dict[str, Any] | None:
+        if lock is self.watched and self.probe is not None:
+            state: dict[str, Any] = self.probe.read()
+            return state
+        return None
+
+    def reset_real(self, lock: WatchedLock) -> bool:
+        if lock is self.watched and self.probe is not None:
+            self.probe.reset()
+            return True
+        return False
+
+    def poison_real(self, lock: WatchedLock, alive_ident: int) -> bool:
+        if lock is self.watched and self.probe is not None:
+            poisoned: bool = self.probe.poison_dead_owner(alive_ident)
+            return poisoned
+        return False
 
     def probe_state(self) -> dict[str, Any]:
         if self.probe is None:

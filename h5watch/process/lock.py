@@ -28,7 +28,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from h5watch.process import implementation
 from h5watch.process.stats import CoreLockStats, LockStats
@@ -45,7 +45,9 @@ __all__ = [
     "OrphanedLockError",
     "watched_locks",
     "thread_identity",
-    "policy",
+    "LockEvents",
+    "connect",
+    "wiring",
 ]
 
 _get_ident = threading.get_ident
@@ -74,29 +76,39 @@ class OrphanedLockError(RuntimeError):
         self.evidence = evidence or {}
 
 
-class _Policy:
-    """Process-wide knobs the slow path consults; set by ``install()``.
+class LockEvents(Protocol):
+    """What a lock's slow path tells the rest of h5watch (``install()`` connects
+    one, see ``connect``). Every call is on the thread that is about to wait,
+    or that made the lock."""
 
-    ``on_pid_change`` is called (once per new process) from a slow path that
-    notices ``os.getpid()`` differs from the pid this process last knew: a
-    fork that skipped Python's at-fork hooks. It must find and handle orphans.
-    ``on_orphan_wait`` is called by a thread about to wait on a lock that is
-    known to be orphaned; it may raise, exit, or return to let the wait go on.
-    ``on_wait_started`` lets the state file record a blocked wait at once.
-    """
+    def pid_changed(self) -> None:
+        """``os.getpid()`` differs from the pid this process last knew: a fork
+        that skipped Python's at-fork hooks. Must find and handle orphans."""
+
+    def orphan_wait(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+        """About to wait on a lock known to be orphaned: may raise, exit, or
+        return to let the wait go on."""
+
+    def wait_started(self, lock: WatchedLock) -> None:
+        """About to block on ``lock``."""
+
+    def wait_timed_out(self, lock: WatchedLock, waited_ns: int) -> None:
+        """Just before ``LockTimeout`` is raised (``on_timeout=raise``)."""
+
+    def lock_created(self, lock: WatchedLock) -> None:
+        """A new watched lock (the state file gives it its record at once)."""
+
+
+class _Wiring:
+    """What the slow path consults: this process's pid, the deadline of
+    ``on_timeout=raise``, and the connected ``LockEvents`` (None: nobody listens)."""
 
     def __init__(self) -> None:
         # Tells the compiled core which pid to record as the holder's.
         self.pid_sink: Callable[[int], None] | None = None
         self._pid = os.getpid()
         self.raise_after_ns: int | None = None
-        self.on_pid_change: Callable[[], None] | None = None
-        self.on_orphan_wait: Callable[[_LockLogic, dict[str, Any]], None] | None = None
-        self.on_wait_started: Callable[[_LockLogic], None] | None = None
-        # A new lock: the state file, if this process has one, gives it its
-        # record (and its counters their place in the file) at once.
-        self.on_lock_created: Callable[[_LockLogic], None] | None = None
-        self.on_wait_timeout: Callable[[_LockLogic, int], None] | None = None
+        self.events: LockEvents | None = None
 
     @property
     def pid(self) -> int:
@@ -109,7 +121,13 @@ class _Policy:
             self.pid_sink(value)
 
 
-policy = _Policy()
+wiring = _Wiring()
+
+
+def connect(events: LockEvents | None, raise_after_ns: int | None = None) -> None:
+    """Connect the slow path to h5watch's parts (``install()``), or disconnect it."""
+    wiring.raise_after_ns = raise_after_ns
+    wiring.events = events
 
 _registry_lock = threading.Lock()
 _registry: list[weakref.ReferenceType[_LockLogic]] = []
@@ -212,7 +230,6 @@ class _LockLogic:
         _waiters: dict[int, int]
         _fork_gate: ForkGate | None
         _orphan: dict[str, Any] | None
-        _reported: set[tuple[str, int, int]]
         _seq: int
 
         def acquire_for(self, operation: str | None = None) -> bool: ...
@@ -233,12 +250,11 @@ class _LockLogic:
         self._waiters: dict[int, int] = {}
         self._fork_gate: ForkGate | None = None
         self._orphan: dict[str, Any] | None = None
-        # Incidents already reported by the watchdog: {(kind, ident, since_ns)}.
-        self._reported: set[tuple[str, int, int]] = set()
         self._seq = next(_sequence)
         _register(self)
-        if policy.on_lock_created is not None:
-            policy.on_lock_created(self)
+        events = wiring.events
+        if events is not None:
+            events.lock_created(cast("WatchedLock", self))
 
     def __repr__(self) -> str:
         # threading.RLock's form, with the lock's name after the type.
@@ -290,11 +306,12 @@ class _LockLogic:
         Reached when the inner lock was not free, or when a fork gate is up
         (then the inner lock was not tried: a gated thread must not barge).
         """
-        if os.getpid() != policy.pid and policy.on_pid_change is not None:
+        events = wiring.events
+        if os.getpid() != wiring.pid and events is not None:
             # A fork that skipped the at-fork hooks: find orphans first.
-            policy.on_pid_change()
-        if self._orphan is not None and policy.on_orphan_wait is not None:
-            policy.on_orphan_wait(self, self._orphan)
+            events.pid_changed()
+        if self._orphan is not None and events is not None:
+            events.orphan_wait(cast("WatchedLock", self), self._orphan)
             if self._orphan is None and self._inner_acquire(False):
                 # Recovered: the lock is free again.
                 self.stats.record_wait(0)
@@ -302,8 +319,8 @@ class _LockLogic:
         start_ns = _monotonic_ns()
         self._waiters[me] = start_ns
         try:
-            if policy.on_wait_started is not None:
-                policy.on_wait_started(self)
+            if events is not None:
+                events.wait_started(cast("WatchedLock", self))
             gate = self._fork_gate
             if gate is not None and not gate.lets_through(me):
                 remaining = None if timeout < 0 else max(0.0, timeout - (_monotonic_ns() - start_ns) / 1e9)
@@ -319,7 +336,7 @@ class _LockLogic:
         return acquired
 
     def _wait_inner(self, timeout: float, start_ns: int) -> bool:
-        raise_after_ns = policy.raise_after_ns
+        raise_after_ns = wiring.raise_after_ns
         if timeout < 0 and raise_after_ns is None:
             return self._inner_acquire(True)
         user_deadline = None if timeout < 0 else start_ns + int(timeout * 1e9)
@@ -331,8 +348,9 @@ class _LockLogic:
             return True
         if raise_deadline is not None and deadline == raise_deadline and (user_deadline is None or raise_deadline < user_deadline):
             waited_ns = _monotonic_ns() - start_ns
-            if policy.on_wait_timeout is not None:
-                policy.on_wait_timeout(self, waited_ns)
+            events = wiring.events
+            if events is not None:
+                events.wait_timed_out(cast("WatchedLock", self), waited_ns)
             raise LockTimeout(
                 f"waited {waited_ns / 1e9:.3f} s for lock {self.name!r} (wait_timeout)",
                 self.evidence(),
@@ -417,10 +435,24 @@ class _LockLogic:
         self._set_gated(False)
         self._fork_gate = None
 
-    def _mark_owner_dead(self) -> None:
-        """The holder did not survive a fork: no later thread may match its ident."""
+    def _owner_ident(self) -> int | None:
+        """The holding thread's ident as recorded here, or None."""
+        return self._owner
+
+    def _mark_orphaned(self, evidence: dict[str, Any]) -> None:
+        """The holder did not survive a fork: no later thread may match its
+        ident, and a thread about to wait is told (``LockEvents.orphan_wait``)."""
         if self._owner is not None:
             self._owner = DEAD_OWNER
+        self._orphan = evidence
+
+    def _orphan_evidence(self) -> dict[str, Any] | None:
+        """The evidence of the orphan this lock is, or None."""
+        return self._orphan
+
+    def _wait_starts(self) -> list[tuple[int, int]]:
+        """(thread ident, monotonic ns the wait began) of every waiting thread."""
+        return list(self._waiters.copy().items())
 
     def _force_reset(self) -> None:
         """Forget any holder and waiter; the caller re-creates the inner lock."""
@@ -433,7 +465,6 @@ class _LockLogic:
     def _forget_other_threads(self) -> None:
         """In a forked child: waiters and gates belonged to threads that are gone."""
         self._waiters = {}
-        self._reported.clear()
         self._set_gated(False)
         self._fork_gate = None
 
@@ -513,7 +544,6 @@ class PythonWatchedLock(_LockLogic):
         "_waiters",
         "_fork_gate",
         "_orphan",
-        "_reported",
         "_seq",
         "__weakref__",
     )
@@ -578,7 +608,7 @@ class PythonWatchedLock(_LockLogic):
         before-fork acquisition with ``counted`` False. An uncounted hold
         records no hold time on release."""
         self._since_ns = _monotonic_ns()
-        self._owner_pid = policy.pid
+        self._owner_pid = wiring.pid
         self._operation = operation
         self._count = 1
         self._hold_uncounted = not counted
@@ -676,8 +706,8 @@ if TYPE_CHECKING or _lockcore is not None:
         """A ``threading.RLock`` look-alike that records waits, holds and
         holders; its hot path is compiled (``h5watch/_lockcore.c``)."""
 
-        __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_fork_gate", "_orphan", "_reported",
-                     "_seq", "__weakref__")
+        __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_fork_gate", "_orphan", "_seq",
+                     "__weakref__")
 
         def __init__(self, name: str, lock: Any = None) -> None:
             inner = lock if lock is not None else threading.Lock()
@@ -696,8 +726,8 @@ if TYPE_CHECKING:
     WatchedLock = PythonWatchedLock
     IMPLEMENTATION: str
 elif _lockcore is not None:
-    policy.pid_sink = _lockcore.set_pid
-    policy.pid = os.getpid()
+    wiring.pid_sink = _lockcore.set_pid
+    wiring.pid = os.getpid()
     _lockcore.set_timeout_max(_TIMEOUT_MAX)
     WatchedLock = CompiledWatchedLock
     IMPLEMENTATION = "compiled"

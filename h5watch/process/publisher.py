@@ -29,35 +29,50 @@ import atexit
 import faulthandler
 import os
 import threading
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol
 
 from h5watch import logs
-from h5watch.process import fork
-from h5watch.process import lock as lock_module
 from h5watch.process.lock import WatchedLock, watched_locks
-from h5watch.process.watchdog import add_idle_callback, add_tick_callback, add_wait_callback
+from h5watch.process.stats import ForkStats
 from h5watch.statedir import create_file_at, prune_unread, user_dir_path
 from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 
 # Dead processes' files kept in a directory no daemon reads (see prune_unread).
 KEEP_UNREAD_DEAD = 1000
 
-__all__ = ["StateExtension", "DUMP_SIGNAL"]
+__all__ = ["StatePublisher", "DUMP_SIGNAL"]
 
 
 _log = logs.get_logger(logger="h5watch.state")
 
 
-class StateExtension:
+class Forks(Protocol):
+    """The fork state the publisher reads (``fork.ForkGuard``)."""
+
+    @property
+    def stats(self) -> ForkStats: ...
+    def in_progress_since_ns(self) -> int | None: ...
+    def child_of_unhooked_fork(self) -> bool: ...
+    def fork_for_exec(self) -> bool: ...
+
+
+class WatchdogStatus(Protocol):
+    def running(self) -> bool: ...
+
+
+class StatePublisher:
+    """Writes this process's state file; driven by the watchdog's heartbeat,
+    the locks' slow paths and the fork path (see ``runtime``)."""
+
     snapshot_key = "state"
 
-    def __init__(self, watchdog: Any) -> None:
-        self.watchdog = watchdog
+    def __init__(self, forks: Forks, watchdog: WatchdogStatus) -> None:
+        self._forks = forks
+        self._watchdog = watchdog
         self.options: Any = None
         self.writer: StateWriter | None = None
         self._stacks_file: Any = None
-        self._hooks_added = False
+        self._exit_registered = False
         self._enabled = False
         # The pid whose attempt to create its file failed (logged once, not retried).
         self._failed_pid: int | None = None
@@ -78,18 +93,11 @@ class StateExtension:
         self._failed_pid = None
         if writer is not None and writer.owned_here() and self._stacks_file is None:
             self._register_dump(writer.stacks_path)
-        # lock.py calls it with the lock's _LockLogic self, always a WatchedLock.
-        lock_module.policy.on_lock_created = cast("Callable[[Any], None]", self._on_lock_created)
         # The file is made now, not at the first tick: from here on every
         # count is in it, whatever ends the process.
         self._writer(create=True)
-        if not self._hooks_added:
-            self._hooks_added = True
-            add_tick_callback(self.tick)
-            add_idle_callback(self.refresh)
-            add_wait_callback(self._on_wait_started)
-            fork.add_child_callback(self._in_child)
-            fork.add_orphan_callback(self._on_orphan)
+        if not self._exit_registered:
+            self._exit_registered = True
             atexit.register(self._at_exit)
 
     def stop(self) -> None:
@@ -108,31 +116,30 @@ class StateExtension:
 
     # -- writing -------------------------------------------------------------
 
-    def tick(self) -> None:
+    def beat(self) -> None:
         """The watchdog's heartbeat: every record, then the header."""
         self._write_all(self._writer(create=True))
 
-    def refresh(self) -> None:
+    def watchdog_stopped(self) -> None:
         """Rewrite an existing file as it is now (the watchdog is stopping)."""
         self._write_all(self._writer(create=False))
 
     def _write_all(self, writer: StateWriter | None) -> None:
         if writer is None:
             return
-        running = bool(self.watchdog.snapshot()["running"])
-        writer.write_all(watched_locks(), (fork.fork_stats.snapshot(), fork.fork_in_progress_since_ns()), running)
+        writer.write_all(watched_locks(), (self._forks.stats.snapshot(), self._forks.in_progress_since_ns()), self._watchdog.running())
 
-    def _on_wait_started(self, lock: WatchedLock) -> None:
+    def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
         if writer is not None:
             writer.write_one(lock)
 
-    def _on_lock_created(self, lock: WatchedLock) -> None:
+    def lock_created(self, lock: WatchedLock) -> None:
         writer = self.writer
         if writer is not None and writer.owned_here():
             writer.attach_locks([lock])
 
-    def _on_orphan(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+    def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
         writer = self._writer(create=True)
         if writer is not None:
             writer.write_one(lock, orphan=evidence)
@@ -183,7 +190,7 @@ class StateExtension:
             self._failed_pid = os.getpid()
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
-        writer.attach_forks(fork.fork_stats)
+        writer.attach_forks(self._forks.stats)
         writer.attach_locks(watched_locks())
         try:
             pruned = prune_unread(directory, KEEP_UNREAD_DEAD)
@@ -196,7 +203,7 @@ class StateExtension:
             self._register_dump(writer.stacks_path)
         self.writer = writer
 
-    def _in_child(self) -> None:
+    def after_fork_in_child(self) -> None:
         """After a fork, in the child: cheap, creates nothing."""
         self._open_lock = threading.Lock()
         self._failed_pid = None
@@ -206,7 +213,7 @@ class StateExtension:
             # mapping here unmaps the child's view only).
             old.close(exited=False)
         self._unregister_dump()
-        if self._enabled and not fork.fork_for_exec() and not fork.child_of_unhooked_fork():
+        if self._enabled and not self._forks.fork_for_exec() and not self._forks.child_of_unhooked_fork():
             # The child's own file at once (its counts start now); not for
             # subprocess's child, which execs.
             self._writer(create=True)

@@ -39,7 +39,6 @@ __all__ = ["install", "uninstall", "snapshot", "current_options", "is_installed"
 _install_lock = _thread.RLock()
 _options: Options | None = None
 _log = logs.get_logger(logger="h5watch")
-_extensions: list[Any] = []
 # The parts, imported and wired by _build() (None until then).
 lock_module: Any = None
 phil_patch: Any = None
@@ -53,57 +52,115 @@ _activating = False
 _warned = False
 
 
-def _read_real_phil(lock: WatchedLock) -> dict[str, Any] | None:
-    if lock is phil_patch.watched and phil_patch.probe is not None:
-        probe_state: dict[str, Any] | None = phil_patch.probe.read()
-        return probe_state
-    return None
+class _Parts:
+    """The component graph, built once per process by ``_build()``: the one
+    place where the parts are made and connected. It is what each part talks
+    to where the arrow points back (``lock.LockEvents``, ``fork.ForkParts``,
+    ``watchdog.Heartbeat``), and passes each call on in a fixed order."""
+
+    def __init__(self) -> None:
+        from h5watch.process.fork import ForkGuard
+        from h5watch.process.h5py_hook import PhilPatch
+        from h5watch.process.publisher import StatePublisher
+        from h5watch.process.watchdog import Watchdog
+
+        self.phil_patch = PhilPatch(_log)
+        self.fork_guard = ForkGuard(real_locks=self.phil_patch, parts=self)
+        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self)
+        self.publisher = StatePublisher(forks=self.fork_guard, watchdog=self.watchdog)
+        self.exporter = _ExporterSlot()
+        # Started in this order, stopped in the reverse one.
+        self.started: tuple[Any, ...] = (self.fork_guard, self.watchdog, self.publisher, self.exporter)
+
+    # -- lock.LockEvents -----------------------------------------------------
+
+    def pid_changed(self) -> None:
+        self.fork_guard.after_fork_without_hooks()
+
+    def orphan_wait(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+        self.fork_guard.orphan_wait(lock, evidence)
+
+    def wait_started(self, lock: WatchedLock) -> None:
+        self.watchdog.wake()
+        self.publisher.lock_waited(lock)
+
+    def wait_timed_out(self, lock: WatchedLock, waited_ns: int) -> None:
+        self.watchdog.wait_timed_out(lock, waited_ns)
+
+    def lock_created(self, lock: WatchedLock) -> None:
+        self.publisher.lock_created(lock)
+
+    # -- fork.ForkParts ------------------------------------------------------
+
+    def before_fork(self) -> None:
+        self.watchdog.before_fork()
+
+    def after_fork_in_child(self) -> None:
+        """The child's steps after h5watch's own (see ``fork``), in this order:
+        this module's lock, the state file, the exporter, and last the
+        watchdog, the one step that may start a thread."""
+        _reinit_after_fork()
+        self.publisher.after_fork_in_child()
+        self.exporter.forget_after_fork()
+        self.watchdog.after_fork_in_child()
+
+    def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+        self.publisher.orphan_acted_on(lock, evidence)
+
+    # -- watchdog.Heartbeat --------------------------------------------------
+
+    def beat(self) -> None:
+        self.publisher.beat()
+
+    def watchdog_stopped(self) -> None:
+        self.publisher.watchdog_stopped()
+
+    # -- starting and stopping -------------------------------------------------
+
+    def start(self, options: Options) -> None:
+        self.phil_patch.install(self.fork_guard.adopt_h5py_hooks)
+        for part in self.started:
+            part.start(options)
+        raise_after_ns = None
+        if options.on_timeout == "raise" and options.wait_timeout is not None:
+            raise_after_ns = int(options.wait_timeout * 1e9)
+        lock_module.connect(self, raise_after_ns)
+
+    def stop(self) -> None:
+        """Stop every part, whichever started; each stop is safe on a part never started."""
+        lock_module.connect(None)
+        for part in reversed(self.started):
+            part.stop()
+        self.phil_patch.uninstall()
 
 
-def _reset_real_phil(lock: WatchedLock) -> bool:
-    if lock is phil_patch.watched and phil_patch.probe is not None:
-        phil_patch.probe.reset()
-        return True
-    return False
+if TYPE_CHECKING:
+    from h5watch.process.fork import ForkParts
+    from h5watch.process.lock import LockEvents
+    from h5watch.process.watchdog import Heartbeat
+
+    def _checks_the_interfaces(parts: _Parts) -> tuple[LockEvents, ForkParts, Heartbeat]:
+        return parts, parts, parts
 
 
-def _poison_real_phil(lock: WatchedLock, alive_ident: int) -> bool:
-    if lock is phil_patch.watched and phil_patch.probe is not None:
-        poisoned: bool = phil_patch.probe.poison_dead_owner(alive_ident)
-        return poisoned
-    return False
+_parts: _Parts | None = None
 
 
 def _build() -> None:
     """Import and wire the parts, once per process; nothing is started here.
     The caller holds ``_install_lock``."""
-    global lock_module, phil_patch, fork_guard, watchdog, state, exporter
-    if exporter is not None:
+    global _parts, lock_module, phil_patch, fork_guard, watchdog, state, exporter
+    if _parts is not None:
         return
     logs.prepare()  # events may come from at-fork hooks: nothing may be imported then
     from h5watch.process import lock
-    from h5watch.process.fork import ForkGuard, add_child_callback
-    from h5watch.process.h5py_hook import PhilPatch
-    from h5watch.process.publisher import StateExtension
-    from h5watch.process.watchdog import Watchdog
 
     lock_module = lock
-    phil_patch = PhilPatch(_log)
-    fork_guard = ForkGuard()
-    watchdog = Watchdog()
-    fork_guard.probe_reader = _read_real_phil
-    fork_guard.probe_poisoner = _poison_real_phil
-    fork_guard.probe_resetter = _reset_real_phil
-    phil_patch.adopt_fork_hooks = fork_guard.adopt_h5py_hooks
-    add_child_callback(_reinit_after_fork)
-    register_extension(fork_guard)
-    register_extension(watchdog)
-    state = StateExtension(watchdog)
-    register_extension(state)
-    slot = _ExporterSlot()
-    add_child_callback(slot.forget_after_fork)
-    register_extension(slot)
-    exporter = slot
+    parts = _Parts()
+    # For introspection (snapshot(), tests): the same objects.
+    phil_patch, fork_guard, watchdog, state, exporter = (
+        parts.phil_patch, parts.fork_guard, parts.watchdog, parts.publisher, parts.exporter)
+    _parts = parts
 
 
 def install(**options: Any) -> Options:
@@ -143,7 +200,7 @@ def _apply_options(resolved: Options) -> None:
     logs.configure(resolved.log_format, level=resolved.log_level)
     if _options == resolved:
         if _active:
-            phil_patch.install()
+            phil_patch.install(fork_guard.adopt_h5py_hooks)
         else:
             _activate_if_due()
         return
@@ -177,21 +234,13 @@ def _roll_back(previous: Options | None) -> None:
 
 
 def _start_parts(options: Options) -> None:
-    _apply_policy(options)
-    phil_patch.install()
-    for extension in _extensions:
-        extension.start(options)
+    assert _parts is not None
+    _parts.start(options)
 
 
 def _stop_parts() -> None:
-    """Stop every part, whichever started; each stop is safe on a part never started."""
-    for extension in reversed(_extensions):
-        extension.stop()
-    if phil_patch is not None:
-        phil_patch.uninstall()
-    if lock_module is not None:
-        lock_module.policy.raise_after_ns = None
-        lock_module.policy.on_wait_started = None
+    if _parts is not None:
+        _parts.stop()
 
 
 def _warn_at_first_activation() -> None:
@@ -303,32 +352,19 @@ def current_options() -> Options | None:
     return _options
 
 
-def register_extension(extension: Any) -> None:
-    """Parts started by ``install()`` in order (fork hooks, watchdog, state, exporter)."""
-    _extensions.append(extension)
-
-
-def _apply_policy(options: Options) -> None:
-    policy = lock_module.policy
-    if options.on_timeout == "raise" and options.wait_timeout is not None:
-        policy.raise_after_ns = int(options.wait_timeout * 1e9)
-    else:
-        policy.raise_after_ns = None
-
-
 def _reinit_after_fork() -> None:
     global _install_lock
     _install_lock = _thread.RLock()
 
 
-# Also before the parts are built (fork's child callbacks then reach the
+# Also before the parts are built (the parts' child steps then reach the
 # children of forks that skipped Python's hooks too).
 os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def snapshot() -> dict[str, Any]:
     """Every watched lock's statistics, holder and waiters, as plain data."""
-    if exporter is None:
+    if _parts is None:
         with _install_lock:
             _build()
     from h5watch.process.h5py_hook import PHIL_LOCK_NAME
@@ -353,7 +389,7 @@ def snapshot() -> dict[str, Any]:
         "monotonic_ns": now_ns,
         "unix_time": time.time(),
         "locks": locks,
-        **{name: extension.snapshot() for name, extension in _named_extensions()},
+        **{part.snapshot_key: part.snapshot() for part in (_parts.started if _parts is not None else ())},
     }
 
 
@@ -386,6 +422,3 @@ class _ExporterSlot:
     def snapshot(self) -> dict[str, Any]:
         return self.exporter.snapshot() if self.exporter is not None else {"port": None}
 
-
-def _named_extensions() -> list[tuple[str, Any]]:
-    return [(ext.snapshot_key, ext) for ext in _extensions if getattr(ext, "snapshot_key", None)]
