@@ -31,6 +31,8 @@ from prometheus_client.registry import CollectorRegistry
 from h5watch.export.metrics import AggregateCollector
 from h5watch.host.daemon import Daemon
 from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
+from h5watch.records import ProcessStatus
 from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name
 
 
@@ -42,7 +44,7 @@ def _template(directory: str) -> bytes:
         for _ in range(100):
             with lock:
                 pass
-    writer.write_all(locks, None, True)
+    writer.write_all([lock_record(lock) for lock in locks], ProcessStatus(True, None))
     data = Path(writer.path).read_bytes()
     writer.close(exited=False)
     os.unlink(writer.path)
@@ -110,7 +112,7 @@ def bench_state_write(repeats: int = 2000) -> dict[str, float]:
         samples = []
         for _ in range(repeats):
             start = time.perf_counter_ns()
-            writer.write_all(locks, None, True)
+            writer.write_all([lock_record(lock) for lock in locks], ProcessStatus(True, None))
             samples.append(time.perf_counter_ns() - start)
         writer.close()
     return {"tick_write_us_median": statistics.median(samples) / 1e3, "tick_write_us_max": max(samples) / 1e3}

@@ -59,10 +59,10 @@ import stat
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from h5watch.records import ForkCounters, LockRecord, ProcessStatus
 from h5watch.schema import (
     C_ACQUISITIONS,
     C_CONTENTIONS,
@@ -331,11 +331,10 @@ def _publish(directory: str, name: str) -> None:
 class _Live:
     """A live lock instance's slot."""
 
-    __slots__ = ("slot", "lock_ref", "counters", "moved")
+    __slots__ = ("slot", "counters", "moved")
 
-    def __init__(self, slot: int, lock: Any, counters: memoryview) -> None:
+    def __init__(self, slot: int, counters: memoryview) -> None:
         self.slot = slot
-        self.lock_ref = weakref.ref(lock)
         # The lock's place in the mapping: one object, so a move can tell
         # whether the lock already counts there.
         self.counters = counters
@@ -374,7 +373,7 @@ class StateWriter:
         self._record_names: dict[int, str] = {}
         self._blocks: dict[int, int] = {}
         self._heartbeat = time.time()
-        self._last_header_args: tuple[Any, bool] = (None, False)
+        self._last_status = ProcessStatus(watchdog_running=False, fork_since_ns=None)
         self._images = 1
         fd, adopted = _create_or_open(directory, name)
         try:
@@ -391,7 +390,7 @@ class StateWriter:
         )
         if adopted:
             self._adopt()
-        self.write_header(fork_stats=None, watchdog_running=False)
+        self.write_header(self._last_status)
         if not adopted:
             try:
                 _publish(directory, name)
@@ -410,7 +409,7 @@ class StateWriter:
         if self.owned_here():
             with self._lock:
                 if exited and not self._closed:
-                    self.write_header(*self._last_header_args, exited=True, beat=False)
+                    self.write_header(self._last_status, exited=True, beat=False)
                 self._closed = True
                 self._release_map()
         else:
@@ -437,7 +436,7 @@ class StateWriter:
     def _block_offset(self, block: int) -> int:
         return BLOCKS_OFFSET + block * COUNTERS_BYTES
 
-    def attach_forks(self, fork_stats: Any) -> None:
+    def attach_forks(self, fork_stats: ForkCounters) -> None:
         """Count this process's forks in the file from now on."""
         with self._lock:
             if not self._closed:
@@ -463,12 +462,12 @@ class StateWriter:
             return self._n_slots - 1
         return None
 
-    def _slot_of(self, lock: Any) -> _Live | None:
+    def _slot_of(self, lock: LockRecord) -> _Live | None:
         """The live slot of ``lock``, made (and its counters moved into the
         file) when first seen; None when the file has no room left."""
-        live = self._live.get(lock._seq)
+        live = self._live.get(lock.seq)
         if live is None:
-            if lock._seq in self._unrecorded:
+            if lock.seq in self._unrecorded:
                 return None
             slot = self._new_slot()
             if slot is None:
@@ -480,19 +479,19 @@ class StateWriter:
                     self._free_slots.append(slot)
                 self._no_room(lock)
                 return None
-            live = self._live[lock._seq] = _Live(slot, lock, self.counters_at(self._block_offset(block)))
-            self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock._seq,
+            live = self._live[lock.seq] = _Live(slot, self.counters_at(self._block_offset(block)))
+            self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock.seq,
                                           name=_fixed(lock.name, NAME_BYTES)))
             self._blocks[slot] = block
             self._header_dirty = True
         if not live.moved:
             # False while a pure-Python lock is busy: its holder moves the
             # counters at its release; until then the place holds a copy.
-            live.moved = lock.stats.move_to(live.counters)
+            live.moved = lock.counters.move_to(live.counters)
         return live
 
-    def _no_room(self, lock: Any) -> None:
-        self._unrecorded.add(lock._seq)
+    def _no_room(self, lock: LockRecord) -> None:
+        self._unrecorded.add(lock.seq)
         self._locks_unrecorded += 1
         self._header_dirty = True
         if not self._full_logged:
@@ -504,10 +503,11 @@ class StateWriter:
                 hint="more live watched locks than the state file holds: their counts are not exported",
             )
 
-    def _retire_collected(self) -> None:
-        """Instances that were collected: their records become their names' retired records."""
+    def _retire_collected(self, live_seqs: set[int]) -> None:
+        """Instances that were collected (not among ``live_seqs``, every live
+        lock's): their records become their names' retired records."""
         for seq, live in list(self._live.items()):
-            if live.lock_ref() is not None:
+            if seq in live_seqs:
                 continue
             del self._live[seq]
             name = self._record_names[live.slot]
@@ -536,12 +536,12 @@ class StateWriter:
         # The journal, then the retired record's new block, then the freed
         # record: a reader counts each block once whatever the interruption.
         self._merge = (1, source, into, block)
-        self.write_header(*self._last_header_args, beat=False)
+        self.write_header(self._last_status, beat=False)
         self._write_record_fields(into, block=block)
         self._blocks[into] = block
         self._write_record_fields(source, state=SLOT_FREE)
         self._merge = (0, 0, 0, 0)
-        self.write_header(*self._last_header_args, beat=False)
+        self.write_header(self._last_status, beat=False)
         self._free_slots.append(source)
         self._free_blocks.extend((old_into, old_source))
         return True
@@ -600,20 +600,18 @@ class StateWriter:
     def _write_record_fields(self, slot: int, **changes: Any) -> None:
         self._write_record(slot, {**self._record_values[slot], **changes})
 
-    def write_header(self, fork_stats: Any, watchdog_running: bool, exited: bool = False, beat: bool = True) -> None:
+    def write_header(self, status: ProcessStatus, exited: bool = False, beat: bool = True) -> None:
         """``beat``: this write is a heartbeat (the watchdog's tick); else the last one is kept."""
-        self._last_header_args = (fork_stats, watchdog_running)
+        self._last_status = status
         if beat:
             self._heartbeat = time.time()
         fields = dict(self._fixed_header)
         fork_since = 0.0
-        if fork_stats is not None:
-            _snap, since_ns = fork_stats
-            if since_ns is not None:
-                fork_since = time.time() - (time.monotonic_ns() - since_ns) / 1e9
+        if status.fork_since_ns is not None:
+            fork_since = time.time() - (time.monotonic_ns() - status.fork_since_ns) / 1e9
         active, source, into, block = self._merge
         fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_slots=self._n_slots,
-                      watchdog_running=int(watchdog_running), fork_since_unix=fork_since,
+                      watchdog_running=int(status.watchdog_running), fork_since_unix=fork_since,
                       locks_unrecorded=self._locks_unrecorded, images=self._images,
                       merge_active=active, merge_from=source, merge_into=into, merge_block=block)
         if self._header_seq == 0:
@@ -624,54 +622,56 @@ class StateWriter:
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
         self._header_dirty = False
 
-    def write_lock(self, lock: Any, orphan: dict[str, Any] | None = None) -> None:
+    def write_lock(self, lock: LockRecord) -> None:
         live = self._slot_of(lock)
         if live is None:
             return
         now_ns = time.monotonic_ns()
         now_unix = time.time()
-        orphan = orphan or lock._orphan
-        holder = lock.holder(now_ns)
-        if orphan is not None:
-            holder = dict(orphan.get("holder") or {})
-        waiters = lock.waiters(now_ns)
+
+        def unix(since_ns: int) -> float:
+            return now_unix - max(0, now_ns - since_ns) / 1e9
+
+        holder, waiters = lock.holder, lock.waiters
         fields: dict[str, Any] = dict(
             self._record_values[live.slot],
-            held=int(holder is not None), orphaned=int(orphan is not None), n_waiters=len(waiters),
+            held=int(holder is not None), orphaned=int(lock.orphaned), n_waiters=len(waiters),
         )
         if holder is not None:
-            since_ns = holder.get("since_ns")
             fields.update(
-                depth=holder.get("depth") or 0,
-                holder_pid=holder.get("pid") or 0,
-                holder_ident=max(0, holder.get("thread_ident") or 0),
-                holder_native_id=holder.get("native_id") or 0,
-                holder_name=_fixed(holder.get("thread_name"), THREAD_NAME_BYTES),
-                holder_operation=_fixed(holder.get("operation"), OPERATION_BYTES),
-                held_since_unix=(now_unix - (now_ns - since_ns) / 1e9) if since_ns else 0.0,
+                depth=holder.depth or 0,
+                holder_pid=holder.pid or 0,
+                holder_ident=max(0, holder.thread_ident or 0),
+                holder_native_id=holder.native_id or 0,
+                holder_name=_fixed(holder.thread_name, THREAD_NAME_BYTES),
+                holder_operation=_fixed(holder.operation, OPERATION_BYTES),
+                held_since_unix=unix(holder.since_ns) if holder.since_ns else 0.0,
             )
         else:
             fields.update(depth=0, holder_pid=0, holder_ident=0, holder_native_id=0, holder_name=b"",
                           holder_operation=b"", held_since_unix=0.0)
         shown = waiters[:MAX_WAITERS]
         fields.update(
-            oldest_wait_since_unix=(now_unix - waiters[0]["wait_seconds"]) if waiters else 0.0,
-            waiter_native_ids=[w["native_id"] or 0 for w in shown] + [0] * (MAX_WAITERS - len(shown)),
-            waiter_since_unix=[now_unix - w["wait_seconds"] for w in shown] + [0.0] * (MAX_WAITERS - len(shown)),
-            waiter_names=b"".join(_fixed(w["thread_name"], THREAD_NAME_BYTES).ljust(THREAD_NAME_BYTES, b"\0") for w in shown),
+            oldest_wait_since_unix=unix(waiters[0].since_ns) if waiters else 0.0,
+            waiter_native_ids=[w.native_id or 0 for w in shown] + [0] * (MAX_WAITERS - len(shown)),
+            waiter_since_unix=[unix(w.since_ns) for w in shown] + [0.0] * (MAX_WAITERS - len(shown)),
+            waiter_names=b"".join(_fixed(w.thread_name, THREAD_NAME_BYTES).ljust(THREAD_NAME_BYTES, b"\0") for w in shown),
         )
         self._write_record(live.slot, fields)
 
-    def write_all(self, locks: Iterable[Any], fork_stats: Any, watchdog_running: bool) -> None:
+    def write_all(self, locks: Iterable[LockRecord], status: ProcessStatus) -> None:
+        """Every live lock (one missing counts as collected), then the header."""
         with self._lock:
             if self._closed:
                 return
+            seqs = set()
             for lock in locks:
                 self.write_lock(lock)
-            self._retire_collected()
-            self.write_header(fork_stats, watchdog_running)
+                seqs.add(lock.seq)
+            self._retire_collected(seqs)
+            self.write_header(status)
 
-    def attach_locks(self, locks: Iterable[Any]) -> None:
+    def attach_locks(self, locks: Iterable[LockRecord]) -> None:
         """Give these locks their records now: from now on they count in the file."""
         if not self.owned_here():
             return
@@ -681,18 +681,18 @@ class StateWriter:
             for lock in locks:
                 self._slot_of(lock)
             if self._header_dirty:
-                self.write_header(*self._last_header_args, beat=False)
+                self.write_header(self._last_status, beat=False)
 
-    def write_one(self, lock: Any, timeout: float = 0.05, orphan: dict[str, Any] | None = None) -> None:
+    def write_one(self, lock: LockRecord, timeout: float = 0.05) -> None:
         """From a lock's slow path: never wait long for the tick's writer."""
         if not self.owned_here() or not self._lock.acquire(True, timeout):
             return
         try:
             if self._closed:
                 return
-            self.write_lock(lock, orphan)
+            self.write_lock(lock)
             if self._header_dirty:
-                self.write_header(*self._last_header_args, beat=False)
+                self.write_header(self._last_status, beat=False)
         finally:
             self._lock.release()
 

@@ -450,13 +450,15 @@ def _write_state(state_dir: Path, watchdog_running: bool) -> object:
     import threading
 
     from h5watch.process.lock import WatchedLock
+    from h5watch.process.publisher import lock_record
+    from h5watch.records import ProcessStatus
     from h5watch.statefile import StateWriter, ensure_state_dir
 
     writer = StateWriter(ensure_state_dir(str(state_dir)), "idle", 0, 0.1)
     lock = WatchedLock(f"app.idle.{watchdog_running}", threading.Lock())
     with lock:
         time.sleep(0.2)
-        writer.write_all([lock], None, watchdog_running)
+        writer.write_all([lock_record(lock)], ProcessStatus(watchdog_running, None))
     return writer
 
 

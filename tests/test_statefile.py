@@ -82,11 +82,13 @@ def test_readers_never_see_a_torn_record(tmp_path):
         [sys.executable, "-c", f"""
 import threading, time
 from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
+from h5watch.records import ProcessStatus
 from h5watch.statefile import StateWriter, ensure_state_dir
 ensure_state_dir({str(state_dir)!r})
 writer = StateWriter({str(state_dir)!r}, "torn", 0, 0.5)
 lock = WatchedLock("app.torn")
-writer.write_all([lock], None, True)
+writer.write_all([lock_record(lock)], ProcessStatus(True, None))
 print(writer.path, flush=True)
 deadline = time.monotonic() + 8
 k = 0
@@ -95,7 +97,7 @@ while time.monotonic() < deadline:
     k += 1
     me.name = f"{{k:012d}}"
     lock.acquire_for(me.name)
-    writer.write_one(lock)
+    writer.write_one(lock_record(lock))
     lock.release()
     if k % 8 == 0:
         time.sleep(0.0002)  # let readers through now and then
@@ -296,6 +298,8 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
     import numpy as np
 
     from h5watch.process.lock import WatchedLock
+    from h5watch.process.publisher import lock_record
+    from h5watch.records import ProcessStatus
     from h5watch.statedir import ensure_state_dir
     from h5watch.statefile import HEADER_DTYPE, RECORD_DTYPE, RECORDS_OFFSET, StateWriter
 
@@ -305,7 +309,7 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
     lock = WatchedLock("app.\x1b]0;pwned\x07lock")
     with lock:
         pass
-    writer.write_all([lock], None, True)
+    writer.write_all([lock_record(lock)], ProcessStatus(True, None))
     writer.close(exited=False)
     data = bytearray(Path(writer.path).read_bytes())
     header = np.frombuffer(data, dtype=HEADER_DTYPE, count=1)

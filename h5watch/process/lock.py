@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from h5watch.process import implementation
 from h5watch.process.stats import CoreLockStats, LockStats
+from h5watch.records import Holder, Waiter
 from h5watch.schema import BUCKET_BOUNDS_NS, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES, DEAD_OWNER
 
 __all__ = [
@@ -478,28 +479,48 @@ class _LockLogic:
 
     # -- reading -----------------------------------------------------------
 
-    def holder(self, now_ns: int | None = None) -> dict[str, Any] | None:
+    def _holder_record(self) -> Holder | None:
         owner = self._owner
         if owner is None:
             return None
-        since_ns = self._since_ns
+        since_ns, pid, operation, depth = self._since_ns, self._owner_pid, self._operation, self._count
+        thread = threading._active.get(owner)  # type: ignore[attr-defined]
+        return Holder(pid, owner, thread.name if thread is not None else None, getattr(thread, "native_id", None),
+                      operation, since_ns, depth)
+
+    def _waiter_records(self) -> tuple[Waiter, ...]:
+        """Oldest first."""
+        waiters = []
+        for ident, since_ns in sorted(self._waiters.copy().items(), key=lambda item: item[1]):
+            thread = threading._active.get(ident)  # type: ignore[attr-defined]
+            waiters.append(Waiter(ident, thread.name if thread is not None else None, getattr(thread, "native_id", None),
+                                  since_ns))
+        return tuple(waiters)
+
+    def holder(self, now_ns: int | None = None) -> dict[str, Any] | None:
+        record = self._holder_record()
+        if record is None:
+            return None
+        since_ns = record.since_ns or 0
         now_ns = _monotonic_ns() if now_ns is None else now_ns
-        identity = thread_identity(owner)
         return {
-            "pid": self._owner_pid,
-            **identity,
-            "operation": self._operation,
+            "pid": record.pid,
+            "thread_ident": record.thread_ident,
+            "thread_name": record.thread_name,
+            "native_id": record.native_id,
+            "operation": record.operation,
             "since_ns": since_ns,
             "held_since_unix": time.time() - (now_ns - since_ns) / 1e9,
             "hold_age_seconds": max(0, now_ns - since_ns) / 1e9,
-            "depth": self._count,
+            "depth": record.depth,
         }
 
     def waiters(self, now_ns: int | None = None) -> list[dict[str, Any]]:
         now_ns = _monotonic_ns() if now_ns is None else now_ns
         return [
-            {**thread_identity(ident), "since_ns": since_ns, "wait_seconds": max(0, now_ns - since_ns) / 1e9}
-            for ident, since_ns in sorted(self._waiters.copy().items(), key=lambda item: item[1])
+            {"thread_ident": w.thread_ident, "thread_name": w.thread_name, "native_id": w.native_id,
+             "since_ns": w.since_ns, "wait_seconds": max(0, now_ns - w.since_ns) / 1e9}
+            for w in self._waiter_records()
         ]
 
     def evidence(self) -> dict[str, Any]:

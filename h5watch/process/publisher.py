@@ -34,13 +34,14 @@ from typing import Any, Protocol
 from h5watch import logs
 from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.process.stats import ForkStats
+from h5watch.records import Holder, LockRecord, ProcessStatus
 from h5watch.statedir import create_file_at, prune_unread, user_dir_path
 from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 
 # Dead processes' files kept in a directory no daemon reads (see prune_unread).
 KEEP_UNREAD_DEAD = 1000
 
-__all__ = ["StatePublisher", "DUMP_SIGNAL"]
+__all__ = ["StatePublisher", "DUMP_SIGNAL", "lock_record"]
 
 
 _log = logs.get_logger(logger="h5watch.state")
@@ -127,22 +128,23 @@ class StatePublisher:
     def _write_all(self, writer: StateWriter | None) -> None:
         if writer is None:
             return
-        writer.write_all(watched_locks(), (self._forks.stats.snapshot(), self._forks.in_progress_since_ns()), self._watchdog.running())
+        status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns())
+        writer.write_all([lock_record(lock) for lock in watched_locks()], status)
 
     def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
         if writer is not None:
-            writer.write_one(lock)
+            writer.write_one(lock_record(lock))
 
     def lock_created(self, lock: WatchedLock) -> None:
         writer = self.writer
         if writer is not None and writer.owned_here():
-            writer.attach_locks([lock])
+            writer.attach_locks([lock_record(lock)])
 
     def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
         writer = self._writer(create=True)
         if writer is not None:
-            writer.write_one(lock, orphan=evidence)
+            writer.write_one(lock_record(lock, orphan=evidence))
             self._write_all(writer)
 
     def _at_exit(self) -> None:
@@ -191,7 +193,7 @@ class StatePublisher:
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
         writer.attach_forks(self._forks.stats)
-        writer.attach_locks(watched_locks())
+        writer.attach_locks([lock_record(lock) for lock in watched_locks()])
         try:
             pruned = prune_unread(directory, KEEP_UNREAD_DEAD)
         except OSError:
@@ -253,3 +255,15 @@ def _used_a_watched_lock() -> bool:
         except Exception:
             continue
     return False
+
+
+def lock_record(lock: WatchedLock, orphan: dict[str, Any] | None = None) -> LockRecord:
+    """``lock`` as the state file records it now; an orphan (``orphan``, else
+    the lock's own) shows its dead holder."""
+    orphan = orphan or lock._orphan_evidence()
+    holder = lock._holder_record()
+    if orphan is not None:
+        dead = orphan.get("holder") or {}
+        holder = Holder(dead.get("pid"), dead.get("thread_ident"), dead.get("thread_name"), dead.get("native_id"),
+                        dead.get("operation"), dead.get("since_ns"), dead.get("depth") or 0)
+    return LockRecord(lock._seq, lock.name, holder, orphan is not None, lock._waiter_records(), lock.stats)

@@ -1,0 +1,71 @@
+"""The typed records a process hands its state file: what the writer takes.
+
+A process turns each watched lock into a :class:`LockRecord` at the moment it
+writes (``h5watch.process.publisher``); the writer (``h5watch.statefile``)
+never sees a lock object. Public results (``snapshot()``, log events) stay
+plain data.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "ProcessStatus", "Waiter"]
+
+
+class CounterSource(Protocol):
+    """Counters that can move into the state file's shared memory
+    (``h5watch.process.stats``): from then on they are counted there."""
+
+    def move_to(self, target: memoryview) -> bool:
+        """Count in ``target`` from now on; False while the move must wait (a
+        busy pure-Python lock: its holder moves them at its release)."""
+
+
+class ForkCounters(Protocol):
+    """The process's fork counters (``h5watch.process.stats.ForkStats``)."""
+
+    def move_to(self, target: memoryview, add: bool = False) -> None:
+        """Count in ``target`` from now on; with ``add``, on top of what it holds."""
+
+
+class Holder(NamedTuple):
+    """Who holds a lock: its live holder, or an orphan's dead one."""
+
+    pid: int | None
+    thread_ident: int | None
+    thread_name: str | None
+    native_id: int | None
+    operation: str | None
+    # Monotonic ns the hold began; None when unknown (seen by the probe only).
+    since_ns: int | None
+    depth: int
+
+
+class Waiter(NamedTuple):
+    thread_ident: int
+    thread_name: str | None
+    native_id: int | None
+    # Monotonic ns the wait began.
+    since_ns: int
+
+
+class LockRecord(NamedTuple):
+    """One watched lock as of one moment."""
+
+    # The lock's sequence number: one per lock instance in this process.
+    seq: int
+    name: str
+    holder: Holder | None
+    orphaned: bool
+    # Oldest first.
+    waiters: tuple[Waiter, ...]
+    counters: CounterSource
+
+
+class ProcessStatus(NamedTuple):
+    """What the header says about the process besides its identity."""
+
+    watchdog_running: bool
+    # Monotonic ns the fork under way started, or None.
+    fork_since_ns: int | None
