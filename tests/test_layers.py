@@ -156,3 +156,16 @@ def test_the_probe_sees_the_runtime_when_it_is_loaded():
     loaded = _modules_loaded("import h5watch\nh5watch.install(state_files=False)\nimport h5py")
     assert "h5watch.process.runtime" in _runtime_or_h5py(loaded)
     assert "h5py" in _runtime_or_h5py(loaded)
+
+
+@pytest.mark.timeout(90)
+def test_importtime_of_status_json_shows_neither_h5py_nor_the_in_process_runtime(tmp_path):
+    """As an operator checks it: ``python -X importtime -m h5watch status --json``."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "h5watch", "status", "--json", "--state-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    # (importlib.import_module, which the CLI uses for its subcommand, is not
+    # timed; what that module imports is.)
+    assert "h5watch.statefile" in imported, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["processes"] == []
+    assert [name for name in imported if name.split(".")[0] == "h5py" or name.startswith("h5watch.process")] == []

@@ -52,8 +52,9 @@ def test_dead_owner_reads_back_on_both_implementations(lock_type):
         pytest.skip("the compiled core is not built here")
     lock = lock_type("dead-owner")
     lock.acquire()
-    lock._mark_owner_dead()
+    lock._mark_orphaned({"lock": "dead-owner"})
     assert lock._owner == schema.DEAD_OWNER
+    assert lock._orphan_evidence() == {"lock": "dead-owner"}
     assert not lock._is_owned()
 
 
