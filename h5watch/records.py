@@ -8,6 +8,7 @@ plain data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 __all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "ProcessStatus", "Waiter"]
@@ -61,6 +62,10 @@ class LockRecord(NamedTuple):
     # Oldest first.
     waiters: tuple[Waiter, ...]
     counters: CounterSource
+    # A weak reference to the lock: None once it is collected (its record is
+    # then retired). Not whether a write missed it: a lock made meanwhile is
+    # in no earlier list of locks.
+    lock_ref: Callable[[], object | None]
 
 
 class ProcessStatus(NamedTuple):

@@ -59,7 +59,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from h5watch.records import ForkCounters, LockRecord, ProcessStatus
@@ -331,10 +331,11 @@ def _publish(directory: str, name: str) -> None:
 class _Live:
     """A live lock instance's slot."""
 
-    __slots__ = ("slot", "counters", "moved")
+    __slots__ = ("slot", "lock_ref", "counters", "moved")
 
-    def __init__(self, slot: int, counters: memoryview) -> None:
+    def __init__(self, slot: int, lock_ref: Callable[[], object | None], counters: memoryview) -> None:
         self.slot = slot
+        self.lock_ref = lock_ref
         # The lock's place in the mapping: one object, so a move can tell
         # whether the lock already counts there.
         self.counters = counters
@@ -479,7 +480,7 @@ class StateWriter:
                     self._free_slots.append(slot)
                 self._no_room(lock)
                 return None
-            live = self._live[lock.seq] = _Live(slot, self.counters_at(self._block_offset(block)))
+            live = self._live[lock.seq] = _Live(slot, lock.lock_ref, self.counters_at(self._block_offset(block)))
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock.seq,
                                           name=_fixed(lock.name, NAME_BYTES)))
             self._blocks[slot] = block
@@ -503,11 +504,10 @@ class StateWriter:
                 hint="more live watched locks than the state file holds: their counts are not exported",
             )
 
-    def _retire_collected(self, live_seqs: set[int]) -> None:
-        """Instances that were collected (not among ``live_seqs``, every live
-        lock's): their records become their names' retired records."""
+    def _retire_collected(self) -> None:
+        """Instances that were collected: their records become their names' retired records."""
         for seq, live in list(self._live.items()):
-            if seq in live_seqs:
+            if live.lock_ref() is not None:
                 continue
             del self._live[seq]
             name = self._record_names[live.slot]
@@ -660,15 +660,13 @@ class StateWriter:
         self._write_record(live.slot, fields)
 
     def write_all(self, locks: Iterable[LockRecord], status: ProcessStatus) -> None:
-        """Every live lock (one missing counts as collected), then the header."""
+        """Every lock's record, then the header."""
         with self._lock:
             if self._closed:
                 return
-            seqs = set()
             for lock in locks:
                 self.write_lock(lock)
-                seqs.add(lock.seq)
-            self._retire_collected(seqs)
+            self._retire_collected()
             self.write_header(status)
 
     def attach_locks(self, locks: Iterable[LockRecord]) -> None:

@@ -411,3 +411,32 @@ def test_dead_files_do_not_pile_up_without_a_daemon_and_are_left_to_one(tmp_path
         assert left == list(range(1500, 2500))  # the newest 1,000 kept
         assert len(stacks) == 1000
         assert '"state.pruned"' in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_made_between_a_tick_listing_the_locks_and_its_write_stays_live(tmp_path):
+    """The tick lists the locks, a new lock is attached (its constructor), then
+    the tick writes: the new lock is missing from that list but alive, so its
+    record stays live and its counts are counted once."""
+    from h5watch.process.lock import WatchedLock
+    from h5watch.process.publisher import lock_record
+    from h5watch.records import ProcessStatus
+    from h5watch.statefile import SLOT_LIVE, StateWriter, ensure_state_dir
+
+    writer = StateWriter(ensure_state_dir(str(tmp_path / "state")), "race", 0, 0.5)
+    try:
+        first = WatchedLock("app.first")
+        listed = [lock_record(first)]
+        late = WatchedLock("app.late")
+        writer.attach_locks([lock_record(late)])
+        writer.write_all(listed, ProcessStatus(True, None))
+        for _ in range(3):
+            with late:
+                pass
+        writer.write_all([lock_record(first), lock_record(late)], ProcessStatus(True, None))
+        state = read_state_file(writer.path)
+        records = [r for r in state.records if bytes(r["name"]).rstrip(b"\0") == b"app.late"]
+        assert [int(r["state"]) for r in records] == [SLOT_LIVE]
+        assert sum(lock["acquisitions"] for lock in state.locks() if lock["lock"] == "app.late") == 3
+    finally:
+        writer.close(exited=False)

@@ -29,6 +29,7 @@ import atexit
 import faulthandler
 import os
 import threading
+import weakref
 from typing import Any, Protocol
 
 from h5watch import logs
@@ -266,4 +267,4 @@ def lock_record(lock: WatchedLock, orphan: dict[str, Any] | None = None) -> Lock
         dead = orphan.get("holder") or {}
         holder = Holder(dead.get("pid"), dead.get("thread_ident"), dead.get("thread_name"), dead.get("native_id"),
                         dead.get("operation"), dead.get("since_ns"), dead.get("depth") or 0)
-    return LockRecord(lock._seq, lock.name, holder, orphan is not None, lock._waiter_records(), lock.stats)
+    return LockRecord(lock._seq, lock.name, holder, orphan is not None, lock._waiter_records(), lock.stats, weakref.ref(lock))
