@@ -6,15 +6,13 @@ Each scan reads every state file in ``state_dir`` and sorts its process:
   process): its final counters are folded into persisted totals, then its
   files are removed; counters therefore never go backwards when workers
   exit, are killed or are replaced;
-- **stuck** (heartbeat, a wait or a hold older than the stuck threshold);
-  a process whose file says its watchdog is not running (it forked with no
-  thread of its own, or is a child that has not needed one) has no
-  heartbeat, and is judged by its lock records alone, its holds as of its
-  last write;
-- **ok**.
+- **stuck** or **ok**, as :func:`~h5watch.host.verdict.judge` says at
+  ``--stuck-after`` (an orphaned lock, a hold or a wait, or the heartbeat,
+  older than it): ``h5watch status`` says the same with the same options.
 
 The scan publishes a fresh :class:`~h5watch.export.metrics.Aggregate`; scrapes
-only read the latest one. With ``--kill-after``, a stuck worker's stacks are
+only read the latest one. With ``--kill-after``, a worker the verdict finds
+past it (the kill's ``reason`` is the verdict's at that threshold) has its stacks
 taken from outside (its ``faulthandler`` dump signal; py-spy where
 installed), ``worker.killed`` is logged with the lock evidence of its state
 file, then it gets SIGTERM, and SIGKILL after ``--grace``.
@@ -33,7 +31,6 @@ import signal
 import stat
 import threading
 import time
-from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -42,6 +39,7 @@ from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
 from h5watch.export.server import MetricsServer
 from h5watch.host import reaper, totals
+from h5watch.host.verdict import KILL_REASONS, Finding, Thresholds, judge_live, parse_seconds
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import (
     STATE_SUFFIX,
@@ -56,7 +54,6 @@ from h5watch.statefile import (
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
 TOTALS_FILE = totals.TOTALS_FILE
-KILL_REASONS = ("orphaned_lock", "wait", "hold", "heartbeat")
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
 # Dead processes' files read (and folded) per scan, after every live one.
 MAX_DEAD_PER_SCAN = 2000
@@ -89,22 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
 
-@overload
-def _seconds(flag: str, text: str | None, allow_none: Literal[False] = False) -> float: ...
-@overload
-def _seconds(flag: str, text: str | None, allow_none: bool) -> float | None: ...
-def _seconds(flag: str, text: str | None, allow_none: bool = False) -> float | None:
-    if text is None and allow_none:
-        return None
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag}: expected a number of seconds > 0, got {text!r}") from None
-    if not 0 < value < 1e9:
-        raise UsageError(f"{flag}: expected a number of seconds > 0, got {text!r}")
-    return value
-
-
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
@@ -118,10 +99,9 @@ def main(args: argparse.Namespace) -> int:
 
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
     listen = parse_listen(args.listen)
-    scan_interval = _seconds("--scan-interval", args.scan_interval)
-    kill_after = _seconds("--kill-after", args.kill_after, allow_none=True)
-    grace = _seconds("--grace", args.grace)
-    stuck_after = _seconds("--stuck-after", args.stuck_after, allow_none=True) or kill_after or 30.0
+    scan_interval = parse_seconds("--scan-interval", args.scan_interval)
+    thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
+    grace = parse_seconds("--grace", args.grace)
     logs.configure(args.log_format or options.log_format)
     try:
         own_dir = open_user_dir(options.state_dir)
@@ -129,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         claim_fd = totals.claim(own_dir)
     except (StateDirError, totals.TotalsError) as exc:
         raise UsageError(str(exc)) from None
-    daemon = Daemon(options.state_dir, scan_interval, kill_after, grace, stuck_after, args.dry_run)
+    daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run)
     daemon.claim_fd = claim_fd
     try:
         daemon.serve(*listen)
@@ -150,9 +130,8 @@ class Daemon:
     ) -> None:
         self.state_dir = state_dir
         self.scan_interval = scan_interval
-        self.kill_after = kill_after
         self.grace = grace
-        self.stuck_after = stuck_after
+        self.thresholds = Thresholds(stuck_after, kill_after)
         self.dry_run = dry_run
         self.aggregate: Aggregate | None = None
         self.last_scan_unix = 0.0
@@ -196,8 +175,8 @@ class Daemon:
             # start already carries every series.
             self.scan()
             server.start()
-            _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.kill_after,
-                      grace=self.grace, stuck_after=self.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
+            _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.thresholds.kill_after,
+                      grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
             while not self._stop.wait(self.scan_interval):
                 self.scan()
         finally:
@@ -219,10 +198,9 @@ class Daemon:
         scan_success = True
         processes: dict[tuple[str, str], int] = {}
         live = Aggregate(processes=processes, heartbeat_age={})
-        stuck: list[tuple[ProcessState, str, dict[str, Any]]] = []
+        stuck: list[tuple[ProcessState, Finding]] = []
         present: set[str] = set()
         live_states: list[ProcessState] = []
-        exiting: set[int] = set()
         last_read: dict[str, ProcessState] = {}
         try:
             dirs, refused = readable_user_dirs(self.state_dir)
@@ -275,16 +253,14 @@ class Daemon:
                             junk.append(name)  # a dead process's file no reader can use
                         continue
                     last_read[path] = state
-                    verdict = self._classify(state, name, now, directory.uid, name not in dead_set)
-                    if verdict == "dead":
+                    fate = self._classify(state, name, now, directory.uid, name not in dead_set)
+                    if fate == "dead":
                         self._fold(state, f"{directory.uid}/{name}")
                         folded.append((directory, state))
                         key = (state.workload, "dead")
                         processes[key] = processes.get(key, 0) + 1
-                    elif verdict in ("live", "exiting"):
+                    elif fate in ("live", "exiting"):
                         live_states.append(state)
-                        if verdict == "exiting":
-                            exiting.add(id(state))
                 self._remove_junk(directory, junk, now)
             # Persist before removing: a crash in between must not count a
             # process twice, and a failed save keeps its files for the next scan.
@@ -295,22 +271,11 @@ class Daemon:
             for directory in dirs:
                 os.close(directory.fd)
         worst_ages = self._add_live(live, live_states, now)
-        thresholds = [self.stuck_after] + ([self.kill_after] if self.kill_after is not None else [])
         for state, worst_age in zip(live_states, worst_ages):
-            heartbeat_age = now - state.heartbeat_unix if state.watchdog_running else 0.0
-            tick = float(state.header["tick_interval"]) or 0.5
-            reason = kill_reason = None
-            # A process marked exited is not judged; nor is one that exec'd a
-            # program without h5watch (its counts stay live until it exits).
-            looks_stuck = worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick)
-            if looks_stuck and id(state) not in exiting and not reaper.execd_away(state):
-                locks = state.locks(now)
-                reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
-                if self.kill_after is not None:
-                    kill_reason, culprit = self._stuck_reason(state, locks, now, self.kill_after)
-                    if kill_reason:
-                        stuck.append((state, kill_reason, culprit))
-            key = (state.workload, "stuck" if reason else "ok")
+            verdict = judge_live(state, now, self.thresholds, oldest_age_seconds=float(worst_age))
+            if verdict.kill is not None:
+                stuck.append((state, verdict.kill))
+            key = (state.workload, verdict.state)
             processes[key] = processes.get(key, 0) + 1
         self._last_read = last_read
         if scan_success:
@@ -327,8 +292,8 @@ class Daemon:
         self.last_scan_unix = time.time()
         if self._unsaved:
             self._save_totals()
-        for state, reason, culprit in stuck:
-            self._handle_stuck(state, reason, culprit)
+        for state, finding in stuck:
+            self._handle_stuck(state, finding)
         return aggregate
 
     def _claim(self, directory: OpenDir) -> bool:
@@ -373,26 +338,6 @@ class Daemon:
         # the file (daemon threads run until the interpreter is gone), so it is
         # folded once the process is gone, and never judged stuck meanwhile.
         return "exiting" if int(state.header["exited"]) else "live"
-
-    @staticmethod
-    def _stuck_reason(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> tuple[str | None, dict[str, Any]]:
-        """Why the process counts as stuck at ``limit`` seconds, and the lock to blame."""
-        for lock in locks:
-            hold_age = (lock["holder"] or {}).get("hold_age_seconds") or 0.0
-            if lock["orphaned"] and lock["waiters"] and max(hold_age, lock["oldest_wait_seconds"]) > limit:
-                return "orphaned_lock", lock
-        for lock in locks:
-            if lock["waiters"] and lock["oldest_wait_seconds"] > limit:
-                return "wait", lock
-        for lock in locks:
-            holder = lock["holder"]
-            if holder and (holder["hold_age_seconds"] or 0) > limit:
-                return "hold", lock
-        tick = float(state.header["tick_interval"]) or 0.5
-        if state.watchdog_running and now - state.heartbeat_unix > max(limit, 3 * tick):
-            held = [lock for lock in locks if lock["holder"] or lock["waiters"]]
-            return "heartbeat", (held[0] if held else {})
-        return None, {}
 
     # -- aggregation ---------------------------------------------------------
 
@@ -583,9 +528,7 @@ class Daemon:
 
     # -- stuck workers ---------------------------------------------------------
 
-    def _handle_stuck(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
-        if self.kill_after is None:
-            return
+    def _handle_stuck(self, state: ProcessState, finding: Finding) -> None:
         key = (state.pid, state.start_ticks)
         if key in self._handled:
             return
@@ -593,16 +536,18 @@ class Daemon:
         if len(self._kill_threads) >= MAX_CONCURRENT_KILLS:
             return
         self._handled[key] = time.time()
-        thread = threading.Thread(target=self._kill, args=(state, reason, culprit), name=f"h5watch-kill-{state.pid}", daemon=True)
+        thread = threading.Thread(target=self._kill, args=(state, finding), name=f"h5watch-kill-{state.pid}", daemon=True)
         self._kill_threads.append(thread)
         thread.start()
 
-    def _kill(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
+    def _kill(self, state: ProcessState, finding: Finding) -> None:
+        reason = finding.reason
+
         def count() -> None:
             with self._kills_lock:
                 self._kills[(state.workload, reason)] = self._kills.get((state.workload, reason), 0) + 1
 
-        reaper.kill_worker(state, reason, culprit, kill_after=self.kill_after, grace=self.grace, dry_run=self.dry_run,
+        reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)
 
 

@@ -32,11 +32,14 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from h5watch import logs
 from h5watch.statedir import proc_stat, process_identity
 from h5watch.statefile import DUMP_SIGNAL, ProcessState
+
+if TYPE_CHECKING:
+    from h5watch.host.verdict import Culprit, Reason
 
 __all__ = [
     "kill_worker",
@@ -60,9 +63,13 @@ GONE = "the process is gone"
 _log = logs.get_logger(logger="h5watch.daemon")
 
 
-def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, kill_after: float | None, grace: float,
+def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *, kill_after: float | None, grace: float,
                 dry_run: bool, count_kill: Callable[[], None]) -> None:
     """Dump a stuck worker's stacks, log the evidence, then SIGTERM and, after ``grace``, SIGKILL.
+
+    ``reason`` and ``culprit``: the verdict's finding at ``kill_after``
+    (:mod:`h5watch.host.verdict`); no culprit for a stale heartbeat with no
+    lock held or waited for.
 
     With ``dry_run``: the same checks and evidence, minus anything that needs
     a signal (the faulthandler dump), then ``worker.would_kill``; nothing is
@@ -82,11 +89,7 @@ def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, ki
             "reason": reason,
             "kill_after": kill_after,
             "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
-            "lock": culprit.get("lock"),
-            "holder": culprit.get("holder"),
-            "waiters": culprit.get("waiting_threads"),
-            "oldest_wait_seconds": culprit.get("oldest_wait_seconds"),
-            "orphaned": culprit.get("orphaned"),
+            **_blamed(culprit),
             "locks": state.locks(now),
             **stacks,
         }
@@ -108,6 +111,14 @@ def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, ki
     finally:
         if pidfd >= 0:
             os.close(pidfd)
+
+
+def _blamed(culprit: Culprit | None) -> dict[str, Any]:
+    """The culprit lock's fields of the evidence (each None when no lock is blamed)."""
+    if culprit is None:
+        return dict.fromkeys(("lock", "holder", "waiters", "oldest_wait_seconds", "orphaned"))
+    return {"lock": culprit.lock, "holder": culprit.holder, "waiters": culprit.waiting_threads,
+            "oldest_wait_seconds": culprit.oldest_wait_seconds, "orphaned": culprit.orphaned}
 
 
 def dump_stacks(state: ProcessState, pidfd: int) -> dict[str, Any]:
