@@ -31,6 +31,9 @@ import signal
 import stat
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -39,7 +42,7 @@ from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
 from h5watch.export.server import MetricsServer
 from h5watch.host import reaper, totals
-from h5watch.host.verdict import KILL_REASONS, Finding, Thresholds, judge_live, parse_seconds
+from h5watch.host.verdict import KILL_REASONS, OK, Finding, Thresholds, Verdict, judge_live, parse_seconds
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import (
     STATE_SUFFIX,
@@ -193,108 +196,129 @@ class Daemon:
     # -- one scan ----------------------------------------------------------
 
     def scan(self) -> Aggregate:
-        started = time.perf_counter()
-        now = time.time()
-        scan_success = True
-        processes: dict[tuple[str, str], int] = {}
-        live = Aggregate(processes=processes, heartbeat_age={})
-        stuck: list[tuple[ProcessState, Finding]] = []
-        present: set[str] = set()
-        live_states: list[ProcessState] = []
-        last_read: dict[str, ProcessState] = {}
+        """One tick, in named steps: read every state file, reap the dead,
+        sum the live, judge them, publish the aggregate, act on the stuck."""
+        started, now = time.perf_counter(), time.time()
+        sweep = self._open_dirs()
+        try:
+            self._read_states(sweep, now)
+            self._reap_dead(sweep, now)
+        finally:
+            sweep.close()
+        live = self._aggregate(sweep.live, now)
+        self._judge(sweep.live, now)
+        aggregate = self._publish(sweep, live, started)
+        self._act(sweep.live)
+        return aggregate
+
+    def _open_dirs(self) -> Sweep:
+        """Every per-user directory this daemon may read, opened."""
         try:
             dirs, refused = readable_user_dirs(self.state_dir)
         except (StateDirError, OSError) as exc:
             self._error(self.state_dir, "unreadable_dir", str(exc))
-            dirs, refused, scan_success = [], [], False
+            return Sweep(dirs=[], success=False)
         for path, message in refused:
             self._error(path, "foreign_owner", message)
+        return Sweep(dirs=dirs)
+
+    def _read_states(self, sweep: Sweep, now: float) -> None:
+        """Read each directory's state files and sort them into live and dead:
+        every live process, however many files a directory holds; dead ones
+        up to MAX_DEAD_PER_SCAN (the rest next scan)."""
+        dead_budget = MAX_DEAD_PER_SCAN
+        for directory in sweep.dirs:
+            if not self._claim(directory):
+                continue
+            try:
+                names = list_names(directory)
+            except OSError as exc:
+                self._error(directory.path, "unreadable_dir", f"cannot list it: {exc.strerror}")
+                sweep.success = False
+                continue
+            live_names, dead_names, junk = _sort_names(names, directory.uid)
+            sweep.present.update(f"{directory.uid}/{name}" for name in live_names + dead_names)
+            dead_names, dead_budget = dead_names[:dead_budget], max(0, dead_budget - len(dead_names))
+            dead_set = set(dead_names)
+            for name in live_names + dead_names:
+                state = self._read_state(directory, name, name in dead_set, junk)
+                if state is None:
+                    continue
+                sweep.read[state.path] = state
+                fate = self._classify(state, name, now, directory.uid, name not in dead_set)
+                if fate == "dead":
+                    sweep.dead.append(Scanned(directory, name, state))
+                elif fate in ("live", "exiting"):
+                    sweep.live.append(Scanned(directory, name, state))
+            sweep.junk.append((directory, junk))
+
+    def _read_state(self, directory: OpenDir, name: str, dead: bool, junk: list[str]) -> ProcessState | None:
+        """One state file, or None (skipped and logged; ``junk`` gets a dead
+        process's file no reader can use)."""
+        path = os.path.join(directory.path, name)
         try:
-            dead_budget = MAX_DEAD_PER_SCAN
-            folded: list[tuple[OpenDir, ProcessState]] = []
-            for directory in dirs:
-                if not self._claim(directory):
-                    continue
-                try:
-                    names = list_names(directory)
-                except OSError as exc:
-                    self._error(directory.path, "unreadable_dir", f"cannot list it: {exc.strerror}")
-                    scan_success = False
-                    continue
-                live_names, dead_names, junk = _sort_names(names, directory.uid)
-                present.update(f"{directory.uid}/{name}" for name in live_names + dead_names)
-                # Every live process first, however many files the directory
-                # holds; dead ones up to a bound per scan (the rest next scan).
-                dead_names, dead_budget = dead_names[:dead_budget], max(0, dead_budget - len(dead_names))
-                dead_set = set(dead_names)
-                for name in live_names + dead_names:
-                    path = os.path.join(directory.path, name)
-                    try:
-                        try:
-                            state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
-                        except StateFileError as exc:
-                            if exc.reason != "busy":
-                                raise
-                            if name in dead_set:
-                                # A writer that died in the middle of a write: its
-                                # counters are exact all the same (see statefile).
-                                state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd,
-                                                        accept_torn=True)
-                            elif path in self._last_read:
-                                # Live, and being written at each try: its last
-                                # read stands for it (dropping it for one scan would
-                                # make every counter of its workload go down).
-                                state = self._last_read[path]
-                            else:
-                                raise
-                    except StateFileError as exc:
-                        self._error(path, exc.reason, str(exc))
-                        if name in dead_set and exc.reason in ("truncated", "corrupt"):
-                            junk.append(name)  # a dead process's file no reader can use
-                        continue
-                    last_read[path] = state
-                    fate = self._classify(state, name, now, directory.uid, name not in dead_set)
-                    if fate == "dead":
-                        self._fold(state, f"{directory.uid}/{name}")
-                        folded.append((directory, state))
-                        key = (state.workload, "dead")
-                        processes[key] = processes.get(key, 0) + 1
-                    elif fate in ("live", "exiting"):
-                        live_states.append(state)
-                self._remove_junk(directory, junk, now)
-            # Persist before removing: a crash in between must not count a
-            # process twice, and a failed save keeps its files for the next scan.
-            if folded and (not self._unsaved or self._save_totals()):
-                for directory, state in folded:
-                    self._remove_files(directory, state)
-        finally:
-            for directory in dirs:
-                os.close(directory.fd)
-        worst_ages = self._add_live(live, live_states, now)
-        for state, worst_age in zip(live_states, worst_ages):
-            verdict = judge_live(state, now, self.thresholds, oldest_age_seconds=float(worst_age))
-            if verdict.kill is not None:
-                stuck.append((state, verdict.kill))
-            key = (state.workload, verdict.state)
-            processes[key] = processes.get(key, 0) + 1
-        self._last_read = last_read
-        if scan_success:
-            self._forget_missing(present)
+            try:
+                return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
+            except StateFileError as exc:
+                if exc.reason != "busy":
+                    raise
+                if dead:
+                    # A writer that died in the middle of a write: its
+                    # counters are exact all the same (see statefile).
+                    return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
+                if path in self._last_read:
+                    # Live, and being written at each try: its last read
+                    # stands for it (dropping it for one scan would make
+                    # every counter of its workload go down).
+                    return self._last_read[path]
+                raise
+        except StateFileError as exc:
+            self._error(path, exc.reason, str(exc))
+            if dead and exc.reason in ("truncated", "corrupt"):
+                junk.append(name)
+            return None
+
+    def _reap_dead(self, sweep: Sweep, now: float) -> None:
+        """Fold the dead processes' counters into the totals, save them, then
+        remove their files and the junk; forget what is gone."""
+        for process in sweep.dead:
+            self._fold(process.state, process.key)
+        for directory, junk in sweep.junk:
+            self._remove_junk(directory, junk, now)
+        # Persist before removing: a crash in between must not count a
+        # process twice, and a failed save keeps its files for the next scan.
+        if sweep.dead and (not self._unsaved or self._save_totals()):
+            for process in sweep.dead:
+                self._remove_files(process.directory, process.state)
+        self._last_read = sweep.read
+        if sweep.success:
+            self._forget_missing(sweep.present)
+
+    def _judge(self, processes: list[Scanned], now: float) -> None:
+        """Each live process's verdict (:mod:`h5watch.host.verdict`)."""
+        for process in processes:
+            process.verdict = judge_live(process.state, now, self.thresholds, oldest_age_seconds=process.oldest_age_seconds)
+
+    def _publish(self, sweep: Sweep, live: Aggregate, started: float) -> Aggregate:
+        """This scan's aggregate, the one scrapes read from now on; the totals
+        saved if they changed."""
+        live.processes = dict(Counter([(p.state.workload, "dead") for p in sweep.dead]
+                                      + [(p.state.workload, p.verdict.state) for p in sweep.live]))
         aggregate = self._combine(live)
         aggregate.totals_save_failures = self._save_failures
-        aggregate.locks_unrecorded = {}
-        for state in live_states:
-            aggregate.locks_unrecorded[state.workload] = (aggregate.locks_unrecorded.get(state.workload, 0)
-                                                          + int(state.header["locks_unrecorded"]))
         aggregate.scan_seconds = time.perf_counter() - started
-        aggregate.scan_success = scan_success
+        aggregate.scan_success = sweep.success
         self.aggregate = aggregate
         self.last_scan_unix = time.time()
         if self._unsaved:
             self._save_totals()
-        for state, finding in stuck:
-            self._handle_stuck(state, finding)
         return aggregate
+
+    def _act(self, processes: list[Scanned]) -> None:
+        """Kill the processes past ``--kill-after`` (in threads of their own)."""
+        for process in processes:
+            if process.verdict.kill is not None:
+                self._handle_stuck(process.state, process.verdict.kill)
 
     def _claim(self, directory: OpenDir) -> bool:
         """One daemon per user directory (a root daemon and a user's own on one
@@ -317,7 +341,8 @@ class Daemon:
         self._claim_refused.discard(key)
         return True
 
-    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int, seen_alive: bool) -> str:
+    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int,
+                  seen_alive: bool) -> Literal["dead", "foreign", "exiting", "live"]:
         """dead, foreign (a file that does not name itself, or is not its
         directory owner's), exiting or live. ``seen_alive``: its name's
         process (pid, start time, uid) was found alive by this scan."""
@@ -355,17 +380,21 @@ class Daemon:
         header = state.header
         return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]))
 
-    def _add_live(self, live: Aggregate, states: list[ProcessState], now: float) -> np.ndarray:
-        """Sum every live process's records per (workload, lock) in one pass over
-        all records at once; return each process's oldest hold or wait age."""
-        assert live.heartbeat_age is not None
+    def _aggregate(self, processes: list[Scanned], now: float) -> Aggregate:
+        """The live processes' sums per (workload, lock), in one pass over all
+        their records at once; each process's oldest hold or wait age on the way."""
+        states = [process.state for process in processes]
+        heartbeat_age: dict[str, float] = {}
+        live = Aggregate(heartbeat_age=heartbeat_age, locks_unrecorded={})
+        assert live.locks_unrecorded is not None
         for state in states:
             workload = state.workload
             live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
             age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
-            live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), age)
+            heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
+            live.locks_unrecorded[workload] = live.locks_unrecorded.get(workload, 0) + int(state.header["locks_unrecorded"])
         if not states:
-            return np.zeros(0)
+            return live
         records = concat_records([state.records for state in states])
         owner = np.repeat(np.arange(len(states)), [len(state.records) for state in states])
         keys: dict[tuple[str, str], int] = {}
@@ -376,12 +405,12 @@ class Daemon:
             dtype=np.intp, count=len(records),
         )
 
-        def summed(field: str) -> np.ndarray:
-            out = np.zeros((len(keys),) + records.dtype[field].shape, dtype=np.uint64)
-            np.add.at(out, index, records[field].astype(np.uint64))
+        def summed(column: str) -> np.ndarray:
+            out = np.zeros((len(keys),) + records.dtype[column].shape, dtype=np.uint64)
+            np.add.at(out, index, records[column].astype(np.uint64))
             return out
 
-        sums = {field: summed(field) for field in (
+        sums = {column: summed(column) for column in (
             "acquisitions", "contentions", "reentries", "wait_buckets", "wait_sum_ns", "hold_buckets", "hold_sum_ns",
             "timeouts", "orphans", "held", "n_waiters")}
         held_since = records["held_since_unix"]
@@ -401,13 +430,16 @@ class Daemon:
                 hold_sum_ns=int(sums["hold_sum_ns"][i]), timeouts=sums["timeouts"][i], orphans=sums["orphans"][i],
             )
             live.gauges[key] = LockGauges(int(sums["held"][i]), float(max_hold[i]), int(sums["n_waiters"][i]), float(max_wait[i]))
-        worst = np.zeros(len(states))
-        np.maximum.at(worst, owner, np.maximum(hold_age, wait_age))
-        return worst
+        oldest_age = np.zeros(len(states))
+        np.maximum.at(oldest_age, owner, np.maximum(hold_age, wait_age))
+        for process, age in zip(processes, oldest_age.tolist()):
+            process.oldest_age_seconds = age
+        return live
 
     def _combine(self, live: Aggregate) -> Aggregate:
         """Live processes plus the folded totals of dead ones: a new object each scan."""
-        combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges)
+        combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges,
+                             locks_unrecorded=live.locks_unrecorded)
         for key, lock_totals in list(self._totals.items()) + list(live.locks.items()):
             into = combined.locks.get(key)
             if into is None:
@@ -549,6 +581,44 @@ class Daemon:
 
         reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)
+
+
+@dataclass
+class Scanned:
+    """One process's state file, as this scan read it; for a live process,
+    its oldest hold or wait (from :meth:`Daemon._aggregate`) and its verdict."""
+
+    directory: OpenDir
+    name: str
+    state: ProcessState
+    oldest_age_seconds: float = 0.0
+    verdict: Verdict = OK
+
+    @property
+    def key(self) -> str:
+        """``uid/name``: how the totals remember a folded file."""
+        return f"{self.directory.uid}/{self.name}"
+
+
+@dataclass
+class Sweep:
+    """What one scan found: the directories it opened (closed at the end of
+    the reading), the processes live (exiting ones included) and dead."""
+
+    dirs: list[OpenDir]
+    success: bool = True
+    live: list[Scanned] = field(default_factory=list)
+    dead: list[Scanned] = field(default_factory=list)
+    # Per directory, the names to remove once unchanged for JUNK_GRACE_SECONDS.
+    junk: list[tuple[OpenDir, list[str]]] = field(default_factory=list)
+    # uid/name of every state file listed, read or not.
+    present: set[str] = field(default_factory=set)
+    # Each state file's good read (or the last one that stands for it), by path.
+    read: dict[str, ProcessState] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for directory in self.dirs:
+            os.close(directory.fd)
 
 
 def _sort_names(names: list[str], uid: int) -> tuple[list[str], list[str], list[str]]:
