@@ -32,7 +32,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -42,6 +42,7 @@ from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
 from h5watch.export.server import MetricsServer
 from h5watch.host import reaper, totals
+from h5watch.host.totals import Totals
 from h5watch.host.verdict import KILL_REASONS, OK, Finding, Thresholds, Verdict, judge_live, parse_seconds
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import (
@@ -151,11 +152,10 @@ class Daemon:
         self._claims: dict[tuple[int, int], int] = {}
         self._claim_refused: set[tuple[int, int]] = set()
         self.claim_fd: int | None = None
-        self._totals: dict[tuple[str, str], LockTotals] = {}
-        self._fork_totals: dict[str, ForkTotals] = {}
-        self._kills: dict[tuple[str, str], int] = {}
+        # Dead processes' counts and the kills (these also from kill threads,
+        # under _kills_lock), saved across restarts.
+        self._totals = Totals()
         self._errors: dict[str, int] = {}
-        self._folded: set[str] = set()
         self._logged_errors: dict[str, str] = {}
         self._handled: dict[tuple[int, int], float] = {}
         self._kill_threads: list[threading.Thread] = []
@@ -353,7 +353,7 @@ class Daemon:
         if state.file_uid != dir_uid or int(state.header["uid"]) != dir_uid:
             self._error(state.path, "foreign_owner", f"owned by uid {state.file_uid} in the directory of uid {dir_uid}")
             return "foreign"
-        if name in self._folded:
+        if name in self._totals.folded:
             return "dead"
         if not seen_alive:
             identity = process_identity(state.pid)
@@ -440,13 +440,13 @@ class Daemon:
         """Live processes plus the folded totals of dead ones: a new object each scan."""
         combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges,
                              locks_unrecorded=live.locks_unrecorded)
-        for key, lock_totals in list(self._totals.items()) + list(live.locks.items()):
+        for key, lock_totals in list(self._totals.locks.items()) + list(live.locks.items()):
             into = combined.locks.get(key)
             if into is None:
                 into = combined.locks[key] = LockTotals()
             into.add(lock_totals)
             combined.gauges.setdefault(key, LockGauges())
-        for workload, fork_totals in list(self._fork_totals.items()) + list(live.forks.items()):
+        for workload, fork_totals in list(self._totals.forks.items()) + list(live.forks.items()):
             into_fork = combined.forks.get(workload)
             if into_fork is None:
                 into_fork = combined.forks[workload] = ForkTotals()
@@ -456,7 +456,7 @@ class Daemon:
         workloads = {workload for workload, _ in combined.locks} | set(combined.forks)
         with self._kills_lock:
             combined.kills = {(w, r): 0 for w in workloads for r in KILL_REASONS}
-            combined.kills.update(self._kills)
+            combined.kills.update(self._totals.kills)
         combined.state_file_errors = dict.fromkeys(STATE_FILE_ERRORS, 0)
         combined.state_file_errors.update(self._errors)
         return combined
@@ -464,13 +464,13 @@ class Daemon:
     def _fold(self, state: ProcessState, key: str) -> None:
         """Add a dead process's final counters to the totals, once (``key``:
         uid/name); its files are removed once the totals are saved."""
-        if key not in self._folded:
+        if key not in self._totals.folded:
             workload = state.workload
             for record in state.records:
                 lock_key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
-                self._totals.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
-            self._fork_totals.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
-            self._folded.add(key)
+                self._totals.locks.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
+            self._totals.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
+            self._totals.folded.add(key)
             self._unsaved = True
 
     def _remove_files(self, directory: OpenDir, state: ProcessState) -> None:
@@ -501,8 +501,8 @@ class Daemon:
 
     def _forget_missing(self, present: set[str]) -> None:
         """Bounded memory: forget files that are gone (``present``: uid/name keys)."""
-        if self._folded - present:
-            self._folded &= present
+        if self._totals.folded - present:
+            self._totals.folded &= present
             self._unsaved = True
         names = {key.rpartition("/")[2] for key in present}
         for path in [p for p in self._logged_errors if os.path.basename(p) not in names and p != self.state_dir]:
@@ -522,31 +522,18 @@ class Daemon:
 
     def _load_totals(self) -> None:
         try:
-            data = totals.read(self._own_dir)
-            if data is None:
-                return
-            self._totals = {(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]}
-            self._fork_totals = {w: ForkTotals.from_json(v) for w, v in data["forks"]}
-            self._kills = {(w, r): int(n) for w, r, n in data["kills"]}
-            self._folded = set(data["folded"])
+            self._totals = totals.read(self._own_dir) or Totals()
         except (totals.TotalsError, OSError, ValueError, KeyError, TypeError) as exc:
             # Start from zero; Prometheus reads the drop as a counter reset.
             _log.error("daemon.totals_unreadable", path=self._totals_path, error=str(exc))
-            self._totals, self._fork_totals, self._kills, self._folded = {}, {}, {}, set()
+            self._totals = Totals()
 
     def _save_totals(self) -> bool:
         """Persist the totals; False (logged once until a save succeeds) when it fails."""
         with self._kills_lock:
-            kills = [[w, r, n] for (w, r), n in self._kills.items()]
-        data = {
-            "version": 1,
-            "locks": [[w, lk, t.to_json()] for (w, lk), t in self._totals.items()],
-            "forks": [[w, t.to_json()] for w, t in self._fork_totals.items()],
-            "kills": kills,
-            "folded": sorted(self._folded),
-        }
+            saving = replace(self._totals, kills=dict(self._totals.kills))
         try:
-            totals.write(self._own_dir, data)
+            totals.write(self._own_dir, saving)
         except OSError as exc:
             self._unsaved = True
             self._save_failures += 1
@@ -577,7 +564,8 @@ class Daemon:
 
         def count() -> None:
             with self._kills_lock:
-                self._kills[(state.workload, reason)] = self._kills.get((state.workload, reason), 0) + 1
+                kills = self._totals.kills
+                kills[state.workload, reason] = kills.get((state.workload, reason), 0) + 1
 
         reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)

@@ -32,7 +32,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from h5watch import logs
 from h5watch.statedir import proc_stat, process_identity
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "kill_worker",
+    "Stacks",
     "dump_stacks",
     "open_verified",
     "still_same",
@@ -80,7 +81,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
     try:
         now = time.time()
         if dry_run:
-            stacks = {"stacks": "(dry run: no dump signal sent)", "py_spy": py_spy_dump(state.pid)}
+            stacks = Stacks("(dry run: no dump signal sent)", py_spy_dump(state.pid))
         else:
             stacks = dump_stacks(state, pidfd)
         evidence = {
@@ -91,7 +92,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
             "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
             **_blamed(culprit),
             "locks": state.locks(now),
-            **stacks,
+            **stacks._asdict(),
         }
         if dry_run:
             _log.warning("worker.would_kill", dry_run=True, **evidence)
@@ -121,20 +122,26 @@ def _blamed(culprit: Culprit | None) -> dict[str, Any]:
             "oldest_wait_seconds": culprit.oldest_wait_seconds, "orphaned": culprit.orphaned}
 
 
-def dump_stacks(state: ProcessState, pidfd: int) -> dict[str, Any]:
+class Stacks(NamedTuple):
+    """A worker's stacks for its evidence: its own faulthandler dump (or why
+    there is none), and py-spy's where installed."""
+
+    stacks: str
+    py_spy: str | None
+
+
+def dump_stacks(state: ProcessState, pidfd: int) -> Stacks:
     """Every thread's Python stack, from the process's own faulthandler
     (works when all its threads are blocked in C; not when it is stopped),
     and from py-spy where installed."""
-    result: dict[str, Any] = {"stacks": None, "py_spy": None}
     stat_ = proc_stat(state.pid)
     if stat_ is not None and stat_[0] in ("T", "t"):
-        result["stacks"] = "(process is stopped: no faulthandler dump)"
+        stacks = "(process is stopped: no faulthandler dump)"
     elif not catches_signal(state.pid, DUMP_SIGNAL):
-        result["stacks"] = "(no handler for the dump signal: not sent)"
+        stacks = "(no handler for the dump signal: not sent)"
     else:
-        result["stacks"] = faulthandler_dump(state, pidfd)
-    result["py_spy"] = py_spy_dump(state.pid)
-    return result
+        stacks = faulthandler_dump(state, pidfd)
+    return Stacks(stacks, py_spy_dump(state.pid))
 
 
 def py_spy_dump(pid: int) -> str | None:
