@@ -323,7 +323,7 @@ def test_status_and_the_daemon_give_the_same_verdict(state_dir, daemons, workers
     assert {p["pid"]: p["state"] for p in default["processes"]}[stuck_pid] == "ok"
 
     table = status(state_dir, "--kill-after", "2", json_output=False).stdout
-    assert "thresholds: stuck after 2s, kill after 2s" in table
+    assert "thresholds: --stuck-after 2s, --kill-after 2s" in table
     [row] = [line for line in table.splitlines() if f" {stuck_pid} " in line]
     assert "STUCK" in row and "hold of app.x for" in row and "a daemon would kill it (hold)" in row
     assert daemon.value("h5watch_processes", workload="wedged", state="stuck") == 1
@@ -346,7 +346,7 @@ def test_a_kill_for_a_long_hold_is_counted_as_a_hold(state_dir, daemons, workers
 
 def test_status_takes_the_daemons_threshold_options(state_dir):
     table = status(state_dir, "--stuck-after", "1.5", json_output=False).stdout
-    assert "thresholds: stuck after 1.5s, kill after: none" in table
+    assert "thresholds: --stuck-after 1.5s, --kill-after none" in table
     for args, flag in ((["--kill-after", "-3"], "--kill-after"), (["--stuck-after", "soon"], "--stuck-after")):
         result = subprocess.run([*H5WATCH, "status", "--state-dir", str(state_dir), *args], capture_output=True,
                                 text=True, timeout=30, cwd=REPO)

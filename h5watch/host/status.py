@@ -165,9 +165,10 @@ def render(report: dict[str, Any]) -> str:
 
 
 def _thresholds_line(thresholds: dict[str, Any]) -> str:
+    """``thresholds: --stuck-after 30s, --kill-after none``: what the verdicts below used."""
     kill_after = thresholds["kill_after"]
-    kill = "kill after: none" if kill_after is None else f"kill after {kill_after:g}s"
-    return f"thresholds: stuck after {thresholds['stuck_after']:g}s, {kill} (as the daemon's --stuck-after, --kill-after)"
+    kill = "none" if kill_after is None else f"{kill_after:g}s"
+    return f"thresholds: --stuck-after {thresholds['stuck_after']:g}s, --kill-after {kill}"
 
 
 def _why(process: dict[str, Any]) -> str:
