@@ -281,6 +281,7 @@ def test_status_marks_stuck_holder(state_dir, workers):
         (["run", "--on-orphan", "explode", "--", "true"], "on_orphan"),
         (["run", "--", "/no/such/command"], "command not found"),
         (["status", "--stuck-after", "0"], "--stuck-after"),
+        (["status", "--kill-after", "-3"], "--kill-after"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, state_dir):

@@ -466,12 +466,13 @@ def _write_state(state_dir: Path, watchdog_running: bool) -> object:
 def test_status_and_daemon_judge_a_process_without_watchdog_by_its_records(tmp_path, watchdog_running):
     from h5watch.host.daemon import Daemon
     from h5watch.host.status import collect_status, render
+    from h5watch.host.verdict import Thresholds
 
     state_dir = tmp_path / "state"
     writer = _write_state(state_dir, watchdog_running)
     try:
         time.sleep(1.6)  # the heartbeat, and the hold as recorded, age past stuck_after
-        report = collect_status(str(state_dir), stuck_after=1.0)
+        report = collect_status(str(state_dir), Thresholds(stuck_after=1.0))
         [process] = [p for p in report["processes"] if p["pid"] == os.getpid()]
         assert process["watchdog_running"] is watchdog_running
         daemon = Daemon(str(state_dir), 0.5, None, 1.0, 1.0, False)
@@ -498,6 +499,7 @@ def test_orphan_in_a_child_without_watchdog_is_still_stuck(tmp_path):
     without a watchdog: a single-threaded child waiting on an orphaned lock
     is stuck."""
     from h5watch.host.status import collect_status
+    from h5watch.host.verdict import Thresholds
 
     state_dir = tmp_path / "state"
     code = textwrap.dedent(
@@ -530,7 +532,7 @@ def test_orphan_in_a_child_without_watchdog_is_still_stuck(tmp_path):
         child = json.loads(proc.stdout.readline())["child"]
         deadline = time.monotonic() + 20
         while True:
-            report = collect_status(str(state_dir), stuck_after=0.5)
+            report = collect_status(str(state_dir), Thresholds(stuck_after=0.5))
             mine = [p for p in report["processes"] if p["pid"] == child]
             if mine and mine[0]["state"] == "stuck":
                 break

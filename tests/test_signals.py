@@ -93,7 +93,7 @@ if mode == "killer":
     counted = []
     for pid in (os.getpid(), os.getppid(), 1, 0, -1):
         target = state if pid == os.getpid() else NamingPid(state, pid)
-        killer.kill_worker(target, "hold", {}, kill_after=1.0, grace=0.5, dry_run=False,
+        killer.kill_worker(target, "hold", None, kill_after=1.0, grace=0.5, dry_run=False,
                            count_kill=lambda: counted.append(pid))
     emit(counted=counted, alive=True)
     sys.exit(0)

@@ -6,15 +6,13 @@ Each scan reads every state file in ``state_dir`` and sorts its process:
   process): its final counters are folded into persisted totals, then its
   files are removed; counters therefore never go backwards when workers
   exit, are killed or are replaced;
-- **stuck** (heartbeat, a wait or a hold older than the stuck threshold);
-  a process whose file says its watchdog is not running (it forked with no
-  thread of its own, or is a child that has not needed one) has no
-  heartbeat, and is judged by its lock records alone, its holds as of its
-  last write;
-- **ok**.
+- **stuck** or **ok**, as :func:`~h5watch.host.verdict.judge` says at
+  ``--stuck-after`` (an orphaned lock, a hold or a wait, or the heartbeat,
+  older than it): ``h5watch status`` says the same with the same options.
 
 The scan publishes a fresh :class:`~h5watch.export.metrics.Aggregate`; scrapes
-only read the latest one. With ``--kill-after``, a stuck worker's stacks are
+only read the latest one. With ``--kill-after``, a worker the verdict finds
+past it (the kill's ``reason`` is the verdict's at that threshold) has its stacks
 taken from outside (its ``faulthandler`` dump signal; py-spy where
 installed), ``worker.killed`` is logged with the lock evidence of its state
 file, then it gets SIGTERM, and SIGKILL after ``--grace``.
@@ -33,7 +31,9 @@ import signal
 import stat
 import threading
 import time
-from typing import Any, Literal, overload
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 
@@ -42,6 +42,8 @@ from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
 from h5watch.export.server import MetricsServer
 from h5watch.host import reaper, totals
+from h5watch.host.totals import Totals
+from h5watch.host.verdict import KILL_REASONS, OK, Finding, Thresholds, Verdict, judge_live, parse_seconds
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import (
     STATE_SUFFIX,
@@ -56,7 +58,6 @@ from h5watch.statefile import (
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
 TOTALS_FILE = totals.TOTALS_FILE
-KILL_REASONS = ("orphaned_lock", "wait", "hold", "heartbeat")
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
 # Dead processes' files read (and folded) per scan, after every live one.
 MAX_DEAD_PER_SCAN = 2000
@@ -89,22 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
 
-@overload
-def _seconds(flag: str, text: str | None, allow_none: Literal[False] = False) -> float: ...
-@overload
-def _seconds(flag: str, text: str | None, allow_none: bool) -> float | None: ...
-def _seconds(flag: str, text: str | None, allow_none: bool = False) -> float | None:
-    if text is None and allow_none:
-        return None
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag}: expected a number of seconds > 0, got {text!r}") from None
-    if not 0 < value < 1e9:
-        raise UsageError(f"{flag}: expected a number of seconds > 0, got {text!r}")
-    return value
-
-
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
@@ -118,10 +103,9 @@ def main(args: argparse.Namespace) -> int:
 
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
     listen = parse_listen(args.listen)
-    scan_interval = _seconds("--scan-interval", args.scan_interval)
-    kill_after = _seconds("--kill-after", args.kill_after, allow_none=True)
-    grace = _seconds("--grace", args.grace)
-    stuck_after = _seconds("--stuck-after", args.stuck_after, allow_none=True) or kill_after or 30.0
+    scan_interval = parse_seconds("--scan-interval", args.scan_interval)
+    thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
+    grace = parse_seconds("--grace", args.grace)
     logs.configure(args.log_format or options.log_format)
     try:
         own_dir = open_user_dir(options.state_dir)
@@ -129,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
         claim_fd = totals.claim(own_dir)
     except (StateDirError, totals.TotalsError) as exc:
         raise UsageError(str(exc)) from None
-    daemon = Daemon(options.state_dir, scan_interval, kill_after, grace, stuck_after, args.dry_run)
+    daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run)
     daemon.claim_fd = claim_fd
     try:
         daemon.serve(*listen)
@@ -150,9 +134,8 @@ class Daemon:
     ) -> None:
         self.state_dir = state_dir
         self.scan_interval = scan_interval
-        self.kill_after = kill_after
         self.grace = grace
-        self.stuck_after = stuck_after
+        self.thresholds = Thresholds(stuck_after, kill_after)
         self.dry_run = dry_run
         self.aggregate: Aggregate | None = None
         self.last_scan_unix = 0.0
@@ -169,11 +152,10 @@ class Daemon:
         self._claims: dict[tuple[int, int], int] = {}
         self._claim_refused: set[tuple[int, int]] = set()
         self.claim_fd: int | None = None
-        self._totals: dict[tuple[str, str], LockTotals] = {}
-        self._fork_totals: dict[str, ForkTotals] = {}
-        self._kills: dict[tuple[str, str], int] = {}
+        # Dead processes' counts and the kills (these also from kill threads,
+        # under _kills_lock), saved across restarts.
+        self._totals = Totals()
         self._errors: dict[str, int] = {}
-        self._folded: set[str] = set()
         self._logged_errors: dict[str, str] = {}
         self._handled: dict[tuple[int, int], float] = {}
         self._kill_threads: list[threading.Thread] = []
@@ -196,8 +178,8 @@ class Daemon:
             # start already carries every series.
             self.scan()
             server.start()
-            _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.kill_after,
-                      grace=self.grace, stuck_after=self.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
+            _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.thresholds.kill_after,
+                      grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
             while not self._stop.wait(self.scan_interval):
                 self.scan()
         finally:
@@ -214,122 +196,129 @@ class Daemon:
     # -- one scan ----------------------------------------------------------
 
     def scan(self) -> Aggregate:
-        started = time.perf_counter()
-        now = time.time()
-        scan_success = True
-        processes: dict[tuple[str, str], int] = {}
-        live = Aggregate(processes=processes, heartbeat_age={})
-        stuck: list[tuple[ProcessState, str, dict[str, Any]]] = []
-        present: set[str] = set()
-        live_states: list[ProcessState] = []
-        exiting: set[int] = set()
-        last_read: dict[str, ProcessState] = {}
+        """One tick, in named steps: read every state file, reap the dead,
+        sum the live, judge them, publish the aggregate, act on the stuck."""
+        started, now = time.perf_counter(), time.time()
+        sweep = self._open_dirs()
+        try:
+            self._read_states(sweep, now)
+            self._reap_dead(sweep, now)
+        finally:
+            sweep.close()
+        live = self._aggregate(sweep.live, now)
+        self._judge(sweep.live, now)
+        aggregate = self._publish(sweep, live, started)
+        self._act(sweep.live)
+        return aggregate
+
+    def _open_dirs(self) -> Sweep:
+        """Every per-user directory this daemon may read, opened."""
         try:
             dirs, refused = readable_user_dirs(self.state_dir)
         except (StateDirError, OSError) as exc:
             self._error(self.state_dir, "unreadable_dir", str(exc))
-            dirs, refused, scan_success = [], [], False
+            return Sweep(dirs=[], success=False)
         for path, message in refused:
             self._error(path, "foreign_owner", message)
+        return Sweep(dirs=dirs)
+
+    def _read_states(self, sweep: Sweep, now: float) -> None:
+        """Read each directory's state files and sort them into live and dead:
+        every live process, however many files a directory holds; dead ones
+        up to MAX_DEAD_PER_SCAN (the rest next scan)."""
+        dead_budget = MAX_DEAD_PER_SCAN
+        for directory in sweep.dirs:
+            if not self._claim(directory):
+                continue
+            try:
+                names = list_names(directory)
+            except OSError as exc:
+                self._error(directory.path, "unreadable_dir", f"cannot list it: {exc.strerror}")
+                sweep.success = False
+                continue
+            live_names, dead_names, junk = _sort_names(names, directory.uid)
+            sweep.present.update(f"{directory.uid}/{name}" for name in live_names + dead_names)
+            dead_names, dead_budget = dead_names[:dead_budget], max(0, dead_budget - len(dead_names))
+            dead_set = set(dead_names)
+            for name in live_names + dead_names:
+                state = self._read_state(directory, name, name in dead_set, junk)
+                if state is None:
+                    continue
+                sweep.read[state.path] = state
+                fate = self._classify(state, name, now, directory.uid, name not in dead_set)
+                if fate == "dead":
+                    sweep.dead.append(Scanned(directory, name, state))
+                elif fate in ("live", "exiting"):
+                    sweep.live.append(Scanned(directory, name, state))
+            sweep.junk.append((directory, junk))
+
+    def _read_state(self, directory: OpenDir, name: str, dead: bool, junk: list[str]) -> ProcessState | None:
+        """One state file, or None (skipped and logged; ``junk`` gets a dead
+        process's file no reader can use)."""
+        path = os.path.join(directory.path, name)
         try:
-            dead_budget = MAX_DEAD_PER_SCAN
-            folded: list[tuple[OpenDir, ProcessState]] = []
-            for directory in dirs:
-                if not self._claim(directory):
-                    continue
-                try:
-                    names = list_names(directory)
-                except OSError as exc:
-                    self._error(directory.path, "unreadable_dir", f"cannot list it: {exc.strerror}")
-                    scan_success = False
-                    continue
-                live_names, dead_names, junk = _sort_names(names, directory.uid)
-                present.update(f"{directory.uid}/{name}" for name in live_names + dead_names)
-                # Every live process first, however many files the directory
-                # holds; dead ones up to a bound per scan (the rest next scan).
-                dead_names, dead_budget = dead_names[:dead_budget], max(0, dead_budget - len(dead_names))
-                dead_set = set(dead_names)
-                for name in live_names + dead_names:
-                    path = os.path.join(directory.path, name)
-                    try:
-                        try:
-                            state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
-                        except StateFileError as exc:
-                            if exc.reason != "busy":
-                                raise
-                            if name in dead_set:
-                                # A writer that died in the middle of a write: its
-                                # counters are exact all the same (see statefile).
-                                state = read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd,
-                                                        accept_torn=True)
-                            elif path in self._last_read:
-                                # Live, and being written at each try: its last
-                                # read stands for it (dropping it for one scan would
-                                # make every counter of its workload go down).
-                                state = self._last_read[path]
-                            else:
-                                raise
-                    except StateFileError as exc:
-                        self._error(path, exc.reason, str(exc))
-                        if name in dead_set and exc.reason in ("truncated", "corrupt"):
-                            junk.append(name)  # a dead process's file no reader can use
-                        continue
-                    last_read[path] = state
-                    verdict = self._classify(state, name, now, directory.uid, name not in dead_set)
-                    if verdict == "dead":
-                        self._fold(state, f"{directory.uid}/{name}")
-                        folded.append((directory, state))
-                        key = (state.workload, "dead")
-                        processes[key] = processes.get(key, 0) + 1
-                    elif verdict in ("live", "exiting"):
-                        live_states.append(state)
-                        if verdict == "exiting":
-                            exiting.add(id(state))
-                self._remove_junk(directory, junk, now)
-            # Persist before removing: a crash in between must not count a
-            # process twice, and a failed save keeps its files for the next scan.
-            if folded and (not self._unsaved or self._save_totals()):
-                for directory, state in folded:
-                    self._remove_files(directory, state)
-        finally:
-            for directory in dirs:
-                os.close(directory.fd)
-        worst_ages = self._add_live(live, live_states, now)
-        thresholds = [self.stuck_after] + ([self.kill_after] if self.kill_after is not None else [])
-        for state, worst_age in zip(live_states, worst_ages):
-            heartbeat_age = now - state.heartbeat_unix if state.watchdog_running else 0.0
-            tick = float(state.header["tick_interval"]) or 0.5
-            reason = kill_reason = None
-            # A process marked exited is not judged; nor is one that exec'd a
-            # program without h5watch (its counts stay live until it exits).
-            looks_stuck = worst_age > min(thresholds) or heartbeat_age > max(min(thresholds), 3 * tick)
-            if looks_stuck and id(state) not in exiting and not reaper.execd_away(state):
-                locks = state.locks(now)
-                reason, _ = self._stuck_reason(state, locks, now, self.stuck_after)
-                if self.kill_after is not None:
-                    kill_reason, culprit = self._stuck_reason(state, locks, now, self.kill_after)
-                    if kill_reason:
-                        stuck.append((state, kill_reason, culprit))
-            key = (state.workload, "stuck" if reason else "ok")
-            processes[key] = processes.get(key, 0) + 1
-        self._last_read = last_read
-        if scan_success:
-            self._forget_missing(present)
+            try:
+                return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
+            except StateFileError as exc:
+                if exc.reason != "busy":
+                    raise
+                if dead:
+                    # A writer that died in the middle of a write: its
+                    # counters are exact all the same (see statefile).
+                    return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
+                if path in self._last_read:
+                    # Live, and being written at each try: its last read
+                    # stands for it (dropping it for one scan would make
+                    # every counter of its workload go down).
+                    return self._last_read[path]
+                raise
+        except StateFileError as exc:
+            self._error(path, exc.reason, str(exc))
+            if dead and exc.reason in ("truncated", "corrupt"):
+                junk.append(name)
+            return None
+
+    def _reap_dead(self, sweep: Sweep, now: float) -> None:
+        """Fold the dead processes' counters into the totals, save them, then
+        remove their files and the junk; forget what is gone."""
+        for process in sweep.dead:
+            self._fold(process.state, process.key)
+        for directory, junk in sweep.junk:
+            self._remove_junk(directory, junk, now)
+        # Persist before removing: a crash in between must not count a
+        # process twice, and a failed save keeps its files for the next scan.
+        if sweep.dead and (not self._unsaved or self._save_totals()):
+            for process in sweep.dead:
+                self._remove_files(process.directory, process.state)
+        self._last_read = sweep.read
+        if sweep.success:
+            self._forget_missing(sweep.present)
+
+    def _judge(self, processes: list[Scanned], now: float) -> None:
+        """Each live process's verdict (:mod:`h5watch.host.verdict`)."""
+        for process in processes:
+            process.verdict = judge_live(process.state, now, self.thresholds, oldest_age_seconds=process.oldest_age_seconds)
+
+    def _publish(self, sweep: Sweep, live: Aggregate, started: float) -> Aggregate:
+        """This scan's aggregate, the one scrapes read from now on; the totals
+        saved if they changed."""
+        live.processes = dict(Counter([(p.state.workload, "dead") for p in sweep.dead]
+                                      + [(p.state.workload, p.verdict.state) for p in sweep.live]))
         aggregate = self._combine(live)
         aggregate.totals_save_failures = self._save_failures
-        aggregate.locks_unrecorded = {}
-        for state in live_states:
-            aggregate.locks_unrecorded[state.workload] = (aggregate.locks_unrecorded.get(state.workload, 0)
-                                                          + int(state.header["locks_unrecorded"]))
         aggregate.scan_seconds = time.perf_counter() - started
-        aggregate.scan_success = scan_success
+        aggregate.scan_success = sweep.success
         self.aggregate = aggregate
         self.last_scan_unix = time.time()
         if self._unsaved:
             self._save_totals()
-        for state, reason, culprit in stuck:
-            self._handle_stuck(state, reason, culprit)
         return aggregate
+
+    def _act(self, processes: list[Scanned]) -> None:
+        """Kill the processes past ``--kill-after`` (in threads of their own)."""
+        for process in processes:
+            if process.verdict.kill is not None:
+                self._handle_stuck(process.state, process.verdict.kill)
 
     def _claim(self, directory: OpenDir) -> bool:
         """One daemon per user directory (a root daemon and a user's own on one
@@ -352,7 +341,8 @@ class Daemon:
         self._claim_refused.discard(key)
         return True
 
-    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int, seen_alive: bool) -> str:
+    def _classify(self, state: ProcessState, name: str, now: float, dir_uid: int,
+                  seen_alive: bool) -> Literal["dead", "foreign", "exiting", "live"]:
         """dead, foreign (a file that does not name itself, or is not its
         directory owner's), exiting or live. ``seen_alive``: its name's
         process (pid, start time, uid) was found alive by this scan."""
@@ -363,7 +353,7 @@ class Daemon:
         if state.file_uid != dir_uid or int(state.header["uid"]) != dir_uid:
             self._error(state.path, "foreign_owner", f"owned by uid {state.file_uid} in the directory of uid {dir_uid}")
             return "foreign"
-        if name in self._folded:
+        if name in self._totals.folded:
             return "dead"
         if not seen_alive:
             identity = process_identity(state.pid)
@@ -373,26 +363,6 @@ class Daemon:
         # the file (daemon threads run until the interpreter is gone), so it is
         # folded once the process is gone, and never judged stuck meanwhile.
         return "exiting" if int(state.header["exited"]) else "live"
-
-    @staticmethod
-    def _stuck_reason(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> tuple[str | None, dict[str, Any]]:
-        """Why the process counts as stuck at ``limit`` seconds, and the lock to blame."""
-        for lock in locks:
-            hold_age = (lock["holder"] or {}).get("hold_age_seconds") or 0.0
-            if lock["orphaned"] and lock["waiters"] and max(hold_age, lock["oldest_wait_seconds"]) > limit:
-                return "orphaned_lock", lock
-        for lock in locks:
-            if lock["waiters"] and lock["oldest_wait_seconds"] > limit:
-                return "wait", lock
-        for lock in locks:
-            holder = lock["holder"]
-            if holder and (holder["hold_age_seconds"] or 0) > limit:
-                return "hold", lock
-        tick = float(state.header["tick_interval"]) or 0.5
-        if state.watchdog_running and now - state.heartbeat_unix > max(limit, 3 * tick):
-            held = [lock for lock in locks if lock["holder"] or lock["waiters"]]
-            return "heartbeat", (held[0] if held else {})
-        return None, {}
 
     # -- aggregation ---------------------------------------------------------
 
@@ -410,17 +380,21 @@ class Daemon:
         header = state.header
         return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]))
 
-    def _add_live(self, live: Aggregate, states: list[ProcessState], now: float) -> np.ndarray:
-        """Sum every live process's records per (workload, lock) in one pass over
-        all records at once; return each process's oldest hold or wait age."""
-        assert live.heartbeat_age is not None
+    def _aggregate(self, processes: list[Scanned], now: float) -> Aggregate:
+        """The live processes' sums per (workload, lock), in one pass over all
+        their records at once; each process's oldest hold or wait age on the way."""
+        states = [process.state for process in processes]
+        heartbeat_age: dict[str, float] = {}
+        live = Aggregate(heartbeat_age=heartbeat_age, locks_unrecorded={})
+        assert live.locks_unrecorded is not None
         for state in states:
             workload = state.workload
             live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
             age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
-            live.heartbeat_age[workload] = max(live.heartbeat_age.get(workload, 0.0), age)
+            heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
+            live.locks_unrecorded[workload] = live.locks_unrecorded.get(workload, 0) + int(state.header["locks_unrecorded"])
         if not states:
-            return np.zeros(0)
+            return live
         records = concat_records([state.records for state in states])
         owner = np.repeat(np.arange(len(states)), [len(state.records) for state in states])
         keys: dict[tuple[str, str], int] = {}
@@ -431,12 +405,12 @@ class Daemon:
             dtype=np.intp, count=len(records),
         )
 
-        def summed(field: str) -> np.ndarray:
-            out = np.zeros((len(keys),) + records.dtype[field].shape, dtype=np.uint64)
-            np.add.at(out, index, records[field].astype(np.uint64))
+        def summed(column: str) -> np.ndarray:
+            out = np.zeros((len(keys),) + records.dtype[column].shape, dtype=np.uint64)
+            np.add.at(out, index, records[column].astype(np.uint64))
             return out
 
-        sums = {field: summed(field) for field in (
+        sums = {column: summed(column) for column in (
             "acquisitions", "contentions", "reentries", "wait_buckets", "wait_sum_ns", "hold_buckets", "hold_sum_ns",
             "timeouts", "orphans", "held", "n_waiters")}
         held_since = records["held_since_unix"]
@@ -456,20 +430,23 @@ class Daemon:
                 hold_sum_ns=int(sums["hold_sum_ns"][i]), timeouts=sums["timeouts"][i], orphans=sums["orphans"][i],
             )
             live.gauges[key] = LockGauges(int(sums["held"][i]), float(max_hold[i]), int(sums["n_waiters"][i]), float(max_wait[i]))
-        worst = np.zeros(len(states))
-        np.maximum.at(worst, owner, np.maximum(hold_age, wait_age))
-        return worst
+        oldest_age = np.zeros(len(states))
+        np.maximum.at(oldest_age, owner, np.maximum(hold_age, wait_age))
+        for process, age in zip(processes, oldest_age.tolist()):
+            process.oldest_age_seconds = age
+        return live
 
     def _combine(self, live: Aggregate) -> Aggregate:
         """Live processes plus the folded totals of dead ones: a new object each scan."""
-        combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges)
-        for key, lock_totals in list(self._totals.items()) + list(live.locks.items()):
+        combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges,
+                             locks_unrecorded=live.locks_unrecorded)
+        for key, lock_totals in list(self._totals.locks.items()) + list(live.locks.items()):
             into = combined.locks.get(key)
             if into is None:
                 into = combined.locks[key] = LockTotals()
             into.add(lock_totals)
             combined.gauges.setdefault(key, LockGauges())
-        for workload, fork_totals in list(self._fork_totals.items()) + list(live.forks.items()):
+        for workload, fork_totals in list(self._totals.forks.items()) + list(live.forks.items()):
             into_fork = combined.forks.get(workload)
             if into_fork is None:
                 into_fork = combined.forks[workload] = ForkTotals()
@@ -479,7 +456,7 @@ class Daemon:
         workloads = {workload for workload, _ in combined.locks} | set(combined.forks)
         with self._kills_lock:
             combined.kills = {(w, r): 0 for w in workloads for r in KILL_REASONS}
-            combined.kills.update(self._kills)
+            combined.kills.update(self._totals.kills)
         combined.state_file_errors = dict.fromkeys(STATE_FILE_ERRORS, 0)
         combined.state_file_errors.update(self._errors)
         return combined
@@ -487,13 +464,13 @@ class Daemon:
     def _fold(self, state: ProcessState, key: str) -> None:
         """Add a dead process's final counters to the totals, once (``key``:
         uid/name); its files are removed once the totals are saved."""
-        if key not in self._folded:
+        if key not in self._totals.folded:
             workload = state.workload
             for record in state.records:
                 lock_key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
-                self._totals.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
-            self._fork_totals.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
-            self._folded.add(key)
+                self._totals.locks.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
+            self._totals.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
+            self._totals.folded.add(key)
             self._unsaved = True
 
     def _remove_files(self, directory: OpenDir, state: ProcessState) -> None:
@@ -524,8 +501,8 @@ class Daemon:
 
     def _forget_missing(self, present: set[str]) -> None:
         """Bounded memory: forget files that are gone (``present``: uid/name keys)."""
-        if self._folded - present:
-            self._folded &= present
+        if self._totals.folded - present:
+            self._totals.folded &= present
             self._unsaved = True
         names = {key.rpartition("/")[2] for key in present}
         for path in [p for p in self._logged_errors if os.path.basename(p) not in names and p != self.state_dir]:
@@ -545,31 +522,18 @@ class Daemon:
 
     def _load_totals(self) -> None:
         try:
-            data = totals.read(self._own_dir)
-            if data is None:
-                return
-            self._totals = {(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]}
-            self._fork_totals = {w: ForkTotals.from_json(v) for w, v in data["forks"]}
-            self._kills = {(w, r): int(n) for w, r, n in data["kills"]}
-            self._folded = set(data["folded"])
+            self._totals = totals.read(self._own_dir) or Totals()
         except (totals.TotalsError, OSError, ValueError, KeyError, TypeError) as exc:
             # Start from zero; Prometheus reads the drop as a counter reset.
             _log.error("daemon.totals_unreadable", path=self._totals_path, error=str(exc))
-            self._totals, self._fork_totals, self._kills, self._folded = {}, {}, {}, set()
+            self._totals = Totals()
 
     def _save_totals(self) -> bool:
         """Persist the totals; False (logged once until a save succeeds) when it fails."""
         with self._kills_lock:
-            kills = [[w, r, n] for (w, r), n in self._kills.items()]
-        data = {
-            "version": 1,
-            "locks": [[w, lk, t.to_json()] for (w, lk), t in self._totals.items()],
-            "forks": [[w, t.to_json()] for w, t in self._fork_totals.items()],
-            "kills": kills,
-            "folded": sorted(self._folded),
-        }
+            saving = replace(self._totals, kills=dict(self._totals.kills))
         try:
-            totals.write(self._own_dir, data)
+            totals.write(self._own_dir, saving)
         except OSError as exc:
             self._unsaved = True
             self._save_failures += 1
@@ -583,9 +547,7 @@ class Daemon:
 
     # -- stuck workers ---------------------------------------------------------
 
-    def _handle_stuck(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
-        if self.kill_after is None:
-            return
+    def _handle_stuck(self, state: ProcessState, finding: Finding) -> None:
         key = (state.pid, state.start_ticks)
         if key in self._handled:
             return
@@ -593,17 +555,58 @@ class Daemon:
         if len(self._kill_threads) >= MAX_CONCURRENT_KILLS:
             return
         self._handled[key] = time.time()
-        thread = threading.Thread(target=self._kill, args=(state, reason, culprit), name=f"h5watch-kill-{state.pid}", daemon=True)
+        thread = threading.Thread(target=self._kill, args=(state, finding), name=f"h5watch-kill-{state.pid}", daemon=True)
         self._kill_threads.append(thread)
         thread.start()
 
-    def _kill(self, state: ProcessState, reason: str, culprit: dict[str, Any]) -> None:
+    def _kill(self, state: ProcessState, finding: Finding) -> None:
+        reason = finding.reason
+
         def count() -> None:
             with self._kills_lock:
-                self._kills[(state.workload, reason)] = self._kills.get((state.workload, reason), 0) + 1
+                kills = self._totals.kills
+                kills[state.workload, reason] = kills.get((state.workload, reason), 0) + 1
 
-        reaper.kill_worker(state, reason, culprit, kill_after=self.kill_after, grace=self.grace, dry_run=self.dry_run,
+        reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)
+
+
+@dataclass
+class Scanned:
+    """One process's state file, as this scan read it; for a live process,
+    its oldest hold or wait (from :meth:`Daemon._aggregate`) and its verdict."""
+
+    directory: OpenDir
+    name: str
+    state: ProcessState
+    oldest_age_seconds: float = 0.0
+    verdict: Verdict = OK
+
+    @property
+    def key(self) -> str:
+        """``uid/name``: how the totals remember a folded file."""
+        return f"{self.directory.uid}/{self.name}"
+
+
+@dataclass
+class Sweep:
+    """What one scan found: the directories it opened (closed at the end of
+    the reading), the processes live (exiting ones included) and dead."""
+
+    dirs: list[OpenDir]
+    success: bool = True
+    live: list[Scanned] = field(default_factory=list)
+    dead: list[Scanned] = field(default_factory=list)
+    # Per directory, the names to remove once unchanged for JUNK_GRACE_SECONDS.
+    junk: list[tuple[OpenDir, list[str]]] = field(default_factory=list)
+    # uid/name of every state file listed, read or not.
+    present: set[str] = field(default_factory=set)
+    # Each state file's good read (or the last one that stands for it), by path.
+    read: dict[str, ProcessState] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for directory in self.dirs:
+            os.close(directory.fd)
 
 
 def _sort_names(names: list[str], uid: int) -> tuple[list[str], list[str], list[str]]:

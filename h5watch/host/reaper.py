@@ -32,14 +32,18 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from h5watch import logs
 from h5watch.statedir import proc_stat, process_identity
 from h5watch.statefile import DUMP_SIGNAL, ProcessState
 
+if TYPE_CHECKING:
+    from h5watch.host.verdict import Culprit, Reason
+
 __all__ = [
     "kill_worker",
+    "Stacks",
     "dump_stacks",
     "open_verified",
     "still_same",
@@ -60,9 +64,13 @@ GONE = "the process is gone"
 _log = logs.get_logger(logger="h5watch.daemon")
 
 
-def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, kill_after: float | None, grace: float,
+def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *, kill_after: float | None, grace: float,
                 dry_run: bool, count_kill: Callable[[], None]) -> None:
     """Dump a stuck worker's stacks, log the evidence, then SIGTERM and, after ``grace``, SIGKILL.
+
+    ``reason`` and ``culprit``: the verdict's finding at ``kill_after``
+    (:mod:`h5watch.host.verdict`); no culprit for a stale heartbeat with no
+    lock held or waited for.
 
     With ``dry_run``: the same checks and evidence, minus anything that needs
     a signal (the faulthandler dump), then ``worker.would_kill``; nothing is
@@ -73,7 +81,7 @@ def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, ki
     try:
         now = time.time()
         if dry_run:
-            stacks = {"stacks": "(dry run: no dump signal sent)", "py_spy": py_spy_dump(state.pid)}
+            stacks = Stacks("(dry run: no dump signal sent)", py_spy_dump(state.pid))
         else:
             stacks = dump_stacks(state, pidfd)
         evidence = {
@@ -82,13 +90,9 @@ def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, ki
             "reason": reason,
             "kill_after": kill_after,
             "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
-            "lock": culprit.get("lock"),
-            "holder": culprit.get("holder"),
-            "waiters": culprit.get("waiting_threads"),
-            "oldest_wait_seconds": culprit.get("oldest_wait_seconds"),
-            "orphaned": culprit.get("orphaned"),
+            **_blamed(culprit),
             "locks": state.locks(now),
-            **stacks,
+            **stacks._asdict(),
         }
         if dry_run:
             _log.warning("worker.would_kill", dry_run=True, **evidence)
@@ -110,20 +114,34 @@ def kill_worker(state: ProcessState, reason: str, culprit: dict[str, Any], *, ki
             os.close(pidfd)
 
 
-def dump_stacks(state: ProcessState, pidfd: int) -> dict[str, Any]:
+def _blamed(culprit: Culprit | None) -> dict[str, Any]:
+    """The culprit lock's fields of the evidence (each None when no lock is blamed)."""
+    if culprit is None:
+        return dict.fromkeys(("lock", "holder", "waiters", "oldest_wait_seconds", "orphaned"))
+    return {"lock": culprit.lock, "holder": culprit.holder, "waiters": culprit.waiting_threads,
+            "oldest_wait_seconds": culprit.oldest_wait_seconds, "orphaned": culprit.orphaned}
+
+
+class Stacks(NamedTuple):
+    """A worker's stacks for its evidence: its own faulthandler dump (or why
+    there is none), and py-spy's where installed."""
+
+    stacks: str
+    py_spy: str | None
+
+
+def dump_stacks(state: ProcessState, pidfd: int) -> Stacks:
     """Every thread's Python stack, from the process's own faulthandler
     (works when all its threads are blocked in C; not when it is stopped),
     and from py-spy where installed."""
-    result: dict[str, Any] = {"stacks": None, "py_spy": None}
     stat_ = proc_stat(state.pid)
     if stat_ is not None and stat_[0] in ("T", "t"):
-        result["stacks"] = "(process is stopped: no faulthandler dump)"
+        stacks = "(process is stopped: no faulthandler dump)"
     elif not catches_signal(state.pid, DUMP_SIGNAL):
-        result["stacks"] = "(no handler for the dump signal: not sent)"
+        stacks = "(no handler for the dump signal: not sent)"
     else:
-        result["stacks"] = faulthandler_dump(state, pidfd)
-    result["py_spy"] = py_spy_dump(state.pid)
-    return result
+        stacks = faulthandler_dump(state, pidfd)
+    return Stacks(stacks, py_spy_dump(state.pid))
 
 
 def py_spy_dump(pid: int) -> str | None:

@@ -3,8 +3,11 @@
 Reads the state files (never writes, removes or signals anything) and shows
 each live instrumented process, its heartbeat age and state, and per lock
 the holder (thread name, operation, hold age), the waiters and the oldest
-wait. Stuck processes and locks are marked ``STUCK``. ``--json`` prints the
-same as one JSON document for scripts.
+wait. Stuck processes and locks are marked ``STUCK``, judged as the daemon
+judges them (:mod:`h5watch.host.verdict`), with the same ``--stuck-after``
+and ``--kill-after``: each process says why it is stuck, which lock is to
+blame, and whether a daemon with that ``--kill-after`` would kill it.
+``--json`` prints the same as one JSON document for scripts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from typing import Any
 
 from h5watch.errors import UsageError
+from h5watch.host.verdict import Thresholds, judge_live, lock_age_seconds
 from h5watch.options import resolve
 from h5watch.statedir import STATE_SUFFIX, list_names, readable_user_dirs
 from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
@@ -30,15 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "$XDG_RUNTIME_DIR/h5watch); root reads every user's subdirectory, others their own"
     ))
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    parser.add_argument("--stuck-after", type=float, default=30.0, metavar="SECONDS",
-                        help="a heartbeat, wait or hold older than this is stuck (default 30)")
+    parser.add_argument("--stuck-after", default=None, metavar="SECONDS", help=(
+        "a heartbeat, wait or hold older than this is stuck, as for the daemon (default: --kill-after, else 30)"
+    ))
+    parser.add_argument("--kill-after", default=None, metavar="SECONDS", help=(
+        "also say which processes a daemon with this --kill-after would kill, and why (default: none; status "
+        "itself never signals anything)"
+    ))
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.stuck_after > 0:
-        raise UsageError(f"--stuck-after: expected a number of seconds > 0, got {args.stuck_after}")
+    thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
-    report = collect_status(options.state_dir, args.stuck_after)
+    report = collect_status(options.state_dir, thresholds)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -47,9 +55,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def collect_status(state_dir: str, stuck_after: float = 30.0) -> dict[str, Any]:
+def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict[str, Any]:
+    """Every live process of ``state_dir`` as plain data, judged at
+    ``thresholds`` (default: the daemon's defaults)."""
     now = time.time()
-    report: dict[str, Any] = {"state_dir": state_dir, "time_unix": now, "processes": [], "skipped": []}
+    thresholds = thresholds or Thresholds()
+    report: dict[str, Any] = {"state_dir": state_dir, "time_unix": now, "thresholds": thresholds.to_json(),
+                              "processes": [], "skipped": []}
     try:
         directories, refused = readable_user_dirs(state_dir)
     except StateDirError as exc:
@@ -85,22 +97,18 @@ def collect_status(state_dir: str, stuck_after: float = 30.0) -> dict[str, Any]:
         if not alive:
             continue
         heartbeat_age = max(0.0, now - state.heartbeat_unix)
+        verdict = judge_live(state, now, thresholds)
         locks = state.locks(now)  # without a watchdog: holds as of the last write
         for lock in locks:
-            holder = lock["holder"]
-            lock["stuck"] = bool(
-                lock["oldest_wait_seconds"] > stuck_after
-                or (holder is not None and (holder["hold_age_seconds"] or 0) > stuck_after)
-                or (lock["orphaned"] and lock["waiters"])
-            )
-        tick = float(state.header["tick_interval"]) or 0.5
-        # Only a running watchdog beats: a process without one is judged by its records.
-        beat_stale = state.watchdog_running and heartbeat_age > max(stuck_after, 3 * tick)
-        stuck = beat_stale or any(lock["stuck"] for lock in locks)
+            lock["stuck"] = verdict.stuck is not None and lock_age_seconds(lock) > thresholds.stuck_after
         report["processes"].append({
             "pid": state.pid,
             "workload": state.workload,
-            "state": "stuck" if stuck else "ok",
+            "state": verdict.state,
+            "reason": verdict.reason,
+            "culprit_lock": verdict.culprit_lock,
+            "stuck_age_seconds": None if verdict.stuck is None else round(verdict.stuck.age_seconds, 3),
+            "kill_reason": verdict.kill_reason,
             "heartbeat_age_seconds": round(heartbeat_age, 3),
             "watchdog_running": state.watchdog_running,
             "path": state.path,
@@ -135,7 +143,7 @@ def _age(seconds: float | None) -> str:
 
 def render(report: dict[str, Any]) -> str:
     processes = report["processes"]
-    lines = [f"state dir: {report['state_dir']}"]
+    lines = [f"state dir: {report['state_dir']}", _thresholds_line(report["thresholds"])]
     if not processes:
         lines.append("no live instrumented processes")
     else:
@@ -147,12 +155,31 @@ def render(report: dict[str, Any]) -> str:
             state = "STUCK" if process["state"] == "stuck" else "ok"
             mark = "!" if state == "STUCK" else " "
             watchdog = "" if process["watchdog_running"] else "  (no watchdog: no heartbeat; records as of the last write)"
-            lines.append(f"{mark} {process['pid']:>8}  {process['workload'][:20]:<20} {_age(process['heartbeat_age_seconds']):>9}  {state}{watchdog}")
+            lines.append(f"{mark} {process['pid']:>8}  {process['workload'][:20]:<20} {_age(process['heartbeat_age_seconds']):>9}  "
+                         f"{state}{_why(process)}{watchdog}")
             for lock in process["locks"]:
                 lines.append("      " + _lock_line(lock))
     for skipped in report["skipped"]:
         lines.append(f"skipped {skipped['path']}: {skipped['error']}")
     return "\n".join(lines) + "\n"
+
+
+def _thresholds_line(thresholds: dict[str, Any]) -> str:
+    """``thresholds: --stuck-after 30s, --kill-after none``: what the verdicts below used."""
+    kill_after = thresholds["kill_after"]
+    kill = "none" if kill_after is None else f"{kill_after:g}s"
+    return f"thresholds: --stuck-after {thresholds['stuck_after']:g}s, --kill-after {kill}"
+
+
+def _why(process: dict[str, Any]) -> str:
+    """`` hold of app.x for 6.2s; a daemon would kill it (hold)``, or nothing for a process that is ok."""
+    parts = []
+    if process["reason"] is not None:
+        culprit = f" of {process['culprit_lock']}" if process["culprit_lock"] else ""
+        parts.append(f"{process['reason']}{culprit} for {_age(process['stuck_age_seconds'])}")
+    if process["kill_reason"] is not None:
+        parts.append(f"a daemon would kill it ({process['kill_reason']})")
+    return f"  {'; '.join(parts)}" if parts else ""
 
 
 def _lock_line(lock: dict[str, Any]) -> str:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
+from h5watch.export.metrics import ForkTotals, LockTotals
 from h5watch.statedir import (
     OpenDir,
     UnsafeFileError,
@@ -25,7 +27,7 @@ from h5watch.statedir import (
     temp_name,
 )
 
-__all__ = ["TOTALS_FILE", "LOCK_FILE", "TotalsError", "read", "write", "claim"]
+__all__ = ["TOTALS_FILE", "LOCK_FILE", "Totals", "TotalsError", "read", "write", "claim"]
 
 TOTALS_FILE = "h5watch-daemon.json"
 LOCK_FILE = "h5watch-daemon.lock"
@@ -36,8 +38,40 @@ class TotalsError(Exception):
     """The totals or the lock file cannot be used; the message is one line."""
 
 
-def read(directory: OpenDir) -> dict[str, Any] | None:
-    """The saved totals, or None when there are none yet."""
+@dataclass
+class Totals:
+    """What the processes that are gone counted, and the kills: per
+    (workload, lock), per workload, per (workload, reason); ``folded``: the
+    ``uid/name`` of each state file already in them, kept until the file is gone."""
+
+    locks: dict[tuple[str, str], LockTotals] = field(default_factory=dict)
+    forks: dict[str, ForkTotals] = field(default_factory=dict)
+    kills: dict[tuple[str, str], int] = field(default_factory=dict)
+    folded: set[str] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "locks": [[w, lk, t.to_json()] for (w, lk), t in self.locks.items()],
+            "forks": [[w, t.to_json()] for w, t in self.forks.items()],
+            "kills": [[w, r, n] for (w, r), n in self.kills.items()],
+            "folded": sorted(self.folded),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Totals:
+        """ValueError, KeyError or TypeError when ``data`` is not a save of this version's."""
+        return cls(
+            locks={(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]},
+            forks={w: ForkTotals.from_json(v) for w, v in data["forks"]},
+            kills={(w, r): int(n) for w, r, n in data["kills"]},
+            folded=set(data["folded"]),
+        )
+
+
+def read(directory: OpenDir) -> Totals | None:
+    """The saved totals, or None when there are none yet (:class:`TotalsError`,
+    ValueError, KeyError or TypeError when they cannot be used)."""
     try:
         fd = open_existing(directory, TOTALS_FILE, os.O_RDONLY, owner=os.geteuid())
     except FileNotFoundError:
@@ -57,16 +91,16 @@ def read(directory: OpenDir) -> dict[str, Any] | None:
     data = json.loads(b"".join(chunks))
     if not isinstance(data, dict):
         raise TotalsError(f"{TOTALS_FILE}: not a JSON object")
-    return data
+    return Totals.from_json(data)
 
 
-def write(directory: OpenDir, data: dict[str, Any]) -> None:
+def write(directory: OpenDir, totals: Totals) -> None:
     """Replace the totals atomically (new file, fsync, rename, fsync the directory)."""
     tmp = temp_name(TOTALS_FILE)
     fd = create_file(directory, tmp, os.O_WRONLY)
     try:
         try:
-            payload = json.dumps(data).encode()
+            payload = json.dumps(totals.to_json()).encode()
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view):]
