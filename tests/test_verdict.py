@@ -28,7 +28,10 @@ class Scene:
 
     def __init__(self, state_dir: Path, tick_interval: float) -> None:
         from h5watch.process.lock import WatchedLock
+        from h5watch.process.publisher import lock_record
         from h5watch.statefile import StateWriter, ensure_state_dir
+
+        self.lock_record = lock_record
 
         self._lock_class = WatchedLock
         self.writer = StateWriter(ensure_state_dir(str(state_dir)), "judged", 0, tick_interval)
@@ -70,7 +73,9 @@ class Scene:
         wait_for(lambda: lock.waiters(), 10, what=f"a waiter on {lock.name}")
 
     def write(self, watchdog_running: bool = True):
-        self.writer.write_all(self.locks, None, watchdog_running)
+        from h5watch.records import ProcessStatus
+
+        self.writer.write_all([self.lock_record(lock) for lock in self.locks], ProcessStatus(watchdog_running, None))
         return read_state_file(self.writer.path)
 
     def _start(self, target, name: str) -> None:
@@ -164,7 +169,7 @@ def test_an_orphaned_lock_with_waiters_comes_first(state_dir):
         s.hold(orphaned)
         s.wait_on(orphaned)
         s.write()
-        s.writer.write_one(orphaned, orphan=orphaned.evidence())  # as the fork path records an orphan
+        s.writer.write_one(s.lock_record(orphaned, orphan=orphaned.evidence()))  # as the fork path records an orphan
         state = read_state_file(s.writer.path)
         assert judge(state, time.time() + 1, Thresholds(stuck_after=5)) == OK
         verdict = judge(state, time.time() + 6, Thresholds(stuck_after=5))
@@ -177,7 +182,7 @@ def test_an_orphaned_lock_without_waiters_is_judged_as_a_hold(state_dir):
         orphaned = s.lock("app.orphaned")
         s.hold(orphaned)
         s.write()
-        s.writer.write_one(orphaned, orphan=orphaned.evidence())
+        s.writer.write_one(s.lock_record(orphaned, orphan=orphaned.evidence()))
         state = read_state_file(s.writer.path)
         verdict = judge(state, time.time() + 6, Thresholds(stuck_after=5))
         assert (verdict.reason, verdict.culprit_lock) == ("hold", "app.orphaned")
