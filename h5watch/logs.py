@@ -9,6 +9,15 @@ lock of its own, so a freshly forked child can log before anything else is
 re-initialised: a lock held by a thread that did not survive the fork cannot
 block it (DESIGN.md: logging in a fresh child is itself a fork hazard).
 
+Every event starts with ``event``, ``level``, ``timestamp`` and ``workload``
+(the ``service`` option; an event about another process names that
+process's workload in its own fields), then the rest; ``pid`` is always the
+emitting process. A JSON line is always under :data:`MAX_LINE_BYTES`: a
+final guard (:func:`bounded`) shortens the largest strings first, then drops
+the largest fields, and marks the event ``truncated``. The console format
+prints every multi-line string (stacks) as an indented block under the
+event's line.
+
 Events below the configured level (``log_level``; ``install()`` sets it,
 default ``warning``) are dropped before anything is rendered. What renders
 is loaded by :func:`prepare` (h5watch calls it when it starts watching), not
@@ -31,9 +40,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-__all__ = ["configure", "enabled", "get_logger", "prepare", "set_level", "FdWriter", "LEVELS"]
+__all__ = ["bounded", "configure", "enabled", "get_logger", "prepare", "set_level", "FdWriter", "LEVELS", "MAX_LINE_BYTES"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+# The longest JSON line h5watch writes, newline included: under the 16 KiB
+# at which Docker and containerd split a line (journald splits at 48 KiB).
+MAX_LINE_BYTES = 16 * 1024 - 1
+HEAD_KEYS = ("event", "level", "timestamp", "workload")
+# A string the guard shortens keeps this much of it at least.
+_MIN_KEPT_CHARS = 120
 
 _configured_format: str | None = None
 # Until install() says otherwise, every event is shown: host commands (the
@@ -78,19 +94,114 @@ class _FdWriterFactory:
         return self._writer
 
 
-def _add_pid(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    event_dict.setdefault("pid", os.getpid())
-    return event_dict
+def _shape(workload: str, bound: bool) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
+    """A structlog processor: the head keys first, ``pid`` the emitting
+    process, and (``bound``) the JSON guard."""
+
+    dumps = _json_dumps()
+
+    def shape(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict = ordered(event_dict, workload)
+        return bounded(event_dict, dumps) if bound else event_dict
+
+    return shape
 
 
-def configure(log_format: str = "json", fd: int | None = None, level: str | None = None) -> None:
-    """Set the format (and, given ``level``, the least severe event shown) of
-    h5watch's loggers. Cheap until :func:`prepare` has run."""
+def ordered(event_dict: dict[str, Any], workload: str) -> dict[str, Any]:
+    """``event_dict`` with ``event``, ``level``, ``timestamp``, ``workload``
+    first (``workload`` defaulting to ``workload``) and ``pid`` this process."""
+    head = {key: event_dict.get(key) for key in HEAD_KEYS}
+    if head["workload"] is None:
+        head["workload"] = workload
+    rest = {key: value for key, value in event_dict.items() if key not in head and key != "pid"}
+    return {**head, "pid": os.getpid(), **rest}
+
+
+def bounded(event_dict: dict[str, Any], dumps: Callable[[Any], str], limit: int = MAX_LINE_BYTES) -> dict[str, Any]:
+    """``event_dict`` itself if its JSON line fits in ``limit`` bytes, else a
+    trimmed copy marked ``truncated``: the longest strings are shortened
+    first (each keeps its head and tail, the innermost frames of a stack),
+    then the largest fields are dropped, largest first; the head keys stay."""
+    if len(dumps(event_dict)) < limit:
+        return event_dict
+    trimmed: dict[str, Any] = _plain_copy(event_dict)
+    trimmed["truncated"] = True
+    size = len(dumps(trimmed))
+    # Shorten strings, the longest first, each by at most half a pass.
+    while size >= limit:
+        longest = _longest_string(trimmed)
+        if longest is None:
+            break
+        parent, key, text = longest
+        keep = max(_MIN_KEPT_CHARS, len(text) - (size - limit) - 64, len(text) // 2)
+        shortened = _shorten(text, keep)
+        size += len(dumps(shortened)) - len(dumps(text))
+        parent[key] = shortened
+    # Then drop whole fields, the largest first (never the head keys).
+    while size >= limit:
+        sizes = {key: len(dumps(value)) for key, value in trimmed.items() if key not in HEAD_KEYS and key != "truncated"}
+        sizes = {key: n for key, n in sizes.items() if n > 8}
+        if not sizes:
+            break
+        largest = max(sizes, key=lambda key: sizes[key])
+        trimmed[largest] = None
+        trimmed.setdefault("dropped_fields", [])
+        trimmed["dropped_fields"] = [*trimmed["dropped_fields"], largest]
+        size = len(dumps(trimmed))
+    if size >= limit:  # only the head keys are left, and they are too long
+        for key in HEAD_KEYS:
+            if isinstance(trimmed.get(key), str):
+                trimmed[key] = _shorten(trimmed[key], 256)
+    return trimmed
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of nested dicts and lists (tuples become lists) that the guard may change."""
+    if isinstance(value, dict):
+        return {key: _plain_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(item) for item in value]
+    return value
+
+
+def _longest_string(value: Any) -> tuple[Any, Any, str] | None:
+    """The longest string below the head keys longer than the guard keeps, as (container, key, text)."""
+    best: tuple[Any, Any, str] | None = None
+    stack: list[Any] = [value]
+    while stack:
+        container = stack.pop()
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, item in items:
+            if container is value and key in HEAD_KEYS:
+                continue
+            if isinstance(item, str):
+                # A shortened string (its mark included) is never picked again.
+                if len(item) > _MIN_KEPT_CHARS + 64 and (best is None or len(item) > len(best[2])):
+                    best = (container, key, item)
+            elif isinstance(item, (dict, list)):
+                stack.append(item)
+    return best
+
+
+def _shorten(text: str, keep: int) -> str:
+    """``text`` cut to about ``keep`` characters: its head and its (longer) tail, and how much was cut."""
+    head = keep // 3
+    tail = keep - head
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters dropped ...]\n{text[len(text) - tail:]}"
+
+
+def configure(log_format: str = "json", fd: int | None = None, level: str | None = None,
+              workload: str | None = None) -> None:
+    """Set the format (and, given ``level``, the least severe event shown;
+    given ``workload``, the workload every event names unless its fields
+    name another) of h5watch's loggers. Cheap until :func:`prepare` has run."""
     global _config, _configured_format
     if level is not None:
         set_level(level)
+    if workload is None:
+        workload = _config.get("workload")
     # A new dict, not an update: another thread may be rendering with the old one.
-    config: dict[str, Any] = {"format": log_format, "fd": fd}
+    config: dict[str, Any] = {"format": log_format, "fd": fd, "workload": workload}
     if _prepared:
         _build_pipeline(config)
     _config = config
@@ -119,15 +230,20 @@ def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     if "render" in config:
         return config
     writer = FdWriter(config.get("fd"))
+    workload = config.get("workload")
+    if workload is None:
+        from h5watch.options import default_service
+
+        workload = default_service()
     if config.get("format", "json") == "console":
-        render = _structlog_renderer(writer, console=True)
+        render = _structlog_renderer(writer, workload, console=True)
     else:
-        render = _json_renderer(writer)
+        render = _json_renderer(writer, workload)
     config["render"] = render
     return config
 
 
-def _json_renderer(writer: FdWriter) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
+def _json_renderer(writer: FdWriter, workload: str) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
     import datetime
 
     utc = datetime.timezone.utc
@@ -136,14 +252,13 @@ def _json_renderer(writer: FdWriter) -> Callable[[str, str, dict[str, Any], dict
 
     def render(level: str, event: str, initial: dict[str, Any], fields: dict[str, Any]) -> None:
         if "exc_info" in fields:  # structlog's format_exc_info knows how
-            _structlog_renderer(writer, console=False)(level, event, initial, fields)
+            _structlog_renderer(writer, workload, console=False)(level, event, initial, fields)
             return
         event_dict = {**initial, **fields}
         event_dict["event"] = event
         event_dict["level"] = level
         event_dict["timestamp"] = now(tz=utc).isoformat().replace("+00:00", "Z")
-        event_dict.setdefault("pid", os.getpid())
-        writer.msg(dumps(event_dict))
+        writer.msg(dumps(bounded(ordered(event_dict, workload), dumps)))
 
     return render
 
@@ -202,19 +317,20 @@ def _json_dumps() -> Callable[[Any], str]:
     return encode
 
 
-def _structlog_renderer(writer: FdWriter, console: bool) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
+def _structlog_renderer(writer: FdWriter, workload: str,
+                        console: bool) -> Callable[[str, str, dict[str, Any], dict[str, Any]], None]:
     import structlog
 
     renderer: Any
     if console:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = _ConsoleRenderer(structlog.dev.ConsoleRenderer(colors=False, sort_keys=False))
     else:
         renderer = structlog.processors.JSONRenderer(default=repr)
     processors = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_pid,
         structlog.processors.format_exc_info,
+        _shape(workload, bound=not console),
         renderer,
     ]
     factory = _FdWriterFactory(writer)
@@ -225,6 +341,36 @@ def _structlog_renderer(writer: FdWriter, console: bool) -> Callable[[str, str, 
         getattr(bound, level)(event, **initial, **fields)
 
     return render
+
+
+class _ConsoleRenderer:
+    """structlog's console line, with every multi-line string (a stack, a
+    traceback) taken out of it and printed below as an indented block named
+    by its place in the event (``holder.stack``, ``waiters[0].stack``)."""
+
+    def __init__(self, line: Callable[[Any, str, dict[str, Any]], str]) -> None:
+        self._line = line
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> str:
+        blocks: list[tuple[str, str]] = []
+        flat = _take_blocks(event_dict, "", blocks)
+        text = self._line(logger, method_name, flat)
+        for place, block in blocks:
+            body = "\n".join("    " + line for line in block.rstrip("\n").splitlines())
+            text += f"\n  {place}:\n{body}"
+        return text
+
+
+def _take_blocks(value: Any, place: str, blocks: list[tuple[str, str]]) -> Any:
+    """``value`` with its multi-line strings replaced by where they are printed, appended to ``blocks``."""
+    if isinstance(value, str) and "\n" in value.rstrip("\n"):
+        blocks.append((place, value))
+        return "(below)"
+    if isinstance(value, dict):
+        return {key: _take_blocks(item, f"{place}.{key}" if place else str(key), blocks) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_take_blocks(item, f"{place}[{index}]", blocks) for index, item in enumerate(value)]
+    return value
 
 
 # h5watch renders with its own processors, whatever the application does

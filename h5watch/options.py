@@ -23,6 +23,7 @@ __all__ = [
     "OptionError",
     "Options",
     "OPTION_HELP",
+    "default_service",
     "default_state_dir",
     "resolve",
 ]
@@ -341,11 +342,12 @@ def resolve(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, st
     if not options.state_dir:
         options = options.replace(state_dir=default_state_dir())
     if not options.service:
-        options = options.replace(service=_default_service())
+        options = options.replace(service=default_service())
     return options
 
 
-def _default_service() -> str:
+def default_service() -> str:
+    """The ``service`` option's default: the program's name."""
     import sys
 
     argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""

@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     scan_interval = parse_seconds("--scan-interval", args.scan_interval)
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     grace = parse_seconds("--grace", args.grace)
-    logs.configure(args.log_format or options.log_format)
+    logs.configure(args.log_format or options.log_format, workload=options.service)
     try:
         own_dir = open_user_dir(options.state_dir)
         # Held (open, flock'ed) until this process ends: one daemon per state dir.

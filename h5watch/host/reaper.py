@@ -86,7 +86,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
             stacks = dump_stacks(state, pidfd)
         evidence = {
             "workload": state.workload,
-            "pid": state.pid,
+            "worker_pid": state.pid,
             "reason": reason,
             "kill_after": kill_after,
             "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
@@ -108,7 +108,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
                 return
             time.sleep(0.05)
         if send(pidfd, state, signal.SIGKILL, after_sigterm=True):
-            _log.error("worker.sigkilled", workload=state.workload, pid=state.pid, grace=grace)
+            _log.error("worker.sigkilled", workload=state.workload, worker_pid=state.pid, grace=grace)
     finally:
         if pidfd >= 0:
             os.close(pidfd)
@@ -313,7 +313,7 @@ def send(pidfd: int, state: ProcessState, signum: int, after_sigterm: bool = Fal
 
 
 def _refused(state: ProcessState, signum: int | None, why: str) -> None:
-    _log.warning("daemon.refused_signal", pid=state.pid, workload=state.workload, path=state.path,
+    _log.warning("daemon.refused_signal", worker_pid=state.pid, workload=state.workload, path=state.path,
                  signal=None if signum is None else _signal_name(signum), reason=why)
 
 

@@ -222,6 +222,7 @@ static inline int inner_release(LockCore *self) {
  * forks that ran Python's hooks, go through lock.py as usual. */
 
 static int orphan_kill_exit_code = 0;  /* 0: let lock.py decide */
+static PyObject *log_workload = NULL;  /* a str: the workload its events name */
 
 typedef struct { char *p; size_t left; } Out;
 
@@ -317,6 +318,8 @@ static void kill_for_orphan(LockCore *self, unsigned long holder, long holder_pi
         out_json_string(&o, events[i]);
         out_raw(&o, ", \"level\": \"critical\", \"timestamp\": ");
         out_json_string(&o, stamp);
+        out_raw(&o, ", \"workload\": ");
+        out_object_string(&o, log_workload);
         snprintf(number, sizeof number, ", \"pid\": %ld, \"logger\": \"h5watch.fork\"", (long)getpid());
         out_raw(&o, number);
         if (i == 0) {
@@ -986,6 +989,16 @@ static PyObject *set_orphan_kill(PyObject *module, PyObject *code) {
     Py_RETURN_NONE;
 }
 
+static PyObject *set_log_workload(PyObject *module, PyObject *workload) {
+    if (!PyUnicode_Check(workload)) {
+        PyErr_SetString(PyExc_TypeError, "workload must be a str");
+        return NULL;
+    }
+    Py_INCREF(workload);
+    Py_XSETREF(log_workload, workload);
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_pid(PyObject *module, PyObject *pid) {
     long v = PyLong_AsLong(pid);
     if (v == -1 && PyErr_Occurred()) return NULL;
@@ -1051,6 +1064,8 @@ static PyObject *fastrlock_acquire_timed(PyObject *module, PyObject *const *args
 static PyMethodDef module_methods[] = {
     {"set_orphan_kill", set_orphan_kill, METH_O,
      "Exit code for an orphan found by the compiled slow path after a fork that skipped the hooks (0: off)."},
+    {"set_log_workload", set_log_workload, METH_O,
+     "The workload the compiled slow path's own events name."},
     {"fastrlock_acquire_timed", (PyCFunction)(void (*)(void))fastrlock_acquire_timed, METH_FASTCALL,
      "Queue for a validated FastRLock until it is ours or timeout seconds pass; None for other types."},
     {"enable_fastrlock", enable_fastrlock, METH_O,

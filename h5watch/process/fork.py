@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 from h5watch import logs
 from h5watch.process import lock as lock_module
-from h5watch.process.evidence import current_stack, thread_stack
+from h5watch.process.evidence import current_stack, holder_operation, thread_stack
 from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, reinit_registry_after_fork, thread_identity, watched_locks, wiring
 from h5watch.process.stats import ForkStats
 
@@ -156,7 +156,7 @@ class ForkGuard:
         self.options = options
         self._armed = True
         self._ensure_registered()
-        _set_compiled_orphan_kill(options.kill_exit_code if options.on_orphan == "kill" else 0)
+        _set_compiled_orphan_kill(options.kill_exit_code if options.on_orphan == "kill" else 0, options.service)
 
     def stop(self) -> None:
         self._armed = False
@@ -454,6 +454,8 @@ class ForkGuard:
             if real is not None and real["owner_ident"] is not None:
                 holder = {**thread_identity(real["owner_ident"]), "operation": None, "seen_by": "probe"}
         if holder is not None:
+            if holder.get("operation") is None:
+                holder["operation"] = holder_operation(holder.get("thread_ident"))
             holder["stack"] = thread_stack(holder.get("thread_ident"))
         return {"lock": lock.name, "holder": holder, "forking_thread_stack": current_stack(skip=3)}
 
@@ -550,10 +552,13 @@ def _nothing() -> None:
     pass
 
 
-def _set_compiled_orphan_kill(exit_code: int) -> None:
+def _set_compiled_orphan_kill(exit_code: int, workload: str | None = None) -> None:
     """The compiled slow path kills a hook-skipping fork's child itself (see
-    ``kill_if_orphaned_in_unhooked_child`` in ``_lockcore.c``)."""
+    ``kill_if_orphaned_in_unhooked_child`` in ``_lockcore.c``), and logs it
+    naming ``workload``."""
     if lock_module._lockcore is not None:
+        if workload is not None:
+            lock_module._lockcore.set_log_workload(workload)
         lock_module._lockcore.set_orphan_kill(exit_code)
 
 

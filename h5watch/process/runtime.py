@@ -197,7 +197,7 @@ def install(**options: Any) -> Options:
 def _apply_options(resolved: Options) -> None:
     """Install or reconfigure; the caller holds ``_install_lock``."""
     global _options
-    logs.configure(resolved.log_format, level=resolved.log_level)
+    logs.configure(resolved.log_format, level=resolved.log_level, workload=resolved.service)
     if _options == resolved:
         if _active:
             phil_patch.install(fork_guard.adopt_h5py_hooks)
@@ -217,7 +217,7 @@ def _roll_back(previous: Options | None) -> None:
     else uninstalled; never half installed. The caller holds ``_install_lock``."""
     global _options, _active
     if previous is not None:
-        logs.configure(previous.log_format, level=previous.log_level)
+        logs.configure(previous.log_format, level=previous.log_level, workload=previous.service)
         _options = previous
         if not _active:
             return  # _activate() stopped what it had started; still armed
