@@ -99,14 +99,16 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from h5watch.options import resolve
+    from h5watch.options import env_name, resolve
 
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
     listen = parse_listen(args.listen)
     scan_interval = parse_seconds("--scan-interval", args.scan_interval)
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     grace = parse_seconds("--grace", args.grace)
-    logs.configure(args.log_format or options.log_format, workload=options.service)
+    # The daemon's own events name it, unless H5WATCH_SERVICE names it otherwise.
+    workload = options.service if env_name("service") in os.environ else "h5watch-daemon"
+    logs.configure(args.log_format or options.log_format, workload=workload)
     try:
         own_dir = open_user_dir(options.state_dir)
         # Held (open, flock'ed) until this process ends: one daemon per state dir.

@@ -1,8 +1,8 @@
 """Stacks of this process's threads, as text, for incident log events.
 
 Every stack is trimmed to what explains the incident: h5watch's own frames
-at the inner end (the wait inside ``WatchedLock``, the watchdog asking) are
-left out, and only the innermost :data:`MAX_FRAMES` frames are kept, with a
+(the wait inside ``WatchedLock``, its wrappers of h5py's functions, the
+watchdog asking) are left out, and only the innermost :data:`MAX_FRAMES` frames are kept, with a
 first line saying how many outer frames were dropped. A lock's waiters are
 capped: the oldest :data:`WAITERS_IN_FULL` in full, then how many more
 (``waiters_more``) and their distinct stacks, each once with how many
@@ -35,21 +35,22 @@ def _is_ours(frame: FrameType) -> bool:
 
 def format_frames(frame: FrameType | None) -> str:
     """The stack ending at ``frame`` (innermost last, as tracebacks print),
-    without h5watch's frames at the inner end, capped at ``MAX_FRAMES``."""
-    inner = frame
-    while inner is not None and _is_ours(inner):
-        inner = inner.f_back
-    if inner is None:  # nothing but h5watch: show it as it is
-        inner = frame
-    if inner is None:
-        return ""
+    without h5watch's frames (its lock and wrappers: plumbing, not the
+    program), capped at the innermost ``MAX_FRAMES``."""
+    frames: list[FrameType] = []
     depth = 0
-    walker: FrameType | None = inner
+    walker = frame
     while walker is not None:
-        depth += 1
+        if not _is_ours(walker):
+            depth += 1
+            if len(frames) < MAX_FRAMES:
+                frames.append(walker)
         walker = walker.f_back
-    text = "".join(traceback.format_stack(inner, limit=MAX_FRAMES))
-    dropped = depth - MAX_FRAMES
+    if not frames:  # nothing but h5watch: show it as it is
+        return "".join(traceback.format_stack(frame, limit=MAX_FRAMES)) if frame is not None else ""
+    summary = traceback.StackSummary.extract(((f, f.f_lineno) for f in reversed(frames)), limit=None)
+    text = "".join(summary.format())
+    dropped = depth - len(frames)
     return f"[{dropped} outer frames dropped]\n{text}" if dropped > 0 else text
 
 
