@@ -117,7 +117,7 @@ def test_sigstopped_worker_is_killed_with_evidence(state_dir, daemons, workers):
     elapsed = time.monotonic() - stopped_at
     assert returncode in (-signal.SIGTERM, -signal.SIGKILL)
     [killed] = daemon.events("worker.killed")
-    assert killed["pid"] == pid and killed["workload"] == "frozen"
+    assert killed["worker_pid"] == pid and killed["workload"] == "frozen"
     assert killed["lock"] == "app.x"
     assert killed["holder"]["thread_name"] == "stuck-holder"
     assert elapsed <= kill_after + scan + grace + 2.5, elapsed
@@ -133,7 +133,7 @@ def test_worker_blocked_on_orphan_without_watchdog_is_killed_with_its_stack(stat
     status = read_json_line(proc, timeout=kill_after + scan + grace + 10)["child_status"]
     elapsed = time.monotonic() - started
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGKILL)
-    killed = [event for event in daemon.events("worker.killed") if event["pid"] == child]
+    killed = [event for event in daemon.events("worker.killed") if event["worker_pid"] == child]
     assert len(killed) == 1, daemon.log_text()[-3000:]
     killed = killed[0]
     assert killed["reason"] == "orphaned_lock"
@@ -154,7 +154,7 @@ def test_dry_run_kills_nothing(state_dir, daemons, workers):
     time.sleep(2)
     assert proc.poll() is None
     [event] = daemon.events("worker.would_kill")
-    assert event["pid"] == pid and event["lock"] == "app.x" and event["holder"]["thread_name"] == "stuck-holder"
+    assert event["worker_pid"] == pid and event["lock"] == "app.x" and event["holder"]["thread_name"] == "stuck-holder"
     assert event["stacks"] == "(dry run: no dump signal sent)"  # --dry-run sends no signal at all
     assert daemon.events("worker.killed") == []
     assert daemon.value("h5watch_processes", workload="dry", state="stuck") == 1

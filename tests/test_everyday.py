@@ -202,7 +202,7 @@ def test_info_events_show_at_log_level_info_and_warnings_always(tmp_path):
 
 def test_events_render_as_structlog_did_and_import_nothing_once_watching():
     """The JSON line is the one structlog's chain rendered (without loading
-    structlog), and logging imports nothing once h5watch watches: an event
+    structlog; the head keys ordered first), and logging imports nothing once h5watch watches: an event
     may come from an at-fork hook, where an import is a hazard."""
     result = run_python(
         """
@@ -221,7 +221,10 @@ def test_events_render_as_structlog_did_and_import_nothing_once_watching():
         imported = sorted(set(sys.modules) - before)
         import structlog
         chain = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                 lambda _l, _m, d: {**d, "pid": d.get("pid", os.getpid())}, structlog.processors.format_exc_info,
+                 structlog.processors.format_exc_info,
+                 # the head first, then pid (always this process), then the rest
+                 lambda _l, _m, d: {**{k: d.pop(k) for k in ("event", "level", "timestamp")},
+                                    "workload": h5watch.snapshot()["service"], "pid": os.getpid(), **d},
                  structlog.processors.JSONRenderer(default=repr)]
         class Sink:
             def msg(self, line):

@@ -177,7 +177,7 @@ def test_dry_run_sends_no_signal_at_all(state_dir, daemons):
         [stacks_file] = wait_for(lambda: list(state_dir.rglob(f"{pid}-*.stacks")), 10, what="the stacks file")
         assert catches(pid, DUMP_SIGNAL)  # a dump signal would write its stacks there
         [event] = wait_for(lambda: daemon.events("worker.would_kill"), 15, what="worker.would_kill")
-        assert event["pid"] == pid and event["holder"]["thread_name"] == "stuck-holder"
+        assert event["worker_pid"] == pid and event["holder"]["thread_name"] == "stuck-holder"
         assert event["stacks"] == "(dry run: no dump signal sent)"
         deadline = time.monotonic() + 1.5  # several more scans
         while time.monotonic() < deadline:
@@ -202,7 +202,7 @@ def test_daemon_never_signals_its_stuck_instrumented_parent(state_dir, processes
 
     def refusals() -> list[dict]:
         return [e for e in json_lines(log_path.read_text(errors="replace"))
-                if e.get("event") == "daemon.refused_signal" and e["pid"] == parent]
+                if e.get("event") == "daemon.refused_signal" and e["worker_pid"] == parent]
 
     [refused] = wait_for(refusals, 20, what="daemon.refused_signal for the daemon's parent")
     assert refused["reason"] == "pid is the daemon's parent"
@@ -222,7 +222,7 @@ def test_kill_path_refuses_itself_its_parent_pid_1_and_process_groups(state_dir,
     report = read_json_line(proc)
     assert proc.wait(15) == 0, proc.stderr.read()
     assert report == {"counted": [], "alive": True}
-    reasons = {e["pid"]: e["reason"] for e in json_lines(proc.stderr.read()) if e.get("event") == "daemon.refused_signal"}
+    reasons = {e["worker_pid"]: e["reason"] for e in json_lines(proc.stderr.read()) if e.get("event") == "daemon.refused_signal"}
     assert reasons == {
         proc.pid: "pid is the daemon itself",
         os.getpid(): "pid is the daemon's parent",
@@ -238,7 +238,7 @@ def test_worker_that_unmaps_its_file_while_exiting_on_sigterm_still_gets_sigkill
     pid = read_json_line(proc)["pid"]
     assert wait_for(lambda: proc.poll(), 20, what="the worker to be killed") == -signal.SIGKILL
     [killed] = daemon.events("worker.killed")
-    assert killed["pid"] == pid and killed["holder"]["thread_name"] == "stuck-holder"
+    assert killed["worker_pid"] == pid and killed["holder"]["thread_name"] == "stuck-holder"
     assert "hold_forever" in killed["stacks"]
-    assert [e["pid"] for e in daemon.events("worker.sigkilled")] == [pid]
+    assert [e["worker_pid"] for e in daemon.events("worker.sigkilled")] == [pid]
     assert daemon.events("daemon.refused_signal") == []
