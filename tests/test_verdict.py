@@ -308,7 +308,7 @@ def test_status_and_the_daemon_give_the_same_verdict(state_dir, daemons, workers
     assert daemon.value("h5watch_processes", workload="fine", state="ok") == 1
     assert daemon.value("h5watch_processes", workload="fine", state="stuck") == 0
     [would_kill] = wait_for(lambda: daemon.events("worker.would_kill"), 10, what="worker.would_kill")
-    assert would_kill["pid"] == stuck_pid and would_kill["reason"] == "hold" and would_kill["lock"] == "app.x"
+    assert would_kill["worker_pid"] == stuck_pid and would_kill["reason"] == "hold" and would_kill["lock"] == "app.x"
     assert would_kill["oldest_wait_seconds"] > 2  # the wait was past --kill-after as well
 
     report = json.loads(status(state_dir, "--kill-after", "2").stdout)
@@ -345,7 +345,7 @@ def test_a_kill_for_a_long_hold_is_counted_as_a_hold(state_dir, daemons, workers
     assert daemon.value("h5watch_worker_kills_total", workload="held", reason="hold") == 1
     assert daemon.value("h5watch_worker_kills_total", workload="held", reason="wait") == 0
     [killed] = daemon.events("worker.killed")
-    assert killed["pid"] == pid and killed["reason"] == "hold" and killed["lock"] == "app.x"
+    assert killed["worker_pid"] == pid and killed["reason"] == "hold" and killed["lock"] == "app.x"
     assert killed["oldest_wait_seconds"] > 2  # the wait was past --kill-after as well
 
 
