@@ -258,7 +258,11 @@ def _json_renderer(writer: FdWriter, workload: str) -> Callable[[str, str, dict[
         event_dict["event"] = event
         event_dict["level"] = level
         event_dict["timestamp"] = now(tz=utc).isoformat().replace("+00:00", "Z")
-        writer.msg(dumps(bounded(ordered(event_dict, workload), dumps)))
+        shaped = ordered(event_dict, workload)
+        line = dumps(shaped)
+        if len(line) >= MAX_LINE_BYTES:
+            line = dumps(bounded(shaped, dumps))
+        writer.msg(line)
 
     return render
 
