@@ -48,8 +48,11 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # at which Docker and containerd split a line (journald splits at 48 KiB).
 MAX_LINE_BYTES = 16 * 1024 - 1
 HEAD_KEYS = ("event", "level", "timestamp", "workload")
-# A string the guard shortens keeps this much of it at least.
+# A string the guard shortens keeps this much of it at least; it shortens
+# only longer strings than _LONG_STRING (a shortened one, its mark included,
+# is never shortened again).
 _MIN_KEPT_CHARS = 120
+_LONG_STRING = _MIN_KEPT_CHARS + 64
 
 _configured_format: str | None = None
 # Until install() says otherwise, every event is shown: host commands (the
@@ -119,35 +122,42 @@ def ordered(event_dict: dict[str, Any], workload: str) -> dict[str, Any]:
 
 def bounded(event_dict: dict[str, Any], dumps: Callable[[Any], str], limit: int = MAX_LINE_BYTES) -> dict[str, Any]:
     """``event_dict`` itself if its JSON line fits in ``limit`` bytes, else a
-    trimmed copy marked ``truncated``: the longest strings are shortened
-    first (each keeps its head and tail, the innermost frames of a stack),
-    then the largest fields are dropped, largest first; the head keys stay."""
+    trimmed copy marked ``truncated``. The largest field goes first, a step
+    at a time: its longest string is halved when that string is most of it
+    (a string keeps its head and tail: a stack's innermost frames are at one
+    end or the other, as the dump prints them), else a list loses its last
+    half (a count of what went in its place), else the field is set to null
+    and named in ``dropped_fields``. The head keys stay."""
     if len(dumps(event_dict)) < limit:
         return event_dict
     trimmed: dict[str, Any] = _plain_copy(event_dict)
     trimmed["truncated"] = True
+    sizes = {key: len(dumps(value)) for key, value in trimmed.items() if key not in HEAD_KEYS and key != "truncated"}
     size = len(dumps(trimmed))
-    # Shorten strings, the longest first, each by at most half a pass.
     while size >= limit:
-        longest = _longest_string(trimmed)
-        if longest is None:
+        candidates = {key: n for key, n in sizes.items() if n > 8}
+        if not candidates:
             break
-        parent, key, text = longest
-        keep = max(_MIN_KEPT_CHARS, len(text) - (size - limit) - 64, len(text) // 2)
-        shortened = _shorten(text, keep)
-        size += len(dumps(shortened)) - len(dumps(text))
-        parent[key] = shortened
-    # Then drop whole fields, the largest first (never the head keys).
-    while size >= limit:
-        sizes = {key: len(dumps(value)) for key, value in trimmed.items() if key not in HEAD_KEYS and key != "truncated"}
-        sizes = {key: n for key, n in sizes.items() if n > 8}
-        if not sizes:
-            break
-        largest = max(sizes, key=lambda key: sizes[key])
-        trimmed[largest] = None
-        trimmed.setdefault("dropped_fields", [])
-        trimmed["dropped_fields"] = [*trimmed["dropped_fields"], largest]
-        size = len(dumps(trimmed))
+        largest = max(candidates, key=lambda key: candidates[key])
+        value = trimmed[largest]
+        items = _real_items(value) if isinstance(value, list) else []
+        longest = _longest_string(trimmed, largest)
+        if longest is not None and (len(longest[2]) * 4 > sizes[largest] or len(items) < 2):
+            parent, key, text = longest
+            parent[key] = _shorten(text, max(_MIN_KEPT_CHARS, len(text) - (size - limit) - 64, len(text) // 2))
+        elif len(items) > 1:
+            kept = items[: len(items) // 2]
+            dropped = _items_dropped(value) + len(items) - len(kept)
+            trimmed[largest] = [*kept, f"[... {dropped} items dropped ...]"]
+        else:
+            trimmed[largest] = None
+            trimmed["dropped_fields"] = [*trimmed.get("dropped_fields", []), largest]
+            del sizes[largest]
+            size = len(dumps(trimmed))
+            continue
+        # Only this field changed: the line changed by as much as its JSON.
+        old, sizes[largest] = sizes[largest], len(dumps(trimmed[largest]))
+        size += sizes[largest] - old
     if size >= limit:  # only the head keys are left, and they are too long
         for key in HEAD_KEYS:
             if isinstance(trimmed.get(key), str):
@@ -164,23 +174,36 @@ def _plain_copy(value: Any) -> Any:
     return value
 
 
-def _longest_string(value: Any) -> tuple[Any, Any, str] | None:
-    """The longest string below the head keys longer than the guard keeps, as (container, key, text)."""
+def _items_dropped(value: list[Any]) -> int:
+    """The count an earlier halving left at the end of a list, or 0."""
+    last = value[-1] if value else None
+    if isinstance(last, str) and last.startswith("[... ") and last.endswith(" items dropped ...]"):
+        return int(last[5:-len(" items dropped ...]")])
+    return 0
+
+
+def _real_items(value: list[Any]) -> list[Any]:
+    """A list's items without the count an earlier halving left at its end."""
+    return value[:-1] if _items_dropped(value) else value
+
+
+def _longest_string(event_dict: dict[str, Any], field: str) -> tuple[Any, Any, str] | None:
+    """The longest string in ``event_dict[field]`` that the guard may still
+    shorten, as (container, key, text)."""
     best: tuple[Any, Any, str] | None = None
-    stack: list[Any] = [value]
+    if isinstance(event_dict[field], str):
+        best = (event_dict, field, event_dict[field])
+    stack: list[Any] = [event_dict[field]] if isinstance(event_dict[field], (dict, list)) else []
     while stack:
         container = stack.pop()
         items = container.items() if isinstance(container, dict) else enumerate(container)
         for key, item in items:
-            if container is value and key in HEAD_KEYS:
-                continue
             if isinstance(item, str):
-                # A shortened string (its mark included) is never picked again.
-                if len(item) > _MIN_KEPT_CHARS + 64 and (best is None or len(item) > len(best[2])):
+                if best is None or len(item) > len(best[2]):
                     best = (container, key, item)
             elif isinstance(item, (dict, list)):
                 stack.append(item)
-    return best
+    return best if best is not None and len(best[2]) > _LONG_STRING else None
 
 
 def _shorten(text: str, keep: int) -> str:
