@@ -7,14 +7,15 @@ people, structlog's console renderer.
 The sink writes with ``os.write`` on the stderr file descriptor and takes no
 lock of its own, so a freshly forked child can log before anything else is
 re-initialised: a lock held by a thread that did not survive the fork cannot
-block it (DESIGN.md: logging in a fresh child is itself a fork hazard).
+block it (logging in a fresh child is itself a fork hazard).
 
 Every event starts with ``event``, ``level``, ``timestamp`` and ``workload``
 (the ``service`` option; an event about another process names that
 process's workload in its own fields), then the rest; ``pid`` is always the
 emitting process. A JSON line is always under :data:`MAX_LINE_BYTES`: a
-final guard (:func:`bounded`) shortens the largest strings first, then drops
-the largest fields, and marks the event ``truncated``. The console format
+final guard (:func:`bounded`) trims the largest field first (a long string
+to its head and tail, a list to its first half) and marks the event
+``truncated``. The console format
 prints every multi-line string (stacks) as an indented block under the
 event's line.
 
@@ -25,7 +26,8 @@ by the first event: that event may come from an at-fork hook, and an import
 there can leave a child with a module lock held by a thread that did not
 survive the fork. JSON lines are rendered here exactly as structlog's chain
 below would render them (``add_log_level``, ``TimeStamper(fmt="iso",
-utc=True)``, the pid, ``format_exc_info``, ``JSONRenderer(default=repr)``),
+utc=True)``, ``format_exc_info``, the head keys and the pid first, the guard,
+``JSONRenderer(default=repr)``),
 so the ``json`` format loads neither structlog nor the ``json`` package (see
 ``_json_dumps``); ``console`` uses structlog.
 """
