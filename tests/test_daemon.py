@@ -316,6 +316,22 @@ def test_status_of_a_missing_state_dir_says_so(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_the_daemon_makes_a_missing_state_dir_but_never_its_parents(tmp_path):
+    typo = tmp_path / "typo"
+    result = subprocess.run([*H5WATCH, "daemon", "--state-dir", str(typo / "deep" / "dir"), "--listen", "127.0.0.1:0"],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert f"its parent '{typo / 'deep'}' does not exist" in result.stderr
+    assert not typo.exists()
+    # The state dir itself, when its parent exists, is made (and the daemon runs).
+    daemon = DaemonProcess(tmp_path / "fresh", tmp_path / "daemon.log", "--scan-interval", "0.2")
+    try:
+        assert (tmp_path / "fresh" / str(os.geteuid())).is_dir()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir, tmp_path):
     site = tmp_path / "site"
     site.mkdir()

@@ -74,7 +74,7 @@ _log = logs.get_logger(logger="h5watch.daemon")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", help=(
         "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
-        "$XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own"
+        "$XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own; created if missing, but not its parents"
     ))
     parser.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT of /metrics and /healthz (default 127.0.0.1:9464)")
     parser.add_argument("--scan-interval", default="2", help="seconds between scans of the state dir (default 2)")
@@ -108,7 +108,9 @@ def main(args: argparse.Namespace) -> int:
     grace = parse_seconds("--grace", args.grace)
     logs.configure(args.log_format or options.log_format)
     try:
-        own_dir = open_user_dir(options.state_dir)
+        # Only the state dir itself is made when missing, never its parents: a
+        # mistyped path is an error, not a new tree.
+        own_dir = open_user_dir(options.state_dir, parents=False)
         # Held (open, flock'ed) until this process ends: one daemon per state dir.
         claim_fd = totals.claim(own_dir)
     except (StateDirError, totals.TotalsError) as exc:
@@ -141,7 +143,7 @@ class Daemon:
         self.last_scan_unix = 0.0
         self._stop = threading.Event()
         # The daemon's own per-user directory holds its totals and lock file.
-        self._own_dir = open_user_dir(state_dir)
+        self._own_dir = open_user_dir(state_dir, parents=False)
         self._totals_path = os.path.join(self._own_dir.path, TOTALS_FILE)
         self._unsaved = False
         self._unsaved_logged = False

@@ -8,6 +8,10 @@ judges them (:mod:`h5watch.host.verdict`), with the same ``--stuck-after``
 and ``--kill-after``: each process says why it is stuck, which lock is to
 blame, and whether a daemon with that ``--kill-after`` would kill it.
 ``--json`` prints the same as one JSON document for scripts.
+
+Exit status: 0 when no live process is stuck, :data:`EXIT_STUCK` (1) when
+one is, 2 for bad input (a state dir that does not exist or is not a
+directory included), with a one-line error.
 """
 
 from __future__ import annotations
@@ -25,10 +29,17 @@ from h5watch.options import resolve
 from h5watch.statedir import STATE_SUFFIX, list_names, readable_user_dirs
 from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
 
-__all__ = ["add_arguments", "main", "collect_status"]
+__all__ = ["EXIT_STUCK", "add_arguments", "main", "collect_status"]
+
+EXIT_STUCK = 1
+EXIT_STATUS_HELP = (
+    "exit status: 0 when no live process is stuck; 1 when one is (as --stuck-after judges); 2 for bad input, such as a "
+    "state dir that does not exist or is not a directory (one line on stderr)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUS_HELP
     parser.add_argument("--state-dir", help=(
         "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
         "$XDG_RUNTIME_DIR/h5watch); root reads every user's subdirectory, others their own"
@@ -52,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(report))
-    return 0
+    return EXIT_STUCK if any(process["state"] == "stuck" for process in report["processes"]) else 0
 
 
 def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict[str, Any]:
@@ -194,6 +205,8 @@ def _lock_line(lock: dict[str, Any]) -> str:
         parts.append(f"held by {who}{dead}{operation} for {_age(holder['hold_age_seconds'])}")
     if lock["waiters"]:
         names = ", ".join(w["thread_name"] or str(w["native_id"]) for w in lock["waiting_threads"])
+        if lock["waiters_unrecorded"]:
+            names += f", +{lock['waiters_unrecorded']} more"
         parts.append(f"{lock['waiters']} waiting ({names}), oldest {_age(lock['oldest_wait_seconds'])}")
     parts.append(f"[{lock['acquisitions']} acquisitions, {lock['contentions']} contended]")
     if lock["stuck"]:
