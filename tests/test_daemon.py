@@ -332,6 +332,21 @@ def test_the_daemon_makes_a_missing_state_dir_but_never_its_parents(tmp_path):
         assert daemon.stop() == 0
 
 
+def test_sighup_keeps_the_totals_of_exited_workers(state_dir, daemons, workers, tmp_path):
+    daemon = daemons(state_dir, "--scan-interval", "0.2")
+    proc = workers(state_dir, "count", str(tmp_path), "7", service="hup")
+    pid = read_json_line(proc)["pid"]
+    (tmp_path / "release").touch()
+    assert proc.wait(20) == 0
+    wait_for(lambda: not any(name.startswith(f"{pid}-") for name in os.listdir(state_dir / str(os.geteuid()))), 15,
+             what="the exited worker folded")
+    assert daemon.value("h5watch_lock_acquisitions_total", workload="hup", lock="app.x") == 7
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.proc.wait(10) == 0, daemon.log_text()
+    again = daemons(state_dir, "--scan-interval", "0.2")
+    assert again.value("h5watch_lock_acquisitions_total", workload="hup", lock="app.x") == 7
+
+
 def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -353,11 +368,13 @@ def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir,
     assert result.stdout.split() == ["True", "1", "True", "1"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_daemon_exits_cleanly_on_sigterm_and_sigint(state_dir, tmp_path, signum):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_daemon_exits_cleanly_on_sigterm_sigint_and_sighup(state_dir, tmp_path, signum):
     daemon = DaemonProcess(state_dir, tmp_path / "daemon.log", "--scan-interval", "0.2")
     daemon.proc.send_signal(signum)
     assert daemon.proc.wait(10) == 0, daemon.log_text()
-    assert daemon.events("daemon.stopped") and "Traceback" not in daemon.log_text()
+    [stopped] = daemon.events("daemon.stopped")
+    assert stopped["signal"] == signal.Signals(signum).name and stopped["totals_saved"] is True
+    assert "Traceback" not in daemon.log_text()
     assert (state_dir / str(os.geteuid()) / "h5watch-daemon.json").exists()  # totals saved on the way out
     daemon.stop()

@@ -173,8 +173,16 @@ class Daemon:
         registry.register(AggregateCollector(lambda: self.aggregate))
         server = MetricsServer(registry, host, port, healthy=self.healthy)
         self.port = server.port
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._stop.set())
+        stopped_by: list[str] = []
+
+        def stop_on(signum: int, _frame: object) -> None:
+            stopped_by.append(signal.Signals(signum).name)
+            self._stop.set()
+
+        # SIGHUP too (a closed terminal, a supervisor's reload): a clean stop,
+        # the totals saved, never the default death that loses them.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, stop_on)
         try:
             # One scan before the first request: the first scrape after a
             # start already carries every series.
@@ -186,8 +194,8 @@ class Daemon:
                 self.scan()
         finally:
             server.stop()
-            self._save_totals()
-            _log.info("daemon.stopped")
+            saved = self._save_totals()
+            _log.info("daemon.stopped", signal=stopped_by[0] if stopped_by else None, totals_saved=saved)
 
     def stop(self) -> None:
         self._stop.set()
