@@ -158,6 +158,25 @@ def test_dry_run_kills_nothing(state_dir, daemons, workers):
     assert event["stacks"] == "(dry run: no dump signal sent)"  # --dry-run sends no signal at all
     assert daemon.events("worker.killed") == []
     assert daemon.value("h5watch_processes", workload="dry", state="stuck") == 1
+    # Counted as a would-be kill, once, with its reason; never as a kill.
+    assert daemon.value("h5watch_worker_would_kill_total", workload="dry") == 1
+    assert daemon.value("h5watch_worker_would_kill_total", workload="dry", reason=event["reason"]) == 1
+    assert daemon.value("h5watch_worker_kills_total", workload="dry") == 0
+    # Kept across a restart, as the kills are.
+    daemon.stop()
+    again = daemons(state_dir, "--scan-interval", "0.3")
+    assert again.value("h5watch_worker_would_kill_total", workload="dry", reason=event["reason"]) == 1
+    assert again.value("h5watch_worker_kills_total", workload="dry") == 0
+
+
+def test_would_kill_series_exist_only_with_dry_run(state_dir, daemons, workers, tmp_path):
+    read_json_line(workers(state_dir, "count", str(tmp_path), "3", service="calm"))
+    plain = daemons(state_dir, "--scan-interval", "0.3")
+    assert ("h5watch_worker_kills_total", (("reason", "hold"), ("workload", "calm"))) in plain.samples()
+    assert "h5watch_worker_would_kill" not in plain.metrics_text()
+    plain.stop()
+    dry = daemons(state_dir, "--scan-interval", "0.3", "--dry-run", "--kill-after", "60")
+    assert dry.samples()[("h5watch_worker_would_kill_total", (("reason", "hold"), ("workload", "calm")))] == 0
 
 
 def test_reused_pid_is_never_killed_and_bad_files_are_skipped(state_dir, daemons, workers, tmp_path):

@@ -162,6 +162,7 @@ class Daemon:
         self._handled: dict[tuple[int, int], float] = {}
         self._kill_threads: list[threading.Thread] = []
         self._kills_lock = threading.Lock()
+        self._kills_unsaved = False  # under _kills_lock
         self._load_totals()
 
     # -- running -----------------------------------------------------------
@@ -320,7 +321,7 @@ class Daemon:
         aggregate.scan_success = sweep.success
         self.aggregate = aggregate
         self.last_scan_unix = time.time()
-        if self._unsaved:
+        if self._unsaved or self._kills_unsaved:
             self._save_totals()
         return aggregate
 
@@ -467,6 +468,9 @@ class Daemon:
         with self._kills_lock:
             combined.kills = {(w, r): 0 for w in workloads for r in KILL_REASONS}
             combined.kills.update(self._totals.kills)
+            # Its series exist from the start with --dry-run, as the kills' do.
+            combined.would_kills = {(w, r): 0 for w in workloads for r in KILL_REASONS} if self.dry_run else {}
+            combined.would_kills.update(self._totals.would_kills)
         combined.state_file_errors = dict.fromkeys(STATE_FILE_ERRORS, 0)
         combined.state_file_errors.update(self._errors)
         return combined
@@ -541,7 +545,8 @@ class Daemon:
     def _save_totals(self) -> bool:
         """Persist the totals; False (logged once until a save succeeds) when it fails."""
         with self._kills_lock:
-            saving = replace(self._totals, kills=dict(self._totals.kills))
+            saving = replace(self._totals, kills=dict(self._totals.kills), would_kills=dict(self._totals.would_kills))
+            self._kills_unsaved = False
         try:
             totals.write(self._own_dir, saving)
         except OSError as exc:
@@ -574,8 +579,9 @@ class Daemon:
 
         def count() -> None:
             with self._kills_lock:
-                kills = self._totals.kills
+                kills = self._totals.would_kills if self.dry_run else self._totals.kills
                 kills[state.workload, reason] = kills.get((state.workload, reason), 0) + 1
+                self._kills_unsaved = True  # saved by the next scan
 
         reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)

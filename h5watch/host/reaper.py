@@ -74,7 +74,8 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
 
     With ``dry_run``: the same checks and evidence, minus anything that needs
     a signal (the faulthandler dump), then ``worker.would_kill``; nothing is
-    sent and nothing is counted."""
+    sent. ``count_kill`` is called once the kill is made (the SIGTERM sent),
+    or with ``dry_run`` once it is logged (the caller counts a would-be kill)."""
     pidfd = open_verified(state)
     if pidfd is None:
         return
@@ -96,6 +97,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
         }
         if dry_run:
             _log.warning("worker.would_kill", dry_run=True, **evidence)
+            count_kill()
             return
         if not send(pidfd, state, signal.SIGTERM):
             return
