@@ -105,9 +105,68 @@ def test_exact_aggregation_and_counters_never_decrease(state_dir, daemons, worke
     assert again.value("h5watch_lock_acquisitions_total", lock="app.x") == 6 * k
 
 
-def test_sigstopped_worker_is_killed_with_evidence(state_dir, daemons, workers):
+def test_a_sigstopped_stuck_worker_is_reported_and_spared(state_dir, daemons, workers):
+    daemon = daemons(state_dir, "--scan-interval", "0.2", "--kill-after", "1.5", "--grace", "0.5")
+    proc = workers(state_dir, "stuck", "-", service="paused")
+    pid = read_json_line(proc)["pid"]
+    time.sleep(0.6)  # one watchdog tick: the holder is in the state file
+    os.kill(pid, signal.SIGSTOP)
+    [spared] = wait_for(lambda: daemon.events("worker.spared_stopped"), 15, what="worker.spared_stopped")
+    assert spared["pid"] == pid and spared["stopped"].startswith("stopped (state T")
+    assert spared["reason"] in ("hold", "wait", "heartbeat")
+    assert daemon.value("h5watch_processes", workload="paused", state="stopped") == 1
+    assert daemon.value("h5watch_processes", workload="paused", state="stuck") == 0
+    time.sleep(1.5)  # several more scans: spared, and logged once
+    assert proc.poll() is None and daemon.events("worker.killed") == []
+    assert len(daemon.events("worker.spared_stopped")) == 1
+    assert daemon.value("h5watch_worker_kills_total", workload="paused") == 0
+
+    result = subprocess.run([*H5WATCH, "status", "--state-dir", str(state_dir), "--kill-after", "1.5"], capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 1, result  # stuck by its file, and stopped
+    [row] = [line for line in result.stdout.splitlines() if f" {pid} " in line]
+    assert "STOPPED" in row and "stopped (state T" in row and "a daemon would spare it" in row, row
+
+    # Once it runs again it is a stuck worker like any other.
+    os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: proc.poll() is not None, 15, what="the resumed worker to be killed")
+    wait_for(lambda: daemon.value("h5watch_worker_kills_total", workload="paused") == 1, 10, what="the kill counted")
+
+
+def test_a_traced_stuck_worker_is_reported_and_spared(state_dir, daemons, workers):
+    daemon = daemons(state_dir, "--scan-interval", "0.2", "--kill-after", "1.5", "--grace", "0.5")
+    proc = workers(state_dir, "stuck", "-", service="traced")
+    pid = read_json_line(proc)["pid"]
+    # A real tracer that lets the worker run on: PTRACE_SEIZE stops nothing.
+    tracer = subprocess.Popen([sys.executable, "-c", TRACER, str(pid)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        if tracer.stdout.readline().strip() != "seized":
+            pytest.skip("ptrace is not permitted here")
+        [spared] = wait_for(lambda: daemon.events("worker.spared_stopped"), 15, what="worker.spared_stopped")
+        assert spared["pid"] == pid and spared["stopped"] == f"traced by pid {tracer.pid}"
+        assert daemon.value("h5watch_processes", workload="traced", state="stopped") == 1
+        time.sleep(1.0)
+        assert proc.poll() is None and daemon.events("worker.killed") == []
+    finally:
+        kill_group(tracer)
+
+
+TRACER = """
+import ctypes, os, sys, time
+PTRACE_SEIZE = 0x4206
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+ok = libc.ptrace(PTRACE_SEIZE, pid, None, None) == 0
+print("seized" if ok else f"refused {os.strerror(ctypes.get_errno())}", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigstopped_worker_is_killed_with_evidence_given_kill_stopped(state_dir, daemons, workers):
     kill_after, scan, grace = 2.0, 0.5, 1.0
-    daemon = daemons(state_dir, "--scan-interval", str(scan), "--kill-after", str(kill_after), "--grace", str(grace))
+    daemon = daemons(state_dir, "--scan-interval", str(scan), "--kill-after", str(kill_after), "--grace", str(grace),
+                     "--kill-stopped")
     proc = workers(state_dir, "stuck", "-", service="frozen")
     pid = read_json_line(proc)["pid"]
     time.sleep(0.6)  # one watchdog tick: the holder is in the state file

@@ -51,6 +51,7 @@ __all__ = [
     "refusal",
     "maps_state_file",
     "catches_signal",
+    "stopped_how",
     "send",
     "faulthandler_dump",
     "py_spy_dump",
@@ -274,6 +275,26 @@ def execd_away(state: ProcessState) -> bool:
     except OSError:
         return False
     return not maps_state_file(state)
+
+
+def stopped_how(pid: int, state_letter: str | None = None, look_for_tracer: bool = True) -> str | None:
+    """Why ``pid`` is not running on its own now: stopped (state ``T``: SIGSTOP,
+    job control), stopped by its tracer (``t``: a debugger), or, with
+    ``look_for_tracer``, traced (``TracerPid`` in ``/proc/<pid>/status``);
+    None when none of these. ``state_letter``: its ``/proc/<pid>/stat``
+    state when the caller has just read it."""
+    if state_letter is None:
+        stat_ = proc_stat(pid)
+        state_letter = None if stat_ is None else stat_[0]
+    if state_letter == "T":
+        return "stopped (state T: SIGSTOP or job control)"
+    if state_letter == "t":
+        return "stopped by its tracer (state t: a debugger)"
+    if look_for_tracer:
+        tracer = _status_field(pid, "TracerPid")
+        if tracer is not None and tracer.isdigit() and int(tracer) != 0:
+            return f"traced by pid {int(tracer)}"
+    return None
 
 
 def catches_signal(pid: int, signum: int) -> bool:

@@ -6,12 +6,14 @@ the holder (thread name, operation, hold age), the waiters and the oldest
 wait. Stuck processes and locks are marked ``STUCK``, judged as the daemon
 judges them (:mod:`h5watch.host.verdict`), with the same ``--stuck-after``
 and ``--kill-after``: each process says why it is stuck, which lock is to
-blame, and whether a daemon with that ``--kill-after`` would kill it.
+blame, and whether a daemon with that ``--kill-after`` would kill it. A
+process that is stopped or traced is ``STOPPED``, and says why.
 ``--json`` prints the same as one JSON document for scripts.
 
 Exit status: 0 when no live process is stuck, :data:`EXIT_STUCK` (1) when
-one is, 2 for bad input (a state dir that does not exist or is not a
-directory included), with a one-line error.
+one is (a stopped one too, when its file makes it stuck), 2 for bad input
+(a state dir that does not exist or is not a directory included), with a
+one-line error.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(report))
-    return EXIT_STUCK if any(process["state"] == "stuck" for process in report["processes"]) else 0
+    return EXIT_STUCK if any(process["stuck"] for process in report["processes"]) else 0
 
 
 def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict[str, Any]:
@@ -116,6 +118,8 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
             "pid": state.pid,
             "workload": state.workload,
             "state": verdict.state,
+            "stuck": verdict.stuck is not None,
+            "stopped": verdict.stopped,
             "reason": verdict.reason,
             "culprit_lock": verdict.culprit_lock,
             "stuck_age_seconds": None if verdict.stuck is None else round(verdict.stuck.age_seconds, 3),
@@ -158,13 +162,14 @@ def render(report: dict[str, Any]) -> str:
     if not processes:
         lines.append("no live instrumented processes")
     else:
-        stuck = sum(p["state"] == "stuck" for p in processes)
-        lines.append(f"{len(processes)} live processes, {stuck} stuck")
+        stuck = sum(p["stuck"] for p in processes)
+        stopped = sum(p["stopped"] is not None for p in processes)
+        lines.append(f"{len(processes)} live processes, {stuck} stuck" + (f", {stopped} stopped" if stopped else ""))
         lines.append("")
         lines.append(f"  {'PID':>8}  {'WORKLOAD':<20} {'HEARTBEAT':>9}  STATE")
         for process in processes:
-            state = "STUCK" if process["state"] == "stuck" else "ok"
-            mark = "!" if state == "STUCK" else " "
+            state = {"stuck": "STUCK", "stopped": "STOPPED"}.get(process["state"], "ok")
+            mark = "!" if process["stuck"] else " "
             watchdog = "" if process["watchdog_running"] else "  (no watchdog: no heartbeat; records as of the last write)"
             lines.append(f"{mark} {process['pid']:>8}  {process['workload'][:20]:<20} {_age(process['heartbeat_age_seconds']):>9}  "
                          f"{state}{_why(process)}{watchdog}")
@@ -185,10 +190,14 @@ def _thresholds_line(thresholds: dict[str, Any]) -> str:
 def _why(process: dict[str, Any]) -> str:
     """`` hold of app.x for 6.2s; a daemon would kill it (hold)``, or nothing for a process that is ok."""
     parts = []
+    if process["stopped"] is not None:
+        parts.append(process["stopped"])
     if process["reason"] is not None:
         culprit = f" of {process['culprit_lock']}" if process["culprit_lock"] else ""
         parts.append(f"{process['reason']}{culprit} for {_age(process['stuck_age_seconds'])}")
-    if process["kill_reason"] is not None:
+    if process["kill_reason"] is not None and process["stopped"] is not None:
+        parts.append(f"a daemon would spare it ({process['kill_reason']}; it kills a stopped process only with --kill-stopped)")
+    elif process["kill_reason"] is not None:
         parts.append(f"a daemon would kill it ({process['kill_reason']})")
     return f"  {'; '.join(parts)}" if parts else ""
 
