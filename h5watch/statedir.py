@@ -118,16 +118,17 @@ def ensure_state_dir(base: str) -> str:
     return open_user_dir(base).path
 
 
-def open_user_dir(base: str, create: bool = True) -> OpenDir:
+def open_user_dir(base: str, create: bool = True, parents: bool = True) -> OpenDir:
     """This user's directory under ``base`` (the base is created too when
-    missing, with ``create``): opened once, then cached for this process."""
+    missing, with ``create``; its missing parents too, with ``parents``):
+    opened once, then cached for this process."""
     _require_base_path(base)
     path = user_dir_path(base)
     with _opened_lock:
         cached = _opened.get(path)
         if cached is not None and _still_open(cached):
             return cached
-        base_fd = _open_base(base, create)
+        base_fd = _open_base(base, create, parents)
         try:
             opened = _open_subdir(base_fd, path, os.geteuid(), create)
         finally:
@@ -180,12 +181,12 @@ def _require_base_path(base: str) -> None:
         raise StateDirError(f"state_dir {base!r}: expected an absolute path")
 
 
-def _open_base(base: str, create: bool) -> int:
+def _open_base(base: str, create: bool, parents: bool = True) -> int:
     base = os.path.normpath(base)
     parent, name = os.path.split(base)
     if not name:  # "/"
         raise _error(base, "is the root directory; choose a directory of its own")
-    if create:
+    if create and parents:
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
@@ -193,8 +194,12 @@ def _open_base(base: str, create: bool) -> int:
     try:
         parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.ENOENT and create:
+            raise _error(base, f"its parent {parent!r} does not exist; fix the path, or create the parent first") from None
         if exc.errno == errno.ENOENT:
             raise _error(base, "does not exist") from None
+        if exc.errno == errno.ENOTDIR:
+            raise _error(base, f"its parent {parent!r} is not a directory; fix the path") from None
         raise _error(base, f"cannot open its parent: {exc.strerror}") from None
     try:
         made = False

@@ -821,7 +821,9 @@ class ProcessState:
                 "orphaned": bool(record["orphaned"]),
                 "holder": holder,
                 "waiters": int(record["n_waiters"]),
+                # The oldest MAX_WAITERS waiters are recorded; the count is of all.
                 "waiting_threads": waiters,
+                "waiters_unrecorded": int(record["n_waiters"]) - n_shown,
                 "oldest_wait_seconds": max(0.0, now_unix - oldest) if oldest else 0.0,
             })
         return out

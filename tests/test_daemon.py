@@ -105,9 +105,68 @@ def test_exact_aggregation_and_counters_never_decrease(state_dir, daemons, worke
     assert again.value("h5watch_lock_acquisitions_total", lock="app.x") == 6 * k
 
 
-def test_sigstopped_worker_is_killed_with_evidence(state_dir, daemons, workers):
+def test_a_sigstopped_stuck_worker_is_reported_and_spared(state_dir, daemons, workers):
+    daemon = daemons(state_dir, "--scan-interval", "0.2", "--kill-after", "1.5", "--grace", "0.5")
+    proc = workers(state_dir, "stuck", "-", service="paused")
+    pid = read_json_line(proc)["pid"]
+    time.sleep(0.6)  # one watchdog tick: the holder is in the state file
+    os.kill(pid, signal.SIGSTOP)
+    [spared] = wait_for(lambda: daemon.events("worker.spared_stopped"), 15, what="worker.spared_stopped")
+    assert spared["pid"] == pid and spared["stopped"].startswith("stopped (state T")
+    assert spared["reason"] in ("hold", "wait", "heartbeat")
+    assert daemon.value("h5watch_processes", workload="paused", state="stopped") == 1
+    assert daemon.value("h5watch_processes", workload="paused", state="stuck") == 0
+    time.sleep(1.5)  # several more scans: spared, and logged once
+    assert proc.poll() is None and daemon.events("worker.killed") == []
+    assert len(daemon.events("worker.spared_stopped")) == 1
+    assert daemon.value("h5watch_worker_kills_total", workload="paused") == 0
+
+    result = subprocess.run([*H5WATCH, "status", "--state-dir", str(state_dir), "--kill-after", "1.5"], capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 1, result  # stuck by its file, and stopped
+    [row] = [line for line in result.stdout.splitlines() if f" {pid} " in line]
+    assert "STOPPED" in row and "stopped (state T" in row and "a daemon would spare it" in row, row
+
+    # Once it runs again it is a stuck worker like any other.
+    os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: proc.poll() is not None, 15, what="the resumed worker to be killed")
+    wait_for(lambda: daemon.value("h5watch_worker_kills_total", workload="paused") == 1, 10, what="the kill counted")
+
+
+def test_a_traced_stuck_worker_is_reported_and_spared(state_dir, daemons, workers):
+    daemon = daemons(state_dir, "--scan-interval", "0.2", "--kill-after", "1.5", "--grace", "0.5")
+    proc = workers(state_dir, "stuck", "-", service="traced")
+    pid = read_json_line(proc)["pid"]
+    # A real tracer that lets the worker run on: PTRACE_SEIZE stops nothing.
+    tracer = subprocess.Popen([sys.executable, "-c", TRACER, str(pid)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        if tracer.stdout.readline().strip() != "seized":
+            pytest.skip("ptrace is not permitted here")
+        [spared] = wait_for(lambda: daemon.events("worker.spared_stopped"), 15, what="worker.spared_stopped")
+        assert spared["pid"] == pid and spared["stopped"] == f"traced by pid {tracer.pid}"
+        assert daemon.value("h5watch_processes", workload="traced", state="stopped") == 1
+        time.sleep(1.0)
+        assert proc.poll() is None and daemon.events("worker.killed") == []
+    finally:
+        kill_group(tracer)
+
+
+TRACER = """
+import ctypes, os, sys, time
+PTRACE_SEIZE = 0x4206
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1])
+ok = libc.ptrace(PTRACE_SEIZE, pid, None, None) == 0
+print("seized" if ok else f"refused {os.strerror(ctypes.get_errno())}", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigstopped_worker_is_killed_with_evidence_given_kill_stopped(state_dir, daemons, workers):
     kill_after, scan, grace = 2.0, 0.5, 1.0
-    daemon = daemons(state_dir, "--scan-interval", str(scan), "--kill-after", str(kill_after), "--grace", str(grace))
+    daemon = daemons(state_dir, "--scan-interval", str(scan), "--kill-after", str(kill_after), "--grace", str(grace),
+                     "--kill-stopped")
     proc = workers(state_dir, "stuck", "-", service="frozen")
     pid = read_json_line(proc)["pid"]
     time.sleep(0.6)  # one watchdog tick: the holder is in the state file
@@ -158,6 +217,25 @@ def test_dry_run_kills_nothing(state_dir, daemons, workers):
     assert event["stacks"] == "(dry run: no dump signal sent)"  # --dry-run sends no signal at all
     assert daemon.events("worker.killed") == []
     assert daemon.value("h5watch_processes", workload="dry", state="stuck") == 1
+    # Counted as a would-be kill, once, with its reason; never as a kill.
+    assert daemon.value("h5watch_worker_would_kill_total", workload="dry") == 1
+    assert daemon.value("h5watch_worker_would_kill_total", workload="dry", reason=event["reason"]) == 1
+    assert daemon.value("h5watch_worker_kills_total", workload="dry") == 0
+    # Kept across a restart, as the kills are.
+    daemon.stop()
+    again = daemons(state_dir, "--scan-interval", "0.3")
+    assert again.value("h5watch_worker_would_kill_total", workload="dry", reason=event["reason"]) == 1
+    assert again.value("h5watch_worker_kills_total", workload="dry") == 0
+
+
+def test_would_kill_series_exist_only_with_dry_run(state_dir, daemons, workers, tmp_path):
+    read_json_line(workers(state_dir, "count", str(tmp_path), "3", service="calm"))
+    plain = daemons(state_dir, "--scan-interval", "0.3")
+    assert ("h5watch_worker_kills_total", (("reason", "hold"), ("workload", "calm"))) in plain.samples()
+    assert "h5watch_worker_would_kill" not in plain.metrics_text()
+    plain.stop()
+    dry = daemons(state_dir, "--scan-interval", "0.3", "--dry-run", "--kill-after", "60")
+    assert dry.samples()[("h5watch_worker_would_kill_total", (("reason", "hold"), ("workload", "calm")))] == 0
 
 
 def test_reused_pid_is_never_killed_and_bad_files_are_skipped(state_dir, daemons, workers, tmp_path):
@@ -316,6 +394,37 @@ def test_status_of_a_missing_state_dir_says_so(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+def test_the_daemon_makes_a_missing_state_dir_but_never_its_parents(tmp_path):
+    typo = tmp_path / "typo"
+    result = subprocess.run([*H5WATCH, "daemon", "--state-dir", str(typo / "deep" / "dir"), "--listen", "127.0.0.1:0"],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert f"its parent '{typo / 'deep'}' does not exist" in result.stderr
+    assert not typo.exists()
+    # The state dir itself, when its parent exists, is made (and the daemon runs).
+    daemon = DaemonProcess(tmp_path / "fresh", tmp_path / "daemon.log", "--scan-interval", "0.2")
+    try:
+        assert (tmp_path / "fresh" / str(os.geteuid())).is_dir()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sighup_keeps_the_totals_of_exited_workers(state_dir, daemons, workers, tmp_path):
+    daemon = daemons(state_dir, "--scan-interval", "0.2")
+    proc = workers(state_dir, "count", str(tmp_path), "7", service="hup")
+    pid = read_json_line(proc)["pid"]
+    (tmp_path / "release").touch()
+    assert proc.wait(20) == 0
+    wait_for(lambda: not any(name.startswith(f"{pid}-") for name in os.listdir(state_dir / str(os.geteuid()))), 15,
+             what="the exited worker folded")
+    assert daemon.value("h5watch_lock_acquisitions_total", workload="hup", lock="app.x") == 7
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.proc.wait(10) == 0, daemon.log_text()
+    again = daemons(state_dir, "--scan-interval", "0.2")
+    assert again.value("h5watch_lock_acquisitions_total", workload="hup", lock="app.x") == 7
+
+
 def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -337,11 +446,13 @@ def test_run_instruments_children_and_keeps_an_existing_sitecustomize(state_dir,
     assert result.stdout.split() == ["True", "1", "True", "1"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_daemon_exits_cleanly_on_sigterm_and_sigint(state_dir, tmp_path, signum):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_daemon_exits_cleanly_on_sigterm_sigint_and_sighup(state_dir, tmp_path, signum):
     daemon = DaemonProcess(state_dir, tmp_path / "daemon.log", "--scan-interval", "0.2")
     daemon.proc.send_signal(signum)
     assert daemon.proc.wait(10) == 0, daemon.log_text()
-    assert daemon.events("daemon.stopped") and "Traceback" not in daemon.log_text()
+    [stopped] = daemon.events("daemon.stopped")
+    assert stopped["signal"] == signal.Signals(signum).name and stopped["totals_saved"] is True
+    assert "Traceback" not in daemon.log_text()
     assert (state_dir / str(os.geteuid()) / "h5watch-daemon.json").exists()  # totals saved on the way out
     daemon.stop()

@@ -171,6 +171,19 @@ def test_every_dashboard_query_parses(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_would_be_kills_are_never_read_as_kills():
+    """A --dry-run daemon counts h5watch_worker_would_kill_total: no alert or
+    panel about kills may read it, nor match metric names by a pattern."""
+    exprs = [(rule.get("alert") or rule["record"], rule["expr"]) for rule in load_rules()]
+    exprs += [(title, expr) for title, _, expr in dashboard_queries()]
+    for where, expr in exprs:
+        assert "__name__" not in expr, where
+        if "h5watch_worker_kills_total" in expr:
+            assert "would_kill" not in expr, where
+    kill_exprs = [expr for where, expr in exprs if "kill" in where.lower()]
+    assert kill_exprs and all("h5watch_worker_kills_total" in expr for expr in kill_exprs)
+
+
 # -- rules: conventions and coverage -------------------------------------------
 
 

@@ -280,7 +280,7 @@ def workers():
 def status(state_dir: Path, *args: str, json_output: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([*H5WATCH, "status", "--state-dir", str(state_dir), *(["--json"] if json_output else []), *args],
                             capture_output=True, text=True, timeout=30, cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode in (0, 1), result.stderr  # 1: a process is stuck
     return result
 
 

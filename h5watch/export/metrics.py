@@ -124,6 +124,8 @@ class Aggregate:
     processes: dict[tuple[str, str], int] | None = None
     heartbeat_age: dict[str, float] | None = None
     kills: dict[tuple[str, str], int] | None = None
+    # What --dry-run would have killed: never counted as kills.
+    would_kills: dict[tuple[str, str], int] | None = None
     scan_seconds: float | None = None
     scan_success: bool | None = None
     state_file_errors: dict[str, int] | None = None
@@ -214,6 +216,12 @@ class AggregateCollector:
         if aggregate.kills is not None:
             counter = CounterMetricFamily("h5watch_worker_kills", "Stuck workers the daemon killed, by reason.", labels=["workload", "reason"])
             for (workload, reason), count in sorted(aggregate.kills.items()):
+                counter.add_metric([workload, reason], count)
+            yield counter
+        if aggregate.would_kills:
+            counter = CounterMetricFamily("h5watch_worker_would_kill", "Stuck workers a daemon with --dry-run would have "
+                                          "killed (it sent nothing), by reason.", labels=["workload", "reason"])
+            for (workload, reason), count in sorted(aggregate.would_kills.items()):
                 counter.add_metric([workload, reason], count)
             yield counter
         if aggregate.scan_seconds is not None:

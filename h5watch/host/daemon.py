@@ -17,6 +17,9 @@ taken from outside (its ``faulthandler`` dump signal; py-spy where
 installed), ``worker.killed`` is logged with the lock evidence of its state
 file, then it gets SIGTERM, and SIGKILL after ``--grace``.
 
+A stopped or traced worker is ``stopped`` in ``h5watch_processes{state}``
+and is not killed (``worker.spared_stopped``, once) unless ``--kill-stopped``.
+
 Never the wrong process: a pid is signalled only through a pidfd opened
 first and then checked against the state file's start time and uid, so a
 pid reused by another process in between cannot be hit.
@@ -74,7 +77,7 @@ _log = logs.get_logger(logger="h5watch.daemon")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", help=(
         "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
-        "$XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own"
+        "$XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own; created if missing, but not its parents"
     ))
     parser.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT of /metrics and /healthz (default 127.0.0.1:9464)")
     parser.add_argument("--scan-interval", default="2", help="seconds between scans of the state dir (default 2)")
@@ -86,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help=(
         "log the evidence against stuck workers (worker.would_kill), but send no signal at all: no stack dump, no "
         "kill"
+    ))
+    parser.add_argument("--kill-stopped", action="store_true", help=(
+        "with --kill-after, kill a stuck worker that is stopped (SIGSTOP) or traced (a debugger) too (default: report it "
+        "as state=\"stopped\" and log worker.spared_stopped, never kill it)"
     ))
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
@@ -110,12 +117,15 @@ def main(args: argparse.Namespace) -> int:
     workload = options.service if env_name("service") in os.environ else "h5watch-daemon"
     logs.configure(args.log_format or options.log_format, workload=workload)
     try:
-        own_dir = open_user_dir(options.state_dir)
+        # Only the state dir itself is made when missing, never its parents: a
+        # mistyped path is an error, not a new tree.
+        own_dir = open_user_dir(options.state_dir, parents=False)
         # Held (open, flock'ed) until this process ends: one daemon per state dir.
         claim_fd = totals.claim(own_dir)
     except (StateDirError, totals.TotalsError) as exc:
         raise UsageError(str(exc)) from None
-    daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run)
+    daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run,
+                    args.kill_stopped)
     daemon.claim_fd = claim_fd
     try:
         daemon.serve(*listen)
@@ -133,17 +143,19 @@ class Daemon:
         grace: float = 5.0,
         stuck_after: float = 30.0,
         dry_run: bool = False,
+        kill_stopped: bool = False,
     ) -> None:
         self.state_dir = state_dir
         self.scan_interval = scan_interval
         self.grace = grace
         self.thresholds = Thresholds(stuck_after, kill_after)
         self.dry_run = dry_run
+        self.kill_stopped = kill_stopped
         self.aggregate: Aggregate | None = None
         self.last_scan_unix = 0.0
         self._stop = threading.Event()
         # The daemon's own per-user directory holds its totals and lock file.
-        self._own_dir = open_user_dir(state_dir)
+        self._own_dir = open_user_dir(state_dir, parents=False)
         self._totals_path = os.path.join(self._own_dir.path, TOTALS_FILE)
         self._unsaved = False
         self._unsaved_logged = False
@@ -160,8 +172,11 @@ class Daemon:
         self._errors: dict[str, int] = {}
         self._logged_errors: dict[str, str] = {}
         self._handled: dict[tuple[int, int], float] = {}
+        # Stopped processes spared a kill, logged once each: (pid, start ticks).
+        self._spared: set[tuple[int, int]] = set()
         self._kill_threads: list[threading.Thread] = []
         self._kills_lock = threading.Lock()
+        self._kills_unsaved = False  # under _kills_lock
         self._load_totals()
 
     # -- running -----------------------------------------------------------
@@ -173,21 +188,30 @@ class Daemon:
         registry.register(AggregateCollector(lambda: self.aggregate))
         server = MetricsServer(registry, host, port, healthy=self.healthy)
         self.port = server.port
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._stop.set())
+        stopped_by: list[str] = []
+
+        def stop_on(signum: int, _frame: object) -> None:
+            stopped_by.append(signal.Signals(signum).name)
+            self._stop.set()
+
+        # SIGHUP too (a closed terminal, a supervisor's reload): a clean stop,
+        # the totals saved, never the default death that loses them.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, stop_on)
         try:
             # One scan before the first request: the first scrape after a
             # start already carries every series.
             self.scan()
             server.start()
             _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.thresholds.kill_after,
-                      grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval)
+                      grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval,
+                      kill_stopped=self.kill_stopped)
             while not self._stop.wait(self.scan_interval):
                 self.scan()
         finally:
             server.stop()
-            self._save_totals()
-            _log.info("daemon.stopped")
+            saved = self._save_totals()
+            _log.info("daemon.stopped", signal=stopped_by[0] if stopped_by else None, totals_saved=saved)
 
     def stop(self) -> None:
         self._stop.set()
@@ -209,6 +233,7 @@ class Daemon:
             sweep.close()
         live = self._aggregate(sweep.live, now)
         self._judge(sweep.live, now)
+        self._spared &= {(p.state.pid, p.state.start_ticks) for p in sweep.live if p.verdict.stopped is not None}
         aggregate = self._publish(sweep, live, started)
         self._act(sweep.live)
         return aggregate
@@ -238,7 +263,7 @@ class Daemon:
                 self._error(directory.path, "unreadable_dir", f"cannot list it: {exc.strerror}")
                 sweep.success = False
                 continue
-            live_names, dead_names, junk = _sort_names(names, directory.uid)
+            live_names, dead_names, junk, letters = _sort_names(names, directory.uid)
             sweep.present.update(f"{directory.uid}/{name}" for name in live_names + dead_names)
             dead_names, dead_budget = dead_names[:dead_budget], max(0, dead_budget - len(dead_names))
             dead_set = set(dead_names)
@@ -251,7 +276,7 @@ class Daemon:
                 if fate == "dead":
                     sweep.dead.append(Scanned(directory, name, state))
                 elif fate in ("live", "exiting"):
-                    sweep.live.append(Scanned(directory, name, state))
+                    sweep.live.append(Scanned(directory, name, state, state_letter=letters.get(name)))
             sweep.junk.append((directory, junk))
 
     def _read_state(self, directory: OpenDir, name: str, dead: bool, junk: list[str]) -> ProcessState | None:
@@ -299,7 +324,8 @@ class Daemon:
     def _judge(self, processes: list[Scanned], now: float) -> None:
         """Each live process's verdict (:mod:`h5watch.host.verdict`)."""
         for process in processes:
-            process.verdict = judge_live(process.state, now, self.thresholds, oldest_age_seconds=process.oldest_age_seconds)
+            process.verdict = judge_live(process.state, now, self.thresholds, oldest_age_seconds=process.oldest_age_seconds,
+                                         state_letter=process.state_letter)
 
     def _publish(self, sweep: Sweep, live: Aggregate, started: float) -> Aggregate:
         """This scan's aggregate, the one scrapes read from now on; the totals
@@ -312,15 +338,32 @@ class Daemon:
         aggregate.scan_success = sweep.success
         self.aggregate = aggregate
         self.last_scan_unix = time.time()
-        if self._unsaved:
+        if self._unsaved or self._kills_unsaved:
             self._save_totals()
         return aggregate
 
     def _act(self, processes: list[Scanned]) -> None:
-        """Kill the processes past ``--kill-after`` (in threads of their own)."""
+        """Kill the processes past ``--kill-after`` (in threads of their own);
+        a stopped or traced one only with ``--kill-stopped``."""
         for process in processes:
-            if process.verdict.kill is not None:
-                self._handle_stuck(process.state, process.verdict.kill)
+            verdict = process.verdict
+            if verdict.kill is None:
+                continue
+            if verdict.stopped is not None and not self.kill_stopped:
+                self._spare_stopped(process.state, verdict)
+                continue
+            self._handle_stuck(process.state, verdict.kill)
+
+    def _spare_stopped(self, state: ProcessState, verdict: Verdict) -> None:
+        """Log once per process (until it runs again) that it is not killed because it is stopped."""
+        key = (state.pid, state.start_ticks)
+        if key in self._spared:
+            return
+        self._spared.add(key)
+        assert verdict.kill is not None
+        _log.warning("worker.spared_stopped", workload=state.workload, pid=state.pid, reason=verdict.kill.reason,
+                     stopped=verdict.stopped, lock=None if verdict.kill.culprit is None else verdict.kill.culprit.lock,
+                     action="not killed: it is stopped or traced (someone may be debugging it); --kill-stopped kills it")
 
     def _claim(self, directory: OpenDir) -> bool:
         """One daemon per user directory (a root daemon and a user's own on one
@@ -459,6 +502,9 @@ class Daemon:
         with self._kills_lock:
             combined.kills = {(w, r): 0 for w in workloads for r in KILL_REASONS}
             combined.kills.update(self._totals.kills)
+            # Its series exist from the start with --dry-run, as the kills' do.
+            combined.would_kills = {(w, r): 0 for w in workloads for r in KILL_REASONS} if self.dry_run else {}
+            combined.would_kills.update(self._totals.would_kills)
         combined.state_file_errors = dict.fromkeys(STATE_FILE_ERRORS, 0)
         combined.state_file_errors.update(self._errors)
         return combined
@@ -533,7 +579,8 @@ class Daemon:
     def _save_totals(self) -> bool:
         """Persist the totals; False (logged once until a save succeeds) when it fails."""
         with self._kills_lock:
-            saving = replace(self._totals, kills=dict(self._totals.kills))
+            saving = replace(self._totals, kills=dict(self._totals.kills), would_kills=dict(self._totals.would_kills))
+            self._kills_unsaved = False
         try:
             totals.write(self._own_dir, saving)
         except OSError as exc:
@@ -566,8 +613,9 @@ class Daemon:
 
         def count() -> None:
             with self._kills_lock:
-                kills = self._totals.kills
+                kills = self._totals.would_kills if self.dry_run else self._totals.kills
                 kills[state.workload, reason] = kills.get((state.workload, reason), 0) + 1
+                self._kills_unsaved = True  # saved by the next scan
 
         reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
                            count_kill=count)
@@ -583,6 +631,8 @@ class Scanned:
     state: ProcessState
     oldest_age_seconds: float = 0.0
     verdict: Verdict = OK
+    # Its /proc/<pid>/stat state as the scan listed it (None: not read then).
+    state_letter: str | None = None
 
     @property
     def key(self) -> str:
@@ -611,24 +661,28 @@ class Sweep:
             os.close(directory.fd)
 
 
-def _sort_names(names: list[str], uid: int) -> tuple[list[str], list[str], list[str]]:
+def _sort_names(names: list[str], uid: int) -> tuple[list[str], list[str], list[str], dict[str, str]]:
     """Split a directory's names, by name alone (no open, no stat): state
     files whose process is alive now (same pid, start time and uid), other
-    state files, and everything else that is no live process's stacks file."""
+    state files, and everything else that is no live process's stacks file;
+    and each live one's state letter (``/proc/<pid>/stat``), read on the way."""
     live: list[str] = []
     dead: list[str] = []
     other: list[str] = []
+    letters: dict[str, str] = {}
     for name in names:
         if name.endswith(STATE_SUFFIX) and _well_named(name):
             pid, _, ticks = name[: -len(STATE_SUFFIX)].partition("-")
             identity = process_identity(int(pid)) if int(pid) > 0 else None
             alive = identity is not None and identity[0] == int(ticks) and identity[1] == uid
             (live if alive else dead).append(name)
+            if alive and identity is not None:
+                letters[name] = identity[2]
         else:
             other.append(name)
     stems = {name[: -len(STATE_SUFFIX)] for name in live + dead}
     junk = [name for name in other if not (name.endswith(STACKS_SUFFIX) and name[: -len(STACKS_SUFFIX)] in stems)]
-    return live, dead, junk
+    return live, dead, junk, letters
 
 
 def _well_named(name: str) -> bool:

@@ -51,6 +51,7 @@ __all__ = [
     "refusal",
     "maps_state_file",
     "catches_signal",
+    "stopped_how",
     "send",
     "faulthandler_dump",
     "py_spy_dump",
@@ -74,7 +75,8 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
 
     With ``dry_run``: the same checks and evidence, minus anything that needs
     a signal (the faulthandler dump), then ``worker.would_kill``; nothing is
-    sent and nothing is counted."""
+    sent. ``count_kill`` is called once the kill is made (the SIGTERM sent),
+    or with ``dry_run`` once it is logged (the caller counts a would-be kill)."""
     pidfd = open_verified(state)
     if pidfd is None:
         return
@@ -96,6 +98,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
         }
         if dry_run:
             _log.warning("worker.would_kill", dry_run=True, **evidence)
+            count_kill()
             return
         if not send(pidfd, state, signal.SIGTERM):
             return
@@ -272,6 +275,26 @@ def execd_away(state: ProcessState) -> bool:
     except OSError:
         return False
     return not maps_state_file(state)
+
+
+def stopped_how(pid: int, state_letter: str | None = None, look_for_tracer: bool = True) -> str | None:
+    """Why ``pid`` is not running on its own now: stopped (state ``T``: SIGSTOP,
+    job control), stopped by its tracer (``t``: a debugger), or, with
+    ``look_for_tracer``, traced (``TracerPid`` in ``/proc/<pid>/status``);
+    None when none of these. ``state_letter``: its ``/proc/<pid>/stat``
+    state when the caller has just read it."""
+    if state_letter is None:
+        stat_ = proc_stat(pid)
+        state_letter = None if stat_ is None else stat_[0]
+    if state_letter == "T":
+        return "stopped (state T: SIGSTOP or job control)"
+    if state_letter == "t":
+        return "stopped by its tracer (state t: a debugger)"
+    if look_for_tracer:
+        tracer = _status_field(pid, "TracerPid")
+        if tracer is not None and tracer.isdigit() and int(tracer) != 0:
+            return f"traced by pid {int(tracer)}"
+    return None
 
 
 def catches_signal(pid: int, signum: int) -> bool:

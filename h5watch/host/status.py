@@ -6,8 +6,14 @@ the holder (thread name, operation, hold age), the waiters and the oldest
 wait. Stuck processes and locks are marked ``STUCK``, judged as the daemon
 judges them (:mod:`h5watch.host.verdict`), with the same ``--stuck-after``
 and ``--kill-after``: each process says why it is stuck, which lock is to
-blame, and whether a daemon with that ``--kill-after`` would kill it.
+blame, and whether a daemon with that ``--kill-after`` would kill it. A
+process that is stopped or traced is ``STOPPED``, and says why.
 ``--json`` prints the same as one JSON document for scripts.
+
+Exit status: 0 when no live process is stuck, :data:`EXIT_STUCK` (1) when
+one is (a stopped one too, when its file makes it stuck), 2 for bad input
+(a state dir that does not exist or is not a directory included), with a
+one-line error.
 """
 
 from __future__ import annotations
@@ -25,10 +31,17 @@ from h5watch.options import resolve
 from h5watch.statedir import STATE_SUFFIX, list_names, readable_user_dirs
 from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
 
-__all__ = ["add_arguments", "main", "collect_status"]
+__all__ = ["EXIT_STUCK", "add_arguments", "main", "collect_status"]
+
+EXIT_STUCK = 1
+EXIT_STATUS_HELP = (
+    "exit status: 0 when no live process is stuck; 1 when one is (as --stuck-after judges); 2 for bad input, such as a "
+    "state dir that does not exist or is not a directory (one line on stderr)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUS_HELP
     parser.add_argument("--state-dir", help=(
         "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
         "$XDG_RUNTIME_DIR/h5watch); root reads every user's subdirectory, others their own"
@@ -52,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(report))
-    return 0
+    return EXIT_STUCK if any(process["stuck"] for process in report["processes"]) else 0
 
 
 def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict[str, Any]:
@@ -105,6 +118,8 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
             "pid": state.pid,
             "workload": state.workload,
             "state": verdict.state,
+            "stuck": verdict.stuck is not None,
+            "stopped": verdict.stopped,
             "reason": verdict.reason,
             "culprit_lock": verdict.culprit_lock,
             "stuck_age_seconds": None if verdict.stuck is None else round(verdict.stuck.age_seconds, 3),
@@ -147,13 +162,14 @@ def render(report: dict[str, Any]) -> str:
     if not processes:
         lines.append("no live instrumented processes")
     else:
-        stuck = sum(p["state"] == "stuck" for p in processes)
-        lines.append(f"{len(processes)} live processes, {stuck} stuck")
+        stuck = sum(p["stuck"] for p in processes)
+        stopped = sum(p["stopped"] is not None for p in processes)
+        lines.append(f"{len(processes)} live processes, {stuck} stuck" + (f", {stopped} stopped" if stopped else ""))
         lines.append("")
         lines.append(f"  {'PID':>8}  {'WORKLOAD':<20} {'HEARTBEAT':>9}  STATE")
         for process in processes:
-            state = "STUCK" if process["state"] == "stuck" else "ok"
-            mark = "!" if state == "STUCK" else " "
+            state = {"stuck": "STUCK", "stopped": "STOPPED"}.get(process["state"], "ok")
+            mark = "!" if process["stuck"] else " "
             watchdog = "" if process["watchdog_running"] else "  (no watchdog: no heartbeat; records as of the last write)"
             lines.append(f"{mark} {process['pid']:>8}  {process['workload'][:20]:<20} {_age(process['heartbeat_age_seconds']):>9}  "
                          f"{state}{_why(process)}{watchdog}")
@@ -174,10 +190,14 @@ def _thresholds_line(thresholds: dict[str, Any]) -> str:
 def _why(process: dict[str, Any]) -> str:
     """`` hold of app.x for 6.2s; a daemon would kill it (hold)``, or nothing for a process that is ok."""
     parts = []
+    if process["stopped"] is not None:
+        parts.append(process["stopped"])
     if process["reason"] is not None:
         culprit = f" of {process['culprit_lock']}" if process["culprit_lock"] else ""
         parts.append(f"{process['reason']}{culprit} for {_age(process['stuck_age_seconds'])}")
-    if process["kill_reason"] is not None:
+    if process["kill_reason"] is not None and process["stopped"] is not None:
+        parts.append(f"a daemon would spare it ({process['kill_reason']}; it kills a stopped process only with --kill-stopped)")
+    elif process["kill_reason"] is not None:
         parts.append(f"a daemon would kill it ({process['kill_reason']})")
     return f"  {'; '.join(parts)}" if parts else ""
 
@@ -194,6 +214,8 @@ def _lock_line(lock: dict[str, Any]) -> str:
         parts.append(f"held by {who}{dead}{operation} for {_age(holder['hold_age_seconds'])}")
     if lock["waiters"]:
         names = ", ".join(w["thread_name"] or str(w["native_id"]) for w in lock["waiting_threads"])
+        if lock["waiters_unrecorded"]:
+            names += f", +{lock['waiters_unrecorded']} more"
         parts.append(f"{lock['waiters']} waiting ({names}), oldest {_age(lock['oldest_wait_seconds'])}")
     parts.append(f"[{lock['acquisitions']} acquisitions, {lock['contentions']} contended]")
     if lock["stuck"]:

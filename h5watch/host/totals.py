@@ -40,13 +40,15 @@ class TotalsError(Exception):
 
 @dataclass
 class Totals:
-    """What the processes that are gone counted, and the kills: per
-    (workload, lock), per workload, per (workload, reason); ``folded``: the
+    """What the processes that are gone counted, and the kills (and would-be
+    kills): per (workload, lock), per workload, per (workload, reason); ``folded``: the
     ``uid/name`` of each state file already in them, kept until the file is gone."""
 
     locks: dict[tuple[str, str], LockTotals] = field(default_factory=dict)
     forks: dict[str, ForkTotals] = field(default_factory=dict)
     kills: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Kills a --dry-run daemon would have made, per (workload, reason).
+    would_kills: dict[tuple[str, str], int] = field(default_factory=dict)
     folded: set[str] = field(default_factory=set)
 
     def to_json(self) -> dict[str, Any]:
@@ -55,6 +57,7 @@ class Totals:
             "locks": [[w, lk, t.to_json()] for (w, lk), t in self.locks.items()],
             "forks": [[w, t.to_json()] for w, t in self.forks.items()],
             "kills": [[w, r, n] for (w, r), n in self.kills.items()],
+            "would_kills": [[w, r, n] for (w, r), n in self.would_kills.items()],
             "folded": sorted(self.folded),
         }
 
@@ -65,6 +68,8 @@ class Totals:
             locks={(w, lk): LockTotals.from_json(v) for w, lk, v in data["locks"]},
             forks={w: ForkTotals.from_json(v) for w, v in data["forks"]},
             kills={(w, r): int(n) for w, r, n in data["kills"]},
+            # Absent from the saves of daemons that did not count them yet.
+            would_kills={(w, r): int(n) for w, r, n in data.get("would_kills", [])},
             folded=set(data["folded"]),
         )
 

@@ -20,11 +20,17 @@ is the first that applies:
 A process marked exited is not judged (its last threads may still be in its
 file until it is gone), nor one that exec'd a program without h5watch
 (:func:`judge_live`: its file is as it left it).
+
+A live process that is stopped (``T``, ``t`` in ``/proc/<pid>/stat``) is
+``stopped`` whatever its file says; one that is traced (``TracerPid``) is
+too once its file makes it stuck (a traced process that runs on is ok).
+Its findings still say what its file shows; a daemon kills it only with
+``--kill-stopped``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple, overload
 
 from h5watch.errors import UsageError
@@ -125,9 +131,13 @@ class Verdict:
 
     stuck: Finding | None = None
     kill: Finding | None = None
+    # Why the process is stopped or traced now (None: it runs on its own).
+    stopped: str | None = None
 
     @property
-    def state(self) -> Literal["ok", "stuck"]:
+    def state(self) -> Literal["ok", "stuck", "stopped"]:
+        if self.stopped is not None:
+            return "stopped"
         return "ok" if self.stuck is None else "stuck"
 
     @property
@@ -169,11 +179,18 @@ def judge(state: ProcessState, now: float, thresholds: Thresholds, *, oldest_age
     return OK if stuck is None and kill is None else Verdict(stuck, kill)
 
 
-def judge_live(state: ProcessState, now: float, thresholds: Thresholds, *, oldest_age_seconds: float | None = None) -> Verdict:
+def judge_live(state: ProcessState, now: float, thresholds: Thresholds, *, oldest_age_seconds: float | None = None,
+               state_letter: str | None = None) -> Verdict:
     """:func:`judge` for a process that is still there: one that exec'd a
-    program without h5watch is not judged (its file stays as it left it)."""
+    program without h5watch is not judged (its file stays as it left it);
+    one stopped or traced says so (``state_letter``: its ``/proc/<pid>/stat``
+    state when the caller has just read it; its tracer is looked for only
+    when its file makes it stuck or due for a kill)."""
     verdict = judge(state, now, thresholds, oldest_age_seconds=oldest_age_seconds)
-    return OK if verdict is not OK and reaper.execd_away(state) else verdict
+    if verdict is not OK and reaper.execd_away(state):
+        return OK
+    stopped = reaper.stopped_how(state.pid, state_letter, look_for_tracer=verdict is not OK)
+    return verdict if stopped is None else replace(verdict, stopped=stopped)
 
 
 def _finding(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> Finding | None:

@@ -5,6 +5,7 @@ Usage: worker.py MODE DIR [K]
                {"pid", "app": K, "phil": <this process's phil acquisitions>}
                once done, then waits until DIR/release exists and exits 0.
   stuck DIR    a thread holds 'app.x' forever, the main thread waits for it.
+  crowd DIR N  a thread holds 'app.x' forever, N threads (waiter-0 first) wait for it.
   orphan DIR   a thread holds 'app.x' while the main thread forks without
                Python's hooks, then lets go; the child (on_orphan=warn) stops
                its watchdog and waits on the orphaned lock forever. Prints the
@@ -62,6 +63,23 @@ if mode == "stuck":
     emit(pid=os.getpid(), ready=True)
     app.acquire()
     sys.exit(0)
+
+if mode == "crowd":
+    def hold_forever() -> None:
+        with app:
+            time.sleep(3600)
+
+    def wait_forever() -> None:
+        app.acquire()
+
+    threading.Thread(target=hold_forever, name="crowd-holder", daemon=True).start()
+    time.sleep(0.2)
+    for i in range(int(sys.argv[3])):
+        threading.Thread(target=wait_forever, name=f"waiter-{i}", daemon=True).start()
+        while len(app.waiters()) <= i:
+            time.sleep(0.01)
+    emit(pid=os.getpid(), ready=True)
+    time.sleep(3600)
 
 if mode == "orphan":
     forked = threading.Event()
