@@ -112,7 +112,7 @@ def test_a_sigstopped_stuck_worker_is_reported_and_spared(state_dir, daemons, wo
     time.sleep(0.6)  # one watchdog tick: the holder is in the state file
     os.kill(pid, signal.SIGSTOP)
     [spared] = wait_for(lambda: daemon.events("worker.spared_stopped"), 15, what="worker.spared_stopped")
-    assert spared["pid"] == pid and spared["stopped"].startswith("stopped (state T")
+    assert spared["worker_pid"] == pid and spared["stopped"].startswith("stopped (state T")
     assert spared["reason"] in ("hold", "wait", "heartbeat")
     assert daemon.value("h5watch_processes", workload="paused", state="stopped") == 1
     assert daemon.value("h5watch_processes", workload="paused", state="stuck") == 0
@@ -144,7 +144,7 @@ def test_a_traced_stuck_worker_is_reported_and_spared(state_dir, daemons, worker
         if tracer.stdout.readline().strip() != "seized":
             pytest.skip("ptrace is not permitted here")
         [spared] = wait_for(lambda: daemon.events("worker.spared_stopped"), 15, what="worker.spared_stopped")
-        assert spared["pid"] == pid and spared["stopped"] == f"traced by pid {tracer.pid}"
+        assert spared["worker_pid"] == pid and spared["stopped"] == f"traced by pid {tracer.pid}"
         assert daemon.value("h5watch_processes", workload="traced", state="stopped") == 1
         time.sleep(1.0)
         assert proc.poll() is None and daemon.events("worker.killed") == []

@@ -361,7 +361,7 @@ class Daemon:
             return
         self._spared.add(key)
         assert verdict.kill is not None
-        _log.warning("worker.spared_stopped", workload=state.workload, pid=state.pid, reason=verdict.kill.reason,
+        _log.warning("worker.spared_stopped", workload=state.workload, worker_pid=state.pid, reason=verdict.kill.reason,
                      stopped=verdict.stopped, lock=None if verdict.kill.culprit is None else verdict.kill.culprit.lock,
                      action="not killed: it is stopped or traced (someone may be debugging it); --kill-stopped kills it")
 
