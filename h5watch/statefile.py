@@ -125,7 +125,7 @@ __all__ = [
 # use, the same number in every process (the daemon never takes it from a file).
 DUMP_SIGNAL = int(signal.SIGRTMIN) + 6 if hasattr(signal, "SIGRTMIN") else int(signal.SIGUSR2)
 MAGIC = b"H5WATCH\0"
-VERSION = 2
+VERSION = 3
 CAPACITY = 256
 MAX_WAITERS = 4
 NAME_BYTES = 64
@@ -162,6 +162,9 @@ _HEADER_FIELDS = [
     ("merge_from", "I", "<u4"),
     ("merge_into", "I", "<u4"),
     ("merge_block", "I", "<u4"),
+    # The process's own wait_timeout and hold_timeout (0: off), for the verdict.
+    ("wait_timeout", "d", "<f8"),
+    ("hold_timeout", "d", "<f8"),
 ]
 
 _RECORD_FIELDS = [
@@ -346,7 +349,8 @@ class StateWriter:
     """This process's state file. Create it in the process that owns it (a
     forked child creates its own: the parent's mapping is shared)."""
 
-    def __init__(self, directory: str, workload: str, dump_signal: int, tick_interval: float) -> None:
+    def __init__(self, directory: str, workload: str, dump_signal: int, tick_interval: float,
+                 wait_timeout: float | None = None, hold_timeout: float | None = None) -> None:
         self.pid = os.getpid()
         self.start_ticks = proc_start_ticks(self.pid) or 0
         self.directory = directory
@@ -388,6 +392,7 @@ class StateWriter:
             magic=MAGIC, version=VERSION, header_size=HEADER_SIZE, record_size=RECORD_SIZE, capacity=CAPACITY,
             pid=self.pid, start_ticks=self.start_ticks, uid=os.geteuid(), dump_signal=dump_signal,
             workload=_fixed(workload, NAME_BYTES), started_unix=time.time(), tick_interval=tick_interval,
+            wait_timeout=wait_timeout or 0.0, hold_timeout=hold_timeout or 0.0,
         )
         if adopted:
             self._adopt()
@@ -777,6 +782,16 @@ class ProcessState:
         beats, and the records are as of the last write (``heartbeat_unix``)."""
         return bool(self.header["watchdog_running"])
 
+    @property
+    def wait_timeout(self) -> float | None:
+        """The process's own ``wait_timeout`` (None: off)."""
+        return float(self.header["wait_timeout"]) or None
+
+    @property
+    def hold_timeout(self) -> float | None:
+        """The process's own ``hold_timeout`` (None: off)."""
+        return float(self.header["hold_timeout"]) or None
+
     def holds_seen_at(self, now_unix: float) -> float:
         """When the holds in the records were last known to be current: now
         for a watched process; the last write for one without a watchdog, whose
@@ -918,7 +933,7 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         raise StateFileError("truncated", "truncated fork counters")
     _counter_words(np.frombuffer(forks, dtype="<u8"))
     header = np.frombuffer(bytearray(head + bytes(forks)), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
-    for name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval"):
+    for name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval", "wait_timeout", "hold_timeout"):
         if not 0 <= float(header[name]) < _TIME_LIMIT:  # NaN fails too
             header[name] = 0.0
     n = len(table) // RECORD_SIZE

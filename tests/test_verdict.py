@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(120)
 class Scene:
     """This process's real state file, with locks held and waited for by real threads."""
 
-    def __init__(self, state_dir: Path, tick_interval: float) -> None:
+    def __init__(self, state_dir: Path, tick_interval: float, hold_timeout: float | None = None,
+                 wait_timeout: float | None = None) -> None:
         from h5watch.process.lock import WatchedLock
         from h5watch.process.publisher import lock_record
         from h5watch.statefile import StateWriter, ensure_state_dir
@@ -34,7 +35,7 @@ class Scene:
         self.lock_record = lock_record
 
         self._lock_class = WatchedLock
-        self.writer = StateWriter(ensure_state_dir(str(state_dir)), "judged", 0, tick_interval)
+        self.writer = StateWriter(ensure_state_dir(str(state_dir)), "judged", 0, tick_interval, wait_timeout, hold_timeout)
         self.locks: list = []
         self._release = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,8 +97,8 @@ class Scene:
 
 
 @contextmanager
-def scene(state_dir: Path, tick_interval: float = 0.1) -> Iterator[Scene]:
-    made = Scene(state_dir, tick_interval)
+def scene(state_dir: Path, tick_interval: float = 0.1, **timeouts: float) -> Iterator[Scene]:
+    made = Scene(state_dir, tick_interval, **timeouts)
     try:
         yield made
     finally:
@@ -129,6 +130,44 @@ def test_a_hold_older_than_the_wait_is_a_hold_not_a_wait(state_dir):
         assert culprit.oldest_wait_seconds > 5  # the wait was past the threshold as well
         assert [w["thread_name"] for w in culprit.waiting_threads] == ["waiter-app.x"]
         assert verdict.stuck.age_seconds > culprit.oldest_wait_seconds
+
+
+def test_a_hold_behind_an_older_wait_is_the_hold(state_dir):
+    # The waiter began waiting before this holder took the lock (it barged in,
+    # or took over from an earlier holder): the hold is still the cause.
+    with scene(state_dir) as s:
+        lock = s.lock("app.x")
+        s.hold(lock)
+        s.wait_on(lock)
+        state = s.write()
+        state.records["oldest_wait_since_unix"][0] = state.records["held_since_unix"][0] - 4
+        verdict = judge(state, time.time() + 6, Thresholds(stuck_after=5, kill_after=5))
+        assert verdict.stuck.culprit.oldest_wait_seconds > verdict.stuck.culprit.holder["hold_age_seconds"]
+        assert (verdict.reason, verdict.kill_reason, verdict.culprit_lock) == ("hold", "hold", "app.x")
+
+
+@pytest.mark.parametrize("kind", ["hold", "wait"])
+def test_a_process_is_stuck_past_its_own_timeout(state_dir, kind):
+    # A process that says a hold (or a wait) of 1 s is wrong is stuck at 1 s,
+    # long before --stuck-after; no kill is due before --kill-after.
+    with scene(state_dir, **{f"{kind}_timeout": 1.0}) as s:
+        phil = s.lock("h5py.phil")
+        if kind == "hold":
+            s.hold(phil)
+        else:
+            s.take_underneath(phil)
+        s.wait_on(phil)
+        state = s.write()
+        assert getattr(state, f"{kind}_timeout") == 1.0
+        assert judge(state, time.time() + 0.5, Thresholds(stuck_after=30, kill_after=60)) == OK
+        later = time.time() + 2
+        verdict = judge(state, later, Thresholds(stuck_after=30, kill_after=60))
+        assert (verdict.state, verdict.reason, verdict.culprit_lock, verdict.kill) == ("stuck", kind, "h5py.phil", None)
+        # The daemon's fast path (every process's oldest age in one pass) agrees.
+        fast = judge(state, later, Thresholds(stuck_after=30, kill_after=60), oldest_age_seconds=2.0)
+        assert fast == verdict
+        # A --stuck-after below the process's own timeout still rules.
+        assert judge(state, time.time() + 0.9, Thresholds(stuck_after=0.5)).reason == kind
 
 
 def test_a_wait_with_no_recorded_holder_is_a_wait(state_dir):
@@ -322,10 +361,12 @@ def test_status_and_the_daemon_give_the_same_verdict(state_dir, daemons, workers
     assert processes[ok_pid]["state"] == "ok" and processes[ok_pid]["reason"] is None
     assert processes[ok_pid]["kill_reason"] is None
 
-    # The daemon's defaults, when status is given none: 30 s, nothing stuck yet.
+    # Given none, status judges as the daemon running on the state dir does.
     default = json.loads(status(state_dir).stdout)
-    assert default["thresholds"] == {"stuck_after": 30.0, "kill_after": None}
-    assert {p["pid"]: p["state"] for p in default["processes"]}[stuck_pid] == "ok"
+    assert default["thresholds"] == {"stuck_after": 2.0, "kill_after": 2.0}
+    assert default["thresholds_of_daemon_pid"] == daemon.proc.pid
+    assert {p["pid"]: p["state"] for p in default["processes"]}[stuck_pid] == "stuck"
+    assert f"--kill-after 2s (the daemon's, pid {daemon.proc.pid})" in status(state_dir, json_output=False).stdout
 
     table = status(state_dir, "--kill-after", "2", json_output=False).stdout
     assert "thresholds: --stuck-after 2s, --kill-after 2s" in table
@@ -347,6 +388,36 @@ def test_a_kill_for_a_long_hold_is_counted_as_a_hold(state_dir, daemons, workers
     [killed] = daemon.events("worker.killed")
     assert killed["worker_pid"] == pid and killed["reason"] == "hold" and killed["lock"] == "app.x"
     assert killed["oldest_wait_seconds"] > 2  # the wait was past --kill-after as well
+
+
+def test_without_a_daemon_status_judges_at_the_defaults(state_dir, daemons, workers):
+    pid = read_json_line(workers(state_dir, "stuck", "-", service="wedged"))["pid"]
+    waited_past(state_dir, pid, 1.2)
+    report = json.loads(status(state_dir).stdout)
+    assert report["thresholds"] == {"stuck_after": 30.0, "kill_after": None} and report["thresholds_of_daemon_pid"] is None
+    assert {p["pid"]: p["state"] for p in report["processes"]}[pid] == "ok"
+    daemon = daemons(state_dir, "--scan-interval", "0.2", "--stuck-after", "1", "--dry-run")
+    wait_for(lambda: json.loads(status(state_dir).stdout)["thresholds_of_daemon_pid"] == daemon.proc.pid, 10,
+             what="status to take the running daemon's thresholds")
+    report = json.loads(status(state_dir).stdout)
+    assert report["thresholds"] == {"stuck_after": 1.0, "kill_after": None}
+    assert {p["pid"]: p["state"] for p in report["processes"]}[pid] == "stuck"
+    daemon.stop()
+    # A daemon that is gone leaves its settings in its lock file: not used.
+    assert json.loads(status(state_dir).stdout)["thresholds"] == {"stuck_after": 30.0, "kill_after": None}
+
+
+def test_a_worker_past_its_own_hold_timeout_is_stuck_for_status_and_daemon(state_dir, daemons, workers):
+    pid = read_json_line(workers(state_dir, "stuck", "-", service="strict", options=("--hold-timeout", "1")))["pid"]
+    waited_past(state_dir, pid, 1.2)
+    result = subprocess.run([*H5WATCH, "status", "--state-dir", str(state_dir), "--json"], capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 1, result
+    [process] = [p for p in json.loads(result.stdout)["processes"] if p["pid"] == pid]
+    assert (process["state"], process["reason"], process["culprit_lock"]) == ("stuck", "hold", "app.x")
+    daemon = daemons(state_dir, "--scan-interval", "0.2")
+    wait_for(lambda: daemon.value("h5watch_processes", workload="strict", state="stuck") == 1, 20,
+             what="the daemon to export the worker as stuck")
 
 
 def test_status_takes_the_daemons_threshold_options(state_dir):

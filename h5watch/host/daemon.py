@@ -44,7 +44,7 @@ from h5watch import logs
 from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
 from h5watch.export.server import MetricsServer
-from h5watch.host import reaper, totals
+from h5watch.host import claim, reaper, totals
 from h5watch.host.totals import Totals
 from h5watch.host.verdict import KILL_REASONS, OK, Finding, Thresholds, Verdict, judge_live, parse_seconds
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
@@ -121,12 +121,14 @@ def main(args: argparse.Namespace) -> int:
         # mistyped path is an error, not a new tree.
         own_dir = open_user_dir(options.state_dir, parents=False)
         # Held (open, flock'ed) until this process ends: one daemon per state dir.
-        claim_fd = totals.claim(own_dir)
-    except (StateDirError, totals.TotalsError) as exc:
+        claim_fd = claim.claim(own_dir)
+    except (StateDirError, claim.ClaimError) as exc:
         raise UsageError(str(exc)) from None
     daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run,
                     args.kill_stopped)
     daemon.claim_fd = claim_fd
+    # What h5watch status judges by, when it is given no thresholds of its own.
+    claim.announce(claim_fd, {**thresholds.to_json(), "kill_stopped": args.kill_stopped, "dry_run": args.dry_run})
     try:
         daemon.serve(*listen)
     except OSError as exc:
@@ -372,17 +374,17 @@ class Daemon:
         key = (directory.dev, directory.ino)
         if key in self._claims:
             return True
-        claim = os.dup(directory.fd)
+        held = os.dup(directory.fd)
         try:
-            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(claim)
+            os.close(held)
             if key not in self._claim_refused:
                 self._claim_refused.add(key)
                 _log.warning("daemon.dir_claimed", path=directory.path,
                              hint="another h5watch daemon reads this directory; this one leaves it to it")
             return False
-        self._claims[key] = claim
+        self._claims[key] = held
         self._claim_refused.discard(key)
         return True
 
@@ -534,7 +536,7 @@ class Daemon:
         """Remove what no process will use, once unchanged for JUNK_GRACE_SECONDS:
         only regular files of the directory's owner, never through a link."""
         for name in names[:MAX_JUNK_PER_SCAN]:
-            if name in (TOTALS_FILE, totals.LOCK_FILE) and (directory.dev, directory.ino) == (self._own_dir.dev, self._own_dir.ino):
+            if name in (TOTALS_FILE, claim.LOCK_FILE) and (directory.dev, directory.ino) == (self._own_dir.dev, self._own_dir.ino):
                 continue
             try:
                 info = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)

@@ -5,7 +5,8 @@ each live instrumented process, its heartbeat age and state, and per lock
 the holder (thread name, operation, hold age), the waiters and the oldest
 wait. Stuck processes and locks are marked ``STUCK``, judged as the daemon
 judges them (:mod:`h5watch.host.verdict`), with the same ``--stuck-after``
-and ``--kill-after``: each process says why it is stuck, which lock is to
+and ``--kill-after`` (when neither is given: those of the daemon running on
+the state dir, else the defaults): each process says why it is stuck, which lock is to
 blame, and whether a daemon with that ``--kill-after`` would kill it. A
 process that is stopped or traced is ``STOPPED``, and says why.
 ``--json`` prints the same as one JSON document for scripts.
@@ -26,9 +27,10 @@ import time
 from typing import Any
 
 from h5watch.errors import UsageError
-from h5watch.host.verdict import Thresholds, judge_live, lock_age_seconds
+from h5watch.host import claim
+from h5watch.host.verdict import Thresholds, judge_live, lock_is_stuck
 from h5watch.options import resolve
-from h5watch.statedir import STATE_SUFFIX, list_names, readable_user_dirs
+from h5watch.statedir import STATE_SUFFIX, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
 
 __all__ = ["EXIT_STUCK", "add_arguments", "main", "collect_status"]
@@ -59,7 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
+    daemon_pid = None
+    if args.stuck_after is None and args.kill_after is None:
+        found = daemon_thresholds(options.state_dir)
+        if found is not None:
+            thresholds, daemon_pid = found
     report = collect_status(options.state_dir, thresholds)
+    report["thresholds_of_daemon_pid"] = daemon_pid
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -113,7 +121,7 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
         verdict = judge_live(state, now, thresholds)
         locks = state.locks(now)  # without a watchdog: holds as of the last write
         for lock in locks:
-            lock["stuck"] = verdict.stuck is not None and lock_age_seconds(lock) > thresholds.stuck_after
+            lock["stuck"] = verdict.stuck is not None and lock_is_stuck(state, lock, thresholds)
         report["processes"].append({
             "pid": state.pid,
             "workload": state.workload,
@@ -130,6 +138,18 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
             "locks": locks,
         })
     return report
+
+
+def daemon_thresholds(state_dir: str) -> tuple[Thresholds, int] | None:
+    """The thresholds of the daemon running on ``state_dir`` for this user,
+    and its pid; None when none runs (or its settings are unreadable)."""
+    try:
+        directory = open_user_dir(state_dir, create=False)
+    except (StateDirError, OSError):
+        return None
+    settings = claim.running_daemon(directory)
+    thresholds = None if settings is None else Thresholds.from_json(settings)
+    return None if thresholds is None or settings is None else (thresholds, settings["pid"])
 
 
 def _live_state_files(names: list[str], uid: int) -> list[str]:
@@ -158,7 +178,7 @@ def _age(seconds: float | None) -> str:
 
 def render(report: dict[str, Any]) -> str:
     processes = report["processes"]
-    lines = [f"state dir: {report['state_dir']}", _thresholds_line(report["thresholds"])]
+    lines = [f"state dir: {report['state_dir']}", _thresholds_line(report["thresholds"], report.get("thresholds_of_daemon_pid"))]
     if not processes:
         lines.append("no live instrumented processes")
     else:
@@ -180,11 +200,14 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _thresholds_line(thresholds: dict[str, Any]) -> str:
-    """``thresholds: --stuck-after 30s, --kill-after none``: what the verdicts below used."""
+def _thresholds_line(thresholds: dict[str, Any], daemon_pid: int | None) -> str:
+    """``thresholds: --stuck-after 30s, --kill-after none``: what the verdicts
+    below used, and whose they are when they are the running daemon's."""
     kill_after = thresholds["kill_after"]
     kill = "none" if kill_after is None else f"{kill_after:g}s"
-    return f"thresholds: --stuck-after {thresholds['stuck_after']:g}s, --kill-after {kill}"
+    whose = "" if daemon_pid is None else f" (the daemon's, pid {daemon_pid})"
+    return (f"thresholds: --stuck-after {thresholds['stuck_after']:g}s, --kill-after {kill}{whose}; "
+            "a process's own hold_timeout or wait_timeout when lower")
 
 
 def _why(process: dict[str, Any]) -> str:

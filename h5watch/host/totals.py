@@ -11,7 +11,6 @@ a FIFO planted at the name is refused, never followed or waited on.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,10 +26,9 @@ from h5watch.statedir import (
     temp_name,
 )
 
-__all__ = ["TOTALS_FILE", "LOCK_FILE", "Totals", "TotalsError", "read", "write", "claim"]
+__all__ = ["TOTALS_FILE", "Totals", "TotalsError", "read", "write"]
 
 TOTALS_FILE = "h5watch-daemon.json"
-LOCK_FILE = "h5watch-daemon.lock"
 MAX_TOTALS_BYTES = 64 * 1024 * 1024
 
 
@@ -117,20 +115,3 @@ def write(directory: OpenDir, totals: Totals) -> None:
         remove(directory, tmp)
         raise
     os.fsync(directory.fd)
-
-
-def claim(directory: OpenDir) -> int:
-    """Hold the daemon's lock file for this process's life (its descriptor
-    is returned and must stay open); :class:`TotalsError` if another daemon
-    holds it. The kernel drops the lock when the process ends, however."""
-    path = os.path.join(directory.path, LOCK_FILE)
-    try:
-        fd = open_existing(directory, LOCK_FILE, os.O_RDWR | os.O_CREAT, owner=os.geteuid())
-    except OSError as exc:
-        raise TotalsError(f"lock file {exc}" if isinstance(exc, UnsafeFileError) else f"lock file {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TotalsError(f"another h5watch daemon already runs on this state dir (it holds {path}); stop it first") from None
-    return fd

@@ -4,14 +4,17 @@
 :class:`Thresholds` (``--stuck-after``, ``--kill-after``) and says ``ok`` or
 ``stuck``, why, and which lock to blame; the daemon's
 ``h5watch_processes{state}``, its kills and their ``reason`` label, and the
-table of ``h5watch status`` all come from it. At each threshold the reason
-is the first that applies:
+table of ``h5watch status`` all come from it. A process that set its own
+``hold_timeout`` or ``wait_timeout`` (its state file says so) is stuck once
+a hold or a wait outlives that, if it is lower than ``--stuck-after``; kills
+wait for ``--kill-after`` alone. At each threshold the reason is the first
+that applies:
 
 1. ``orphaned_lock``: a lock whose holder thread is gone (the process forked
    without it) has waiters, and its hold or its oldest wait is older;
-2. ``hold`` or ``wait``: the oldest hold or wait of any lock is older;
-   whichever of the two is older names the reason (a tie is the hold: its
-   waiters wait for it);
+2. ``hold`` or ``wait``: a lock's hold is older (``hold``: its waiters wait
+   for it, however long they have waited), else its oldest wait is
+   (``wait``); of several locks, the oldest such age names the reason;
 3. ``heartbeat``: the watchdog runs but has not beaten for longer (and for
    at least 3 ticks). A process whose watchdog is not running has no
    heartbeat: it is judged by its records alone, its holds as of its last
@@ -20,12 +23,6 @@ is the first that applies:
 A process marked exited is not judged (its last threads may still be in its
 file until it is gone), nor one that exec'd a program without h5watch
 (:func:`judge_live`: its file is as it left it).
-
-A live process that is stopped (``T``, ``t`` in ``/proc/<pid>/stat``) is
-``stopped`` whatever its file says; one that is traced (``TracerPid``) is
-too once its file makes it stuck (a traced process that runs on is ok).
-Its findings still say what its file shows; a daemon kills it only with
-``--kill-stopped``.
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ __all__ = [
     "judge",
     "judge_live",
     "lock_age_seconds",
+    "lock_is_stuck",
     "parse_seconds",
 ]
 
@@ -98,6 +96,23 @@ class Thresholds:
 
     def to_json(self) -> dict[str, float | None]:
         return {"stuck_after": self.stuck_after, "kill_after": self.kill_after}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Thresholds | None:
+        """Thresholds as :meth:`to_json` wrote them; None unless well formed."""
+        stuck, kill = data.get("stuck_after"), data.get("kill_after")
+        if not isinstance(stuck, (int, float)) or not _valid_seconds(stuck) or not (kill is None or _valid_seconds(kill)):
+            return None
+        return cls(float(stuck), None if kill is None else float(kill))
+
+    def stuck_limits(self, state: ProcessState) -> tuple[float, float]:
+        """(hold, wait) ages past which ``state``'s process is stuck: the
+        lower of ``stuck_after`` and its own ``hold_timeout``/``wait_timeout``."""
+        return min(self.stuck_after, state.hold_timeout or self.stuck_after), min(self.stuck_after, state.wait_timeout or self.stuck_after)
+
+
+def _valid_seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9
 
 
 class Culprit(NamedTuple):
@@ -156,6 +171,13 @@ class Verdict:
 OK = Verdict()
 
 
+def lock_is_stuck(state: ProcessState, lock: dict[str, Any], thresholds: Thresholds) -> bool:
+    """Whether one lock of ``state`` (one of its :meth:`ProcessState.locks`)
+    is past what makes its process stuck."""
+    hold_limit, wait_limit = thresholds.stuck_limits(state)
+    return _hold_age(lock) > hold_limit or _wait_age(lock) > wait_limit
+
+
 def lock_age_seconds(lock: dict[str, Any]) -> float:
     """What a lock (one of :meth:`ProcessState.locks`) counts against the
     thresholds: the older of its hold and its oldest wait."""
@@ -171,11 +193,14 @@ def judge(state: ProcessState, now: float, thresholds: Thresholds, *, oldest_age
     is fresh is ``ok`` without looking at its locks one by one."""
     if int(state.header["exited"]):
         return OK
-    if oldest_age_seconds is not None and oldest_age_seconds <= thresholds.lowest and not _beat_stale(state, now, thresholds.lowest):
+    hold_limit, wait_limit = thresholds.stuck_limits(state)
+    if (oldest_age_seconds is not None and oldest_age_seconds <= min(thresholds.lowest, hold_limit, wait_limit)
+            and not _beat_stale(state, now, thresholds.lowest)):
         return OK
     locks = state.locks(now)
-    stuck = _finding(state, locks, now, thresholds.stuck_after)
-    kill = None if thresholds.kill_after is None else _finding(state, locks, now, thresholds.kill_after)
+    stuck = _finding(state, locks, now, thresholds.stuck_after, hold_limit, wait_limit)
+    kill_after = thresholds.kill_after
+    kill = None if kill_after is None else _finding(state, locks, now, kill_after, kill_after, kill_after)
     return OK if stuck is None and kill is None else Verdict(stuck, kill)
 
 
@@ -193,21 +218,22 @@ def judge_live(state: ProcessState, now: float, thresholds: Thresholds, *, oldes
     return verdict if stopped is None else replace(verdict, stopped=stopped)
 
 
-def _finding(state: ProcessState, locks: list[dict[str, Any]], now: float, limit: float) -> Finding | None:
+def _finding(state: ProcessState, locks: list[dict[str, Any]], now: float, beat_limit: float, hold_limit: float,
+             wait_limit: float) -> Finding | None:
     for lock in locks:
         age = lock_age_seconds(lock)
-        if lock["orphaned"] and lock["waiters"] and age > limit:
+        if lock["orphaned"] and lock["waiters"] and age > min(hold_limit, wait_limit):
             return Finding("orphaned_lock", age, Culprit.of(lock))
     older: list[Finding] = []
     for lock in locks:
         hold, wait = _hold_age(lock), _wait_age(lock)
-        if hold > limit:
+        if hold > hold_limit:
             older.append(Finding("hold", hold, Culprit.of(lock)))
-        if wait > limit:
+        elif wait > wait_limit:
             older.append(Finding("wait", wait, Culprit.of(lock)))
     if older:
         return max(older, key=lambda finding: (finding.age_seconds, finding.reason == "hold"))
-    if _beat_stale(state, now, limit):
+    if _beat_stale(state, now, beat_limit):
         held = [lock for lock in locks if lock["holder"] or lock["waiters"]]
         return Finding("heartbeat", now - state.heartbeat_unix, Culprit.of(held[0]) if held else None)
     return None

@@ -188,7 +188,8 @@ class StatePublisher:
         try:
             # This user's own directory, <state_dir>/<uid>, opened once and checked.
             directory = ensure_state_dir(self.options.state_dir)
-            writer = StateWriter(directory, self.options.service, DUMP_SIGNAL, self.options.tick_interval)
+            writer = StateWriter(directory, self.options.service, DUMP_SIGNAL, self.options.tick_interval,
+                                 self.options.wait_timeout, self.options.hold_timeout)
         except (StateDirError, StateFileError, OSError) as exc:
             self._failed_pid = os.getpid()
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
