@@ -250,6 +250,16 @@ def enabled(level: str) -> bool:
     return LEVELS[level] >= _threshold
 
 
+def copy_events_to(fd: int | None) -> None:
+    """Also write every event shown, as one JSON line whatever the format, to
+    ``fd`` (None: stop); kept across :func:`configure` (the pytest plugin
+    reads the copy to tell each test its incidents)."""
+    global _config, _copy_fd
+    _copy_fd = fd
+    # A new dict, not an update: another thread may be rendering with the old one.
+    _config = {key: _config[key] for key in ("format", "fd", "workload") if key in _config}
+
+
 def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
     """The renderer and sink for ``config``'s format, built once per config."""
     if "render" in config:
@@ -264,6 +274,14 @@ def _build_pipeline(config: dict[str, Any]) -> dict[str, Any]:
         render = _structlog_renderer(writer, workload, console=True)
     else:
         render = _json_renderer(writer, workload)
+    copy_fd = _copy_fd
+    if copy_fd is not None:
+        show, copy = render, _json_renderer(FdWriter(copy_fd), workload)
+
+        def render(level: str, event: str, initial: dict[str, Any], fields: dict[str, Any]) -> None:
+            show(level, event, initial, fields)
+            copy(level, event, initial, fields)
+
     config["render"] = render
     return config
 
@@ -405,6 +423,7 @@ def _take_blocks(value: Any, place: str, blocks: list[tuple[str, str]]) -> Any:
 # h5watch renders with its own processors, whatever the application does
 # with structlog's global configuration.
 _config: dict[str, Any] = {}
+_copy_fd: int | None = None
 
 
 def get_logger(**initial: Any) -> _BoundToConfig:

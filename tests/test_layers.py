@@ -31,6 +31,7 @@ ALLOWED = {
     "cli": {"process", "host", "export", "demo"},
     "demo": {"process", "export", "host", "cli"},
     "bootstrap": {"api"},
+    "pytest_plugin": {"api"},
 }
 
 
