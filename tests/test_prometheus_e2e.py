@@ -8,8 +8,8 @@ Three instrumented workers share the daemon's state directory:
 - ``e2e-orphan``: forks while another thread holds h5py's lock past
   ``fork_timeout``; the child finds the lock orphaned and exits 70
   (``on_orphan=kill``), its state file counting the orphan;
-- ``e2e-stuck``: the test stops it with SIGSTOP; the daemon (``--kill-after 2``)
-  kills it.
+- ``e2e-stuck``: the test stops it with SIGSTOP; the daemon (``--kill-after 2
+  --kill-stopped``) kills it.
 
 Prometheus (1 s scrape and evaluation) loads the shipped rules with every
 ``for:`` removed. Then, through its HTTP API: every query of every dashboard
@@ -295,7 +295,7 @@ def stack(tmp_path_factory):
         daemon = stack.start(
             "daemon",
             [sys.executable, "-m", "h5watch", "daemon", "--listen", stack.daemon_address,
-             "--state-dir", str(state_dir), "--kill-after", "2", "--scan-interval", "0.5"],
+             "--state-dir", str(state_dir), "--kill-after", "2", "--kill-stopped", "--scan-interval", "0.5"],
         )
         if not wait_for_http(daemon, f"http://{stack.daemon_address}/metrics", 30):
             pytest.fail(f"h5watch daemon did not serve /metrics (exit code {daemon.poll()})\n{stack.diagnostics()}")
