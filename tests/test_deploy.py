@@ -51,14 +51,22 @@ DEFAULT_VARIABLES = {
 # -- helpers shared with test_prometheus_e2e ---------------------------------
 
 
+# Debian's package of each tool the tests run.
+TOOL_PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "amtool": "prometheus-alertmanager",
+                 "alertmanager": "prometheus-alertmanager", "prometheus-alertmanager": "prometheus-alertmanager"}
+
+
 def tool(name: str) -> str:
-    """Path of a Prometheus tool: skip without it, fail if CI requires it."""
+    """Path of a Prometheus tool: skip without it, fail if CI requires it
+    (CI or H5WATCH_REQUIRE_PROMTOOL set)."""
     path = shutil.which(name)
     if path:
         return path
-    if os.environ.get("H5WATCH_REQUIRE_PROMTOOL"):
-        pytest.fail(f"{name} is not on PATH but H5WATCH_REQUIRE_PROMTOOL is set (install Debian's prometheus package)")
-    pytest.skip(f"{name} is not on PATH (install Debian's prometheus package)")
+    install = f"install Debian's {TOOL_PACKAGES.get(name, 'prometheus')} package"
+    for variable in ("CI", "H5WATCH_REQUIRE_PROMTOOL"):
+        if os.environ.get(variable):
+            pytest.fail(f"{name} is not on PATH but {variable} is set ({install})")
+    pytest.skip(f"{name} is not on PATH ({install})")
 
 
 def run_tool(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -272,9 +280,7 @@ def test_alertmanager_routes_by_severity():
     route = config["route"]
     assert route["receiver"] in receivers
     assert {child["receiver"] for child in route["routes"]} <= receivers
-    amtool = shutil.which("amtool")
-    if amtool is None:
-        return
+    amtool = tool("amtool")
     path = DEPLOY / "alertmanager" / "alertmanager.yml"
     result = run_tool(amtool, "check-config", path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -6,9 +6,9 @@ from every state file) fill an :class:`Aggregate` keyed by ``workload`` and
 families. ``collect()`` only reads an aggregate that is never modified after
 it is published, so concurrent scrapes need no lock.
 
-Names follow DESIGN.md section 4: base units, ``_total`` counters, classic
-histograms with h5watch's own log-scale buckets, the ``service`` option
-exported as the ``workload`` label.
+Names follow Prometheus's conventions: base units, ``_total`` counters,
+classic histograms with h5watch's own log-scale buckets; the ``service``
+option is exported as the ``workload`` label.
 """
 
 from __future__ import annotations
