@@ -8,7 +8,8 @@ from bisect import bisect_left
 
 import pytest
 
-from h5watch.process.stats import LockStats, merge_lock_snapshots, quantile_seconds
+from h5watch.export.metrics import histogram_quantile
+from h5watch.process.stats import LockStats, merge_lock_snapshots
 from h5watch.schema import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,16 +67,34 @@ def test_counts_are_exact_under_10_threads_x_1000(lock_class):
     assert sum(stats["hold"]["buckets"]) == 10_000 == stats["hold"]["count"]
 
 
-def test_quantile_is_the_upper_bound_of_its_bucket():
+def test_quantiles_interpolate_within_their_bucket_as_prometheus_does():
     buckets = [0] * N_BUCKETS
-    assert quantile_seconds(buckets, 0.5) is None
+    assert histogram_quantile(0.5, buckets, 0.0) is None
     buckets[bisect_left(BUCKET_BOUNDS_NS, 3_000)] = 90  # 3 us -> (2.5 us, 5 us]
     buckets[bisect_left(BUCKET_BOUNDS_NS, 2 * 10**9)] = 10  # 2 s -> (1 s, 2.5 s]
-    assert quantile_seconds(buckets, 0.5) == 5e-6
-    assert quantile_seconds(buckets, 0.9) == 5e-6
-    assert quantile_seconds(buckets, 0.99) == 2.5
-    buckets[-1] = 1000  # beyond 60 s
-    assert quantile_seconds(buckets, 0.99) == float("inf")
+    # rank 50 of 100: 50/90 of the way through (2.5 us, 5 us]
+    assert histogram_quantile(0.5, buckets, 10.0) == pytest.approx(2.5e-6 + 2.5e-6 * 50 / 90)
+    assert histogram_quantile(0.9, buckets, 10.0) == pytest.approx(5e-6)
+    # rank 95: 5 of the 10 in (1 s, 2.5 s]
+    assert histogram_quantile(0.95, buckets, 10.0) == pytest.approx(1.75)
+    assert histogram_quantile(0.99, buckets, 10.0) == pytest.approx(2.35)
+    first = [0] * N_BUCKETS
+    first[0] = 4  # (0, 1 us]: the first bucket's lower bound is 0
+    assert histogram_quantile(0.25, first, 1.0) == pytest.approx(0.25e-6)
+
+
+def test_quantiles_never_exceed_the_largest_value_observed():
+    buckets = [0] * N_BUCKETS
+    buckets[bisect_left(BUCKET_BOUNDS_NS, 3_000)] = 90
+    buckets[bisect_left(BUCKET_BOUNDS_NS, 2 * 10**9)] = 10
+    # 2.35 s interpolated, but nothing took longer than 2.2 s
+    assert histogram_quantile(0.99, buckets, 2.2) == 2.2
+    assert histogram_quantile(1.0, buckets, 2.2) == 2.2
+    assert histogram_quantile(0.5, buckets, 2.2) == pytest.approx(2.5e-6 + 2.5e-6 * 50 / 90)
+    # beyond the last bound Prometheus answers the last bound (60 s), and so do we
+    buckets[-1] = 1000
+    assert histogram_quantile(0.99, buckets, 100.0) == 60.0
+    assert histogram_quantile(0.99, buckets, 45.0) == 45.0
 
 
 def test_merge_sums_counters_and_histograms():
