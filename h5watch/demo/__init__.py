@@ -41,7 +41,9 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.threads <= 64:
         raise UsageError(f"--threads: expected 1 to 64 threads, got {args.threads}")
     from h5watch.demo.scenarios import SCENARIOS
+    from h5watch.options import resolve
 
+    resolve({"state_files": False})  # the programs read the same H5WATCH_* variables: a bad one fails here
     names = ["threads"] if args.skip_forks else list(SCENARIOS)
     with tempfile.TemporaryDirectory(prefix="h5watch-demo-") as directory:
         _say(_INTRO)
@@ -100,15 +102,21 @@ README.md says more; docs/runbook.md explains each event and alert.
 """
 
 
+def _fill(text: str, initial_indent: str = "", subsequent_indent: str = "") -> str:
+    # Paths and option names stay whole: no breaks at their hyphens.
+    return textwrap.fill(text, WIDTH, initial_indent=initial_indent, subsequent_indent=subsequent_indent,
+                         break_on_hyphens=False)
+
+
 def _say(text: str) -> None:
     """Print paragraphs (and "- " items) wrapped to WIDTH columns."""
     for paragraph in text.strip("\n").split("\n"):
         if not paragraph:
             print()
         elif paragraph.startswith("- "):
-            print(textwrap.fill(paragraph, WIDTH, subsequent_indent="  "))
+            print(_fill(paragraph, subsequent_indent="  "))
         else:
-            print(textwrap.fill(paragraph, WIDTH))
+            print(_fill(paragraph))
     sys.stdout.flush()
 
 
@@ -163,14 +171,14 @@ def _start(label: str) -> None:
 
 def _result_lines(text: str) -> None:
     """The rest of a progress line, wrapped under its own start."""
-    lines = textwrap.wrap(text, WIDTH - len(_INDENT) - 18)
+    lines = textwrap.wrap(text, WIDTH - len(_INDENT) - 18, break_on_hyphens=False)
     print(lines[0] if lines else "", flush=True)
     for line in lines[1:]:
         print(" " * (len(_INDENT) + 18) + line)
 
 
 def _means(text: str) -> None:
-    print(textwrap.fill("What it means: " + text, WIDTH, initial_indent=_INDENT, subsequent_indent=_INDENT))
+    print(_fill("What it means: " + text, initial_indent=_INDENT, subsequent_indent=_INDENT))
     sys.stdout.flush()
 
 
