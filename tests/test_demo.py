@@ -132,3 +132,8 @@ def test_each_result_says_what_it_means(demo):
     assert re.search(r"exited at once \(code 70\), naming that thread", " ".join(fork_from_c.split()))
     assert re.search(r"the first named 'reader-\d'", " ".join(fork_from_c.split()))
     assert "Try it on your own program:" in demo and "h5watch run --hold-timeout 30 -- python" in demo
+
+
+def test_it_is_short(demo):
+    took = re.search(r"^\(The demo took ([\d.]+) s\.\)$", demo, re.MULTILINE)
+    assert took and float(took.group(1)) < 45  # about 12 s on 2 busy cores

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
 
     resolve({"state_files": False})  # the programs read the same H5WATCH_* variables: a bad one fails here
     names = ["threads"] if args.skip_forks else list(SCENARIOS)
+    begin = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="h5watch-demo-") as directory:
         _say(_INTRO)
         about = _about(directory)
@@ -65,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
                 print(json.dumps(trimmed_event(event), indent=2))
         print()
         print(_NEXT_STEPS.strip("\n"))
+    print(f"\n(The demo took {time.monotonic() - begin:.1f} s.)")
     return 0
 
 
@@ -138,9 +141,9 @@ def _implementation(about: dict[str, Any]) -> str:
 
 def _header(about: dict[str, Any]) -> str:
     return (
-        f"Each program runs in a fresh Python {about['python']}, first without h5watch, then with it. "
-        f"There, h5py {about['h5py']} (HDF5 {about['hdf5']}) runs under h5watch {about['h5watch']} "
-        f"({_implementation(about)}), from {about['h5watch_path']}."
+        f"Each program runs in a fresh Python {about['python']} (those that hang: first without h5watch, "
+        f"then with it), where h5py {about['h5py']} (HDF5 {about['hdf5']}) runs under h5watch "
+        f"{about['h5watch']} ({_implementation(about)}), from {about['h5watch_path']}."
     )
 
 
@@ -237,7 +240,7 @@ def _show_fork_from_c(directory: str, args: argparse.Namespace) -> _Shown:
                      "them and exited at once (code 70), naming that thread")
     parts.append(f"{result['ok']} ran normally (the lock was free when they were forked)")
     if result["hung"]:
-        parts.append(f"{result['hung']} hung inside Python itself before running any code (see below)")
+        parts.append(f"{result['hung']} hung inside Python itself before running any code (explained below)")
     if result["other"]:
         parts.append(f"{result['other']} exited otherwise")
     orphan = next((e for e in watched.events if e.get("event") == "lock.orphaned"), None)

@@ -36,11 +36,11 @@ SCENARIOS = {
 
 # How long a forked child may take before the scenario calls it hung (a
 # healthy one reads its file in milliseconds) and kills it.
-HUNG_AFTER_SECONDS = 2.0
-SLOW_READ_SECONDS = 2.0
+HUNG_AFTER_SECONDS = 1.5
+SLOW_READ_SECONDS = 1.5
 STUCK_HOLD_SECONDS = 1.0
 HOLD_TIMEOUT = 0.3
-FORK_TIMEOUT = 1.0
+FORK_TIMEOUT = 0.5
 
 
 class Run(NamedTuple):
