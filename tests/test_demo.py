@@ -137,3 +137,17 @@ def test_each_result_says_what_it_means(demo):
 def test_it_is_short(demo):
     took = re.search(r"^\(The demo took ([\d.]+) s\.\)$", demo, re.MULTILINE)
     assert took and float(took.group(1)) < 45  # about 12 s on 2 busy cores
+
+
+def test_its_programs_run_bare_or_as_described_whatever_the_environment(tmp_path, monkeypatch):
+    from h5watch.cli.run import bootstrap_dir
+    from h5watch.demo.scenarios import run_scenario
+
+    # As under ``h5watch run -- h5watch demo``, with variables that would change what it shows.
+    monkeypatch.setenv("PYTHONPATH", bootstrap_dir())
+    monkeypatch.setenv("H5WATCH_LOG_FORMAT", "console")
+    monkeypatch.setenv("H5WATCH_LOG_LEVEL", "critical")
+    bare = run_scenario("stuck_holder", False, str(tmp_path))
+    assert "implementation" not in bare.result["about"] and bare.events == [], bare
+    watched = run_scenario("stuck_holder", True, str(tmp_path))
+    assert [event["event"] for event in watched.events] == ["lock.hold_timeout"], watched

@@ -59,6 +59,7 @@ def run_scenario(name: str, instrument: bool, directory: str, extra: list[str] |
     proc = subprocess.Popen(
         [sys.executable, "-m", "h5watch.demo.scenarios", name, mode, directory, *(extra or [])],
         cwd=directory,  # not the caller's directory: it may be a checkout of h5watch
+        env=_environ(instrument),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -69,7 +70,8 @@ def run_scenario(name: str, instrument: bool, directory: str, extra: list[str] |
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-    result: dict[str, Any] = {"error": f"the scenario's process exited with {proc.returncode}"}
+    last = err.strip().splitlines()[-1:] or [""]
+    result: dict[str, Any] = {"error": f"the program exited with {proc.returncode}: {last[0][:200]}"}
     for line in out.splitlines():
         if line.startswith("{"):
             result = json.loads(line)
@@ -81,6 +83,20 @@ def run_scenario(name: str, instrument: bool, directory: str, extra: list[str] |
             except ValueError:
                 pass
     return Run(result, events, time.monotonic() - begin)
+
+
+def _environ(instrument: bool) -> dict[str, str]:
+    """This process's environment; for a run without h5watch, without the
+    start-up hook of ``h5watch run`` (when the demo itself runs under it)."""
+    env = dict(os.environ)
+    if not instrument and "PYTHONPATH" in env:
+        entries = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(
+            entry for entry in entries
+            if not (os.path.basename(entry.rstrip(os.sep)) == "bootstrap"
+                    and os.path.basename(os.path.dirname(entry.rstrip(os.sep))) == "h5watch")
+        )
+    return env
 
 
 # -- the scenarios, run inside the fresh interpreter --------------------------
@@ -289,7 +305,10 @@ def _main(argv: list[str]) -> int:
     if args.mode == "instrumented":
         import h5watch
 
-        options: dict[str, Any] = {"state_files": False, "tick_interval": 0.1, "service": "demo"}
+        # What the demo describes, whatever H5WATCH_* variables say.
+        options: dict[str, Any] = {"state_files": False, "tick_interval": 0.1, "service": "demo",
+                                   "log_format": "json", "log_level": "warning", "on_orphan": "kill",
+                                   "on_timeout": "warn", "kill_exit_code": 70}
         if args.scenario == "fork_during_slow_read":
             options["fork_timeout"] = FORK_TIMEOUT
         if args.scenario == "stuck_holder":
