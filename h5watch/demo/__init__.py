@@ -20,7 +20,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from h5watch.demo.scenarios import (
+    FORK_TIMEOUT,
+    HOLD_TIMEOUT,
+    HUNG_AFTER_SECONDS,
+    SCENARIOS,
+    SLOW_READ_SECONDS,
+    STUCK_HOLD_SECONDS,
+    Run,
+    run_scenario,
+)
 from h5watch.errors import UsageError
+from h5watch.options import resolve
 
 __all__ = ["WIDTH", "add_arguments", "main", "lock_cost_table", "trimmed_event"]
 
@@ -41,9 +52,6 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--seconds: expected a number of seconds from 0 to 60, got {args.seconds}")
     if not 1 <= args.threads <= 64:
         raise UsageError(f"--threads: expected 1 to 64 threads, got {args.threads}")
-    from h5watch.demo.scenarios import SCENARIOS
-    from h5watch.options import resolve
-
     resolve({"state_files": False})  # the programs read the same H5WATCH_* variables: a bad one fails here
     names = ["threads"] if args.skip_forks else list(SCENARIOS)
     begin = time.monotonic()
@@ -52,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         about = _about(directory)
         print()
         _say(_header(about))
-        runs: dict[str, Any] = {}
+        runs: dict[str, Run] = {}
         for number, name in enumerate(names, 1):
             print(f"\n[{number}/{len(names)}] {SCENARIOS[name]}", flush=True)
             runs[name] = _SHOW[name](directory, args)
@@ -124,12 +132,11 @@ def _say(text: str) -> None:
 
 
 def _about(directory: str) -> dict[str, Any]:
-    from h5watch.demo.scenarios import run_scenario
-
-    about: dict[str, Any] = run_scenario("about", True, directory).result.get("about", {})
+    result = run_scenario("about", True, directory).result
+    about: dict[str, Any] = result.get("about", {})
     if "implementation" not in about:
-        raise UsageError("the demo's programs could not start h5watch: "
-                         "check that 'python -m h5watch.demo.scenarios about instrumented DIR' runs")
+        raise UsageError(f"the demo could not start its first program ({sys.executable} -m "
+                         f"h5watch.demo.scenarios): {result.get('error')}")
     return about
 
 
@@ -147,10 +154,10 @@ def _header(about: dict[str, Any]) -> str:
     )
 
 
-def _check_same_h5watch(about: dict[str, Any], runs: dict[str, Any]) -> None:
+def _check_same_h5watch(about: dict[str, Any], runs: dict[str, Run]) -> None:
     for run in runs.values():
-        ran = run.result.get("about", {})
-        if ran.get("h5watch_path") != about["h5watch_path"] or ran.get("implementation") != about["implementation"]:
+        ran: dict[str, Any] = run.result.get("about") or {}
+        if ran and ran.get("h5watch_path") != about["h5watch_path"] or ran.get("implementation") != about["implementation"]:
             print()
             _say(f"Note: a program ran h5watch ({_implementation(ran)}) from {ran.get('h5watch_path')}, "
                  "not the one named above.")
@@ -160,21 +167,13 @@ def _check_same_h5watch(about: dict[str, Any], runs: dict[str, Any]) -> None:
 # -- each program: run it, then say what happened and what it means -----------
 
 
-class _Shown:
-    """The instrumented run of a program, kept for the evidence shown at the end."""
-
-    def __init__(self, result: dict[str, Any], events: list[dict[str, Any]]) -> None:
-        self.result = result
-        self.events = events
-
-
 def _start(label: str) -> None:
     print(f"{_INDENT}{label} ".ljust(len(_INDENT) + 17, "."), end=" ", flush=True)
 
 
-def _result_lines(text: str) -> None:
-    """The rest of a progress line, wrapped under its own start."""
-    lines = textwrap.wrap(text, WIDTH - len(_INDENT) - 18, break_on_hyphens=False)
+def _finish(run: Run, text: str) -> None:
+    """The rest of a run's progress line, wrapped under its own start, and how long it took."""
+    lines = textwrap.wrap(f"{text} ({run.seconds:.1f} s)", WIDTH - len(_INDENT) - 18, break_on_hyphens=False)
     print(lines[0] if lines else "", flush=True)
     for line in lines[1:]:
         print(" " * (len(_INDENT) + 18) + line)
@@ -185,37 +184,31 @@ def _means(text: str) -> None:
     sys.stdout.flush()
 
 
-def _run(name: str, instrument: bool, directory: str, extra: list[str] | None = None) -> _Shown:
-    from h5watch.demo.scenarios import run_scenario
-
+def _run(name: str, instrument: bool, directory: str, extra: list[str] | None = None) -> Run:
     _start("with h5watch" if instrument else "without h5watch")
-    run = run_scenario(name, instrument, directory, extra)
-    return _Shown({**run.result, "took": run.seconds}, run.events)
+    return run_scenario(name, instrument, directory, extra)
 
 
-def _failed(run: _Shown) -> bool:
+def _failed(run: Run) -> bool:
     if "error" in run.result:
-        _result_lines(f"{run.result['error']} ({run.result['took']:.1f} s)")
+        _finish(run, run.result["error"])
         return True
     return False
 
 
-def _show_threads(directory: str, args: argparse.Namespace) -> _Shown:
+def _show_threads(directory: str, args: argparse.Namespace) -> Run:
     run = _run("threads", True, directory, ["--threads", str(args.threads), "--seconds", str(args.seconds)])
     if _failed(run):
         return run
     result = run.result
     stats = result.get("lock")
     if stats is None:
-        _result_lines(f"{result['reads']:,} file reads; h5watch saw no lock ({result['took']:.1f} s)")
+        _finish(run, f"{result['reads']:,} file reads; h5watch saw no lock")
         return run
     acquisitions = stats["acquisitions"]
     waited = 100.0 * stats["contentions"] / acquisitions if acquisitions else 0.0
-    _result_lines(
-        f"{result['threads'] + 1} threads made {result['reads']:,} file reads in {result['seconds']:g} s, "
-        f"going through the lock {acquisitions:,} times; {waited:.1f}% of those had to wait "
-        f"for another thread ({result['took']:.1f} s)"
-    )
+    _finish(run, f"{result['threads'] + 1} threads made {result['reads']:,} file reads in {result['seconds']:g} s, "
+            f"going through the lock {acquisitions:,} times; {waited:.1f}% of those had to wait for another thread")
     print(textwrap.indent(lock_cost_table(stats), _INDENT))
     _means("only one thread is inside HDF5 at a time; the others queue. p50 and p99: half and 99% "
            "of the waits (or holds) took less than that (estimated from h5watch's histogram as "
@@ -224,12 +217,10 @@ def _show_threads(directory: str, args: argparse.Namespace) -> _Shown:
     return run
 
 
-def _show_fork_from_c(directory: str, args: argparse.Namespace) -> _Shown:
-    from h5watch.demo.scenarios import HUNG_AFTER_SECONDS
-
+def _show_fork_from_c(directory: str, args: argparse.Namespace) -> Run:
     bare = _run("fork_from_c", False, directory)
     if not _failed(bare):
-        _result_lines(f"{_children(bare.result)} ({bare.result['took']:.1f} s)")
+        _finish(bare, _children(bare.result))
     watched = _run("fork_from_c", True, directory)
     if _failed(watched):
         return watched
@@ -246,7 +237,7 @@ def _show_fork_from_c(directory: str, args: argparse.Namespace) -> _Shown:
     orphan = next((e for e in watched.events if e.get("event") == "lock.orphaned"), None)
     holder = (orphan or {}).get("holder") or {}
     named = f"; the first named {holder['thread_name']!r}" if holder.get("thread_name") else ""
-    _result_lines(f"of {result['children']} children, " + ", ".join(parts) + f"{named} ({result['took']:.1f} s)")
+    _finish(watched, f"of {result['children']} children, " + ", ".join(parts) + named)
     meaning = (f"without h5watch every child that hung would have hung forever (the demo killed "
                f"them after {HUNG_AFTER_SECONDS:g} s); with it, such a child ends at once and its "
                "log says which thread of the parent held the lock, and in which h5py call.")
@@ -265,14 +256,14 @@ def _children(result: dict[str, Any]) -> str:
     return text
 
 
-def _show_fork_during_slow_read(directory: str, args: argparse.Namespace) -> _Shown:
-    from h5watch.demo.scenarios import FORK_TIMEOUT, SLOW_READ_SECONDS
-
+def _show_fork_during_slow_read(directory: str, args: argparse.Namespace) -> Run:
     bare = _run("fork_during_slow_read", False, directory)
     if not _failed(bare):
-        child = "the child hung" if bare.result["hung"] else "the child then ran"
-        _result_lines(f"os.fork() took {bare.result['fork_seconds']:g} s, and {child}; nothing said why "
-                      f"({bare.result['took']:.1f} s)")
+        if bare.result["hung"]:
+            child = f"the child hung (the demo killed it after {HUNG_AFTER_SECONDS:g} s)"
+        else:
+            child = "the child then ran"
+        _finish(bare, f"os.fork() took {bare.result['fork_seconds']:g} s, and {child}; nothing said why")
     watched = _run("fork_during_slow_read", True, directory)
     if _failed(watched):
         return watched
@@ -288,7 +279,7 @@ def _show_fork_during_slow_read(directory: str, args: argparse.Namespace) -> _Sh
         text += "; the child, which would have waited for that lock, exited at once (code 70) naming it"
     elif result["ok"]:
         text += "; the child ran normally"
-    _result_lines(f"{text} ({result['took']:.1f} s)")
+    _finish(watched, text)
     _means(f"the read here takes {SLOW_READ_SECONDS:g} s; behind a read that never returns, "
            "os.fork() without h5watch would wait forever (h5py before 3.14: returns at once, "
            "and the child hangs forever). With h5watch the fork waits at most fork_timeout, "
@@ -296,13 +287,11 @@ def _show_fork_during_slow_read(directory: str, args: argparse.Namespace) -> _Sh
     return watched
 
 
-def _show_stuck_holder(directory: str, args: argparse.Namespace) -> _Shown:
-    from h5watch.demo.scenarios import HOLD_TIMEOUT, STUCK_HOLD_SECONDS
-
+def _show_stuck_holder(directory: str, args: argparse.Namespace) -> Run:
     bare = _run("stuck_holder", False, directory)
     if not _failed(bare):
-        _result_lines(f"the main thread's h5py call waited {bare.result['main_thread_waited_seconds']:g} s; "
-                      f"nothing said why ({bare.result['took']:.1f} s)")
+        _finish(bare, f"the main thread's h5py call waited {bare.result['main_thread_waited_seconds']:g} s; "
+                      "nothing said why")
     watched = _run("stuck_holder", True, directory)
     if _failed(watched):
         return watched
@@ -317,7 +306,7 @@ def _show_stuck_holder(directory: str, args: argparse.Namespace) -> _Shown:
             text += f" at {where}"
         waiting = len(incident.get("waiters") or []) + int(incident.get("waiters_more") or 0)
         text += f", and the {waiting} thread{'s' if waiting != 1 else ''} waiting behind it"
-    _result_lines(f"{text} ({watched.result['took']:.1f} s)")
+    _finish(watched, text)
     _means(f"the holder here lets go after {STUCK_HOLD_SECONDS:g} s; one that never does stalls the "
            "program forever. h5watch does not end the wait (on_timeout=warn is the default), it says "
            "who holds the lock and where; on_timeout=raise or kill end it.")
