@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 from bisect import bisect_left
@@ -109,3 +114,37 @@ def test_merge_sums_counters_and_histograms():
     assert merged["wait"]["count"] == 2 and merged["wait"]["sum_ns"] == 5 * 10**9 + 1_000
     assert merged["wait"]["max_ns"] == 5 * 10**9
     assert merged["timeouts"]["hold"] == 1 and merged["orphans"]["killed"] == 1
+
+
+def test_quantiles_match_prometheus_itself(tmp_path):
+    """promtool evaluates histogram_quantile over the same buckets; below the
+    max, ours gives the same numbers."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("H5WATCH_REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is required (H5WATCH_REQUIRE_PROMTOOL) but not installed")
+        pytest.skip("promtool not installed")
+    buckets = [0] * N_BUCKETS
+    for wait_ns, count in ((800, 3), (3_000, 40), (70_000, 17), (2 * 10**6, 9), (40 * 10**6, 1), (3 * 10**9, 2), (90 * 10**9, 1)):
+        buckets[bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += count
+    bounds = [repr(bound) for bound in BUCKET_BOUNDS_SECONDS] + ["+Inf"]
+    cumulative = list(itertools.accumulate(buckets))
+    quantiles = (0.01, 0.25, 0.5, 0.9, 0.97, 0.99, 1.0)
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": f'h5watch_lock_wait_seconds_bucket{{le="{le}"}}', "values": f"{total}+0x1"}
+                             for le, total in zip(bounds, cumulative)],
+            "promql_expr_test": [{
+                "expr": f"histogram_quantile({q}, h5watch_lock_wait_seconds_bucket)",
+                "eval_time": "0m",
+                "exp_samples": [{"labels": "{}", "value": histogram_quantile(q, buckets, float("inf"))}],
+            } for q in quantiles],
+        }],
+    }
+    path = tmp_path / "quantiles.test.yml"
+    path.write_text(json.dumps(tests))  # JSON is YAML
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -54,7 +54,7 @@ def histogram_quantile(
                 value = bounds[-1]
             else:
                 lower = bounds[index - 1] if index else 0.0
-                value = lower + (bounds[index] - lower) * (rank - below) / count
+                value = lower + (bounds[index] - lower) * ((rank - below) / count)  # Prometheus's order
             return min(value, max_seconds)
         below += count
     return min(bounds[-1], max_seconds)  # not reached: the last bucket with a count holds rank <= total
