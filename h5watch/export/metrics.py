@@ -5,6 +5,8 @@ from every state file) fill an :class:`Aggregate` keyed by ``workload`` and
 ``lock``, and :class:`AggregateCollector` turns the latest one into metric
 families. ``collect()`` only reads an aggregate that is never modified after
 it is published, so concurrent scrapes need no lock.
+:func:`histogram_quantile` reads a quantile from those buckets as Prometheus
+does, for h5watch's own displays (``h5watch demo``).
 
 Names follow DESIGN.md section 4: base units, ``_total`` counters, classic
 histograms with h5watch's own log-scale buckets, the ``service`` option
