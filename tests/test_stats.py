@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 from bisect import bisect_left
 
 import pytest
 
-from h5watch.process.stats import LockStats, merge_lock_snapshots, quantile_seconds
+from h5watch.export.metrics import histogram_quantile
+from h5watch.process.stats import LockStats, merge_lock_snapshots
 from h5watch.schema import BUCKET_BOUNDS_NS, BUCKET_BOUNDS_SECONDS, N_BUCKETS
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,16 +72,34 @@ def test_counts_are_exact_under_10_threads_x_1000(lock_class):
     assert sum(stats["hold"]["buckets"]) == 10_000 == stats["hold"]["count"]
 
 
-def test_quantile_is_the_upper_bound_of_its_bucket():
+def test_quantiles_interpolate_within_their_bucket_as_prometheus_does():
     buckets = [0] * N_BUCKETS
-    assert quantile_seconds(buckets, 0.5) is None
+    assert histogram_quantile(0.5, buckets, 0.0) is None
     buckets[bisect_left(BUCKET_BOUNDS_NS, 3_000)] = 90  # 3 us -> (2.5 us, 5 us]
     buckets[bisect_left(BUCKET_BOUNDS_NS, 2 * 10**9)] = 10  # 2 s -> (1 s, 2.5 s]
-    assert quantile_seconds(buckets, 0.5) == 5e-6
-    assert quantile_seconds(buckets, 0.9) == 5e-6
-    assert quantile_seconds(buckets, 0.99) == 2.5
-    buckets[-1] = 1000  # beyond 60 s
-    assert quantile_seconds(buckets, 0.99) == float("inf")
+    # rank 50 of 100: 50/90 of the way through (2.5 us, 5 us]
+    assert histogram_quantile(0.5, buckets, 10.0) == pytest.approx(2.5e-6 + 2.5e-6 * 50 / 90)
+    assert histogram_quantile(0.9, buckets, 10.0) == pytest.approx(5e-6)
+    # rank 95: 5 of the 10 in (1 s, 2.5 s]
+    assert histogram_quantile(0.95, buckets, 10.0) == pytest.approx(1.75)
+    assert histogram_quantile(0.99, buckets, 10.0) == pytest.approx(2.35)
+    first = [0] * N_BUCKETS
+    first[0] = 4  # (0, 1 us]: the first bucket's lower bound is 0
+    assert histogram_quantile(0.25, first, 1.0) == pytest.approx(0.25e-6)
+
+
+def test_quantiles_never_exceed_the_largest_value_observed():
+    buckets = [0] * N_BUCKETS
+    buckets[bisect_left(BUCKET_BOUNDS_NS, 3_000)] = 90
+    buckets[bisect_left(BUCKET_BOUNDS_NS, 2 * 10**9)] = 10
+    # 2.35 s interpolated, but nothing took longer than 2.2 s
+    assert histogram_quantile(0.99, buckets, 2.2) == 2.2
+    assert histogram_quantile(1.0, buckets, 2.2) == 2.2
+    assert histogram_quantile(0.5, buckets, 2.2) == pytest.approx(2.5e-6 + 2.5e-6 * 50 / 90)
+    # beyond the last bound Prometheus answers the last bound (60 s), and so do we
+    buckets[-1] = 1000
+    assert histogram_quantile(0.99, buckets, 100.0) == 60.0
+    assert histogram_quantile(0.99, buckets, 45.0) == 45.0
 
 
 def test_merge_sums_counters_and_histograms():
@@ -90,3 +114,37 @@ def test_merge_sums_counters_and_histograms():
     assert merged["wait"]["count"] == 2 and merged["wait"]["sum_ns"] == 5 * 10**9 + 1_000
     assert merged["wait"]["max_ns"] == 5 * 10**9
     assert merged["timeouts"]["hold"] == 1 and merged["orphans"]["killed"] == 1
+
+
+def test_quantiles_match_prometheus_itself(tmp_path):
+    """promtool evaluates histogram_quantile over the same buckets; below the
+    max, ours gives the same numbers."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("H5WATCH_REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is required (H5WATCH_REQUIRE_PROMTOOL) but not installed")
+        pytest.skip("promtool not installed")
+    buckets = [0] * N_BUCKETS
+    for wait_ns, count in ((800, 3), (3_000, 40), (70_000, 17), (2 * 10**6, 9), (40 * 10**6, 1), (3 * 10**9, 2), (90 * 10**9, 1)):
+        buckets[bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += count
+    bounds = [repr(bound) for bound in BUCKET_BOUNDS_SECONDS] + ["+Inf"]
+    cumulative = list(itertools.accumulate(buckets))
+    quantiles = (0.01, 0.25, 0.5, 0.9, 0.97, 0.99, 1.0)
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": f'h5watch_lock_wait_seconds_bucket{{le="{le}"}}', "values": f"{total}+0x1"}
+                             for le, total in zip(bounds, cumulative)],
+            "promql_expr_test": [{
+                "expr": f"histogram_quantile({q}, h5watch_lock_wait_seconds_bucket)",
+                "eval_time": "0m",
+                "exp_samples": [{"labels": "{}", "value": histogram_quantile(q, buckets, float("inf"))}],
+            } for q in quantiles],
+        }],
+    }
+    path = tmp_path / "quantiles.test.yml"
+    path.write_text(json.dumps(tests))  # JSON is YAML
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

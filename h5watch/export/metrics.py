@@ -5,6 +5,8 @@ from every state file) fill an :class:`Aggregate` keyed by ``workload`` and
 ``lock``, and :class:`AggregateCollector` turns the latest one into metric
 families. ``collect()`` only reads an aggregate that is never modified after
 it is published, so concurrent scrapes need no lock.
+:func:`histogram_quantile` reads a quantile from those buckets as Prometheus
+does, for h5watch's own displays (``h5watch demo``).
 
 Names follow Prometheus's conventions: base units, ``_total`` counters,
 classic histograms with h5watch's own log-scale buckets; the ``service``
@@ -14,7 +16,7 @@ option is exported as the ``workload`` label.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,40 @@ from prometheus_client.utils import floatToGoString
 from h5watch import __version__
 from h5watch.schema import BUCKET_BOUNDS_SECONDS, N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
-__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions"]
+__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions",
+           "histogram_quantile"]
+
+def histogram_quantile(
+    q: float, buckets: Sequence[int], max_seconds: float, bounds: Sequence[float] = BUCKET_BOUNDS_SECONDS
+) -> float | None:
+    """The ``q`` quantile (0 < q <= 1) of a histogram of h5watch's buckets, in
+    seconds, as Prometheus's ``histogram_quantile`` computes it, then never
+    above ``max_seconds``, the largest value observed. None when it is empty.
+
+    ``buckets`` are per-bucket counts (not cumulative), one per bound in
+    ``bounds`` and a last one for +Inf. As Prometheus does: find the bucket
+    holding rank ``q * count``, interpolate linearly between its lower bound
+    (the previous bucket's bound, 0 for the first) and its upper bound; a rank
+    in the +Inf bucket gives the largest finite bound.
+    """
+    if not 0 < q <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {q}")
+    total = sum(buckets)
+    if total == 0:
+        return None
+    rank = q * total
+    below = 0
+    for index, count in enumerate(buckets):
+        if count and below + count >= rank:
+            if index >= len(bounds):
+                value = bounds[-1]
+            else:
+                lower = bounds[index - 1] if index else 0.0
+                value = lower + (bounds[index] - lower) * ((rank - below) / count)  # Prometheus's order
+            return min(value, max_seconds)
+        below += count
+    return min(bounds[-1], max_seconds)  # not reached: the last bucket with a count holds rank <= total
+
 
 _LE = [floatToGoString(bound) for bound in BUCKET_BOUNDS_SECONDS] + ["+Inf"]  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 

@@ -2,7 +2,7 @@
 
 Every stack is trimmed to what explains the incident: h5watch's own frames
 (the wait inside ``WatchedLock``, its wrappers of h5py's functions, the
-watchdog asking) are left out, and only the innermost :data:`MAX_FRAMES` frames are kept, with a
+watchdog asking; not those of the demo's programs) are left out, and only the innermost :data:`MAX_FRAMES` frames are kept, with a
 first line saying how many outer frames were dropped. A lock's waiters are
 capped: the oldest :data:`WAITERS_IN_FULL` in full, then how many more
 (``waiters_more``) and their distinct stacks, each once with how many
@@ -27,10 +27,13 @@ WAITERS_IN_FULL = 5
 MAX_DISTINCT_STACKS = 10
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# The programs ``h5watch demo`` runs stand for a user's code: their frames stay.
+_DEMO_DIR = _PACKAGE_DIR + "demo" + os.sep
 
 
 def _is_ours(frame: FrameType) -> bool:
-    return os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+    path = os.path.abspath(frame.f_code.co_filename)
+    return path.startswith(_PACKAGE_DIR) and not path.startswith(_DEMO_DIR)
 
 
 def format_frames(frame: FrameType | None) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 
 from h5watch.schema import (
     BUCKET_BOUNDS_NS,
-    BUCKET_BOUNDS_SECONDS,
     C_ACQUISITIONS,
     C_CONTENTIONS,
     C_HOLD_BUCKETS,
@@ -41,7 +40,7 @@ from h5watch.schema import (
     counter_index,
 )
 
-__all__ = ["LockStats", "CoreLockStats", "ForkStats", "snapshot_of", "quantile_seconds", "merge_lock_snapshots"]
+__all__ = ["LockStats", "CoreLockStats", "ForkStats", "snapshot_of", "merge_lock_snapshots"]
 
 
 def snapshot_of(counters: Any) -> dict[str, Any]:
@@ -253,27 +252,6 @@ class ForkStats:
 
 def _histogram(buckets: list[int], sum_ns: int, max_ns: int) -> dict[str, Any]:
     return {"buckets": buckets, "count": sum(buckets), "sum_ns": sum_ns, "max_ns": max_ns}
-
-
-def quantile_seconds(buckets: Iterable[int], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile ``q`` (None when empty).
-
-    Like Prometheus's ``histogram_quantile`` but without interpolation, so it
-    never reports a value below what was actually measured.
-    """
-    counts = list(buckets)
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index, count in enumerate(counts):
-        seen += count
-        if seen >= rank and count:
-            if index < len(BUCKET_BOUNDS_SECONDS):
-                return BUCKET_BOUNDS_SECONDS[index]
-            return float("inf")
-    return float("inf")
 
 
 def merge_histograms(into: dict[str, Any], other: dict[str, Any]) -> None:
