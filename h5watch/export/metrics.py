@@ -157,11 +157,17 @@ class AggregateCollector:
         self.versions = versions
 
     def describe(self) -> Iterable[Any]:
-        return []
+        """Every family this collector can yield: what the registry's ``name[]``
+        filter looks names up in."""
+        every_family = Aggregate(processes={}, heartbeat_age={}, kills={}, would_kills={("", ""): 0}, scan_seconds=0.0,
+                                 scan_success=True, state_file_errors={}, totals_save_failures=0, locks_unrecorded={},
+                                 workload_info=set())
+        return list(self._families(every_family, dict.fromkeys(("h5watch_version", "python_version", "h5py_version", "hdf5_version"), "")))
 
     def collect(self) -> Iterable[Any]:
-        aggregate = self.source()
-        versions = self.versions()
+        return self._families(self.source(), self.versions())
+
+    def _families(self, aggregate: Aggregate | None, versions: dict[str, str]) -> Iterable[Any]:
         info = GaugeMetricFamily("h5watch_build_info", "This exporter's h5watch and Python, and the h5py and HDF5 it has "
                                  "(a daemon: the h5py installed with it, no HDF5).",
                                  labels=["version", "python_version", "h5py_version", "hdf5_version"])
@@ -276,7 +282,9 @@ def installed_versions() -> dict[str, str]:
 def metrics_registry(collector: AggregateCollector) -> CollectorRegistry:
     """A registry of ``collector`` and prometheus_client's own process_* and
     python_info collectors (of the process that serves it)."""
-    registry = CollectorRegistry(auto_describe=False)
+    # auto_describe: the process and platform collectors have no describe(),
+    # and only a described name can be asked for by name[].
+    registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
