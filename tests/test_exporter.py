@@ -11,7 +11,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -117,9 +119,10 @@ def test_the_in_process_exporter_has_process_metrics_and_its_versions(tmp_path):
 # -- where the daemon listens -----------------------------------------------------
 
 
-def start_daemon(state_dir: Path, log: Path, listen: str) -> subprocess.Popen:
-    return subprocess.Popen([*H5WATCH, "daemon", "--state-dir", str(state_dir), "--listen", listen, "--scan-interval", "0.2"],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+def start_daemon(state_dir: Path, log: Path, listen: str, *args: str) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([*H5WATCH, "daemon", "--state-dir", str(state_dir), "--listen", listen, "--scan-interval", "0.2", *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
 def answers(host: str, port: int) -> bool:
@@ -174,6 +177,120 @@ def test_a_listen_address_that_cannot_be_read_is_a_one_line_error(state_dir, lis
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "--listen" in result.stderr and "[::1]:9464" in result.stderr
+
+
+# -- TLS ----------------------------------------------------------------------
+
+
+def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+                    "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def https_get(port: int, cafile: Path, client: tuple[Path, Path] | None = None, headers: dict[str, str] | None = None
+              ) -> tuple[int, dict[str, str], bytes]:
+    context = ssl.create_default_context(cafile=str(cafile))
+    if client is not None:
+        context.load_cert_chain(str(client[0]), str(client[1]))
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/metrics", headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+@pytest.fixture
+def tls_daemon(state_dir, tmp_path):
+    """start(*args): a daemon serving HTTPS with a fresh certificate; (port, certificate)."""
+    started: list[subprocess.Popen] = []
+    cert, key = make_certificate(tmp_path, "daemon")
+
+    def start(*args: str) -> tuple[int, Path]:
+        port = free_port()
+        proc = start_daemon(state_dir, tmp_path / f"daemon-{len(started)}.log", f"127.0.0.1:{port}", "--tls-cert", str(cert),
+                            "--tls-key", str(key), *args)
+        started.append(proc)
+
+        def listening() -> bool:
+            assert proc.poll() is None, (tmp_path / f"daemon-{len(started) - 1}.log").read_text()
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 20, what="the TLS daemon to listen")
+        return port, cert
+
+    yield start
+    for proc in started:
+        kill_group(proc)
+        proc.wait(10)
+
+
+def test_tls_serves_https_and_drops_plain_http(tls_daemon):
+    port, cert = tls_daemon()
+    status, headers, body = https_get(port, cert, headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert "h5watch_daemon_scan_seconds" in families(gzip.decompress(body).decode())
+    with pytest.raises(OSError):
+        fetch(f"http://127.0.0.1:{port}/metrics")
+    assert https_get(port, cert)[0] == 200
+
+
+def test_tls_clients_that_never_finish_the_handshake_block_nobody(tls_daemon):
+    port, cert = tls_daemon()
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    try:
+        for _ in range(5):
+            assert https_get(port, cert)[0] == 200
+
+        def all_dropped() -> bool:
+            for sock in silent:
+                sock.setblocking(False)
+                try:
+                    if sock.recv(1) != b"":
+                        return False
+                except BlockingIOError:
+                    return False
+                except ConnectionError:
+                    pass
+            return True
+
+        wait_for(all_dropped, 20, interval=0.2, what="the silent TLS clients to be dropped")
+    finally:
+        for sock in silent:
+            sock.close()
+    assert https_get(port, cert)[0] == 200
+
+
+def test_tls_client_ca_admits_only_clients_with_a_certificate(tls_daemon, tmp_path):
+    client = make_certificate(tmp_path, "scraper")
+    stranger = make_certificate(tmp_path, "stranger")
+    port, cert = tls_daemon("--tls-client-ca", str(client[0]))
+    assert https_get(port, cert, client=client)[0] == 200
+    for refused in (None, stranger):
+        with pytest.raises((ssl.SSLError, OSError)):
+            https_get(port, cert, client=refused)
+    assert https_get(port, cert, client=client)[0] == 200
+
+
+def test_tls_options_that_cannot_be_used_are_one_line_errors(state_dir, tmp_path):
+    cert, key = make_certificate(tmp_path, "daemon")
+    for args, names in (
+        (["--tls-cert", str(cert)], "--tls-cert and --tls-key"),
+        (["--tls-key", str(key)], "--tls-cert and --tls-key"),
+        (["--tls-client-ca", str(cert)], "--tls-client-ca"),
+        (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(key)], "--tls-cert"),
+        (["--tls-cert", str(key), "--tls-key", str(cert)], "--tls-cert"),
+        (["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(tmp_path / "missing.pem")], "--tls-client-ca"),
+    ):
+        result = subprocess.run([*H5WATCH, "daemon", "--state-dir", str(state_dir), "--listen", "127.0.0.1:0", *args],
+                                capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and names in result.stderr, (args, result.stderr)
 
 
 # -- versions -----------------------------------------------------------------

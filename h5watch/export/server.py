@@ -11,6 +11,7 @@ import queue
 import re
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -50,8 +51,10 @@ class MetricsServer:
     MAX_CONNECTIONS = 512
     LISTEN_BACKLOG = 256
 
-    def __init__(self, registry: CollectorRegistry, addr: str, port: int, healthy: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, registry: CollectorRegistry, addr: str, port: int, healthy: Callable[[], bool] = lambda: True,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._app = make_wsgi_app(registry)
+        self._tls = tls
         self._healthy = healthy
         listener = _listen(addr, port, self.LISTEN_BACKLOG)
         self._listener = listener
@@ -59,6 +62,9 @@ class MetricsServer:
         # Owned by the loop thread: connections still sending their request,
         # in the order accepted (so the first is the next to time out).
         self._reading: dict[socket.socket, tuple[float, bytearray]] = {}
+        # Owned by the loop thread: TLS connections whose handshake is not
+        # done (within the same deadline as the request).
+        self._handshaking: set[ssl.SSLSocket] = set()
         # poll rather than epoll: no kernel object that a forked child of an
         # instrumented process would share with this loop.
         self._selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
@@ -144,16 +150,42 @@ class MetricsServer:
                     continue
                 self._drop(next(iter(self._reading)))
             conn.setblocking(False)
+            if self._tls is not None:
+                try:
+                    conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError):
+                    conn.close()
+                    continue
+                self._handshaking.add(conn)
             self._reading[conn] = (time.monotonic() + self.REQUEST_TIMEOUT_SECONDS, bytearray())
             self._selector.register(conn, selectors.EVENT_READ)
+
+    def _handshake(self, conn: ssl.SSLSocket) -> bool:
+        """One step of a TLS handshake; True once it is done."""
+        try:
+            conn.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            # The server's part is a few kilobytes: it fits the socket's
+            # buffer, so waiting is only ever for the client's next bytes.
+            return False
+        except OSError:  # not TLS, a refused certificate, gone: nothing to tell
+            self._drop(conn)
+            return False
+        self._handshaking.discard(conn)
+        return True
 
     def _read(self, conn: socket.socket) -> None:
         entry = self._reading.get(conn)
         if entry is None:
             return
+        if conn in self._handshaking and not self._handshake(conn):
+            return
         try:
             chunk = conn.recv(4096)
-        except (BlockingIOError, InterruptedError):
+            # TLS: bytes already decrypted beyond those, which poll does not report.
+            while isinstance(conn, ssl.SSLSocket) and conn.pending() and len(chunk) <= self.MAX_REQUEST_BYTES:
+                chunk += conn.recv(conn.pending())
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             chunk = b""
@@ -173,6 +205,7 @@ class MetricsServer:
 
     def _drop(self, conn: socket.socket) -> None:
         self._reading.pop(conn, None)
+        self._handshaking.discard(conn)
         try:
             self._selector.unregister(conn)
         except (KeyError, ValueError):
@@ -236,7 +269,8 @@ class MetricsServer:
         environ = {
             "REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": query, "SCRIPT_NAME": "",
             "SERVER_NAME": "h5watch", "SERVER_PORT": str(self.port), "SERVER_PROTOCOL": "HTTP/1.1",
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(), "wsgi.errors": io.StringIO(),
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http" if self._tls is None else "https", "wsgi.input": io.BytesIO(),
+            "wsgi.errors": io.StringIO(),
             "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
         }
         for name in ("Accept", "Accept-Encoding"):

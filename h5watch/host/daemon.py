@@ -31,6 +31,7 @@ import argparse
 import fcntl
 import os
 import signal
+import ssl
 import stat
 import threading
 import time
@@ -100,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with --kill-after, kill a stuck worker that is stopped (SIGSTOP) or traced (a debugger) too (default: report it "
         "as state=\"stopped\" and log worker.spared_stopped, never kill it)"
     ))
+    parser.add_argument("--tls-cert", default=None, help="serve HTTPS: this PEM certificate (chain), with --tls-key")
+    parser.add_argument("--tls-key", default=None, help="the PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", default=None, help=(
+        "with --tls-cert: accept only clients with a certificate signed by one of these PEM CA certificates (mutual TLS)"
+    ))
     parser.add_argument("--workload-retention", default="24h", help=(
         "forget a workload that has had no process for this long (seconds, or with s, m, h or d; 0 or off: never): its "
         "series leave /metrics and its saved totals are dropped, so a later return starts its counters from 0 (default 24h)"
@@ -138,6 +144,30 @@ def parse_retention(text: str) -> float | None:
     return value or None
 
 
+def tls_context(cert: str | None, key: str | None, client_ca: str | None) -> ssl.SSLContext | None:
+    """The daemon's TLS, from ``--tls-cert``, ``--tls-key`` and ``--tls-client-ca``
+    (None: plain HTTP); :class:`UsageError` naming the option to fix."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise UsageError("--tls-client-ca: needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key: give both (a PEM certificate and its private key), or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-cert {cert} / --tls-key {key}: cannot load them: {getattr(exc, 'strerror', None) or exc}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--tls-client-ca {client_ca}: cannot load it: {getattr(exc, 'strerror', None) or exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def format_listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -151,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     grace = parse_seconds("--grace", args.grace)
     retention = parse_retention(args.workload_retention)
+    tls = tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     # The daemon's own events name it, unless H5WATCH_SERVICE names it otherwise.
     workload = options.service if env_name("service") in os.environ else "h5watch-daemon"
     logs.configure(args.log_format or options.log_format, workload=workload)
@@ -166,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
                     args.kill_stopped, workload_retention=retention)
     daemon.claim_fd = claim_fd
     try:
-        daemon.serve(*listen)
+        daemon.serve(*listen, tls=tls)
     except OSError as exc:
         raise UsageError(f"--listen {args.listen}: cannot listen there: {exc.strerror or exc}") from None
     return 0
@@ -221,9 +252,9 @@ class Daemon:
 
     # -- running -----------------------------------------------------------
 
-    def serve(self, host: str, port: int) -> None:
+    def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         registry = metrics_registry(AggregateCollector(lambda: self.aggregate, installed_versions))
-        server = MetricsServer(registry, host, port, healthy=self.healthy)
+        server = MetricsServer(registry, host, port, healthy=self.healthy, tls=tls)
         self.port = server.port
         stopped_by: list[str] = []
 
@@ -242,7 +273,7 @@ class Daemon:
             server.start()
             _log.info("daemon.started", state_dir=self.state_dir, listen=format_listen(host, server.port), kill_after=self.thresholds.kill_after,
                       grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval,
-                      kill_stopped=self.kill_stopped, workload_retention=self.workload_retention)
+                      kill_stopped=self.kill_stopped, workload_retention=self.workload_retention, tls=tls is not None)
             while not self._stop.wait(self.scan_interval):
                 self.scan()
         finally:
