@@ -370,6 +370,8 @@ def test_a_workload_without_a_process_leaves_metrics_after_the_retention(state_d
     # Saved without it: a restart does not bring it back; the live workload stays.
     wait_for(lambda: "one-off" not in totals_workloads(state_dir), 5, what="the totals saved without it")
     assert daemon.value("h5watch_lock_acquisitions_total", workload="lives-on", lock="app.x") == 3
+    saved = json.loads((state_dir / str(os.geteuid()) / "h5watch-daemon.json").read_text())
+    assert "lives-on" in dict(saved["last_seen"])  # when the retention of a live workload starts, after a restart
     daemon.stop()
     again = daemons(state_dir, "--scan-interval", "0.2", "--workload-retention", "3s")
     text = again.metrics_text()

@@ -29,7 +29,8 @@ _log = logs.get_logger(logger="h5watch.exporter")
 class MetricsServer:
     """``/metrics`` (as prometheus_client's own WSGI app makes it: text or
     OpenMetrics by the Accept header, gzip by Accept-Encoding, ``name[]``
-    filtering) and ``/healthz``, made to survive abuse: many scrapers at once, slow clients, vanishing ones.
+    filtering) and ``/healthz``, over HTTP or (``tls``) HTTPS, made to
+    survive abuse: many scrapers at once, slow clients, vanishing ones.
 
     One thread reads the requests of every connection in a ``selectors`` loop,
     so a client that sends half a request and waits costs a socket and a few
@@ -41,7 +42,9 @@ class MetricsServer:
     and send it, giving up on a client that does not read it within
     ``SEND_TIMEOUT_SECONDS``. At most ``MAX_CONNECTIONS`` are held: beyond
     that the oldest incomplete one is dropped. One request per connection
-    (``Connection: close``). Clients that go away are not logged.
+    (``Connection: close``). Clients that go away are not logged. A TLS
+    handshake is made step by step in the loop, within the same deadline
+    as the request it precedes.
     """
 
     WORKERS = 4

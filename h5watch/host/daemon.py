@@ -231,6 +231,8 @@ class Daemon:
         self._unsaved = False
         self._unsaved_logged = False
         self._save_failures = 0
+        # When the totals (and so each workload's last_seen) were last saved.
+        self._last_seen_saved_unix = 0.0
         # Each state file's last good read, by path (this scan's files only).
         self._last_read: dict[str, ProcessState] = {}
         # Per-user directories this daemon reads, locked for it: (dev, ino) -> fd.
@@ -395,10 +397,9 @@ class Daemon:
         (and so from /metrics) every workload without one for longer than
         ``--workload-retention``."""
         seen = {process.state.workload for process in sweep.live + sweep.dead}
-        for workload in seen:
-            if now - self._totals.last_seen.get(workload, 0.0) > LAST_SEEN_SAVE_SECONDS:
-                self._unsaved = True
-            self._totals.last_seen[workload] = now
+        if seen - set(self._totals.last_seen) or (seen and now - self._last_seen_saved_unix > LAST_SEEN_SAVE_SECONDS):
+            self._unsaved = True
+        self._totals.last_seen.update(dict.fromkeys(seen, now))
         if not sweep.success:
             return  # a directory could not be listed: its workloads may be live
         with self._kills_lock:
@@ -687,6 +688,7 @@ class Daemon:
                            action="dead processes' files kept; retried every scan")
             return False
         self._unsaved = self._unsaved_logged = False
+        self._last_seen_saved_unix = time.time()
         return True
 
     # -- stuck workers ---------------------------------------------------------
