@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -340,13 +341,15 @@ def test_the_daemon_names_each_workload_s_versions(state_dir, daemons, workers, 
 
 
 def totals_workloads(state_dir: Path) -> set[str]:
-    data = json.loads((state_dir / str(os.geteuid()) / "h5watch-daemon.json").read_text())
+    try:
+        data = json.loads((state_dir / str(os.geteuid()) / "h5watch-daemon.json").read_text())
+    except FileNotFoundError:
+        return set()
     return {w for w, _, _ in data["locks"]} | {w for w, _ in data["forks"]} | {w for w, _, _ in data["kills"]}
 
 
 def run_to_completion(workers, state_dir: Path, tmp_path: Path, service: str) -> None:
-    release = tmp_path / service
-    release.mkdir()
+    release = Path(tempfile.mkdtemp(prefix=service, dir=tmp_path))
     proc = workers(state_dir, "count", str(release), "3", service=service)
     read_json_line(proc)
     (release / "release").touch()
@@ -360,7 +363,7 @@ def test_a_workload_without_a_process_leaves_metrics_after_the_retention(state_d
     run_to_completion(workers, state_dir, tmp_path, "one-off")
     wait_for(lambda: daemon.value("h5watch_lock_acquisitions_total", workload="one-off", lock="app.x") == 3, 10,
              what="the one-off workload's counts folded")
-    assert "one-off" in totals_workloads(state_dir)
+    wait_for(lambda: "one-off" in totals_workloads(state_dir), 10, what="the one-off workload's counts saved in the totals")
     gone_at = time.monotonic()
 
     wait_for(lambda: 'workload="one-off"' not in daemon.metrics_text(), 15, what="the one-off workload to expire")
@@ -377,8 +380,10 @@ def test_a_workload_without_a_process_leaves_metrics_after_the_retention(state_d
     text = again.metrics_text()
     assert 'workload="one-off"' not in text and 'workload="lives-on"' in text
 
-    # It returns: its counters start from 0.
-    run_to_completion(workers, state_dir, tmp_path, "one-off-again")
+    # It returns: its counters start from 0 (3, not 6).
+    run_to_completion(workers, state_dir, tmp_path, "one-off")
+    wait_for(lambda: again.value("h5watch_lock_acquisitions_total", workload="one-off", lock="app.x") == 3, 10,
+             what="the returning workload's counts")
     time.sleep(4)  # longer than the retention: a live workload never expires
     assert again.value("h5watch_lock_acquisitions_total", workload="lives-on", lock="app.x") == 3
 
