@@ -8,10 +8,12 @@ plain data.
 
 from __future__ import annotations
 
+import platform
+import sys
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "ProcessStatus", "Waiter"]
+__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "ProcessStatus", "Waiter", "running_versions"]
 
 
 class CounterSource(Protocol):
@@ -74,3 +76,14 @@ class ProcessStatus(NamedTuple):
     watchdog_running: bool
     # Monotonic ns the fork under way started, or None.
     fork_since_ns: int | None
+
+
+def running_versions() -> dict[str, str]:
+    """What this process runs, for its state file and ``h5watch_build_info``:
+    h5watch and Python, and h5py and HDF5 once h5py is imported ("" before;
+    never imported from here: install() may precede that import)."""
+    from h5watch import __version__
+
+    version = getattr(sys.modules.get("h5py"), "version", None)
+    return {"h5watch_version": __version__, "python_version": platform.python_version(),
+            "h5py_version": str(getattr(version, "version", "")), "hdf5_version": str(getattr(version, "hdf5_version", ""))}

@@ -119,6 +119,7 @@ __all__ = [
     "process_identity",
     "STATE_SUFFIX",
     "STACKS_SUFFIX",
+    "VERSION_FIELDS",
 ]
 
 # h5watch's stack-dump signal: a real-time signal nobody else is likely to
@@ -131,10 +132,13 @@ MAX_WAITERS = 4
 NAME_BYTES = 64
 OPERATION_BYTES = 128
 THREAD_NAME_BYTES = 48
+VERSION_BYTES = 24
 
 SLOT_FREE = 0
 SLOT_LIVE = 1
 SLOT_RETIRED = 2
+
+VERSION_FIELDS = ("h5watch_version", "python_version", "h5py_version", "hdf5_version")
 
 # (field, struct code, numpy dtype). Arrays: struct code "<n><c>", dtype (type, n).
 _HEADER_FIELDS = [
@@ -165,6 +169,9 @@ _HEADER_FIELDS = [
     # The process's own wait_timeout and hold_timeout (0: off), for the verdict.
     ("wait_timeout", "d", "<f8"),
     ("hold_timeout", "d", "<f8"),
+    # What the process runs, for the daemon's h5watch_workload_info (it loads
+    # no h5py itself); the h5py fields stay empty until h5py is imported.
+    *((name, f"{VERSION_BYTES}s", f"S{VERSION_BYTES}") for name in VERSION_FIELDS),
 ]
 
 _RECORD_FIELDS = [
@@ -394,6 +401,7 @@ class StateWriter:
             workload=_fixed(workload, NAME_BYTES), started_unix=time.time(), tick_interval=tick_interval,
             wait_timeout=wait_timeout or 0.0, hold_timeout=hold_timeout or 0.0,
         )
+        self._fixed_header.update(dict.fromkeys(VERSION_FIELDS, b""))
         if adopted:
             self._adopt()
         self.write_header(self._last_status)
@@ -410,6 +418,10 @@ class StateWriter:
 
     def owned_here(self) -> bool:
         return os.getpid() == self.pid
+
+    def set_versions(self, versions: dict[str, str]) -> None:
+        """What the process runs (keys of VERSION_FIELDS), in the header from its next write."""
+        self._fixed_header.update({name: _fixed(versions.get(name), VERSION_BYTES) for name in VERSION_FIELDS})
 
     def close(self, exited: bool = True) -> None:
         if self.owned_here():
@@ -769,6 +781,11 @@ class ProcessState:
     @property
     def heartbeat_unix(self) -> float:
         return float(self.header["heartbeat_unix"])
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """What the process runs: each of VERSION_FIELDS, "" when it did not say."""
+        return {name: _text(self.header[name]) for name in VERSION_FIELDS}
 
     @property
     def stacks_path(self) -> str:

@@ -492,8 +492,59 @@ def test_dashboard_queries_filter_by_the_variables():
     for title, target, _ in dashboard_queries():
         expr = target["expr"]
         assert 'instance=~"$instance"' in expr, title
+        # Every panel honours the workload picked (a daemon's own series: the
+        # daemons that know one of the workloads picked).
+        assert 'workload=~"$workload"' in expr, title
         if "h5watch_lock_" in expr or "h5watch_orphaned_locks" in expr:
-            assert 'workload=~"$workload"' in expr and 'lock=~"$lock"' in expr, title
+            assert 'lock=~"$lock"' in expr, title
+
+
+def held_share_queries() -> list[tuple[str, str]]:
+    """(title, PromQL) of every query that turns hold time into a share."""
+    queries = []
+    for panel in all_panels(load_dashboard()["panels"]):
+        for target in panel.get("targets", []):
+            if "h5watch_lock_hold_seconds_sum" in target["expr"]:
+                assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit", panel["title"]
+                queries.append((panel["title"], substitute(target["expr"], DEFAULT_VARIABLES)))
+    return queries
+
+
+def test_the_held_share_never_exceeds_100_percent(tmp_path):
+    """Three processes of a workload that each hold their lock all the time,
+    and one 120 s hold that ends at once: evaluated by promtool, the share
+    reaches 100 % and never more."""
+    queries = held_share_queries()
+    assert queries
+    rules = {"groups": [{"name": "held-share", "rules": [
+        rule for index, (_, expr) in enumerate(queries) for rule in (
+            {"alert": f"AboveOne{index}", "expr": f"({expr}) > 1"},
+            {"alert": f"Full{index}", "expr": f"({expr}) > 0.99"},
+        )]}]}
+    (tmp_path / "held.rules.yml").write_text(yaml.safe_dump(rules))
+    phil = 'lock="h5py.phil", instance="h1"'
+    series = [
+        {"series": f'h5watch_lock_hold_seconds_sum{{workload="busy", {phil}}}', "values": "0+45x40"},
+        {"series": 'h5watch_processes{workload="busy", instance="h1", state="ok"}', "values": "2x40"},
+        {"series": 'h5watch_processes{workload="busy", instance="h1", state="stuck"}', "values": "1x40"},
+        {"series": 'h5watch_processes{workload="busy", instance="h1", state="dead"}', "values": "1x40"},
+        {"series": f'h5watch_lock_hold_seconds_sum{{workload="long", {phil}}}', "values": "0x10 120x30"},
+        {"series": 'h5watch_processes{workload="long", instance="h1", state="ok"}', "values": "1x40"},
+        # Counts left by processes that are all gone: no share at all.
+        {"series": f'h5watch_lock_hold_seconds_sum{{workload="gone", {phil}}}', "values": "0+30x40"},
+    ]
+    full = [{"exp_labels": {"workload": "busy", "lock": "h5py.phil"}}, {"exp_labels": {"workload": "long", "lock": "h5py.phil"}}]
+    alert_tests = []
+    for index in range(len(queries)):
+        for at in ("2m", "3m", "5m", "9m"):
+            alert_tests.append({"eval_time": at, "alertname": f"AboveOne{index}", "exp_alerts": []})
+        alert_tests.append({"eval_time": "3m", "alertname": f"Full{index}", "exp_alerts": full})
+        alert_tests.append({"eval_time": "9m", "alertname": f"Full{index}", "exp_alerts": full[:1]})
+    tests = {"rule_files": ["held.rules.yml"], "evaluation_interval": "15s",
+             "tests": [{"interval": "15s", "input_series": series, "alert_rule_test": alert_tests}]}
+    (tmp_path / "held.test.yml").write_text(yaml.safe_dump(tests))
+    result = run_tool(tool("promtool"), "test", "rules", tmp_path / "held.test.yml", timeout=120)
+    assert result.returncode == 0, "\n".join(title for title, _ in queries) + "\n" + result.stdout + result.stderr
 
 
 def test_dashboard_shows_what_the_issue_asks_for():

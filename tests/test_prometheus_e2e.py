@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_deploy import RULES, dashboard_queries, recording_rules, tool
+from test_deploy import RULES, dashboard_queries, recording_rules, substitute, tool
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -424,3 +424,31 @@ def test_every_dashboard_query_returns_data(stack):
         elif not has_a_number(body["data"]["result"]):
             failures.append((title, expr, "no data"))
     assert not failures, "\n".join(map(str, failures))
+
+
+def test_the_scrape_carries_process_metrics_and_each_workload_s_versions(stack):
+    import platform
+
+    import h5py
+
+    import h5watch
+
+    for expr in ('process_resident_memory_bytes{job="h5watch"}', 'process_cpu_seconds_total{job="h5watch"}',
+                 'process_open_fds{job="h5watch"}', 'python_info{job="h5watch"}'):
+        assert has_a_number(stack.query(expr)), (expr, stack.diagnostics())
+    [info] = stack.query('h5watch_workload_info{workload="e2e-contention"}')
+    assert {"h5py_version": h5py.version.version, "hdf5_version": h5py.version.hdf5_version, "h5watch_version": h5watch.__version__,
+            "python_version": platform.python_version()}.items() <= info["metric"].items(), info
+    [build] = stack.query('h5watch_build_info{job="h5watch"}')
+    assert build["metric"]["version"] == h5watch.__version__ and build["metric"]["h5py_version"], build
+
+
+def test_the_held_share_stays_within_100_percent(stack):
+    variables = grafana_variables(stack)
+    end = time.time()
+    shares = [(title, target["expr"]) for title, target, _ in dashboard_queries() if "h5watch_lock_hold_seconds_sum" in target["expr"]]
+    assert shares
+    for title, expr in shares:
+        body = stack.api("query_range", query=substitute(expr, variables), start=stack.started_at, end=end, step=1)
+        values = [float(value) for series in body["data"]["result"] for _, value in series["values"]]
+        assert values and max(values) <= 1.0, (title, max(values, default=None))

@@ -15,20 +15,24 @@ option is exported as the ``workload`` label.
 
 from __future__ import annotations
 
-import sys
+import importlib.metadata
+import platform
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from h5watch import __version__
+from h5watch.records import running_versions as build_versions
 from h5watch.schema import BUCKET_BOUNDS_SECONDS, N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
-__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions",
-           "histogram_quantile"]
+__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions", "histogram_quantile",
+           "installed_versions", "metrics_registry"]
 
 def histogram_quantile(
     q: float, buckets: Sequence[int], max_seconds: float, bounds: Sequence[float] = BUCKET_BOUNDS_SECONDS
@@ -166,6 +170,8 @@ class Aggregate:
     state_file_errors: dict[str, int] | None = None
     totals_save_failures: int | None = None
     locks_unrecorded: dict[str, int] | None = None
+    # (workload, h5py, HDF5, h5watch, Python versions) among live processes.
+    workload_info: set[tuple[str, str, str, str, str]] | None = None
 
 
 def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
@@ -180,21 +186,36 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], buckets: np
 class AggregateCollector:
     """A prometheus_client collector over whatever ``source()`` returns now."""
 
-    def __init__(self, source: Callable[[], Aggregate | None]) -> None:
+    def __init__(self, source: Callable[[], Aggregate | None], versions: Callable[[], dict[str, str]] = build_versions) -> None:
         self.source = source
+        self.versions = versions
 
     def describe(self) -> Iterable[Any]:
-        return []
+        """Every family this collector can yield: what the registry's ``name[]``
+        filter looks names up in."""
+        every_family = Aggregate(processes={}, heartbeat_age={}, kills={}, would_kills={("", ""): 0}, scan_seconds=0.0,
+                                 scan_success=True, state_file_errors={}, totals_save_failures=0, locks_unrecorded={},
+                                 workload_info=set())
+        return list(self._families(every_family, dict.fromkeys(("h5watch_version", "python_version", "h5py_version", "hdf5_version"), "")))
 
     def collect(self) -> Iterable[Any]:
-        aggregate = self.source()
-        versions = build_versions()
-        info = GaugeMetricFamily("h5watch_build_info", "h5watch build and the h5py/HDF5 it was built against.",
-                                 labels=["version", "h5py_version", "hdf5_version"])
-        info.add_metric([__version__, versions.get("h5py", ""), versions.get("hdf5", "")], 1)
+        return self._families(self.source(), self.versions())
+
+    def _families(self, aggregate: Aggregate | None, versions: dict[str, str]) -> Iterable[Any]:
+        info = GaugeMetricFamily("h5watch_build_info", "This exporter's h5watch and Python, and the h5py and HDF5 it has "
+                                 "(a daemon: the h5py installed with it, no HDF5).",
+                                 labels=["version", "python_version", "h5py_version", "hdf5_version"])
+        info.add_metric([versions["h5watch_version"], versions["python_version"], versions["h5py_version"], versions["hdf5_version"]], 1)
         yield info
         if aggregate is None:
             return
+        if aggregate.workload_info is not None:
+            workload_info = GaugeMetricFamily("h5watch_workload_info", "What the live processes of a workload run, one series "
+                                              "per combination (\"\": not said, such as h5py not imported yet).",
+                                              labels=["workload", "h5py_version", "hdf5_version", "h5watch_version", "python_version"])
+            for running in sorted(aggregate.workload_info):
+                workload_info.add_metric(list(running), 1)
+            yield workload_info
         lock_labels = ["workload", "lock"]
         counters = {
             "acquisitions": CounterMetricFamily("h5watch_lock_acquisitions", "Outermost acquisitions of the lock.", labels=lock_labels),
@@ -281,11 +302,24 @@ class AggregateCollector:
             yield counter
 
 
-def build_versions() -> dict[str, str]:
-    """h5py and HDF5 versions for ``h5watch_build_info``, once h5py is imported
-    (the exporter never imports it itself: install() may precede that import)."""
-    h5py = sys.modules.get("h5py")
-    version = getattr(h5py, "version", None)
-    if version is None:
-        return {}
-    return {"h5py": getattr(version, "version", ""), "hdf5": getattr(version, "hdf5_version", "")}
+def installed_versions() -> dict[str, str]:
+    """What a host command knows without importing h5py: h5watch, Python, and
+    the h5py installed next to it (its package metadata); never HDF5's."""
+    try:
+        h5py_version = importlib.metadata.version("h5py")
+    except importlib.metadata.PackageNotFoundError:
+        h5py_version = ""
+    return {"h5watch_version": __version__, "python_version": platform.python_version(), "h5py_version": h5py_version,
+            "hdf5_version": ""}
+
+
+def metrics_registry(collector: AggregateCollector) -> CollectorRegistry:
+    """A registry of ``collector`` and prometheus_client's own process_* and
+    python_info collectors (of the process that serves it)."""
+    # auto_describe: the process and platform collectors have no describe(),
+    # and only a described name can be asked for by name[].
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.message
 import email.utils
 import http
 import http.client
@@ -10,11 +11,12 @@ import queue
 import re
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from h5watch import logs
@@ -25,8 +27,10 @@ _log = logs.get_logger(logger="h5watch.exporter")
 
 
 class MetricsServer:
-    """``/metrics`` (text or OpenMetrics, by the Accept header) and ``/healthz``,
-    made to survive abuse: many scrapers at once, slow clients, vanishing ones.
+    """``/metrics`` (as prometheus_client's own WSGI app makes it: text or
+    OpenMetrics by the Accept header, gzip by Accept-Encoding, ``name[]``
+    filtering) and ``/healthz``, over HTTP or (``tls``) HTTPS, made to
+    survive abuse: many scrapers at once, slow clients, vanishing ones.
 
     One thread reads the requests of every connection in a ``selectors`` loop,
     so a client that sends half a request and waits costs a socket and a few
@@ -38,7 +42,9 @@ class MetricsServer:
     and send it, giving up on a client that does not read it within
     ``SEND_TIMEOUT_SECONDS``. At most ``MAX_CONNECTIONS`` are held: beyond
     that the oldest incomplete one is dropped. One request per connection
-    (``Connection: close``). Clients that go away are not logged.
+    (``Connection: close``). Clients that go away are not logged. A TLS
+    handshake is made step by step in the loop, within the same deadline
+    as the request it precedes.
     """
 
     WORKERS = 4
@@ -48,24 +54,20 @@ class MetricsServer:
     MAX_CONNECTIONS = 512
     LISTEN_BACKLOG = 256
 
-    def __init__(self, registry: CollectorRegistry, addr: str, port: int, healthy: Callable[[], bool] = lambda: True) -> None:
-        self._registry = registry
+    def __init__(self, registry: CollectorRegistry, addr: str, port: int, healthy: Callable[[], bool] = lambda: True,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self._app = make_wsgi_app(registry)
+        self._tls = tls
         self._healthy = healthy
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        listener = socket.socket(family, kind, proto)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(sockaddr)
-            listener.listen(self.LISTEN_BACKLOG)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
+        listener = _listen(addr, port, self.LISTEN_BACKLOG)
         self._listener = listener
         self.port: int = listener.getsockname()[1]
         # Owned by the loop thread: connections still sending their request,
         # in the order accepted (so the first is the next to time out).
         self._reading: dict[socket.socket, tuple[float, bytearray]] = {}
+        # Owned by the loop thread: TLS connections whose handshake is not
+        # done (within the same deadline as the request).
+        self._handshaking: set[ssl.SSLSocket] = set()
         # poll rather than epoll: no kernel object that a forked child of an
         # instrumented process would share with this loop.
         self._selector = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
@@ -151,16 +153,42 @@ class MetricsServer:
                     continue
                 self._drop(next(iter(self._reading)))
             conn.setblocking(False)
+            if self._tls is not None:
+                try:
+                    conn = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError):
+                    conn.close()
+                    continue
+                self._handshaking.add(conn)
             self._reading[conn] = (time.monotonic() + self.REQUEST_TIMEOUT_SECONDS, bytearray())
             self._selector.register(conn, selectors.EVENT_READ)
+
+    def _handshake(self, conn: ssl.SSLSocket) -> bool:
+        """One step of a TLS handshake; True once it is done."""
+        try:
+            conn.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            # The server's part is a few kilobytes: it fits the socket's
+            # buffer, so waiting is only ever for the client's next bytes.
+            return False
+        except OSError:  # not TLS, a refused certificate, gone: nothing to tell
+            self._drop(conn)
+            return False
+        self._handshaking.discard(conn)
+        return True
 
     def _read(self, conn: socket.socket) -> None:
         entry = self._reading.get(conn)
         if entry is None:
             return
+        if conn in self._handshaking and not self._handshake(conn):
+            return
         try:
             chunk = conn.recv(4096)
-        except (BlockingIOError, InterruptedError):
+            # TLS: bytes already decrypted beyond those, which poll does not report.
+            while isinstance(conn, ssl.SSLSocket) and conn.pending() and len(chunk) <= self.MAX_REQUEST_BYTES:
+                chunk += conn.recv(conn.pending())
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             chunk = b""
@@ -180,6 +208,7 @@ class MetricsServer:
 
     def _drop(self, conn: socket.socket) -> None:
         self._reading.pop(conn, None)
+        self._handshaking.discard(conn)
         try:
             self._selector.unregister(conn)
         except (KeyError, ValueError):
@@ -219,21 +248,73 @@ class MetricsServer:
         except http.client.HTTPException:
             _send_reply(conn, deadline, 400, b"bad request headers\n", _TEXT, head_only)
             return
-        path = target.split("?", 1)[0]
+        path, _, query = target.partition("?")
         if path == "/metrics":
-            encoder, content_type = choose_encoder(headers.get("Accept", ""))
             try:
-                body = encoder(self._registry)
+                code, body, metric_headers = self._metrics(headers, query)
             except Exception as exc:
                 _log.error("metrics.collect_failed", error=repr(exc))
                 _send_reply(conn, deadline, 500, b"collect failed\n", _TEXT, head_only)
                 return
-            _send_reply(conn, deadline, 200, body, content_type, head_only)
+            content_type = metric_headers.pop("Content-Type", _TEXT)
+            extra = "".join(f"{name}: {value}\r\n" for name, value in metric_headers.items())
+            _send_reply(conn, deadline, code, body, content_type, head_only, extra=extra + "Vary: Accept, Accept-Encoding\r\n")
         elif path == "/healthz":
             ok = self._healthy()
             _send_reply(conn, deadline, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", _TEXT, head_only)
         else:
             _send_reply(conn, deadline, 404, b"not found: try /metrics or /healthz\n", _TEXT, head_only)
+
+    def _metrics(self, headers: email.message.Message, query: str) -> tuple[int, bytes, dict[str, str]]:
+        """The reply of prometheus_client's own WSGI app (the format by Accept,
+        gzip by Accept-Encoding, ``name[]`` filtering), called in this thread.
+        A HEAD is answered as the GET it stands for, without the body."""
+        environ = {
+            "REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": query, "SCRIPT_NAME": "",
+            "SERVER_NAME": "h5watch", "SERVER_PORT": str(self.port), "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http" if self._tls is None else "https", "wsgi.input": io.BytesIO(),
+            "wsgi.errors": io.StringIO(),
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        }
+        for name in ("Accept", "Accept-Encoding"):
+            value = headers.get(name)
+            if value is not None:
+                environ["HTTP_" + name.upper().replace("-", "_")] = value
+        started: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def start_response(status: str, response_headers: list[tuple[str, str]], exc_info: object = None) -> None:
+            started.append((status, response_headers))
+
+        body = b"".join(self._app(environ, start_response))
+        status, response_headers = started[-1]
+        return int(status.split()[0]), body, {name: value for name, value in response_headers if name}
+
+
+def _listen(addr: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listening socket on ``addr`` (a name, an IPv4 or IPv6
+    address; "" for every address, IPv6 and IPv4 alike where the host has IPv6)."""
+    if addr == "" and socket.has_ipv6:
+        try:
+            return _bind(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
+        except OSError:
+            pass  # no IPv6 on this host after all: every IPv4 address
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return _bind(family, sockaddr, backlog)
+
+
+def _bind(family: int, sockaddr: tuple[object, ...], backlog: int, dual_stack: bool = False) -> socket.socket:
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual_stack:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(sockaddr)
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 _TEXT = "text/plain; charset=utf-8"

@@ -31,6 +31,7 @@ import argparse
 import fcntl
 import os
 import signal
+import ssl
 import stat
 import threading
 import time
@@ -42,7 +43,7 @@ import numpy as np
 
 from h5watch import logs
 from h5watch.errors import UsageError
-from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
+from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, installed_versions, metrics_registry
 from h5watch.export.server import MetricsServer
 from h5watch.host import claim, reaper, totals
 from h5watch.host.totals import Totals
@@ -70,6 +71,10 @@ MAX_DEAD_PER_SCAN = 2000
 JUNK_GRACE_SECONDS = 600.0
 MAX_JUNK_PER_SCAN = 2000
 MAX_CONCURRENT_KILLS = 8
+DEFAULT_WORKLOAD_RETENTION = 86400.0
+# How stale a live workload's saved last_seen may get before it alone makes
+# the totals be saved again (a restart after a crash may see it this old).
+LAST_SEEN_SAVE_SECONDS = 300.0
 
 _log = logs.get_logger(logger="h5watch.daemon")
 
@@ -79,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the shared state directory (default: as H5WATCH_STATE_DIR, else /run/h5watch if it exists, else "
         "$XDG_RUNTIME_DIR/h5watch); as root, every user's <uid> subdirectory is read, else this user's own; created if missing, but not its parents"
     ))
-    parser.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT of /metrics and /healthz (default 127.0.0.1:9464)")
+    parser.add_argument("--listen", default="127.0.0.1:9464", help=(
+        "HOST:PORT of /metrics and /healthz: [IPV6]:PORT for an IPv6 address, :PORT for every address (default 127.0.0.1:9464)"
+    ))
     parser.add_argument("--scan-interval", default="2", help="seconds between scans of the state dir (default 2)")
     parser.add_argument("--kill-after", default=None, help=(
         "kill a worker whose heartbeat, wait or hold is older than this many seconds (default: never kill)"
@@ -94,15 +101,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with --kill-after, kill a stuck worker that is stopped (SIGSTOP) or traced (a debugger) too (default: report it "
         "as state=\"stopped\" and log worker.spared_stopped, never kill it)"
     ))
+    parser.add_argument("--tls-cert", default=None, help="serve HTTPS: this PEM certificate (chain), with --tls-key")
+    parser.add_argument("--tls-key", default=None, help="the PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", default=None, help=(
+        "with --tls-cert: accept only clients with a certificate signed by one of these PEM CA certificates (mutual TLS)"
+    ))
+    parser.add_argument("--workload-retention", default="24h", help=(
+        "forget a workload that has had no process for this long (seconds, or with s, m, h or d; 0 or off: never): its "
+        "series leave /metrics and its saved totals are dropped, so a later return starts its counters from 0 (default 24h)"
+    ))
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
+    """``--listen``: HOST:PORT, [IPV6]:PORT, or :PORT (every address, IPv6 and
+    IPv4); the host "" for every address."""
     host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"--listen: expected HOST:PORT such as 127.0.0.1:9464, got {text!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if (not sep or (not host and bracketed) or ("[" in host or "]" in host) or (":" in host and not bracketed)
+            or not port_text.isdigit() or not 0 <= int(port_text) <= 65535):
+        raise UsageError(f"--listen: expected HOST:PORT, [IPV6]:PORT or :PORT such as 127.0.0.1:9464, [::1]:9464 or :9464, got {text!r}")
     return host, int(port_text)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_retention(text: str) -> float | None:
+    """``--workload-retention``: seconds (None: keep every workload forever)."""
+    text = text.strip().lower()
+    if text in ("0", "off"):
+        return None
+    number, scale = (text[:-1], _DURATION_UNITS[text[-1]]) if text[-1:] in _DURATION_UNITS else (text, 1.0)
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e10:  # NaN fails too
+        raise UsageError(f"--workload-retention: expected a duration such as 3600, 90m, 24h or 7d, or 0 or off, got {text!r}")
+    return value or None
+
+
+def tls_context(cert: str | None, key: str | None, client_ca: str | None) -> ssl.SSLContext | None:
+    """The daemon's TLS, from ``--tls-cert``, ``--tls-key`` and ``--tls-client-ca``
+    (None: plain HTTP); :class:`UsageError` naming the option to fix."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise UsageError("--tls-client-ca: needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key: give both (a PEM certificate and its private key), or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-cert {cert} / --tls-key {key}: cannot load them: {getattr(exc, 'strerror', None) or exc}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--tls-client-ca {client_ca}: cannot load it: {getattr(exc, 'strerror', None) or exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def format_listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,6 +180,8 @@ def main(args: argparse.Namespace) -> int:
     scan_interval = parse_seconds("--scan-interval", args.scan_interval)
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     grace = parse_seconds("--grace", args.grace)
+    retention = parse_retention(args.workload_retention)
+    tls = tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     # The daemon's own events name it, unless H5WATCH_SERVICE names it otherwise.
     workload = options.service if env_name("service") in os.environ else "h5watch-daemon"
     logs.configure(args.log_format or options.log_format, workload=workload)
@@ -125,12 +194,12 @@ def main(args: argparse.Namespace) -> int:
     except (StateDirError, claim.ClaimError) as exc:
         raise UsageError(str(exc)) from None
     daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run,
-                    args.kill_stopped)
+                    args.kill_stopped, workload_retention=retention)
     daemon.claim_fd = claim_fd
     # What h5watch status judges by, when it is given no thresholds of its own.
     claim.announce(claim_fd, {**thresholds.to_json(), "kill_stopped": args.kill_stopped, "dry_run": args.dry_run})
     try:
-        daemon.serve(*listen)
+        daemon.serve(*listen, tls=tls)
     except OSError as exc:
         raise UsageError(f"--listen {args.listen}: cannot listen there: {exc.strerror or exc}") from None
     return 0
@@ -146,8 +215,10 @@ class Daemon:
         stuck_after: float = 30.0,
         dry_run: bool = False,
         kill_stopped: bool = False,
+        workload_retention: float | None = DEFAULT_WORKLOAD_RETENTION,
     ) -> None:
         self.state_dir = state_dir
+        self.workload_retention = workload_retention
         self.scan_interval = scan_interval
         self.grace = grace
         self.thresholds = Thresholds(stuck_after, kill_after)
@@ -162,6 +233,8 @@ class Daemon:
         self._unsaved = False
         self._unsaved_logged = False
         self._save_failures = 0
+        # When the totals (and so each workload's last_seen) were last saved.
+        self._last_seen_saved_unix = 0.0
         # Each state file's last good read, by path (this scan's files only).
         self._last_read: dict[str, ProcessState] = {}
         # Per-user directories this daemon reads, locked for it: (dev, ino) -> fd.
@@ -183,12 +256,9 @@ class Daemon:
 
     # -- running -----------------------------------------------------------
 
-    def serve(self, host: str, port: int) -> None:
-        from prometheus_client.registry import CollectorRegistry
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(AggregateCollector(lambda: self.aggregate))
-        server = MetricsServer(registry, host, port, healthy=self.healthy)
+    def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        registry = metrics_registry(AggregateCollector(lambda: self.aggregate, installed_versions))
+        server = MetricsServer(registry, host, port, healthy=self.healthy, tls=tls)
         self.port = server.port
         stopped_by: list[str] = []
 
@@ -205,9 +275,9 @@ class Daemon:
             # start already carries every series.
             self.scan()
             server.start()
-            _log.info("daemon.started", state_dir=self.state_dir, listen=f"{host}:{server.port}", kill_after=self.thresholds.kill_after,
+            _log.info("daemon.started", state_dir=self.state_dir, listen=format_listen(host, server.port), kill_after=self.thresholds.kill_after,
                       grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval,
-                      kill_stopped=self.kill_stopped)
+                      kill_stopped=self.kill_stopped, workload_retention=self.workload_retention, tls=tls is not None)
             while not self._stop.wait(self.scan_interval):
                 self.scan()
         finally:
@@ -233,6 +303,7 @@ class Daemon:
             self._reap_dead(sweep, now)
         finally:
             sweep.close()
+        self._expire_workloads(sweep, now)
         live = self._aggregate(sweep.live, now)
         self._judge(sweep.live, now)
         self._spared &= {(p.state.pid, p.state.start_ticks) for p in sweep.live if p.verdict.stopped is not None}
@@ -322,6 +393,28 @@ class Daemon:
         self._last_read = sweep.read
         if sweep.success:
             self._forget_missing(sweep.present)
+
+    def _expire_workloads(self, sweep: Sweep, now: float) -> None:
+        """Note when each workload last had a process; drop from the totals
+        (and so from /metrics) every workload without one for longer than
+        ``--workload-retention``."""
+        seen = {process.state.workload for process in sweep.live + sweep.dead}
+        if seen - set(self._totals.last_seen) or (seen and now - self._last_seen_saved_unix > LAST_SEEN_SAVE_SECONDS):
+            self._unsaved = True
+        self._totals.last_seen.update(dict.fromkeys(seen, now))
+        if not sweep.success:
+            return  # a directory could not be listed: its workloads may be live
+        with self._kills_lock:
+            for workload in sorted(self._totals.workloads() - seen):
+                # Known from a save that did not record it: the clock starts now.
+                last_seen = self._totals.last_seen.setdefault(workload, now)
+                if self.workload_retention is None or now - last_seen <= self.workload_retention:
+                    continue
+                self._totals.drop(workload)
+                self._unsaved = True
+                _log.info("daemon.workload_expired", workload=workload, last_seen_unix=last_seen,
+                          retention_seconds=self.workload_retention,
+                          effect="its series are gone from /metrics; if it returns, its counters start from 0")
 
     def _judge(self, processes: list[Scanned], now: float) -> None:
         """Each live process's verdict (:mod:`h5watch.host.verdict`)."""
@@ -432,10 +525,13 @@ class Daemon:
         their records at once; each process's oldest hold or wait age on the way."""
         states = [process.state for process in processes]
         heartbeat_age: dict[str, float] = {}
-        live = Aggregate(heartbeat_age=heartbeat_age, locks_unrecorded={})
-        assert live.locks_unrecorded is not None
+        live = Aggregate(heartbeat_age=heartbeat_age, locks_unrecorded={}, workload_info=set())
+        assert live.locks_unrecorded is not None and live.workload_info is not None
         for state in states:
             workload = state.workload
+            versions = state.versions
+            live.workload_info.add((workload, versions["h5py_version"], versions["hdf5_version"], versions["h5watch_version"],
+                                    versions["python_version"]))
             live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
             age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
             heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
@@ -486,7 +582,7 @@ class Daemon:
     def _combine(self, live: Aggregate) -> Aggregate:
         """Live processes plus the folded totals of dead ones: a new object each scan."""
         combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges,
-                             locks_unrecorded=live.locks_unrecorded)
+                             locks_unrecorded=live.locks_unrecorded, workload_info=live.workload_info)
         for key, lock_totals in list(self._totals.locks.items()) + list(live.locks.items()):
             into = combined.locks.get(key)
             if into is None:
@@ -594,6 +690,7 @@ class Daemon:
                            action="dead processes' files kept; retried every scan")
             return False
         self._unsaved = self._unsaved_logged = False
+        self._last_seen_saved_unix = time.time()
         return True
 
     # -- stuck workers ---------------------------------------------------------

@@ -48,6 +48,21 @@ class Totals:
     # Kills a --dry-run daemon would have made, per (workload, reason).
     would_kills: dict[tuple[str, str], int] = field(default_factory=dict)
     folded: set[str] = field(default_factory=set)
+    # When each workload last had a process the daemon saw (unix time): what
+    # --workload-retention measures.
+    last_seen: dict[str, float] = field(default_factory=dict)
+
+    def workloads(self) -> set[str]:
+        return ({w for w, _ in self.locks} | set(self.forks) | {w for w, _ in self.kills} | {w for w, _ in self.would_kills}
+                | set(self.last_seen))
+
+    def drop(self, workload: str) -> None:
+        """Forget everything ``workload`` counted."""
+        for table in (self.locks, self.kills, self.would_kills):
+            for key in [key for key in table if key[0] == workload]:
+                del table[key]
+        self.forks.pop(workload, None)
+        self.last_seen.pop(workload, None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +72,7 @@ class Totals:
             "kills": [[w, r, n] for (w, r), n in self.kills.items()],
             "would_kills": [[w, r, n] for (w, r), n in self.would_kills.items()],
             "folded": sorted(self.folded),
+            "last_seen": [[w, t] for w, t in self.last_seen.items()],
         }
 
     @classmethod
@@ -69,6 +85,8 @@ class Totals:
             # Absent from the saves of daemons that did not count them yet.
             would_kills={(w, r): int(n) for w, r, n in data.get("would_kills", [])},
             folded=set(data["folded"]),
+            # Absent from the saves of daemons without --workload-retention.
+            last_seen={w: float(t) for w, t in data.get("last_seen", [])},
         )
 
 

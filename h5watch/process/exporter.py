@@ -6,10 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from prometheus_client.registry import CollectorRegistry
 
 from h5watch import logs
-from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals
+from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, metrics_registry
 from h5watch.export.server import MetricsServer
 from h5watch.schema import ORPHAN_ACTIONS, TIMEOUT_KINDS
 
@@ -65,8 +64,7 @@ class InProcessExporter:
         self.stop()
         if endpoint is None:
             return
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(AggregateCollector(lambda: aggregate_snapshot(self._snapshot(), self.options.service)))
+        registry = metrics_registry(AggregateCollector(lambda: aggregate_snapshot(self._snapshot(), self.options.service)))
         try:
             self.server = MetricsServer(registry, endpoint[0], endpoint[1]).start()
         except OSError as exc:

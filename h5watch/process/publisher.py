@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from h5watch import logs
 from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.process.stats import ForkStats
-from h5watch.records import Holder, LockRecord, ProcessStatus
+from h5watch.records import Holder, LockRecord, ProcessStatus, running_versions
 from h5watch.statedir import create_file_at, prune_unread, user_dir_path
 from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 
@@ -79,6 +79,8 @@ class StatePublisher:
         # The pid whose attempt to create its file failed (logged once, not retried).
         self._failed_pid: int | None = None
         self._open_lock = threading.Lock()
+        # The file does not name the h5py and HDF5 versions yet (h5py not imported yet).
+        self._versions_pending = True
 
     def start(self, options: Any) -> None:
         self.options = options
@@ -129,6 +131,8 @@ class StatePublisher:
     def _write_all(self, writer: StateWriter | None) -> None:
         if writer is None:
             return
+        if self._versions_pending:
+            self._versions_pending = not _set_versions(writer)
         status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns())
         writer.write_all([lock_record(lock) for lock in watched_locks()], status)
 
@@ -194,6 +198,7 @@ class StatePublisher:
             self._failed_pid = os.getpid()
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
+        self._versions_pending = not _set_versions(writer)
         writer.attach_forks(self._forks.stats)
         writer.attach_locks([lock_record(lock) for lock in watched_locks()])
         try:
@@ -246,6 +251,13 @@ class StatePublisher:
             stacks_file.close()
         except OSError:
             pass
+
+
+def _set_versions(writer: StateWriter) -> bool:
+    """Name what this process runs in its file; False while h5py's version is unknown."""
+    versions = running_versions()
+    writer.set_versions(versions)
+    return bool(versions["h5py_version"])
 
 
 def _used_a_watched_lock() -> bool:
