@@ -19,9 +19,23 @@ from prometheus_client.registry import CollectorRegistry
 
 from h5watch import logs
 
-__all__ = ["MetricsServer"]
+__all__ = ["MetricsServer", "bind_listener"]
 
 _log = logs.get_logger(logger="h5watch.exporter")
+
+
+def bind_listener(addr: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``addr:port`` (not listening yet); ``OSError``
+    (``socket.gaierror`` for an unknown name) if it cannot be."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(sockaddr)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 class MetricsServer:
@@ -51,11 +65,8 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, addr: str, port: int, healthy: Callable[[], bool] = lambda: True) -> None:
         self._registry = registry
         self._healthy = healthy
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        listener = socket.socket(family, kind, proto)
+        listener = bind_listener(addr, port)
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(sockaddr)
             listener.listen(self.LISTEN_BACKLOG)
             listener.setblocking(False)
         except OSError:
