@@ -388,3 +388,9 @@ def test_install_keeps_the_service_running_and_says_so_once(listening, tmp_path)
     assert exporter["level"] == "error" and exporter["port"] == port
     [state] = events(result.stderr, "state.unavailable")
     assert state["level"] == "error" and "a-file" in state["error"]
+
+
+def test_the_exit_statuses_are_in_the_help():
+    result = subprocess.run([*H5WATCH, "--help"], capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0
+    assert "127 if CMD is not found, 126 if it cannot be run" in " ".join(result.stdout.split())

@@ -50,6 +50,10 @@ __all__ = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "h5watch run [options] -- CMD [ARG...]"
+    parser.epilog = (
+        "exit status: CMD's own; 2 for a bad option, a state dir in which no file can be made or a metrics port"
+        " in use (CMD not started); 127 if CMD is not found, 126 if it cannot be run"
+    )
     for name in OPTION_NAMES:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", metavar="VALUE", help=OPTION_HELP[name])
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command to run, after --")
