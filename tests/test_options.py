@@ -273,3 +273,19 @@ def test_unknown_variables_name_the_closest_option():
     assert unknown_variable_text("H5WATCH_FROBNICATE", None) == (
         "H5WATCH_FROBNICATE is not an h5watch option (see the options in 'h5watch run --help'); ignored"
     )
+
+
+@pytest.mark.timeout(60)
+def test_the_daemon_and_status_warn_about_an_unknown_variable(state_dir, daemons, monkeypatch):
+    from daemon_support import wait_for
+
+    monkeypatch.setenv("H5WATCH_STATEDIR", "/srv/elsewhere")  # a person meant H5WATCH_STATE_DIR
+    daemon = daemons(state_dir)
+    [event] = wait_for(lambda: daemon.events("options.unknown_variable"), 10, what="options.unknown_variable")
+    assert (event["variable"], event["did_you_mean"], event["level"]) == ("H5WATCH_STATEDIR", "H5WATCH_STATE_DIR",
+                                                                           "warning")
+    status = subprocess.run([sys.executable, "-m", "h5watch", "status", "--state-dir", str(state_dir)],
+                            capture_output=True, text=True, timeout=50, check=False)
+    assert status.returncode == 0, status.stderr
+    assert status.stderr == ("h5watch status: warning: H5WATCH_STATEDIR is not an h5watch option"
+                             " (did you mean H5WATCH_STATE_DIR?); ignored\n")

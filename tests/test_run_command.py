@@ -87,6 +87,7 @@ def free_ports(count: int) -> int:
         ("", 127, "command not found: ''"),
         ("no-such-command-h5watch", 127, "command not found: 'no-such-command-h5watch'"),
         ("./no-such-command-h5watch", 127, "command not found: './no-such-command-h5watch'"),
+        ("/no/such/command", 127, "command not found: '/no/such/command'"),
         ("./", 126, "command not executable: './'"),
         ("/", 126, "command not executable: '/'"),
         ("/dev/null", 126, "command not executable: '/dev/null'"),

@@ -27,7 +27,7 @@ from typing import Any
 
 from h5watch.errors import UsageError
 from h5watch.host.verdict import Thresholds, judge_live, lock_age_seconds
-from h5watch.options import resolve
+from h5watch.options import resolve, unknown_variable_text, unknown_variables
 from h5watch.statedir import STATE_SUFFIX, list_names, readable_user_dirs
 from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
 
@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
+    for variable, closest in unknown_variables():
+        sys.stderr.write(f"h5watch status: warning: {unknown_variable_text(variable, closest)}\n")
     report = collect_status(options.state_dir, thresholds)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
