@@ -25,7 +25,9 @@ __all__ = [
     "OPTION_HELP",
     "default_service",
     "default_state_dir",
+    "METRICS_PORT_OWNER",
     "resolve",
+    "unknown_variable_text",
     "unknown_variables",
 ]
 

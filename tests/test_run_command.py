@@ -195,10 +195,11 @@ def test_a_range_is_refused_only_when_every_port_of_it_is_in_use(listening, stat
 
 
 @pytest.mark.timeout(60)
-def test_a_metrics_addr_not_of_this_host_refuses_to_start_the_command(state_dir):
-    result = run("--state-dir", str(state_dir), "--metrics-port", "9464", "--metrics-addr", "192.0.2.1", "--", "true")
+@pytest.mark.parametrize("port", ["9464", "0"])
+def test_a_metrics_addr_not_of_this_host_refuses_to_start_the_command(port, state_dir):
+    result = run("--state-dir", str(state_dir), "--metrics-port", port, "--metrics-addr", "192.0.2.1", "--", "true")
     assert result.returncode == 2, result
-    assert result.stderr.startswith("h5watch run: error: metrics_addr: cannot listen on 192.0.2.1:9464 (")
+    assert result.stderr.startswith(f"h5watch run: error: metrics_addr: cannot listen on 192.0.2.1:{port} (")
     assert result.stderr.count("\n") == 1
 
 

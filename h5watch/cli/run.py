@@ -151,7 +151,7 @@ def _warn(message: str) -> None:
 def check_metrics_port(addr: str, ports: int | tuple[int, int] | None) -> None:
     """Refuse a ``metrics_port`` no process of CMD could listen on: a port in
     use, every port of a range in use, an address not of this host."""
-    if not ports:  # off, or 0: any free port
+    if ports is None:
         return
     first, last = ports if isinstance(ports, tuple) else (ports, ports)
     for port in range(first, last + 1):

@@ -217,6 +217,8 @@ def _hand_down_to_children(resolved: Options, port_by_keyword: bool) -> None:
     counted with its parent; and that a single metrics port taken from the
     environment is this process's, not theirs (each would fail to bind it)."""
     global _service_handed_down
+    # Set only when it changes: setenv() races with getenv() in threads
+    # running C code, and install() is usually called before any start.
     variable = env_name("service")
     if os.environ.get(variable) in (None, _service_handed_down):
         os.environ[variable] = _service_handed_down = resolved.service
