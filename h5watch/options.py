@@ -25,7 +25,10 @@ __all__ = [
     "OPTION_HELP",
     "default_service",
     "default_state_dir",
+    "METRICS_PORT_OWNER",
     "resolve",
+    "unknown_variable_text",
+    "unknown_variables",
 ]
 
 ENV_PREFIX = "H5WATCH_"
@@ -94,7 +97,7 @@ class Options:
     on_timeout: str
     on_orphan: str
     kill_exit_code: int
-    metrics_port: int | None
+    metrics_port: int | tuple[int, int] | None
     metrics_addr: str
     log_format: str
     log_level: str
@@ -233,13 +236,26 @@ def _exit_code(name: str, value: Any) -> int:
     return code
 
 
-def _port(name: str, value: Any) -> int | None:
+def _port(name: str, value: Any) -> int | tuple[int, int] | None:
+    """A port (``9464``; ``0``: any free port) or a range (``9464-9470``, or a
+    pair as a keyword): each process then takes the first free port of it."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
         return None
-    port = _integer(value)
-    if port is None or not 0 <= port <= 65535:
-        raise OptionError(f"{name}: expected a TCP port from 0 to 65535 (0: any free port) or off, got {_shown(value)}")
-    return port
+    if isinstance(value, str) and "-" in value:
+        first, last = (_integer(part) for part in value.split("-", 1))
+    elif isinstance(value, tuple) and len(value) == 2:
+        first, last = _integer(value[0]), _integer(value[1])
+    else:
+        port = _integer(value)
+        if port is not None and 0 <= port <= 65535:
+            return port
+        first = last = None
+    if first is None or last is None or not 1 <= first <= last <= 65535:
+        raise OptionError(
+            f"{name}: expected a TCP port from 0 to 65535 (0: any free port), a range such as 9464-9470, or off,"
+            f" got {_shown(value)}"
+        )
+    return first if first == last else (first, last)
 
 
 def _text(max_len: int) -> Callable[[str, Any], str]:
@@ -312,13 +328,57 @@ OPTION_HELP: dict[str, str] = {
     "on_orphan": "what an orphaned lock in a forked child does: kill, recover (may crash the child: see README), raise or warn"
     " (default kill)",
     "kill_exit_code": "exit code (1 to 255) of a process h5watch kills (default 70)",
-    "metrics_port": "serve this process's /metrics on this port (0 to 65535, 0: any free port; default off)",
+    "metrics_port": "serve /metrics on this port (0 to 65535, 0: any free port; a single port is the first"
+    " instrumented process's only) or on the first free port of a range such as 9464-9470 (each process; default off)",
     "metrics_addr": "address of the in-process /metrics server (default 127.0.0.1)",
     "log_format": "json (one object a line) or console (default json)",
     "log_level": "least severe event logged: debug, info, warning, error or critical (default warning)",
     "tick_interval": "seconds (0.01 to 86400) between watchdog ticks (default 0.5)",
     "state_files": "write this process's state file for the daemon: true or false (default true)",
 }
+
+
+# Set by the process that takes a single H5WATCH_METRICS_PORT from its
+# environment, to its pid: its children inherit the variable, but the port is
+# that process's alone (each child would fail to bind it). A range is shared.
+METRICS_PORT_OWNER = ENV_PREFIX + "METRICS_PORT_OWNER"
+
+# H5WATCH_* variables that are not options: h5watch's own markers, the build
+# switch, the lock implementation switch, and those of this project's tests.
+NOT_OPTIONS = frozenset({
+    "H5WATCH_BOOTSTRAP", METRICS_PORT_OWNER, "H5WATCH_NO_EXTENSIONS", "H5WATCH_IMPLEMENTATION",
+    "H5WATCH_EXPECT_IMPLEMENTATION", "H5WATCH_EXPECT_PACKAGE_UNDER", "H5WATCH_REQUIRE_PROMTOOL",
+    "H5WATCH_REQUIRE_PY313", "H5WATCH_TEST_PY313", "H5WATCH_SUITE_REPORT", "H5WATCH_SOAK_SECONDS",
+    "H5WATCH_SOAK_SEED",
+})
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Each ``H5WATCH_*`` variable that names no option, with the option
+    variable closest to it (None if none is close): a misspelt option is
+    otherwise ignored without a word."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(name) for name in OPTION_NAMES} | NOT_OPTIONS
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+    if not unknown:
+        return []
+    import difflib
+
+    def closest(name: str) -> str | None:
+        # Compared without the prefix, which every name shares.
+        word = name[len(ENV_PREFIX):].lower()
+        if word == "workload":  # the label's name, not the option's
+            return env_name("service")
+        matches = difflib.get_close_matches(word, OPTION_NAMES, n=1, cutoff=0.6)
+        return env_name(matches[0]) if matches else None
+
+    return [(name, closest(name)) for name in unknown]
+
+
+def unknown_variable_text(variable: str, closest: str | None) -> str:
+    """One line: ``H5WATCH_HOLD_TIMOUT is not an h5watch option (did you mean ...?); ignored``."""
+    hint = f"did you mean {closest}?" if closest else "see the options in 'h5watch run --help'"
+    return f"{variable} is not an h5watch option ({hint}); ignored"
 
 
 def env_name(option: str) -> str:
@@ -338,6 +398,10 @@ def resolve(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, st
             values[name] = _PARSERS[name](name, overrides[name])
         elif env_name(name) in environ:
             values[name] = _PARSERS[name](env_name(name), environ[env_name(name)])
+    if "metrics_port" not in overrides and isinstance(values.get("metrics_port"), int) and values["metrics_port"]:
+        owner = environ.get(METRICS_PORT_OWNER)
+        if owner is not None and owner != str(os.getpid()):
+            values["metrics_port"] = None  # an ancestor's port, inherited: see METRICS_PORT_OWNER
     options = Options(**values)
     if not options.state_dir:
         options = options.replace(state_dir=default_state_dir())

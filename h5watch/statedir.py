@@ -41,6 +41,7 @@ __all__ = [
     "OpenDir",
     "user_dir_path",
     "ensure_state_dir",
+    "ensure_writable_state_dir",
     "open_user_dir",
     "check_state_dir",
     "readable_user_dirs",
@@ -116,6 +117,20 @@ def ensure_state_dir(base: str) -> str:
     """This user's directory ``<base>/<uid>``, created (0700) and checked,
     opened once for this process; returns its path."""
     return open_user_dir(base).path
+
+
+def ensure_writable_state_dir(base: str) -> str:
+    """:func:`ensure_state_dir`, then a file made and removed in it: a
+    read-only mount, or a directory only readable here, passes the checks of
+    the directories but could hold no state file."""
+    path = ensure_state_dir(base)
+    probe = os.path.join(path, temp_name("h5watch-probe"))
+    try:
+        os.close(create_file_at(probe))
+    except OSError as exc:
+        raise _error(base, f"cannot make a file in {path!r}: {exc.strerror or exc}") from None
+    remove_at(probe)
+    return path
 
 
 def open_user_dir(base: str, create: bool = True, parents: bool = True) -> OpenDir:

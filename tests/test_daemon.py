@@ -357,7 +357,6 @@ def test_status_marks_stuck_holder(state_dir, workers):
         (["daemon", "--scan-interval", "soon"], "--scan-interval"),
         (["daemon", "--kill-after", "-3"], "--kill-after"),
         (["run", "--on-orphan", "explode", "--", "true"], "on_orphan"),
-        (["run", "--", "/no/such/command"], "command not found"),
         (["status", "--stuck-after", "0"], "--stuck-after"),
         (["status", "--kill-after", "-3"], "--kill-after"),
     ],
@@ -379,10 +378,10 @@ def test_symlinked_state_dir_is_refused(tmp_path):
         result = subprocess.run([*H5WATCH, *args], capture_output=True, text=True, timeout=30, cwd=REPO)
         assert result.returncode == 2 and "symlink" in result.stderr, (args, result)
         assert len(result.stderr.strip().splitlines()) == 1
-    # run never stops the service for its monitoring: one warning, the command's own exit status.
+    # run does not start the command unmonitored: one line, exit 2.
     result = subprocess.run([*H5WATCH, "run", "--state-dir", str(link), "--", "sh", "-c", "exit 3"], capture_output=True,
                             text=True, timeout=30, cwd=REPO)
-    assert result.returncode == 3 and "symlink" in result.stderr and "warning" in result.stderr, result
+    assert result.returncode == 2 and "symlink" in result.stderr and "error" in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1
     assert list(real.iterdir()) == []
 

@@ -10,7 +10,15 @@ import sys
 import pytest
 from conftest import run_python
 
-from h5watch.options import OPTION_NAMES, OptionError, Options, env_name, resolve
+from h5watch.options import (
+    OPTION_NAMES,
+    OptionError,
+    Options,
+    env_name,
+    resolve,
+    unknown_variable_text,
+    unknown_variables,
+)
 
 
 def test_precedence_keywords_environment_defaults():
@@ -218,3 +226,66 @@ def test_run_refuses_out_of_range_values_in_one_line(flag, value, tmp_path):
     option = flag[2:].replace("-", "_")
     assert result.returncode == 2
     assert result.stderr.startswith(f"h5watch run: error: {option}: expected ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "value, port",
+    [("9464-9470", (9464, 9470)), (" 9464-9464 ", 9464), ("1-65535", (1, 65535)), ((9464, 9470), (9464, 9470))],
+)
+def test_a_metrics_port_range(value, port):
+    assert resolve({"metrics_port": value}, {}).metrics_port == port
+    if isinstance(value, str):
+        assert resolve({}, {"H5WATCH_METRICS_PORT": value}).metrics_port == port
+
+
+@pytest.mark.parametrize("value", ["9470-9464", "0-5", "9464-", "-9464", "9464-70000", "9464-9465-9466", "a-b", (1, 2, 3)],
+                         ids=repr)
+def test_a_bad_metrics_port_range_is_refused(value):
+    with pytest.raises(OptionError) as error:
+        resolve({"metrics_port": value}, {})
+    assert str(error.value).startswith("metrics_port: expected a TCP port from 0 to 65535 (0: any free port),"
+                                       " a range such as 9464-9470, or off, got ")
+
+
+def test_a_single_metrics_port_inherited_from_another_process_is_off():
+    mine = {"H5WATCH_METRICS_PORT": "9464", "H5WATCH_METRICS_PORT_OWNER": str(os.getpid())}
+    assert resolve({}, mine).metrics_port == 9464  # this process took it (install() again, exec)
+    inherited = {"H5WATCH_METRICS_PORT": "9464", "H5WATCH_METRICS_PORT_OWNER": "1"}
+    assert resolve({}, inherited).metrics_port is None
+    assert resolve({"metrics_port": 9464}, inherited).metrics_port == 9464  # a keyword is this process's
+    assert resolve({}, {**inherited, "H5WATCH_METRICS_PORT": "9464-9470"}).metrics_port == (9464, 9470)  # shared
+    assert resolve({}, {**inherited, "H5WATCH_METRICS_PORT": "0"}).metrics_port == 0  # any free port: no clash
+
+
+def test_unknown_variables_name_the_closest_option():
+    environ = {
+        "H5WATCH_HOLD_TIMOUT": "3", "H5WATCH_STATEDIR": "/x", "H5WATCH_WORKLOAD": "ingest", "H5WATCH_FROBNICATE": "1",
+        "H5WATCH_HOLD_TIMEOUT": "3", "H5WATCH_BOOTSTRAP": "1", "H5WATCH_METRICS_PORT_OWNER": "1",
+        "H5WATCH_IMPLEMENTATION": "python", "H5WATCH_NO_EXTENSIONS": "1", "HOLD_TIMOUT": "3", "h5watch_service": "x",
+    }
+    assert unknown_variables(environ) == [
+        ("H5WATCH_FROBNICATE", None),
+        ("H5WATCH_HOLD_TIMOUT", "H5WATCH_HOLD_TIMEOUT"),
+        ("H5WATCH_STATEDIR", "H5WATCH_STATE_DIR"),
+        ("H5WATCH_WORKLOAD", "H5WATCH_SERVICE"),
+    ]
+    assert unknown_variables({env_name(name): "" for name in OPTION_NAMES}) == []
+    assert unknown_variable_text("H5WATCH_FROBNICATE", None) == (
+        "H5WATCH_FROBNICATE is not an h5watch option (see the options in 'h5watch run --help'); ignored"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_the_daemon_and_status_warn_about_an_unknown_variable(state_dir, daemons, monkeypatch):
+    from daemon_support import wait_for
+
+    monkeypatch.setenv("H5WATCH_STATEDIR", "/srv/elsewhere")  # a person meant H5WATCH_STATE_DIR
+    daemon = daemons(state_dir)
+    [event] = wait_for(lambda: daemon.events("options.unknown_variable"), 10, what="options.unknown_variable")
+    assert (event["variable"], event["did_you_mean"], event["level"]) == ("H5WATCH_STATEDIR", "H5WATCH_STATE_DIR",
+                                                                           "warning")
+    status = subprocess.run([sys.executable, "-m", "h5watch", "status", "--state-dir", str(state_dir)],
+                            capture_output=True, text=True, timeout=50, check=False)
+    assert status.returncode == 0, status.stderr
+    assert status.stderr == ("h5watch status: warning: H5WATCH_STATEDIR is not an h5watch option"
+                             " (did you mean H5WATCH_STATE_DIR?); ignored\n")

@@ -222,9 +222,11 @@ def test_a_user_dir_pre_created_by_another_user_is_refused_and_the_service_runs(
     assert str(trap) in event["error"] and f"uid {alice.uid}" in event["error"]
     assert os.listdir(trap) == []
 
+    # Where a person asked for monitoring, h5watch run refuses to start the
+    # command unmonitored: one line, exit 2.
     ran = run(bob.argv(*H5WATCH_AS_USER, "run", "--state-dir", str(base), "--", "sh", "-c", "exit 5"))
-    assert ran.returncode == 5, ran.stderr  # the command's own status
-    assert len(ran.stderr.strip().splitlines()) == 1 and "warning" in ran.stderr and str(trap) in ran.stderr
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.startswith("h5watch run: error: ") and ran.stderr.count("\n") == 1 and str(trap) in ran.stderr
     assert os.listdir(trap) == []
 
 

@@ -21,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from h5watch import logs
 
-__all__ = ["MetricsServer"]
+__all__ = ["MetricsServer", "bind_listener"]
 
 _log = logs.get_logger(logger="h5watch.exporter")
 
@@ -290,27 +290,39 @@ class MetricsServer:
         return int(status.split()[0]), body, {name: value for name, value in response_headers if name}
 
 
-def _listen(addr: str, port: int, backlog: int) -> socket.socket:
-    """A non-blocking listening socket on ``addr`` (a name, an IPv4 or IPv6
-    address; "" for every address, IPv6 and IPv4 alike where the host has IPv6)."""
+def bind_listener(addr: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``addr:port``, not listening yet, on ``addr`` (a
+    name, an IPv4 or IPv6 address; "" for every address, IPv6 and IPv4 alike
+    where the host has IPv6); ``OSError`` (``socket.gaierror`` for an unknown
+    name) if it cannot be."""
     if addr == "" and socket.has_ipv6:
         try:
-            return _bind(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
+            return _bind(socket.AF_INET6, ("::", port), dual_stack=True)
         except OSError:
             pass  # no IPv6 on this host after all: every IPv4 address
     family, _, _, _, sockaddr = socket.getaddrinfo(addr or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    return _bind(family, sockaddr, backlog)
+    return _bind(family, sockaddr)
 
 
-def _bind(family: int, sockaddr: tuple[object, ...], backlog: int, dual_stack: bool = False) -> socket.socket:
+def _listen(addr: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listening socket on ``addr``, as :func:`bind_listener`."""
+    listener = bind_listener(addr, port)
+    try:
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _bind(family: int, sockaddr: tuple[object, ...], dual_stack: bool = False) -> socket.socket:
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if dual_stack:
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         listener.bind(sockaddr)
-        listener.listen(backlog)
-        listener.setblocking(False)
     except OSError:
         listener.close()
         raise

@@ -173,7 +173,7 @@ def format_listen(host: str, port: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from h5watch.options import env_name, resolve
+    from h5watch.options import env_name, resolve, unknown_variables
 
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
     listen = parse_listen(args.listen)
@@ -185,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
     # The daemon's own events name it, unless H5WATCH_SERVICE names it otherwise.
     workload = options.service if env_name("service") in os.environ else "h5watch-daemon"
     logs.configure(args.log_format or options.log_format, workload=workload)
+    for variable, closest in unknown_variables():  # a misspelt H5WATCH_STATE_DIR: another directory watched
+        _log.warning("options.unknown_variable", variable=variable, did_you_mean=closest, action="ignored")
     try:
         # Only the state dir itself is made when missing, never its parents: a
         # mistyped path is an error, not a new tree.

@@ -29,7 +29,7 @@ from typing import Any
 from h5watch.errors import UsageError
 from h5watch.host import claim
 from h5watch.host.verdict import Thresholds, judge_live, lock_is_stuck
-from h5watch.options import resolve
+from h5watch.options import resolve, unknown_variable_text, unknown_variables
 from h5watch.statedir import STATE_SUFFIX, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
 
@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     options = resolve({"state_dir": args.state_dir} if args.state_dir else {})
+    for variable, closest in unknown_variables():
+        sys.stderr.write(f"h5watch status: warning: {unknown_variable_text(variable, closest)}\n")
     daemon_pid = None
     if args.stuck_after is None and args.kill_after is None:
         found = daemon_thresholds(options.state_dir)

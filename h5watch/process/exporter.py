@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,8 @@ class InProcessExporter:
     """The ``metrics_port`` option: this process's locks on its own ``/metrics``.
 
     Only the process that called ``install()`` serves; a forked child does
-    not inherit the server (its thread did not survive the fork)."""
+    not inherit the server (its thread did not survive the fork). With a
+    range of ports, the first free one is taken."""
 
     snapshot_key = "exporter"
 
@@ -64,14 +66,23 @@ class InProcessExporter:
         self.stop()
         if endpoint is None:
             return
+        addr, ports = endpoint
+        first, last = ports if isinstance(ports, tuple) else (ports, ports)
         registry = metrics_registry(AggregateCollector(lambda: aggregate_snapshot(self._snapshot(), self.options.service)))
-        try:
-            self.server = MetricsServer(registry, endpoint[0], endpoint[1]).start()
-        except OSError as exc:
-            _log.error("exporter.unavailable", addr=endpoint[0], port=endpoint[1], error=str(exc))
+        for port in range(first, last + 1):
+            try:
+                self.server = MetricsServer(registry, addr, port).start()
+                break
+            except OSError as exc:
+                error = exc
+                if exc.errno != errno.EADDRINUSE:
+                    break
+        if self.server is None:
+            shown = f"{first}-{last}" if first != last else first
+            _log.error("exporter.unavailable", addr=addr, port=shown, error=str(error))
             return
         self._endpoint = endpoint
-        _log.info("exporter.listening", addr=endpoint[0], port=self.server.port)
+        _log.info("exporter.listening", addr=addr, port=self.server.port)
 
     def stop(self) -> None:
         server, self.server = self.server, None

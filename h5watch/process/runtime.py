@@ -26,7 +26,7 @@ import sys
 import time
 
 from h5watch import logs
-from h5watch.options import Options, resolve
+from h5watch.options import METRICS_PORT_OWNER, Options, env_name, resolve, unknown_variables
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ exporter: Any = None
 _active = False
 _activating = False
 _warned = False
+_variables_checked = False
+# The workload name this process put in the environment for its children.
+_service_handed_down: str | None = None
 
 
 class _Parts:
@@ -191,7 +194,37 @@ def install(**options: Any) -> Options:
         except BaseException:
             _roll_back(previous)
             raise
+        _warn_unknown_variables()
+        _hand_down_to_children(resolved, port_by_keyword="metrics_port" in options)
         return resolved
+
+
+def _warn_unknown_variables() -> None:
+    """Once per process; not under ``h5watch run``, which said so already."""
+    global _variables_checked
+    if _variables_checked:
+        return
+    _variables_checked = True
+    if os.environ.get("H5WATCH_BOOTSTRAP") == "1":
+        return
+    for variable, closest in unknown_variables():
+        _log.warning("options.unknown_variable", variable=variable, did_you_mean=closest, action="ignored")
+
+
+def _hand_down_to_children(resolved: Options, port_by_keyword: bool) -> None:
+    """What the processes this one starts read from the environment: its
+    workload name (unless one is set there), so that a spawned child is
+    counted with its parent; and that a single metrics port taken from the
+    environment is this process's, not theirs (each would fail to bind it)."""
+    global _service_handed_down
+    # Set only when it changes: setenv() races with getenv() in threads
+    # running C code, and install() is usually called before any start.
+    variable = env_name("service")
+    if os.environ.get(variable) in (None, _service_handed_down):
+        os.environ[variable] = _service_handed_down = resolved.service
+    port = resolved.metrics_port
+    if not port_by_keyword and isinstance(port, int) and port and METRICS_PORT_OWNER not in os.environ:
+        os.environ[METRICS_PORT_OWNER] = str(os.getpid())
 
 
 def _apply_options(resolved: Options) -> None:
