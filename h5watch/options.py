@@ -344,12 +344,13 @@ OPTION_HELP: dict[str, str] = {
 METRICS_PORT_OWNER = ENV_PREFIX + "METRICS_PORT_OWNER"
 
 # H5WATCH_* variables that are not options: h5watch's own markers, the build
-# switch, the lock implementation switch, and those of this project's tests.
+# switch, the lock implementation switch, the pytest plugin's switch, and
+# those of this project's tests.
 NOT_OPTIONS = frozenset({
     "H5WATCH_BOOTSTRAP", METRICS_PORT_OWNER, "H5WATCH_NO_EXTENSIONS", "H5WATCH_IMPLEMENTATION",
     "H5WATCH_EXPECT_IMPLEMENTATION", "H5WATCH_EXPECT_PACKAGE_UNDER", "H5WATCH_REQUIRE_PROMTOOL",
     "H5WATCH_REQUIRE_PY313", "H5WATCH_TEST_PY313", "H5WATCH_SUITE_REPORT", "H5WATCH_SOAK_SECONDS",
-    "H5WATCH_SOAK_SEED",
+    "H5WATCH_SOAK_SEED", "H5WATCH_PYTEST",
 })
 
 

@@ -117,6 +117,7 @@ def test_opted_in_it_installs_before_any_conftest_imports_h5py(tmp_path, how):
     assert result.returncode == 0, result.stdout + result.stderr
     assert report == {"installed": True, "coverage": "full"}
     assert "none in 2 tests (h5py coverage: full)" in summary(result)
+    assert "unknown_variable" not in result.stdout + result.stderr
 
 
 def test_each_incident_is_named_under_its_test_with_evidence(tmp_path):
