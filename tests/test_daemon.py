@@ -192,6 +192,10 @@ def test_worker_blocked_on_orphan_without_watchdog_is_killed_with_its_stack(stat
     status = read_json_line(proc, timeout=kill_after + scan + grace + 10)["child_status"]
     elapsed = time.monotonic() - started
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGKILL)
+    # The daemon logs worker.killed just after its SIGTERM: the child may be
+    # reaped by its parent before the line is written.
+    wait_for(lambda: [event for event in daemon.events("worker.killed") if event["worker_pid"] == child], 10,
+             what="worker.killed for the child")
     killed = [event for event in daemon.events("worker.killed") if event["worker_pid"] == child]
     assert len(killed) == 1, daemon.log_text()[-3000:]
     killed = killed[0]
