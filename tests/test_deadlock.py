@@ -1,0 +1,212 @@
+"""Deadlocks are named as they form: each kind, in real programs that hang
+forever without h5watch (tests/scenarios/deadlocks.py), with no timeout
+configured; reported once, within two ticks, every thread named; raise
+breaks the cycle, kill exits with the evidence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+SCRIPT = REPO / "tests" / "scenarios" / "deadlocks.py"
+TICK = 0.2  # the scenario's tick_interval
+# Program -> (kind reported, the threads of the cycle, the inferred edge's thread or None).
+PROGRAMS = {
+    "lock_cycle": ("lock_cycle", {"first", "second"}, None),
+    "phil_app_lock": ("lock_cycle", {"reader", "writer"}, None),
+    "gc_under_phil": ("gc_under_phil", {"reader", "io"}, "reader"),
+    "import_lock": ("import_lock", {"importer", "reader"}, None),
+    "holder_waits_on_waiter": ("holder_waits_on_waiter", {"holder", "worker"}, "holder"),
+}
+
+
+class Program:
+    """A scenario run as a child process (its own session), read as it goes."""
+
+    def __init__(self, program: str, policy: str, workdir: Path, python: str = sys.executable) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_") and k != "PYTHONPATH"}
+        self.proc = subprocess.Popen(
+            [python, str(SCRIPT), program, policy, str(workdir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    def events(self, name: str) -> list[dict]:
+        found = []
+        for line in list(self.stderr):
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("event") == name:
+                    found.append(event)
+        return found
+
+    def wait_for(self, name: str, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while not self.events(name):
+            assert time.monotonic() < deadline, f"no {name} event\nstdout:\n{''.join(self.stdout)}\nstderr:\n{''.join(self.stderr)}"
+            assert self.proc.poll() is None or not self._alive_readers(), self.output()
+            time.sleep(0.05)
+        return self.events(name)[0]
+
+    def _alive_readers(self) -> bool:
+        return any(reader.is_alive() for reader in self._readers)
+
+    def wait_exit(self, timeout: float = 20) -> int:
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return code
+
+    def closing_time(self) -> float:
+        times = [float(line.split()[1]) for line in self.stdout if line.startswith("CLOSING ")]
+        assert times, self.output()
+        return max(times)
+
+    def result(self) -> dict:
+        lines = [line for line in self.stdout if line.startswith("RESULT ")]
+        assert lines, self.output()
+        return json.loads(lines[-1][len("RESULT "):])
+
+    def output(self) -> str:
+        return f"stdout:\n{''.join(self.stdout)}\nstderr:\n{''.join(self.stderr)}"
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture
+def run(tmp_path):
+    started: list[Program] = []
+
+    def start(program: str, policy: str, python: str = sys.executable) -> Program:
+        started.append(Program(program, policy, tmp_path / f"run-{len(started)}", python))
+        return started[-1]
+
+    yield start
+    for program in started:
+        program.kill()
+
+
+def unix_time(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_a_deadlock_is_reported_once_within_two_ticks_with_every_thread_named(run, program):
+    kind, threads, inferred_thread = PROGRAMS[program]
+    child = run(program, "warn")
+    event = child.wait_for("lock.deadlock")
+    assert event["level"] == "critical" and event["action"] == "warn"
+    assert event["kind"] == kind
+    assert {entry["thread_name"] for entry in event["cycle"]} == threads
+    assert event["threads"] == len(threads)
+    for entry in event["cycle"]:
+        assert entry["native_id"] and entry["waits_for"] and entry["stack"]
+    # Two ticks from the moment the last thread blocked (plus the time to log it).
+    assert unix_time(event["timestamp"]) - child.closing_time() <= 2 * TICK + 0.4
+    if inferred_thread is None:
+        assert event["inferred"] is None
+        assert all(entry["certain"] for entry in event["cycle"])
+    else:
+        assert event["inferred"].startswith(f"thread {inferred_thread!r} waits for")
+        [uncertain] = [entry for entry in event["cycle"] if not entry["certain"]]
+        assert uncertain["thread_name"] == inferred_thread
+    for thread in threads:
+        assert repr(thread) in event["summary"]
+    time.sleep(6 * TICK)  # still deadlocked, and said once
+    assert child.proc.poll() is None
+    assert len(child.events("lock.deadlock")) == 1
+
+
+@pytest.mark.timeout(60)
+def test_gc_under_phil_says_who_holds_phil_in_what_and_who_collects(run):
+    event = run("gc_under_phil", "warn").wait_for("lock.deadlock")
+    assert event["summary"] == (
+        "Deadlock: thread 'reader' holds h5py's phil in h5py._hl.files.File.__init__ and waits (Event.wait) for"
+        " thread 'io'; 'io' is in garbage collection freeing an h5py object and waits for phil; neither can go on."
+    )
+    reader, io = event["cycle"]
+    assert reader["holds"] == "lock 'h5py.phil'" and reader["waiting_in"] == "Event.wait"
+    assert "readinto" in reader["stack"]
+    assert io["waits_for"] == "lock 'h5py.phil'" and io["waiting_in"].startswith("garbage collection")
+    assert "gc.collect()" in io["stack"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_each_program_hangs_forever_without_h5watch(run, program):
+    child = run(program, "bare")
+    deadline = time.monotonic() + 20
+    while not any(line.startswith("CLOSING ") for line in child.stdout):
+        assert time.monotonic() < deadline and child.proc.poll() is None, child.output()
+        time.sleep(0.05)
+    time.sleep(2.0)
+    assert child.proc.poll() is None, child.output()  # still stuck, silently
+    assert not child.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("program", sorted(set(PROGRAMS) - {"gc_under_phil"}))
+def test_raise_interrupts_a_waiting_thread_and_the_program_finishes(run, program):
+    _, threads, _ = PROGRAMS[program]
+    child = run(program, "raise")
+    assert child.wait_exit(30) == 0, child.output()
+    [event] = child.events("lock.deadlock")
+    assert event["action"] == "raised" and event["interrupted_thread"] in threads
+    result = child.result()
+    assert set(result["outcomes"]) == threads
+    interrupted = result["outcomes"][event["interrupted_thread"]]
+    assert interrupted.startswith("DeadlockError: thread ") and "to break a deadlock" in interrupted
+    assert all(outcome == "finished" for name, outcome in result["outcomes"].items() if name != event["interrupted_thread"])
+    assert result["deadlocks"][event["kind"]] == 1
+
+
+@pytest.mark.timeout(60)
+def test_raise_says_when_no_thread_of_the_cycle_can_be_interrupted(run):
+    """In gc_under_phil one thread waits in Event.wait and the other for phil
+    at C level: neither is in a watched lock's acquire."""
+    child = run("gc_under_phil", "raise")
+    event = child.wait_for("lock.deadlock")
+    assert event["action"] == "warn"
+    assert "could be interrupted" in event["not_raised"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_kill_exits_70_with_the_evidence(run, program):
+    kind, threads, _ = PROGRAMS[program]
+    child = run(program, "kill")
+    assert child.wait_exit(30) == 70, child.output()
+    [event] = child.events("lock.deadlock")
+    assert event["action"] == "killed" and event["exit_code"] == 70 and event["kind"] == kind
+    assert {entry["thread_name"] for entry in event["cycle"]} == threads
+    [killed] = child.events("process.killed")
+    assert killed["reason"] == "lock.deadlock" and killed["kind"] == kind
