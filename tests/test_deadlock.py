@@ -210,3 +210,20 @@ def test_kill_exits_70_with_the_evidence(run, program):
     assert {entry["thread_name"] for entry in event["cycle"]} == threads
     [killed] = child.events("process.killed")
     assert killed["reason"] == "lock.deadlock" and killed["kind"] == kind
+
+
+@pytest.mark.timeout(240)
+def test_no_deadlock_is_reported_in_the_seed_workload(tmp_path):
+    """10 reader threads (each holding an application lock around its h5py
+    calls) while the main thread forks readers; the detector looks every 50 ms."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_")}
+    env["H5WATCH_TICK_INTERVAL"] = "0.05"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scenarios" / "seed_fork.py"), "--dir", str(tmp_path), "--instrument",
+         "--rounds", "2", "--app-lock"],
+        capture_output=True, text=True, timeout=200, env=env, start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["hung"] == 0 and result["children"] == 20
+    assert "lock.deadlock" not in proc.stderr
