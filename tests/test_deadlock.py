@@ -227,3 +227,62 @@ def test_no_deadlock_is_reported_in_the_seed_workload(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["hung"] == 0 and result["children"] == 20
     assert "lock.deadlock" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["flag", "variable"])
+def test_a_bad_on_deadlock_is_one_line_exit_2(where):
+    args = [sys.executable, "-m", "h5watch", "run"]
+    env = dict(os.environ)
+    if where == "flag":
+        args += ["--on-deadlock", "explode"]
+    else:
+        env["H5WATCH_ON_DEADLOCK"] = "explode"
+    result = subprocess.run([*args, "--", sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=30,
+                            env=env, cwd=REPO)
+    assert result.returncode == 2, result
+    [line] = result.stderr.strip().splitlines()
+    assert ("--on-deadlock" if where == "flag" else "H5WATCH_ON_DEADLOCK") in line or "on_deadlock" in line
+    assert "warn, raise, kill" in line
+
+
+@pytest.mark.timeout(60)
+def test_h5watch_run_kills_an_unchanged_program_stuck_in_gc_under_phil(tmp_path):
+    """The program itself installs nothing: ``h5watch run --on-deadlock kill`` does."""
+    (tmp_path / "w").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "h5watch", "run", "--on-deadlock", "kill", "--state-files", "false", "--",
+         sys.executable, str(SCRIPT), "gc_under_phil", "bare", str(tmp_path / "w")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=40)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 70, err[-2000:]
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    [event] = [event for event in events if event["event"] == "lock.deadlock"]
+    assert event["kind"] == "gc_under_phil" and event["action"] == "killed"
+
+
+@pytest.mark.timeout(60)
+def test_uninstall_takes_the_garbage_collection_callback_away():
+    code = """
+        import gc, h5py, h5watch
+        from h5watch.process.deadlock import GcActivity
+        ours = lambda: [cb for cb in gc.callbacks if isinstance(cb, GcActivity)]
+        h5watch.install(state_files=False)
+        before = len(ours())
+        h5watch.install(state_files=False, tick_interval=0.1)  # reconfigured: still one
+        again = len(ours())
+        h5watch.uninstall()
+        print(before, again, len(ours()))
+    """
+    from conftest import run_python
+
+    result = run_python(code, timeout=30)
+    assert result.stdout.split() == ["1", "1", "0"], result.stderr

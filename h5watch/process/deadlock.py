@@ -435,8 +435,10 @@ def _blocked_on_import_locks() -> list[tuple[int, Any]]:
     found: list[tuple[int, Any]] = []
     for ident, ref in data.copy().items():
         blocked = ref()
-        if blocked:
+        try:
             found.append((ident, blocked[-1]))
+        except (IndexError, TypeError):  # not blocked (any more), or the list is gone
+            pass
     return found
 
 
@@ -493,4 +495,5 @@ def _summary(cycle: Cycle, entries: list[dict[str, Any]]) -> str:
         holds = f" holds {entry['holds']} and" if entry["holds"] else ""
         how = f" ({entry['waiting_in']})" if entry["waiting_in"] != "acquire" else ""
         clauses.append(f"thread {entry['thread_name']!r}{holds} waits{how} for {entry['waits_for']}")
-    return "Deadlock: " + "; ".join(clauses) + "; none of them can go on."
+    ending = "neither can go on" if len(clauses) == 2 else "none of them can go on"
+    return "Deadlock: " + "; ".join(clauses) + f"; {ending}."
