@@ -33,9 +33,12 @@ PROGRAMS = {
 class Program:
     """A scenario run as a child process (its own session), read as it goes."""
 
-    def __init__(self, program: str, policy: str, workdir: Path, python: str = sys.executable) -> None:
+    def __init__(self, program: str, policy: str, workdir: Path, python: str = sys.executable,
+                 implementation: str | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_") and k != "PYTHONPATH"}
+        if implementation is not None:
+            env["H5WATCH_IMPLEMENTATION"] = implementation
         self.proc = subprocess.Popen(
             [python, str(SCRIPT), program, policy, str(workdir)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
@@ -105,8 +108,8 @@ class Program:
 def run(tmp_path):
     started: list[Program] = []
 
-    def start(program: str, policy: str, python: str = sys.executable) -> Program:
-        started.append(Program(program, policy, tmp_path / f"run-{len(started)}", python))
+    def start(program: str, policy: str, python: str = sys.executable, implementation: str | None = None) -> Program:
+        started.append(Program(program, policy, tmp_path / f"run-{len(started)}", python, implementation))
         return started[-1]
 
     yield start
@@ -187,6 +190,22 @@ def test_raise_interrupts_a_waiting_thread_and_the_program_finishes(run, program
     assert interrupted.startswith("DeadlockError: thread ") and "to break a deadlock" in interrupted
     assert all(outcome == "finished" for name, outcome in result["outcomes"].items() if name != event["interrupted_thread"])
     assert result["deadlocks"][event["kind"]] == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("implementation", ["python", "compiled"])
+@pytest.mark.parametrize("program", ["lock_cycle", "phil_app_lock"])
+def test_each_implementation_reports_and_breaks_a_cycle(run, program, implementation):
+    if implementation == "compiled":
+        from h5watch.process.lock import CompiledWatchedLock
+
+        if CompiledWatchedLock is None:
+            pytest.skip("the compiled core is not built here")
+    child = run(program, "raise", implementation=implementation)
+    assert child.wait_exit(30) == 0, child.output()
+    [event] = child.events("lock.deadlock")
+    assert event["action"] == "raised"
+    assert sorted(child.result()["outcomes"].values())[-1] == "finished"
 
 
 @pytest.mark.timeout(60)
