@@ -305,3 +305,95 @@ def test_uninstall_takes_the_garbage_collection_callback_away():
 
     result = run_python(code, timeout=30)
     assert result.stdout.split() == ["1", "1", "0"], result.stderr
+
+
+lock_tests = pytest.importorskip("test.lock_tests", reason="this interpreter has no test.lock_tests")
+
+
+class TestRLockParityWithInterruptibleWaits(lock_tests.RLockTests):
+    """``on_deadlock=raise`` makes blocking waits wait in slices: CPython's
+    RLock tests still hold, on a lock wrapping h5py's FastRLock (the timed
+    FastRLock path) and, below, on one with its own inner lock."""
+
+    @staticmethod
+    def locktype():
+        import h5py
+
+        from h5watch.process.lock import WatchedLock
+
+        phil = h5py._objects.phil
+        fastrlock = type(getattr(phil, "_inner", phil))
+        return WatchedLock("test.interruptible.fastrlock", lock=fastrlock())
+
+    def setUp(self):
+        from h5watch.process.lock import wiring
+
+        super().setUp()
+        wiring.interruptible = True
+
+    def tearDown(self):
+        from h5watch.process.lock import wiring
+
+        wiring.interruptible = False
+        super().tearDown()
+
+
+class TestRLockParityOwnLockWithInterruptibleWaits(TestRLockParityWithInterruptibleWaits):
+    @staticmethod
+    def locktype():
+        from h5watch.process.lock import WatchedLock
+
+        return WatchedLock("test.interruptible.own")
+
+
+def test_an_interrupted_wait_raises_deadlock_error_and_a_later_wait_does_not():
+    from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, wiring
+
+    lock = WatchedLock("test.interrupt")
+    wiring.interruptible = True
+    outcome: dict[str, object] = {}
+    try:
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with lock:
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(5)
+
+        def wait() -> None:
+            try:
+                with lock:
+                    outcome["first"] = "acquired"
+            except DeadlockError as exc:
+                outcome["first"] = exc
+            with lock:  # a new wait: an interruption meant for the old one is not for it
+                outcome["second"] = "acquired"
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not lock._wait_starts():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        [(ident, since_ns)] = lock._wait_starts()
+        interrupt_wait(ident, since_ns - 1, DeadlockError("stale"))  # another wait's: ignored
+        time.sleep(0.15)
+        assert "first" not in outcome
+        error = DeadlockError("break it", {"kind": "lock_cycle"})
+        interrupt_wait(ident, since_ns, error)
+        deadline = time.monotonic() + 5
+        while "first" not in outcome:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert outcome["first"] is error and error.evidence == {"kind": "lock_cycle"}
+        release.set()
+        holder.join(5)
+        waiter.join(5)
+        assert outcome["second"] == "acquired"
+    finally:
+        wiring.interruptible = False
+        wiring.interrupts.clear()
