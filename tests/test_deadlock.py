@@ -397,3 +397,39 @@ def test_an_interrupted_wait_raises_deadlock_error_and_a_later_wait_does_not():
     finally:
         wiring.interruptible = False
         wiring.interrupts.clear()
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_waiting_for_the_locks_is_no_deadlock(tmp_path):
+    """A fork starts while a thread holds an application lock and is about to
+    call h5py: the before-fork hook never holds one lock while it waits for
+    another, so the detector, looking every 0.1 s, finds no cycle."""
+    from conftest import run_python
+
+    code = """
+        import os, sys, threading, time
+        import h5watch
+        h5watch.install(state_files=False, fork_timeout=1.5, tick_interval=0.1)
+        import h5py
+        app = h5watch.WatchedLock("app.config")
+        holding = threading.Event()
+        def holder():
+            with app:
+                holding.set()
+                time.sleep(0.3)  # the fork starts meanwhile and takes phil first
+                with h5py.File(sys.argv[1], "w") as f:
+                    f.attrs["x"] = 1
+        thread = threading.Thread(target=holder, name="config-writer")
+        thread.start()
+        holding.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        thread.join()
+        print("done", h5watch.snapshot()["watchdog"]["deadlocks"]["lock_cycle"])
+    """
+    result = run_python(code, args=[str(tmp_path / "x.h5")], timeout=40)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["done", "0"], result.stderr
+    assert "lock.deadlock" not in result.stderr
