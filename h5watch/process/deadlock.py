@@ -52,6 +52,8 @@ _log = logs.get_logger(logger="h5watch.watchdog")
 
 DEADLOCK_KINDS = ("lock_cycle", "gc_under_phil", "import_lock", "holder_waits_on_waiter")
 
+# How a thread in garbage collection waits for phil (an Edge's ``how``).
+IN_GC = "garbage collection (an h5py object's deallocation takes phil at C level)"
 _THREADING_FILE = threading.__file__
 _QUEUE_SUFFIX = os.sep + "queue.py"
 _FUTURES_SUFFIX = os.sep + os.path.join("concurrent", "futures", "_base.py")
@@ -176,7 +178,7 @@ class DeadlockDetector:
         holds: dict[int, list[Held]] = {}
         undated: set[tuple[int, str]] = set()
         self._lock_waits(waits, holds)
-        self._phil_waits_at_c_level(waits, holds)
+        self._phil_waits_at_c_level(waits)
         self._import_waits(waits, holds, now_ns, undated)
         if not waits:
             self._seen_last_tick.clear()
@@ -185,7 +187,7 @@ class DeadlockDetector:
             return
         frames: dict[int, FrameType] = {}
         cycles = _certain_cycles(waits)
-        cycles += self._cycles_through_non_lock_waits(waits, holds, frames, now_ns, undated)
+        cycles += self._cycles_through_non_lock_waits(waits, frames, now_ns, undated)
         self._first_seen = {key: ns for key, ns in self._first_seen.items() if key in undated}
         seen = {cycle.signature() for cycle in cycles}
         keys = {cycle.key() for cycle in cycles}
@@ -216,7 +218,7 @@ class DeadlockDetector:
                     waits[ident] = Edge(ident, _lock_title(lock), f"lock:{lock._seq}", owner, "acquire",
                                         wait_since_ns, True, lock)
 
-    def _phil_waits_at_c_level(self, waits: dict[int, Edge], holds: dict[int, list[Held]]) -> None:
+    def _phil_waits_at_c_level(self, waits: dict[int, Edge]) -> None:
         """A thread in garbage collection while more requests for the real
         ``phil`` are pending than the wrapper's waiters account for: that
         thread waits for ``phil`` at C level (an h5py object's deallocation)."""
@@ -236,8 +238,7 @@ class DeadlockDetector:
         through_wrapper = len(phil._waiters)
         if real["pending_requests"] <= through_wrapper:
             return
-        waits[ident] = Edge(ident, _lock_title(phil), f"lock:{phil._seq}", owner,
-                            "garbage collection (an h5py object's deallocation takes phil at C level)", since_ns, True)
+        waits[ident] = Edge(ident, _lock_title(phil), f"lock:{phil._seq}", owner, IN_GC, since_ns, True)
 
     def _import_waits(self, waits: dict[int, Edge], holds: dict[int, list[Held]], now_ns: int,
                       undated: set[tuple[int, str]]) -> None:
@@ -254,8 +255,7 @@ class DeadlockDetector:
             if all(held.name != title for held in holds.get(owner, [])):
                 holds.setdefault(owner, []).append(Held(title, None, f"import {name}"))
 
-    def _cycles_through_non_lock_waits(self, waits: dict[int, Edge], holds: dict[int, list[Held]],
-                                       frames: dict[int, FrameType], now_ns: int,
+    def _cycles_through_non_lock_waits(self, waits: dict[int, Edge], frames: dict[int, FrameType], now_ns: int,
                                        undated: set[tuple[int, str]]) -> list[Cycle]:
         """A holder blocked in a non-lock wait, and a thread that waits
         (directly or through others) for what it holds: an inferred edge
@@ -273,7 +273,7 @@ class DeadlockDetector:
             chosen: Edge | None = None
             kind = "holder_waits_on_waiter"
             for edge in behind:
-                if edge.lock is None and edge.resource.startswith("lock:") and edge.how.startswith("garbage"):
+                if edge.how == IN_GC:
                     chosen, kind = edge, "gc_under_phil"
                     break
             if chosen is None:
@@ -348,7 +348,7 @@ def _certain_cycles(waits: dict[int, Edge]) -> list[Cycle]:
         if node is not None and node in on_path:
             edges = tuple(waits[ident] for ident in path[on_path[node]:])
             if all(edge.certain for edge in edges):
-                kind = "gc_under_phil" if any(e.how.startswith("garbage") for e in edges) else (
+                kind = "gc_under_phil" if any(e.how == IN_GC for e in edges) else (
                     "import_lock" if any(e.how == "import" for e in edges) else "lock_cycle")
                 cycles.append(Cycle(kind, edges))
         done.update(path)
