@@ -128,12 +128,63 @@ def child(row: str, instrumented: bool, directory: str) -> dict:
         after = set(os.listdir(state_dir)) if os.path.isdir(state_dir) else set()
         mine = {name for name in after - before if not name.startswith(f"{os.getpid()}-")}
         return {"ms": statistics.median(samples) / 1e6, "files": len(mine)}
+    if row == "detector":
+        return _detector_cost(h5py, path)
     if row == "idle":
         # CPU of a process that only idles with h5watch installed (watchdog ticks).
         cpu0, wall0 = time.process_time(), time.perf_counter()
         time.sleep(10.0)
         return {"cpu_share": (time.process_time() - cpu0) / (time.perf_counter() - wall0)}
     raise SystemExit(f"unknown row {row}")
+
+
+def _detector_cost(h5py, path: str) -> dict:
+    """CPU time of one deadlock-detector tick (on this thread's clock) with 50
+    other threads: 30 read h5py in a loop (phil contended: waiters every tick),
+    10 hold a watched lock each while blocked in Event.wait, and 10 wait for
+    those locks (a holder in a non-lock wait with waiters: the detector reads
+    stacks every tick, and finds no deadlock, since nothing ties the two)."""
+    import h5watch
+    from h5watch.process import runtime
+
+    stop = threading.Event()
+    locks = [h5watch.WatchedLock(f"bench.app{i}") for i in range(10)]
+
+    def reader() -> None:
+        with h5py.File(path, "r") as f:
+            dataset = f["values"]
+            while not stop.is_set():
+                dataset[0:10]
+
+    def holder(lock) -> None:
+        with lock:
+            stop.wait()
+
+    def waiter(lock) -> None:
+        with lock:
+            pass
+
+    threads = [threading.Thread(target=reader) for _ in range(30)]
+    threads += [threading.Thread(target=holder, args=(lock,)) for lock in locks]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    waiters = [threading.Thread(target=waiter, args=(lock,)) for lock in locks]
+    for t in waiters:
+        t.start()
+    time.sleep(0.3)
+    detector = runtime._parts.deadlocks
+    options = runtime.current_options()
+    ticks = 200
+    cpu0 = time.thread_time()
+    for _ in range(ticks):
+        detector.check(options, lambda: None)
+    per_tick = (time.thread_time() - cpu0) / ticks
+    reported = sum(detector.counts.values())
+    stop.set()
+    for t in threads + waiters:
+        t.join()
+    return {"cpu_share": per_tick / options.tick_interval, "per_tick_us": per_tick * 1e6, "reported": reported}
 
 
 def run_child(row: str, instrumented: bool, directory: str) -> dict:
@@ -377,6 +428,11 @@ def main() -> None:
         rows.extend(lock_rows(repeats))
         snapshot = [run_child("snapshot", True, directory)["us"] for _ in range(1 if args.quick else 3)]
         rows.append(_row("h5watch.snapshot() per call (us)", snapshot, None, None, unit="us"))
+        detector = [run_child("detector", True, directory) for _ in range(1 if args.quick else 3)]
+        if any(result["reported"] for result in detector):
+            raise SystemExit("the deadlock detector reported a deadlock in a workload that has none")
+        rows.append(_row("deadlock detector at default tick, 50 threads, CPU % of one core",
+                         [result["cpu_share"] * 100 for result in detector], "<=", 0.5, unit="%"))
         idle = [run_child("idle", True, directory)["cpu_share"] * 100 for _ in range(1 if args.quick else 2)]
         rows.append(_row("watchdog at default tick, CPU % of one core (idle process)", idle, "<=", 0.5, unit="%"))
     rows.extend(fork_rows(2 if args.quick else 5))

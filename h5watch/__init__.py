@@ -16,11 +16,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from h5watch.process.lock import LockTimeout, OrphanedLockError, WatchedLock
+    from h5watch.process.lock import DeadlockError, LockTimeout, OrphanedLockError, WatchedLock
     from h5watch.process.runtime import install, is_installed, snapshot, uninstall
 
 _RUNTIME_NAMES = frozenset({"install", "is_installed", "snapshot", "uninstall"})
-_LOCK_NAMES = frozenset({"LockTimeout", "OrphanedLockError", "WatchedLock"})
+_LOCK_NAMES = frozenset({"DeadlockError", "LockTimeout", "OrphanedLockError", "WatchedLock"})
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +44,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "DeadlockError",
     "LockTimeout",
     "OptionError",
     "Options",

@@ -33,6 +33,7 @@ __all__ = [
 
 ENV_PREFIX = "H5WATCH_"
 ON_TIMEOUT_CHOICES = ("warn", "raise", "kill")
+ON_DEADLOCK_CHOICES = ("warn", "raise", "kill")
 ON_ORPHAN_CHOICES = ("kill", "recover", "raise", "warn")
 LOG_FORMAT_CHOICES = ("json", "console")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
@@ -67,6 +68,7 @@ _DEFAULTS: dict[str, Any] = {
     "fork_timeout": 10.0,
     "on_timeout": "warn",
     "on_orphan": "kill",
+    "on_deadlock": "warn",
     "kill_exit_code": 70,
     "metrics_port": None,
     "metrics_addr": "127.0.0.1",
@@ -96,6 +98,7 @@ class Options:
     fork_timeout: float | None
     on_timeout: str
     on_orphan: str
+    on_deadlock: str
     kill_exit_code: int
     metrics_port: int | tuple[int, int] | None
     metrics_addr: str
@@ -306,6 +309,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "fork_timeout": _seconds(allow_off=True),
     "on_timeout": _choice(ON_TIMEOUT_CHOICES),
     "on_orphan": _choice(ON_ORPHAN_CHOICES),
+    "on_deadlock": _choice(ON_DEADLOCK_CHOICES),
     "kill_exit_code": _exit_code,
     "metrics_port": _port,
     "metrics_addr": _address,
@@ -327,6 +331,8 @@ OPTION_HELP: dict[str, str] = {
     "on_timeout": "what a wait or hold timeout does: warn, raise or kill (default warn)",
     "on_orphan": "what an orphaned lock in a forked child does: kill, recover (may crash the child: see README), raise or warn"
     " (default kill)",
+    "on_deadlock": "what a deadlock (lock.deadlock) does: warn, raise (DeadlockError in the waiting thread that can be"
+    " interrupted) or kill (default warn)",
     "kill_exit_code": "exit code (1 to 255) of a process h5watch kills (default 70)",
     "metrics_port": "serve /metrics on this port (0 to 65535, 0: any free port; a single port is the first"
     " instrumented process's only) or on the first free port of a range such as 9464-9470 (each process; default off)",

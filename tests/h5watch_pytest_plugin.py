@@ -26,6 +26,7 @@ def pytest_sessionfinish(session, exitstatus):
                 "coverage": snap["h5py"]["coverage"],
                 "acquisitions": phil.get("stats", {}).get("acquisitions", 0),
                 "probe_enabled": snap["h5py"]["probe"]["enabled"],
+                "deadlocks": snap["watchdog"]["deadlocks"],
             },
             f,
         )

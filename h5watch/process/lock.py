@@ -42,8 +42,10 @@ __all__ = [
     "IMPLEMENTATION",
     "IMPLEMENTATION_REASON",
     "EXTENSION_MISSING",
+    "DeadlockError",
     "LockTimeout",
     "OrphanedLockError",
+    "interrupt_wait",
     "watched_locks",
     "thread_identity",
     "LockEvents",
@@ -63,6 +65,16 @@ _monotonic_ns = time.monotonic_ns
 
 class LockTimeout(TimeoutError):
     """A wait for a watched lock exceeded ``wait_timeout`` (``on_timeout=raise``)."""
+
+    def __init__(self, message: str, evidence: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.evidence = evidence or {}
+
+
+class DeadlockError(RuntimeError):
+    """This thread's wait for a watched lock closed a deadlock, and was
+    interrupted to break it (``on_deadlock=raise``); ``evidence`` is the
+    ``lock.deadlock`` event's cycle."""
 
     def __init__(self, message: str, evidence: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -110,6 +122,10 @@ class _Wiring:
         self._pid = os.getpid()
         self.raise_after_ns: int | None = None
         self.events: LockEvents | None = None
+        # on_deadlock=raise: blocking waits wait in slices and look for an
+        # interruption between them; {thread ident: (its wait's start ns, error)}.
+        self.interruptible = False
+        self.interrupts: dict[int, tuple[int, DeadlockError]] = {}
 
     @property
     def pid(self) -> int:
@@ -125,10 +141,23 @@ class _Wiring:
 wiring = _Wiring()
 
 
-def connect(events: LockEvents | None, raise_after_ns: int | None = None) -> None:
+def connect(events: LockEvents | None, raise_after_ns: int | None = None, interruptible: bool = False) -> None:
     """Connect the slow path to h5watch's parts (``install()``), or disconnect it."""
     wiring.raise_after_ns = raise_after_ns
+    wiring.interruptible = interruptible
     wiring.events = events
+    if not interruptible:
+        wiring.interrupts.clear()
+
+
+# How often an interruptible wait looks for its interruption.
+_INTERRUPT_SLICE_NS = 50_000_000
+
+
+def interrupt_wait(ident: int, wait_started_ns: int, error: DeadlockError) -> None:
+    """Make thread ``ident``'s wait that began at ``wait_started_ns`` raise
+    ``error`` (an interruptible wait only; a later wait is not affected)."""
+    wiring.interrupts[ident] = (wait_started_ns, error)
 
 _registry_lock = threading.Lock()
 _registry: list[weakref.ReferenceType[_LockLogic]] = []
@@ -338,13 +367,20 @@ class _LockLogic:
 
     def _wait_inner(self, timeout: float, start_ns: int) -> bool:
         raise_after_ns = wiring.raise_after_ns
-        if timeout < 0 and raise_after_ns is None:
+        interruptible = wiring.interruptible
+        if timeout < 0 and raise_after_ns is None and not interruptible:
             return self._inner_acquire(True)
         user_deadline = None if timeout < 0 else start_ns + int(timeout * 1e9)
         raise_deadline = None if raise_after_ns is None else start_ns + raise_after_ns
         deadlines = [d for d in (user_deadline, raise_deadline) if d is not None]
-        deadline = min(deadlines)
-        acquired = self._wait_until(deadline)
+        if interruptible:
+            acquired = self._wait_interruptibly(min(deadlines) if deadlines else None, start_ns)
+            if acquired or not deadlines:
+                return acquired
+            deadline = min(deadlines)
+        else:
+            deadline = min(deadlines)
+            acquired = self._wait_until(deadline)
         if acquired:
             return True
         if raise_deadline is not None and deadline == raise_deadline and (user_deadline is None or raise_deadline < user_deadline):
@@ -357,6 +393,24 @@ class _LockLogic:
                 self.evidence(),
             )
         return False
+
+    def _wait_interruptibly(self, deadline_ns: int | None, start_ns: int) -> bool:
+        """Wait in slices until ``deadline_ns`` (None: forever); between
+        slices, raise the ``DeadlockError`` the deadlock detector left for
+        this very wait (see ``interrupt_wait``)."""
+        me = _get_ident()
+        interrupts = wiring.interrupts
+        while True:
+            slice_end = _monotonic_ns() + _INTERRUPT_SLICE_NS
+            if self._wait_until(slice_end if deadline_ns is None else min(slice_end, deadline_ns)):
+                return True
+            interruption = interrupts.get(me)
+            if interruption is not None:
+                del interrupts[me]
+                if interruption[0] == start_ns:
+                    raise interruption[1]
+            if deadline_ns is not None and _monotonic_ns() >= deadline_ns:
+                return False
 
     def _wait_until(self, deadline_ns: int) -> bool:
         if self._inner_timed:

@@ -62,6 +62,7 @@ class _Parts:
     ``watchdog.Heartbeat``), and passes each call on in a fixed order."""
 
     def __init__(self) -> None:
+        from h5watch.process.deadlock import DeadlockDetector, GcActivity
         from h5watch.process.fork import ForkGuard
         from h5watch.process.h5py_hook import PhilPatch
         from h5watch.process.publisher import StatePublisher
@@ -69,7 +70,8 @@ class _Parts:
 
         self.phil_patch = PhilPatch(_log)
         self.fork_guard = ForkGuard(real_locks=self.phil_patch, parts=self)
-        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self)
+        self.deadlocks = DeadlockDetector(real_phil=self.phil_patch, gc_activity=GcActivity())
+        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self, deadlocks=self.deadlocks)
         self.publisher = StatePublisher(forks=self.fork_guard, watchdog=self.watchdog)
         self.exporter = _ExporterSlot()
         # Started in this order, stopped in the reverse one.
@@ -127,7 +129,7 @@ class _Parts:
         raise_after_ns = None
         if options.on_timeout == "raise" and options.wait_timeout is not None:
             raise_after_ns = int(options.wait_timeout * 1e9)
-        lock_module.connect(self, raise_after_ns)
+        lock_module.connect(self, raise_after_ns, interruptible=options.on_deadlock == "raise")
 
     def stop(self) -> None:
         """Stop every part, whichever started; each stop is safe on a part never started."""

@@ -6,7 +6,9 @@ hold age against ``hold_timeout`` and its oldest waiter against
 ``fork_timeout``. A breach is one incident: logged once, with the holder's
 identity and the holder's and waiters' stacks, counted, and acted on by
 ``on_timeout`` (warn; raise, which the waiter itself does in ``acquire``;
-kill). Then the heartbeat (the state file's write) runs.
+kill). Then the deadlock detector (``deadlock``) reads the wait-for graph,
+with or without a timeout configured, and acts by ``on_deadlock``. Then the
+heartbeat (the state file's write) runs.
 
 When it runs. CPython 3.12+ warns at ``os.fork()`` in a process with more
 than one thread ("This process is multi-threaded, use of fork() may lead to
@@ -42,6 +44,7 @@ import time
 from typing import Any, Protocol
 
 from h5watch import logs
+from h5watch.process.deadlock import DeadlockDetector
 from h5watch.process.evidence import lock_evidence, thread_stack
 from h5watch.process.lock import WatchedLock, watched_locks
 
@@ -79,10 +82,11 @@ class Heartbeat(Protocol):
 class Watchdog:
     snapshot_key = "watchdog"
 
-    def __init__(self, forks: Forks, heartbeat: Heartbeat) -> None:
+    def __init__(self, forks: Forks, heartbeat: Heartbeat, deadlocks: DeadlockDetector | None = None) -> None:
         self.options: Any = None
         self._forks = forks
         self._heartbeat = heartbeat
+        self._deadlocks = deadlocks
         self._thread: threading.Thread | None = None
         # The process that started _thread: a child forked without Python's
         # hooks still holds its parent's Thread object, whose thread is gone.
@@ -102,12 +106,16 @@ class Watchdog:
     def start(self, options: Any) -> None:
         self.options = options
         self._enabled = True
+        if self._deadlocks is not None:
+            self._deadlocks.start()
         with self._lifecycle:
             self._start_thread()
 
     def stop(self) -> None:
         self._enabled = False
         self._stop.set()
+        if self._deadlocks is not None:
+            self._deadlocks.stop()
         thread, self._thread = self._thread, None
         if thread is not None and self._thread_pid == os.getpid() and thread is not threading.current_thread():
             thread.join(5)
@@ -180,6 +188,8 @@ class Watchdog:
         self._fork_reported = None
         self._reported.clear()
         self.ticks = 0
+        if self._deadlocks is not None:
+            self._deadlocks.after_fork_in_child()
         if not self._forks.fork_for_exec() and self._enabled and self.options is not None:
             # It goes on running Python: watched like its parent. subprocess's
             # preexec_fn child is woken on demand, or execs.
@@ -190,7 +200,8 @@ class Watchdog:
         return thread is not None and self._thread_pid == os.getpid() and thread.is_alive()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"running": self.running(), "ticks": self.ticks}
+        deadlocks = self._deadlocks.snapshot() if self._deadlocks is not None else {}
+        return {"running": self.running(), "ticks": self.ticks, "deadlocks": deadlocks}
 
     # -- the loop ----------------------------------------------------------
 
@@ -208,6 +219,8 @@ class Watchdog:
         self._check_waits(locks, now_ns)
         self._check_fork(now_ns)
         self._forks.check_orphan_waiters()
+        if self._deadlocks is not None:
+            self._deadlocks.check(self.options, self._beat)
         self.ticks += 1
         self._beat()
 
