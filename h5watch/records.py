@@ -76,6 +76,11 @@ class ProcessStatus(NamedTuple):
     watchdog_running: bool
     # Monotonic ns the fork under way started, or None.
     fork_since_ns: int | None
+    # Deadlocks reported, in DEADLOCK_KINDS order; lock-order inversions
+    # reported; threads in a reported deadlock that is still there.
+    deadlocks: tuple[int, ...] = (0, 0, 0, 0)
+    order_inversions: int = 0
+    threads_in_deadlock: int = 0
 
 
 def running_versions() -> dict[str, str]:

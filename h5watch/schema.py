@@ -21,6 +21,7 @@ __all__ = [
     "BUCKET_BOUNDS_NS",
     "N_BUCKETS",
     "TIMEOUT_KINDS",
+    "DEADLOCK_KINDS",
     "ORPHAN_ACTIONS",
     "N_COUNTERS",
     "COUNTERS_BYTES",
@@ -48,6 +49,8 @@ N_BUCKETS = len(BUCKET_BOUNDS_NS) + 1
 DEAD_OWNER = -2
 
 TIMEOUT_KINDS = ("wait", "hold", "fork")
+# The kinds of deadlock the watchdog names (``lock.deadlock``'s ``kind``).
+DEADLOCK_KINDS = ("lock_cycle", "gc_under_phil", "import_lock", "holder_waits_on_waiter")
 ORPHAN_ACTIONS = ("killed", "recovered", "raised", "warned")
 
 

@@ -76,6 +76,7 @@ from h5watch.schema import (
     C_WAIT_MAX,
     C_WAIT_SUM,
     COUNTERS_BYTES,
+    DEADLOCK_KINDS,
     N_BUCKETS,
     N_COUNTERS,
     ORPHAN_ACTIONS,
@@ -169,6 +170,11 @@ _HEADER_FIELDS = [
     # The process's own wait_timeout and hold_timeout (0: off), for the verdict.
     ("wait_timeout", "d", "<f8"),
     ("hold_timeout", "d", "<f8"),
+    # Deadlocks reported, by kind (schema.DEADLOCK_KINDS); lock-order
+    # inversions reported; threads in a deadlock that is still there.
+    ("deadlocks", f"{len(DEADLOCK_KINDS)}Q", ("<u8", len(DEADLOCK_KINDS))),
+    ("order_inversions", "Q", "<u8"),
+    ("threads_in_deadlock", "I", "<u4"),
     # What the process runs, for the daemon's h5watch_workload_info (it loads
     # no h5py itself); the h5py fields stay empty until h5py is imported.
     *((name, f"{VERSION_BYTES}s", f"S{VERSION_BYTES}") for name in VERSION_FIELDS),
@@ -630,7 +636,9 @@ class StateWriter:
         fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_slots=self._n_slots,
                       watchdog_running=int(status.watchdog_running), fork_since_unix=fork_since,
                       locks_unrecorded=self._locks_unrecorded, images=self._images,
-                      merge_active=active, merge_from=source, merge_into=into, merge_block=block)
+                      merge_active=active, merge_from=source, merge_into=into, merge_block=block,
+                      deadlocks=status.deadlocks, order_inversions=status.order_inversions,
+                      threads_in_deadlock=status.threads_in_deadlock)
         if self._header_seq == 0:
             _HEADER_PREFIX.pack_into(self._map, 0, *_flatten(_HEADER_PREFIX_FIELDS, fields))
         self._header_seq += 1

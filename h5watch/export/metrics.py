@@ -29,7 +29,7 @@ from prometheus_client.utils import floatToGoString
 
 from h5watch import __version__
 from h5watch.records import running_versions as build_versions
-from h5watch.schema import BUCKET_BOUNDS_SECONDS, N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
+from h5watch.schema import BUCKET_BOUNDS_SECONDS, DEADLOCK_KINDS, N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
 __all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions", "histogram_quantile",
            "installed_versions", "metrics_registry"]
@@ -119,23 +119,37 @@ class LockTotals:
 
 @dataclass
 class ForkTotals:
+    """A workload's counters that belong to its processes rather than to a
+    lock: forks and their waits, deadlocks by kind (``DEADLOCK_KINDS``
+    order), lock-order inversions."""
+
     forks: int = 0
     wait_buckets: np.ndarray = field(default_factory=lambda: np.zeros(N_BUCKETS, dtype=np.uint64))
     wait_sum_ns: int = 0
+    deadlocks: np.ndarray = field(default_factory=lambda: np.zeros(len(DEADLOCK_KINDS), dtype=np.uint64))
+    order_inversions: int = 0
 
     def add(self, other: ForkTotals) -> None:
         self.forks += other.forks
         self.wait_buckets = self.wait_buckets + other.wait_buckets
         self.wait_sum_ns += other.wait_sum_ns
+        self.deadlocks = self.deadlocks + other.deadlocks
+        self.order_inversions += other.order_inversions
 
     def to_json(self) -> dict[str, Any]:
-        return {"forks": self.forks, "wait_buckets": [int(v) for v in self.wait_buckets], "wait_sum_ns": self.wait_sum_ns}
+        return {"forks": self.forks, "wait_buckets": [int(v) for v in self.wait_buckets], "wait_sum_ns": self.wait_sum_ns,
+                "deadlocks": [int(v) for v in self.deadlocks], "order_inversions": self.order_inversions}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ForkTotals:
-        totals = cls(int(data["forks"]), np.array(data["wait_buckets"], dtype=np.uint64), int(data["wait_sum_ns"]))
+        # Totals saved before deadlocks were counted have none.
+        totals = cls(int(data["forks"]), np.array(data["wait_buckets"], dtype=np.uint64), int(data["wait_sum_ns"]),
+                     np.array(data.get("deadlocks", [0] * len(DEADLOCK_KINDS)), dtype=np.uint64),
+                     int(data.get("order_inversions", 0)))
         if totals.wait_buckets.shape != (N_BUCKETS,):
             raise ValueError("bucket count differs from this version's")
+        if totals.deadlocks.shape != (len(DEADLOCK_KINDS),):
+            raise ValueError("deadlock kinds differ from this version's")
         return totals
 
 
@@ -172,6 +186,8 @@ class Aggregate:
     locks_unrecorded: dict[str, int] | None = None
     # (workload, h5py, HDF5, h5watch, Python versions) among live processes.
     workload_info: set[tuple[str, str, str, str, str]] | None = None
+    # Threads in a deadlock now, per workload (live processes).
+    threads_in_deadlock: dict[str, int] = field(default_factory=dict)
 
 
 def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
@@ -258,6 +274,23 @@ class AggregateCollector:
             _add_histogram(fork_wait, [workload], fork_totals.wait_buckets, fork_totals.wait_sum_ns)
         yield forks
         yield fork_wait
+
+        deadlocks = CounterMetricFamily("h5watch_deadlocks", "Deadlocks named by the watchdogs (lock.deadlock), by kind.",
+                                        labels=["workload", "kind"])
+        inversions = CounterMetricFamily("h5watch_lock_order_inversions",
+                                         "Lock-order inversions found (lock.order_inversion), before any deadlock.",
+                                         labels=["workload"])
+        for workload, fork_totals in sorted(aggregate.forks.items()):
+            for kind, count in zip(DEADLOCK_KINDS, fork_totals.deadlocks):
+                deadlocks.add_metric([workload, kind], int(count))
+            inversions.add_metric([workload], fork_totals.order_inversions)
+        yield deadlocks
+        yield inversions
+        deadlocked = GaugeMetricFamily("h5watch_deadlocked_threads", "Threads in a deadlock now (a deadlock never clears by itself).",
+                                       labels=["workload"])
+        for workload in sorted(aggregate.forks):
+            deadlocked.add_metric([workload], aggregate.threads_in_deadlock.get(workload, 0))
+        yield deadlocked
 
         if aggregate.processes is not None:
             gauge = GaugeMetricFamily("h5watch_processes", "Instrumented processes by state.", labels=["workload", "state"])

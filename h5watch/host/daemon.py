@@ -520,7 +520,8 @@ class Daemon:
     @staticmethod
     def _fork_totals_of(state: ProcessState) -> ForkTotals:
         header = state.header
-        return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]))
+        return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]),
+                          header["deadlocks"].astype(np.uint64), int(header["order_inversions"]))
 
     def _aggregate(self, processes: list[Scanned], now: float) -> Aggregate:
         """The live processes' sums per (workload, lock), in one pass over all
@@ -535,6 +536,7 @@ class Daemon:
             live.workload_info.add((workload, versions["h5py_version"], versions["hdf5_version"], versions["h5watch_version"],
                                     versions["python_version"]))
             live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
+            live.threads_in_deadlock[workload] = live.threads_in_deadlock.get(workload, 0) + int(state.header["threads_in_deadlock"])
             age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
             heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
             live.locks_unrecorded[workload] = live.locks_unrecorded.get(workload, 0) + int(state.header["locks_unrecorded"])
@@ -584,7 +586,8 @@ class Daemon:
     def _combine(self, live: Aggregate) -> Aggregate:
         """Live processes plus the folded totals of dead ones: a new object each scan."""
         combined = Aggregate(processes=live.processes, heartbeat_age=live.heartbeat_age, gauges=live.gauges,
-                             locks_unrecorded=live.locks_unrecorded, workload_info=live.workload_info)
+                             locks_unrecorded=live.locks_unrecorded, workload_info=live.workload_info,
+                             threads_in_deadlock=live.threads_in_deadlock)
         for key, lock_totals in list(self._totals.locks.items()) + list(live.locks.items()):
             into = combined.locks.get(key)
             if into is None:

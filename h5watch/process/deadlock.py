@@ -45,12 +45,12 @@ from typing import Any, NamedTuple, Protocol
 from h5watch import logs
 from h5watch.process.evidence import format_frames, holder_operation
 from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, watched_locks
+from h5watch.schema import DEADLOCK_KINDS
 
 __all__ = ["DEADLOCK_KINDS", "DeadlockDetector", "GcActivity", "RealPhil"]
 
 _log = logs.get_logger(logger="h5watch.watchdog")
 
-DEADLOCK_KINDS = ("lock_cycle", "gc_under_phil", "import_lock", "holder_waits_on_waiter")
 
 # How a thread in garbage collection waits for phil (an Edge's ``how``).
 IN_GC = "garbage collection (an h5py object's deallocation takes phil at C level)"
@@ -151,6 +151,8 @@ class DeadlockDetector:
         # When a wait the source does not date was first seen: {(thread, resource): ns}.
         self._first_seen: dict[tuple[int, str], int] = {}
         self.counts: dict[str, int] = dict.fromkeys(DEADLOCK_KINDS, 0)
+        # Threads in a reported deadlock that is still there (as of the last tick).
+        self.threads_in_deadlock = 0
 
     def start(self) -> None:
         self._gc.start()
@@ -163,6 +165,7 @@ class DeadlockDetector:
         self._reported.clear()
         self._first_seen.clear()
         self.counts = dict.fromkeys(DEADLOCK_KINDS, 0)
+        self.threads_in_deadlock = 0
         self._gc.after_fork_in_child()
 
     def snapshot(self) -> dict[str, int]:
@@ -184,6 +187,7 @@ class DeadlockDetector:
             self._seen_last_tick.clear()
             self._reported.clear()
             self._first_seen.clear()
+            self.threads_in_deadlock = 0
             return
         frames: dict[int, FrameType] = {}
         cycles = _certain_cycles(waits)
@@ -197,6 +201,8 @@ class DeadlockDetector:
                 self._reported.add(cycle.key())
                 self._report(cycle, holds, frames or sys._current_frames(), options, on_kill, now_ns)
         self._seen_last_tick = seen
+        self.threads_in_deadlock = len({edge.waiter for cycle in cycles if cycle.key() in self._reported
+                                        for edge in cycle.edges})
 
     # -- sources ---------------------------------------------------------
 

@@ -11,11 +11,17 @@ import numpy as np
 from h5watch import logs
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, metrics_registry
 from h5watch.export.server import MetricsServer
-from h5watch.schema import ORPHAN_ACTIONS, TIMEOUT_KINDS
+from h5watch.schema import DEADLOCK_KINDS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
 __all__ = ["InProcessExporter", "aggregate_snapshot"]
 
 _log = logs.get_logger(logger="h5watch.exporter")
+
+
+def order_inversions(snapshot: dict[str, Any]) -> int:
+    """Lock-order inversions this process reported, as its snapshot says."""
+    lock_order = snapshot.get("lock_order")
+    return int(lock_order.get("inversions", 0)) if isinstance(lock_order, dict) else 0
 
 
 def aggregate_snapshot(snapshot: dict[str, Any], workload: str) -> Aggregate:
@@ -36,9 +42,14 @@ def aggregate_snapshot(snapshot: dict[str, Any], workload: str) -> Aggregate:
                    entry["oldest_wait_seconds"])
         aggregate.gauges[(workload, name)] = gauges
     forks = snapshot.get("forks")
+    watchdog = snapshot.get("watchdog", {})
+    deadlocks = watchdog.get("deadlocks", {})
     if forks is not None:
         aggregate.forks[workload] = ForkTotals(forks["forks"], np.array(forks["wait"]["buckets"], dtype=np.uint64),
-                                               forks["wait"]["sum_ns"])
+                                               forks["wait"]["sum_ns"],
+                                               np.array([deadlocks.get(kind, 0) for kind in DEADLOCK_KINDS], dtype=np.uint64),
+                                               order_inversions(snapshot))
+        aggregate.threads_in_deadlock[workload] = watchdog.get("threads_in_deadlock", 0)
     return aggregate
 
 

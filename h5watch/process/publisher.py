@@ -60,6 +60,8 @@ class Forks(Protocol):
 
 class WatchdogStatus(Protocol):
     def running(self) -> bool: ...
+    def deadlocks_by_kind(self) -> tuple[int, ...]: ...
+    def threads_in_deadlock(self) -> int: ...
 
 
 class StatePublisher:
@@ -133,7 +135,9 @@ class StatePublisher:
             return
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
-        status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns())
+        status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
+                               deadlocks=self._watchdog.deadlocks_by_kind(),
+                               threads_in_deadlock=self._watchdog.threads_in_deadlock())
         writer.write_all([lock_record(lock) for lock in watched_locks()], status)
 
     def lock_waited(self, lock: WatchedLock) -> None:

@@ -47,6 +47,7 @@ from h5watch import logs
 from h5watch.process.deadlock import DeadlockDetector
 from h5watch.process.evidence import lock_evidence, thread_stack
 from h5watch.process.lock import WatchedLock, watched_locks
+from h5watch.schema import DEADLOCK_KINDS
 
 __all__ = ["Forks", "Heartbeat", "Watchdog"]
 
@@ -201,7 +202,16 @@ class Watchdog:
 
     def snapshot(self) -> dict[str, Any]:
         deadlocks = self._deadlocks.snapshot() if self._deadlocks is not None else {}
-        return {"running": self.running(), "ticks": self.ticks, "deadlocks": deadlocks}
+        return {"running": self.running(), "ticks": self.ticks, "deadlocks": deadlocks,
+                "threads_in_deadlock": self.threads_in_deadlock()}
+
+    def deadlocks_by_kind(self) -> tuple[int, ...]:
+        """Deadlocks reported in this process, in ``DEADLOCK_KINDS`` order."""
+        counts = self._deadlocks.counts if self._deadlocks is not None else {}
+        return tuple(counts.get(kind, 0) for kind in DEADLOCK_KINDS)
+
+    def threads_in_deadlock(self) -> int:
+        return self._deadlocks.threads_in_deadlock if self._deadlocks is not None else 0
 
     # -- the loop ----------------------------------------------------------
 
