@@ -115,9 +115,12 @@ typedef struct {
     uint64_t own_counters[N_COUNTERS];
     /* Lock-order checking (h5watch/process/lock_order.py): this lock's class
      * (0: not checked), and whether the current hold is on its holder's
-     * held-lock stack (written by the holder only). */
+     * held-lock stack (written by the holder only); and the last class
+     * found to have an edge to this one (edges are never forgotten: a
+     * one-entry cache that spares the lookup of the usual nesting). */
     long order_class;
     int order_tracked;
+    long order_seen_from;
 } LockCore;
 
 /* Bumped in every child of a fork, by a libc handler that does nothing
@@ -399,13 +402,16 @@ static PyObject *order_first_sighting = NULL; /* lock_order.first_sighting(held_
 static int check_order(LockCore *self) {
     for (int i = 0; i < held_depth && i < MAX_HELD; i++) {
         long held_class = held_locks[i].order_class;
-        if (held_class == self->order_class || held_class == 0) continue;
+        if (held_class == self->order_seen_from || held_class == self->order_class || held_class == 0) continue;
         PyObject *key = PyLong_FromUnsignedLongLong(((unsigned long long)held_class << 32) | (unsigned long long)self->order_class);
         if (key == NULL) return -1;
         int seen = PyDict_Contains(order_edges, key);
         Py_DECREF(key);
         if (seen < 0) return -1;
-        if (seen) continue;
+        if (seen) {
+            self->order_seen_from = held_class;
+            continue;
+        }
         PyObject *held_obj = PyLong_FromLong(held_class);
         if (held_obj == NULL) return -1;
         PyObject *result = PyObject_CallFunctionObjArgs(order_first_sighting, held_obj, (PyObject *)self, NULL);
@@ -742,6 +748,7 @@ INT_GETSET(count, PyLong_FromLong, PyLong_AsLong, long)
 INT_GETSET(owner_pid, PyLong_FromLong, PyLong_AsLong, long)
 INT_GETSET(since_ns, PyLong_FromLongLong, PyLong_AsLongLong, int64_t)
 INT_GETSET(order_class, PyLong_FromLong, PyLong_AsLong, long)
+INT_GETSET(order_seen_from, PyLong_FromLong, PyLong_AsLong, long)
 
 static PyObject *get_operation(LockCore *self, void *c) {
     return Py_NewRef(self->operation ? self->operation : Py_None);
@@ -848,6 +855,7 @@ static PyGetSetDef LockCore_getset[] = {
     {"_hold_uncounted", (getter)get_hold_uncounted, NULL, NULL, NULL},
     {"_order_class", (getter)get_order_class, (setter)set_order_class, NULL, NULL},
     {"_order_tracked", (getter)get_order_tracked, NULL, NULL, NULL},
+    {"_order_seen_from", (getter)get_order_seen_from, (setter)set_order_seen_from, NULL, NULL},
     {NULL},
 };
 

@@ -237,6 +237,7 @@ class _LockLogic:
         _seq: int
         _order_class: int
         _order_tracked: bool
+        _order_seen_from: int
 
         def acquire_for(self, operation: str | None = None) -> bool: ...
         def release(self) -> None: ...
@@ -574,6 +575,7 @@ class PythonWatchedLock(_LockLogic):
         "_seq",
         "_order_class",
         "_order_tracked",
+        "_order_seen_from",
         "__weakref__",
     )
 
@@ -596,6 +598,7 @@ class PythonWatchedLock(_LockLogic):
         self._operation: str | None = None
         self._hold_uncounted = False
         self._order_tracked = False
+        self._order_seen_from = 0
         self._init_common(name, inner)
 
     # -- acquisition -------------------------------------------------------
@@ -748,7 +751,7 @@ if TYPE_CHECKING or _lockcore is not None:
 
         __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_fork_gate", "_orphan", "_seq",
                      "__weakref__")
-        # _order_class and _order_tracked are LockCore's fields.
+        # _order_class, _order_tracked and _order_seen_from are LockCore's fields.
 
         def __init__(self, name: str, lock: Any = None) -> None:
             inner = lock if lock is not None else threading.Lock()

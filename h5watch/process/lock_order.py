@@ -66,6 +66,9 @@ class OrderedLock(Protocol):
 
     name: str
     _order_class: int
+    # The last class found to have an edge to this lock's (edges are never
+    # forgotten: a one-entry cache that spares the lookup of the usual nesting).
+    _order_seen_from: int
 
 
 class Edge(NamedTuple):
@@ -148,7 +151,11 @@ def check(locks: list[tuple[int, int]], lock: OrderedLock) -> None:
         return
     acquired = lock._order_class
     for _ident, held_class in locks:
-        if held_class != acquired and edge_key(held_class, acquired) not in edges:
+        if held_class == lock._order_seen_from or held_class == acquired:
+            continue
+        if edge_key(held_class, acquired) in edges:
+            lock._order_seen_from = held_class
+        else:
             first_sighting(held_class, lock)
 
 
