@@ -399,3 +399,27 @@ def test_checking_off_records_nothing(implementation):
     outcome, events = run(OFF, implementation)
     assert inversions(events) == []
     assert outcome == {**outcome, "checking": False, "edges": 0, "inversions": 0}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_no_inversion_is_reported_over_the_lock_tests(implementation):
+    """The lock tests (every inner lock, Condition, RLock parity, threads)
+    in a pytest whose own events reach its stderr (``-s``): none is a
+    lock-order inversion. A test added there that takes two locks in both
+    orders makes this one fail."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "H5WATCH_IMPLEMENTATION": implementation, "H5WATCH_LOG_FORMAT": "json"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_lock.py",
+         "tests/test_rlock_parity.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=280, start_new_session=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
+    assert "lock.order_inversion" not in proc.stdout + proc.stderr

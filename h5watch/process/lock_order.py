@@ -33,7 +33,6 @@ from collections import deque
 from typing import Any, NamedTuple, Protocol
 
 from h5watch import logs
-from h5watch.process.evidence import format_frames
 
 __all__ = [
     "MAX_HELD",
@@ -194,13 +193,20 @@ def first_sighting(held_class: int, lock: OrderedLock) -> None:
 
 
 def _record(held_class: int, lock: OrderedLock) -> None:
+    # Here, not at import: traceback and tokenize would cost a program that
+    # only makes WatchedLocks milliseconds at start (h5py loads them anyway).
+    from h5watch.process.evidence import format_frames
+
     acquired_class = lock._order_class
-    me = threading.current_thread()
+    ident = threading.get_ident()
+    # Not current_thread(): that would make a _DummyThread of a thread
+    # started outside threading.
+    me = threading._active.get(ident)  # type: ignore[attr-defined]
     edge = Edge(
         held=_class_names.get(held_class, "?"),
         acquired=lock.name,
-        thread_name=me.name,
-        thread_ident=threading.get_ident(),
+        thread_name=getattr(me, "name", None),
+        thread_ident=ident,
         native_id=getattr(me, "native_id", None),
         pid=os.getpid(),
         seen_unix=time.time(),
