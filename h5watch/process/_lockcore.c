@@ -412,6 +412,10 @@ static int check_order(LockCore *self) {
             self->order_seen_from = held_class;
             continue;
         }
+        /* first_sighting runs bytecode: in the child of a fork that skipped
+         * the hooks, about to wait for an orphan, the kill comes first (see
+         * kill_if_orphaned_in_unhooked_child). */
+        kill_if_orphaned_in_unhooked_child(self, PyThread_get_thread_ident());
         PyObject *held_obj = PyLong_FromLong(held_class);
         if (held_obj == NULL) return -1;
         PyObject *result = PyObject_CallFunctionObjArgs(order_first_sighting, held_obj, (PyObject *)self, NULL);
