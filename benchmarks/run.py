@@ -59,11 +59,16 @@ def _time_per_op(func, samples: int = 7) -> float:
     return statistics.median(results)
 
 
-def child(row: str, instrumented: bool, directory: str) -> dict:
+def child(row: str, instrumented: bool, directory: str, lock_order_off: bool = False) -> dict:
+    app_lock = threading.RLock()
     if instrumented:
         import h5watch
+        from h5watch.process import lock_order
 
         h5watch.install(state_dir=os.path.join(directory, "state"), service="bench")
+        if lock_order_off:
+            lock_order.set_checking(False)
+        app_lock = h5watch.WatchedLock("bench.app")
     import h5py
     import numpy as np
 
@@ -75,6 +80,18 @@ def child(row: str, instrumented: bool, directory: str) -> dict:
         with h5py.File(path, "r") as f:
             dataset = f["values"]
             return {"ns": _time_per_op(lambda: dataset[:])}
+    if row == "read_under_app_lock":
+        # The usual service pattern: an application lock held around h5py
+        # calls (a WatchedLock instrumented, threading.RLock bare), so that
+        # every outermost acquisition of phil is a nested one.
+        with h5py.File(path, "r") as f:
+            dataset = f["values"]
+
+            def read() -> None:
+                with app_lock:
+                    dataset[:]
+
+            return {"ns": _time_per_op(read)}
     if row == "attr":
         with h5py.File(path, "r") as f:
             attrs = f.attrs
@@ -187,9 +204,10 @@ def _detector_cost(h5py, path: str) -> dict:
     return {"cpu_share": per_tick / options.tick_interval, "per_tick_us": per_tick * 1e6, "reported": reported}
 
 
-def run_child(row: str, instrumented: bool, directory: str) -> dict:
+def run_child(row: str, instrumented: bool, directory: str, lock_order_off: bool = False) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", row, "--instrumented" if instrumented else "--bare", "--dir", directory],
+        [sys.executable, __file__, "--child", row, "--instrumented" if instrumented else "--bare", "--dir", directory,
+         *(["--lock-order-off"] if lock_order_off else [])],
         capture_output=True, text=True, timeout=300, env={**os.environ, "H5WATCH_LOG_FORMAT": "json"},
     )
     if out.returncode != 0:
@@ -289,13 +307,18 @@ def preexec_rows(repeats: int, directory: str) -> list[dict]:
 
 
 def lock_rows(repeats: int) -> list[dict]:
+    import threading
+
     import h5py
 
     from h5watch import WatchedLock
+    from h5watch.process import lock_order
 
     fast_type = type(h5py._objects.phil)
-    raw_fast, raw_rlock = fast_type(), __import__("threading").RLock()
+    raw_fast, raw_rlock = fast_type(), threading.RLock()
     watched = WatchedLock("bench.lock", fast_type())
+    # "nested": the thread holds another lock of the same kind first.
+    outer = {watched: WatchedLock("bench.outer"), raw_fast: fast_type(), raw_rlock: threading.RLock()}
 
     def with_lock(lock):
         def op():
@@ -304,24 +327,58 @@ def lock_rows(repeats: int) -> list[dict]:
         return op
 
     rows = []
-    for label, reentrant in (("outermost", False), ("re-entrant", True)):
-        ratios_fast, ratios_rlock = [], []
-        for _ in range(repeats):
-            held = [watched, raw_fast, raw_rlock] if reentrant else []
-            for lock in held:
-                lock.acquire()
-            try:
-                t_watched = _time_per_op(with_lock(watched), samples=3)
-                t_fast = _time_per_op(with_lock(raw_fast), samples=3)
-                t_rlock = _time_per_op(with_lock(raw_rlock), samples=3)
-            finally:
+    for checking in (True, False):
+        lock_order.set_checking(checking)
+        suffix = "" if checking else ", lock order off"
+        for label in ("outermost", "re-entrant", "nested"):
+            ratios_fast, ratios_rlock = [], []
+            for _ in range(repeats):
+                held = {"outermost": [], "re-entrant": [watched, raw_fast, raw_rlock], "nested": list(outer.values())}[label]
                 for lock in held:
-                    lock.release()
-            ratios_fast.append(t_watched / t_fast)
-            ratios_rlock.append(t_watched / t_rlock)
-        target = 1.2 if reentrant else 1.5
-        rows.append(_row(f"WatchedLock {label} acquire+release / FastRLock", ratios_fast, "<=", target))
-        rows.append(_row(f"WatchedLock {label} acquire+release / threading.RLock", ratios_rlock, None, None))
+                    lock.acquire()
+                try:
+                    t_watched = _time_per_op(with_lock(watched), samples=3)
+                    t_fast = _time_per_op(with_lock(raw_fast), samples=3)
+                    t_rlock = _time_per_op(with_lock(raw_rlock), samples=3)
+                finally:
+                    for lock in held:
+                        lock.release()
+                ratios_fast.append(t_watched / t_fast)
+                ratios_rlock.append(t_watched / t_rlock)
+            target = 1.2 if label == "re-entrant" else 1.5
+            rows.append(_row(f"WatchedLock {label} acquire+release / FastRLock{suffix}", ratios_fast, "<=", target))
+            rows.append(_row(f"WatchedLock {label} acquire+release / threading.RLock{suffix}", ratios_rlock, None, None))
+    lock_order.set_checking(True)
+    rows.extend(lock_order_rows(repeats, watched, outer[watched]))
+    return rows
+
+
+def lock_order_rows(repeats: int, watched, outer) -> list[dict]:
+    """The lock-order checker's own cost: the same acquisition with it on
+    over off, interleaved."""
+    from h5watch.process import lock_order
+
+    def op():
+        with watched:
+            pass
+
+    rows = []
+    for label, held in (("outermost", None), ("nested", outer)):
+        ratios = []
+        for _ in range(repeats):
+            if held is not None:
+                held.acquire()
+            try:
+                times = {}
+                for checking in (True, False):
+                    lock_order.set_checking(checking)
+                    times[checking] = _time_per_op(op, samples=3)
+            finally:
+                lock_order.set_checking(True)
+                if held is not None:
+                    held.release()
+            ratios.append(times[True] / times[False])
+        rows.append(_row(f"WatchedLock {label} acquire+release, lock order checked / off", ratios, "<=", 1.1))
     return rows
 
 
@@ -339,11 +396,12 @@ def _row(name: str, values: list[float], op: str | None, target: float | None, u
             "ok": ok, "unit": unit, "n": len(values)}
 
 
-def ab_row(name: str, row: str, repeats: int, directory: str, key: str, op: str, target: float) -> dict:
+def ab_row(name: str, row: str, repeats: int, directory: str, key: str, op: str, target: float,
+           lock_order_off: bool = False) -> dict:
     ratios = []
     for i in range(repeats):
         order = (False, True) if i % 2 == 0 else (True, False)
-        results = {instrumented: run_child(row, instrumented, directory)[key] for instrumented in order}
+        results = {instrumented: run_child(row, instrumented, directory, lock_order_off)[key] for instrumented in order}
         ratios.append(results[True] / results[False])
     return _row(name, ratios, op, target)
 
@@ -406,9 +464,10 @@ def main() -> None:
     parser.add_argument("--instrumented", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--lock-order-off", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.instrumented, args.dir)))
+        print(json.dumps(child(args.child, args.instrumented, args.dir, args.lock_order_off)))
         return
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
@@ -421,10 +480,16 @@ def main() -> None:
         print(json.dumps({"machine": info, "rows": rows}, indent=2) if args.json else render(info, rows))
         return
     with tempfile.TemporaryDirectory(prefix="h5watch-bench-") as directory:
-        rows.append(ab_row("single thread f['values'][:] 200x200, instrumented / bare", "read", repeats, directory, "ns", "<=", 1.02))
-        rows.append(ab_row("single thread f.attrs['x'], instrumented / bare", "attr", repeats, directory, "ns", "<=", 1.02))
-        rows.append(ab_row("10 threads reading own files, throughput instrumented / bare", "threads", repeats, directory,
-                           "ops_per_s", ">=", 0.97))
+        for off in (False, True):
+            suffix = ", lock order off" if off else ""
+            rows.append(ab_row(f"single thread f['values'][:] 200x200, instrumented / bare{suffix}", "read", repeats,
+                               directory, "ns", "<=", 1.02, off))
+            rows.append(ab_row(f"single thread f['values'][:] under an application lock, instrumented / bare{suffix}",
+                               "read_under_app_lock", repeats, directory, "ns", "<=", 1.02, off))
+            rows.append(ab_row(f"single thread f.attrs['x'], instrumented / bare{suffix}", "attr", repeats, directory,
+                               "ns", "<=", 1.02, off))
+            rows.append(ab_row(f"10 threads reading own files, throughput instrumented / bare{suffix}", "threads", repeats,
+                               directory, "ops_per_s", ">=", 0.97, off))
         rows.extend(lock_rows(repeats))
         snapshot = [run_child("snapshot", True, directory)["us"] for _ in range(1 if args.quick else 3)]
         rows.append(_row("h5watch.snapshot() per call (us)", snapshot, None, None, unit="us"))

@@ -113,6 +113,14 @@ typedef struct {
     int has_counters_view;
     unsigned int counters_generation; /* fork_generation when the view was attached */
     uint64_t own_counters[N_COUNTERS];
+    /* Lock-order checking (h5watch/process/lock_order.py): this lock's class
+     * (0: not checked), and whether the current hold is on its holder's
+     * held-lock stack (written by the holder only); and the last class
+     * found to have an edge to this one (edges are never forgotten: a
+     * one-entry cache that spares the lookup of the usual nesting). */
+    long order_class;
+    int order_tracked;
+    long order_seen_from;
 } LockCore;
 
 /* Bumped in every child of a fork, by a libc handler that does nothing
@@ -371,6 +379,75 @@ static void kill_if_orphaned_in_unhooked_child(LockCore *self, unsigned long me)
     }
 }
 
+/* -- lock-order checking (lock_order.py is the Python side, and check()
+ * there the mirror of check_order) ------------------------------------------
+ *
+ * Each thread's outermost holds, in a thread-local stack: a thread sees only
+ * its own, a forked child keeps the forking thread's (the locks it still
+ * holds) and a thread's stack ends with it. Entries name a lock by address
+ * and are never dereferenced: a lock dropped while held leaves a harmless
+ * entry. Holds beyond MAX_HELD are not tracked (not checked). */
+
+#define MAX_HELD 32
+typedef struct { uintptr_t lock; long order_class; } HeldEntry;
+static _Thread_local int held_depth = 0;
+static _Thread_local HeldEntry held_locks[MAX_HELD];
+static int order_checking = 0;
+static PyObject *order_edges = NULL;          /* lock_order.edges: a dict keyed by edge */
+static PyObject *order_first_sighting = NULL; /* lock_order.first_sighting(held_class, lock) */
+
+/* About to take self while holding held_locks: every edge not seen yet goes
+ * to first_sighting. 0, or -1 with an exception (only what first_sighting
+ * lets through: it catches every Exception). */
+static int check_order(LockCore *self) {
+    for (int i = 0; i < held_depth && i < MAX_HELD; i++) {
+        long held_class = held_locks[i].order_class;
+        if (held_class == self->order_seen_from || held_class == self->order_class || held_class == 0) continue;
+        PyObject *key = PyLong_FromUnsignedLongLong(((unsigned long long)held_class << 32) | (unsigned long long)self->order_class);
+        if (key == NULL) return -1;
+        int seen = PyDict_Contains(order_edges, key);
+        Py_DECREF(key);
+        if (seen < 0) return -1;
+        if (seen) {
+            self->order_seen_from = held_class;
+            continue;
+        }
+        /* first_sighting runs bytecode: in the child of a fork that skipped
+         * the hooks, about to wait for an orphan, the kill comes first (see
+         * kill_if_orphaned_in_unhooked_child). */
+        kill_if_orphaned_in_unhooked_child(self, PyThread_get_thread_ident());
+        PyObject *held_obj = PyLong_FromLong(held_class);
+        if (held_obj == NULL) return -1;
+        PyObject *result = PyObject_CallFunctionObjArgs(order_first_sighting, held_obj, (PyObject *)self, NULL);
+        Py_DECREF(held_obj);
+        if (result == NULL) return -1;
+        Py_DECREF(result);
+    }
+    return 0;
+}
+
+static inline void order_push(LockCore *self) {
+    if (order_checking && self->order_class && held_depth < MAX_HELD) {
+        held_locks[held_depth].lock = (uintptr_t)self;
+        held_locks[held_depth].order_class = self->order_class;
+        held_depth++;
+        self->order_tracked = 1;
+    } else {
+        self->order_tracked = 0;
+    }
+}
+
+static inline void order_pop(LockCore *self) {
+    self->order_tracked = 0;
+    for (int i = held_depth - 1; i >= 0; i--) {
+        if (held_locks[i].lock == (uintptr_t)self) {
+            memmove(&held_locks[i], &held_locks[i + 1], (size_t)(held_depth - 1 - i) * sizeof(HeldEntry));
+            held_depth--;
+            return;
+        }
+    }
+}
+
 /* The one step that makes a thread the holder, once it has the inner lock:
  * every path goes through it (acquire, acquire_for, with, with_phil, and
  * the before-fork acquisition with counted=0). An uncounted hold records
@@ -395,6 +472,11 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
         counters_of(self)[C_REENTRIES] += 1;
         return 1;
     }
+    /* Checked before waiting, so that the inversion that is about to
+     * deadlock is reported too; a non-blocking attempt cannot deadlock. */
+    if (held_depth && order_checking && blocking && self->order_class) {
+        if (check_order(self) < 0) return -1;
+    }
     /* A fork gate is up (see ForkGate in lock.py): a blocking acquire waits
      * at the gate in the slow path instead of barging in. */
     int taken = 0;
@@ -412,6 +494,7 @@ static int core_acquire(LockCore *self, int blocking, double timeout, PyObject *
         if (taken <= 0) return taken;
     }
     core_commit(self, me, operation, 1);
+    order_push(self);
     return 1;
 }
 
@@ -441,6 +524,7 @@ static int core_release(LockCore *self) {
         return -1;
     }
     if (--self->count > 0) return 0;
+    if (self->order_tracked) order_pop(self);
     uint64_t *c = counters_of(self);  /* first: may mark this hold uncounted */
     if (!self->hold_uncounted) {
         int64_t held = now_ns() - self->since_ns;
@@ -570,6 +654,7 @@ static PyObject *LockCore_acquire_for(LockCore *self, PyObject *const *args, Py_
  * holder is recorded, nothing is counted (see core_commit). */
 static PyObject *LockCore_take_for_fork(LockCore *self, PyObject *operation) {
     core_commit(self, PyThread_get_thread_ident(), operation, 0);
+    self->order_tracked = 0;  /* the fork's own holds take no part in lock order */
     Py_RETURN_NONE;
 }
 
@@ -666,6 +751,8 @@ static int set_owner(LockCore *self, PyObject *value, void *c) {
 INT_GETSET(count, PyLong_FromLong, PyLong_AsLong, long)
 INT_GETSET(owner_pid, PyLong_FromLong, PyLong_AsLong, long)
 INT_GETSET(since_ns, PyLong_FromLongLong, PyLong_AsLongLong, int64_t)
+INT_GETSET(order_class, PyLong_FromLong, PyLong_AsLong, long)
+INT_GETSET(order_seen_from, PyLong_FromLong, PyLong_AsLong, long)
 
 static PyObject *get_operation(LockCore *self, void *c) {
     return Py_NewRef(self->operation ? self->operation : Py_None);
@@ -750,6 +837,7 @@ static PyObject *get_inner_release(LockCore *self, void *c) { return Py_NewRef(s
 static PyObject *get_inner_direct(LockCore *self, void *c) { return PyBool_FromLong(self->inner_direct); }
 static PyObject *get_gated(LockCore *self, void *c) { return PyBool_FromLong(self->gated); }
 static PyObject *get_hold_uncounted(LockCore *self, void *c) { return PyBool_FromLong(self->hold_uncounted); }
+static PyObject *get_order_tracked(LockCore *self, void *c) { return PyBool_FromLong(self->order_tracked); }
 
 static int set_gated(LockCore *self, PyObject *value, void *c) {
     int flag = value == NULL ? 0 : PyObject_IsTrue(value);
@@ -769,6 +857,9 @@ static PyGetSetDef LockCore_getset[] = {
     {"_inner_direct", (getter)get_inner_direct, NULL, NULL, NULL},
     {"_gated", (getter)get_gated, (setter)set_gated, NULL, NULL},
     {"_hold_uncounted", (getter)get_hold_uncounted, NULL, NULL, NULL},
+    {"_order_class", (getter)get_order_class, (setter)set_order_class, NULL, NULL},
+    {"_order_tracked", (getter)get_order_tracked, NULL, NULL, NULL},
+    {"_order_seen_from", (getter)get_order_seen_from, (setter)set_order_seen_from, NULL, NULL},
     {NULL},
 };
 
@@ -1061,7 +1152,37 @@ static PyObject *fastrlock_acquire_timed(PyObject *module, PyObject *const *args
     Py_RETURN_TRUE;
 }
 
+static PyObject *set_lock_order(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyDict_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_lock_order(edges: dict, first_sighting, on)");
+        return NULL;
+    }
+    int on = PyObject_IsTrue(args[2]);
+    if (on < 0) return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(order_edges, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(order_first_sighting, args[1]);
+    order_checking = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *held_order_classes(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    for (int i = 0; i < held_depth; i++) {
+        PyObject *entry = Py_BuildValue("(Kl)", (unsigned long long)held_locks[i].lock, held_locks[i].order_class);
+        if (entry == NULL || PyList_Append(out, entry) < 0) { Py_XDECREF(entry); Py_DECREF(out); return NULL; }
+        Py_DECREF(entry);
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_lock_order", (PyCFunction)(void (*)(void))set_lock_order, METH_FASTCALL,
+     "set_lock_order(edges, first_sighting, on): lock-order checking's seen edges, its callback, and whether it is on."},
+    {"held_locks", held_order_classes, METH_NOARGS,
+     "This thread's held-lock stack, as (lock address, lock class) pairs, outermost first."},
     {"set_orphan_kill", set_orphan_kill, METH_O,
      "Exit code for an orphan found by the compiled slow path after a fork that skipped the hooks (0: off)."},
     {"set_log_workload", set_log_workload, METH_O,

@@ -30,7 +30,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from h5watch.process import implementation
+from h5watch.process import implementation, lock_order
 from h5watch.process.stats import CoreLockStats, LockStats
 from h5watch.records import Holder, Waiter
 from h5watch.schema import BUCKET_BOUNDS_NS, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES, DEAD_OWNER
@@ -61,6 +61,9 @@ _TIMEOUT_MAX = threading.TIMEOUT_MAX
 _DEFAULT_TIMEOUT = -1
 _PLAIN_TIMEOUT_TYPES = (float, int)
 _monotonic_ns = time.monotonic_ns
+# This thread's outermost holds, for lock-order checking (the pure-Python
+# lock's; the compiled core keeps its own).
+_held = lock_order.held
 
 
 class LockTimeout(TimeoutError):
@@ -261,6 +264,9 @@ class _LockLogic:
         _fork_gate: ForkGate | None
         _orphan: dict[str, Any] | None
         _seq: int
+        _order_class: int
+        _order_tracked: bool
+        _order_seen_from: int
 
         def acquire_for(self, operation: str | None = None) -> bool: ...
         def release(self) -> None: ...
@@ -281,6 +287,7 @@ class _LockLogic:
         self._fork_gate: ForkGate | None = None
         self._orphan: dict[str, Any] | None = None
         self._seq = next(_sequence)
+        self._order_class = lock_order.class_of(name)
         _register(self)
         events = wiring.events
         if events is not None:
@@ -620,6 +627,9 @@ class PythonWatchedLock(_LockLogic):
         "_fork_gate",
         "_orphan",
         "_seq",
+        "_order_class",
+        "_order_tracked",
+        "_order_seen_from",
         "__weakref__",
     )
 
@@ -641,6 +651,8 @@ class PythonWatchedLock(_LockLogic):
         self._since_ns = 0
         self._operation: str | None = None
         self._hold_uncounted = False
+        self._order_tracked = False
+        self._order_seen_from = 0
         self._init_common(name, inner)
 
     # -- acquisition -------------------------------------------------------
@@ -669,12 +681,18 @@ class PythonWatchedLock(_LockLogic):
             self._count += 1
             self._counters[C_REENTRIES] += 1
             return True
+        held = _held.locks
+        if held and blocking:
+            # Before waiting, as in core_acquire: the inversion about to
+            # deadlock is reported too.
+            lock_order.check(held, self)
         if not blocking:
             if not self._inner_acquire(False):
                 return False
         elif (self._fork_gate is not None or not self._inner_acquire(False)) and not self._acquire_slow(me, timeout):
             return False
         self._commit(me, operation, True)
+        self._order_tracked = lock_order.push(held, self)
         return True
 
     def _commit(self, me: int, operation: str | None, counted: bool) -> None:
@@ -694,6 +712,7 @@ class PythonWatchedLock(_LockLogic):
     def _take_for_fork(self, operation: str) -> None:
         # LockCore_take_for_fork in _lockcore.c.
         self._commit(_get_ident(), operation, False)
+        self._order_tracked = False
 
     def _restart_counters_after_fork(self) -> None:
         # restart_counters in _lockcore.c.
@@ -712,6 +731,9 @@ class PythonWatchedLock(_LockLogic):
         if count:
             self._count = count
             return
+        if self._order_tracked:
+            self._order_tracked = False
+            lock_order.pop(_held.locks, self)
         if self._counters_pending is not None:
             self.stats._adopt_pending()
         if not self._hold_uncounted:
@@ -783,6 +805,7 @@ if TYPE_CHECKING or _lockcore is not None:
 
         __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_fork_gate", "_orphan", "_seq",
                      "__weakref__")
+        # _order_class, _order_tracked and _order_seen_from are LockCore's fields.
 
         def __init__(self, name: str, lock: Any = None) -> None:
             inner = lock if lock is not None else threading.Lock()
@@ -804,6 +827,7 @@ elif _lockcore is not None:
     wiring.pid_sink = _lockcore.set_pid
     wiring.pid = os.getpid()
     _lockcore.set_timeout_max(_TIMEOUT_MAX)
+    lock_order.set_checking(lock_order.is_checking())
     WatchedLock = CompiledWatchedLock
     IMPLEMENTATION = "compiled"
 else:

@@ -402,6 +402,7 @@ def snapshot() -> dict[str, Any]:
     if _parts is None:
         with _install_lock:
             _build()
+    from h5watch.process import lock_order
     from h5watch.process.h5py_hook import PHIL_LOCK_NAME
 
     now_ns = time.monotonic_ns()
@@ -424,6 +425,7 @@ def snapshot() -> dict[str, Any]:
         "monotonic_ns": now_ns,
         "unix_time": time.time(),
         "locks": locks,
+        "lock_order": lock_order.snapshot(),
         **{part.snapshot_key: part.snapshot() for part in (_parts.started if _parts is not None else ())},
     }
 
