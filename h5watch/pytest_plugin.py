@@ -7,7 +7,7 @@ imports h5py. It does nothing unless asked: with ``--h5watch`` (or
 h5watch as the suite's configuration starts, with the options of the
 ``H5WATCH_*`` environment variables, and keeps a copy of h5watch's log
 events (the run's forked children included). Each incident (a wait, hold or
-fork timeout, an orphaned lock, a kill, a deadlock) is charged to the test
+fork timeout, an orphaned lock, a kill, a deadlock, a lock-order inversion) is charged to the test
 that was running when it was logged, and the terminal summary lists them per
 test with their evidence. ``--h5watch-log PATH`` keeps every event of the
 run there as JSON lines. ``-p no:h5watch`` disables the plugin altogether.
@@ -28,7 +28,7 @@ __all__ = ["INCIDENT_EVENTS"]
 # The log events that are incidents in a test run.
 INCIDENT_EVENTS = frozenset({
     "lock.wait_timeout", "lock.hold_timeout", "lock.orphaned", "lock.recovered", "lock.deadlock",
-    "fork.lock_timeout", "process.killed",
+    "fork.lock_timeout", "process.killed", "lock.order_inversion",
 })
 _BETWEEN_TESTS = "(outside any test)"
 _STACK_LINES = 8

@@ -33,6 +33,7 @@ import weakref
 from typing import Any, Protocol
 
 from h5watch import logs
+from h5watch.process import lock_order
 from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.process.stats import ForkStats
 from h5watch.records import Holder, LockRecord, ProcessStatus, running_versions
@@ -136,7 +137,7 @@ class StatePublisher:
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
         status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
-                               deadlocks=self._watchdog.deadlocks_by_kind(),
+                               deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
                                threads_in_deadlock=self._watchdog.threads_in_deadlock())
         writer.write_all([lock_record(lock) for lock in watched_locks()], status)
 
