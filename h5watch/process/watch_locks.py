@@ -113,9 +113,12 @@ class WatchedPlainLock(WatchedRLock):
             specimen.release()
         if not blocking:
             return False
-        # True only if another thread released the inner lock meanwhile: the
-        # holder is this thread again, as the recorded owner already says.
-        return self._acquire_slow(_get_ident(), float(timeout))
+        if not self._acquire_slow(_get_ident(), float(timeout)):
+            return False
+        # Another thread released the lock meanwhile, and this one took it:
+        # recorded as the holder (an uncounted hold, as the fork's own).
+        self._take_for_fork(None)  # type: ignore[arg-type]
+        return True
 
     def release(self) -> None:
         owner = self._owner
