@@ -398,6 +398,31 @@ def test_what_names_no_lock_is_a_warning_and_the_service_runs(tmp_path):
     assert all(len(line) < 400 for line in result.stderr.splitlines())
 
 
+def test_a_module_whose_loader_has_no_exec_module_imports_as_before_with_a_warning(tmp_path):
+    result = scenario(tmp_path, """
+        import threading, types, warnings
+        from importlib.machinery import ModuleSpec
+        warnings.simplefilter("ignore", ImportWarning)  # load_module() is deprecated
+        class LegacyLoader:
+            def load_module(self, fullname):
+                module = sys.modules[fullname] = types.ModuleType(fullname)
+                module._lock = threading.Lock()
+                return module
+        class LegacyFinder:
+            def find_spec(self, fullname, path, target=None):
+                return ModuleSpec(fullname, LegacyLoader()) if fullname == "legacy" else None
+        sys.meta_path.append(LegacyFinder())
+        h5watch.install(watch_locks=["legacy:_lock"])
+        import legacy
+        print(json.dumps({"lock": type(legacy._lock).__name__,
+                          "finder": any(type(f).__name__ == "_PendingImportFinder" for f in sys.meta_path)}))
+    """)
+    assert last_json(result) == {"lock": "lock", "finder": False}
+    (failed,) = events(result, "lock.watch_failed")
+    assert failed["lock"] == "legacy:_lock"
+    assert failed["reason"] == "the loader of module 'legacy' (LegacyLoader) has no exec_module to replace after"
+
+
 def test_h5watch_run_watches_the_commands_locks(tmp_path):
     state = tmp_path / "state"
     state.mkdir(mode=0o700)

@@ -84,6 +84,11 @@ class WatchedRLock(lock_module.WatchedLock):
             self._force_reset()
 
 
+# The base class's hot path, called without super()'s cost.
+_acquire = lock_module.WatchedLock.acquire
+_acquire_for = lock_module.WatchedLock.acquire_for
+
+
 class WatchedPlainLock(WatchedRLock):
     """A watched ``threading.Lock``: never re-entrant, as the lock it wraps.
 
@@ -98,14 +103,17 @@ class WatchedPlainLock(WatchedRLock):
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if self._owner == _get_ident():
             return self._acquire_again(blocking, timeout)
-        return super().acquire(blocking, timeout)
+        return _acquire(self, blocking, timeout)
 
     def acquire_for(self, operation: str | None = None) -> bool:
         if self._owner == _get_ident():
             return self._acquire_again(True, -1)
-        return super().acquire_for(operation)
+        return _acquire_for(self, operation)
 
-    __enter__ = acquire_for
+    def __enter__(self) -> bool:  # type: ignore[override]
+        if self._owner == _get_ident():
+            return self._acquire_again(True, -1)
+        return _acquire_for(self, None)
 
     def _acquire_again(self, blocking: bool, timeout: float) -> bool:
         specimen = _thread.allocate_lock()  # raises what threading.Lock raises for bad arguments
@@ -166,12 +174,19 @@ def watch(paths: Sequence[str]) -> bool:
         for path in paths:
             module_name = path.partition(":")[0]
             module = sys.modules.get(module_name)
-            if module is not None:
+            waiting = path in _pending.get(module_name, ())
+            if module is not None and not (waiting and _initializing(module)):
                 replaced = _replace(path, module) or replaced
-            elif path not in _pending.get(module_name, ()):
+            elif not waiting:
                 _pending.setdefault(module_name, []).append(path)
         _update_finder()
         return replaced
+
+
+def _initializing(module: ModuleType) -> bool:
+    """Is the module's body running now (on another thread, or up the stack)?
+    Its pending paths are then replaced when the body has run."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def restore_all() -> None:
@@ -202,6 +217,9 @@ def _replace(path: str, module: ModuleType) -> bool:
         if owner is _MISSING:
             return _failed(path, f"module {module.__name__!r} has no attribute {path.partition(':')[2]!r}")
     original = getattr(owner, attribute, _MISSING)
+    if original is _MISSING and _initializing(module):
+        return _failed(path, f"module {module.__name__!r} has no attribute {path.partition(':')[2]!r} yet: its body"
+                       " is still running (install() called from it?)")
     if original is _MISSING:
         return _failed(path, f"module {module.__name__!r} has no attribute {path.partition(':')[2]!r}")
     previous = _replaced.get(path)
