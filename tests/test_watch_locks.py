@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,39 @@ def test_h5watch_run_watches_the_commands_locks(tmp_path):
         env={**env, "H5WATCH_STATE_DIR": str(state)})
     assert result.returncode == 0, result
     assert json.loads(result.stdout.splitlines()[-1]) == ["WatchedRLock", True]
+
+
+# -- CPython's own lock and condition tests, on the wrappers ------------------------------------------
+
+try:
+    from test import lock_tests
+except ImportError:  # an interpreter without the standard library's test package
+    lock_tests = None
+
+
+def _wrapped(lock=None):
+    from h5watch.process.watch_locks import WatchedPlainLock, WatchedRLock
+
+    lock = threading.RLock() if lock is None else lock
+    if isinstance(lock, type(threading.Lock())):
+        return WatchedPlainLock("test.watch_locks:plain", lock)
+    return WatchedRLock("test.watch_locks:rlock", lock)
+
+
+def test_cpythons_lock_tests_are_available():
+    if lock_tests is None:
+        pytest.skip("this interpreter has no test.lock_tests (the standard library's test package)")
+
+
+if lock_tests is not None:
+
+    class TestAWatchedLockIsAThreadingLock(lock_tests.LockTests):
+        """Non-reentrant, released by any thread, re-initialised at fork."""
+
+        locktype = staticmethod(lambda: _wrapped(threading.Lock()))
+
+    class TestAWatchedRLockIsAThreadingRLock(lock_tests.RLockTests):
+        locktype = staticmethod(lambda: _wrapped(threading.RLock()))
+
+    class TestAConditionOnAWatchedLockIsAThreadingCondition(lock_tests.ConditionTests):
+        condtype = staticmethod(lambda lock=None: threading.Condition(_wrapped(lock)))
