@@ -186,6 +186,21 @@ def test_a_module_body_that_keeps_its_lock_over_a_reload_is_not_wrapped_twice(tm
     assert out == {"same": True, "inner": "RLock"}  # put back: the original RLock, never a wrapper of a wrapper
 
 
+def test_the_state_file_names_a_watched_lock_by_its_path_with_its_counts(tmp_path):
+    from h5watch.statefile import read_state_file
+
+    result = scenario(tmp_path, """
+        h5watch.install(watch_locks=["myapp.cache:_lock"], service="watcher")
+        import myapp.cache
+        myapp.cache.use(25)
+        print(json.dumps({"pid": os.getpid()}))
+    """)
+    pid = last_json(result)["pid"]
+    [path] = (tmp_path / "state" / str(os.geteuid())).glob(f"{pid}-*.h5w")
+    records = {entry["lock"]: entry for entry in read_state_file(str(path)).locks()}
+    assert records["myapp.cache:_lock"]["acquisitions"] == 25
+
+
 def test_uninstall_forgets_paths_whose_module_is_not_imported_yet(tmp_path):
     result = scenario(tmp_path, """
         h5watch.install(watch_locks=["cache:_lock"])
@@ -293,9 +308,20 @@ def test_a_condition_on_a_watched_rlock_waits_and_notifies(tmp_path, implementat
     assert last_json(result) == {"results": ["WatchedRLock", "WatchedPlainLock"], "free": [True, True]}
 
 
-LOGGING_WORKLOAD = """
+LOGGING_FIRST = """
 import logging, logging.config
 h5watch.install(watch_locks=["logging:_lock"])
+"""
+
+# h5watch's at-fork hooks registered before logging's: they run in the other order.
+LOGGING_LAST = """
+assert "logging" not in sys.modules
+h5watch.install(watch_locks=["logging:_lock"])
+other = h5watch.WatchedLock("app.other")
+import logging, logging.config
+"""
+
+LOGGING_WORKLOAD = """
 assert type(logging._lock).__name__ == "WatchedRLock", type(logging._lock)
 stream_handler = logging.StreamHandler(sys.stdout)
 def worker(index):
@@ -329,9 +355,11 @@ print(json.dumps({{"child": os.waitstatus_to_exitcode(status), "acquisitions": e
 
 
 @pytest.mark.parametrize("implementation", ["compiled", "python"])
-def test_logging_module_lock_with_real_logging_from_threads_and_a_fork(tmp_path, implementation):
+@pytest.mark.parametrize("logging_imported", ["before_install", "after_h5watch_started"])
+def test_logging_module_lock_with_real_logging_from_threads_and_a_fork(tmp_path, implementation, logging_imported):
     skip_unless_built(implementation)
-    result = scenario(tmp_path, LOGGING_WORKLOAD.format(), env={"H5WATCH_IMPLEMENTATION": implementation})
+    start = LOGGING_FIRST if logging_imported == "before_install" else LOGGING_LAST
+    result = scenario(tmp_path, start + LOGGING_WORKLOAD.format(), env={"H5WATCH_IMPLEMENTATION": implementation})
     out = last_json(result)
     assert out["child"] == 0, result.stderr
     assert out["acquisitions"] >= 6 * 50 * 3

@@ -77,10 +77,11 @@ class WatchedRLock(lock_module.WatchedLock):
         # hook (logging does, for its module lock). h5watch's own before-fork
         # hook holds every watched lock too and gives it back next, so this
         # gives back one level (the caller's) instead of forgetting every
-        # level. Held by a thread that did not survive: free as new.
+        # level. Held by a thread that did not survive, or free: free as new
+        # (the inner lock too, which code holding the original may have taken).
         if self._owner == _get_ident():
             self.release()
-        elif self._owner is not None and self._reinit_inner():
+        elif self._reinit_inner():
             self._force_reset()
 
 
