@@ -277,6 +277,27 @@ def test_a_watched_lock_stays_non_reentrant_and_its_holder_waiting_again_is_visi
     assert out["rlock_reenters"] is True
 
 
+def test_a_self_deadlock_on_a_watched_lock_is_reported_not_silent(tmp_path):
+    result = scenario(tmp_path, """
+        import time
+        import cache
+        h5watch.install(watch_locks=["cache:_lock"], wait_timeout=0.2, tick_interval=0.05)
+        def stuck():
+            with cache._lock:
+                with cache._lock:  # a threading.Lock: this waits forever, with or without h5watch
+                    pass
+        threading.Thread(target=stuck, name="stuck-worker", daemon=True).start()
+        time.sleep(1.5)
+        print(json.dumps({"main": "still running"}), flush=True)
+        os._exit(0)
+    """)
+    assert last_json(result) == {"main": "still running"}
+    timeouts = [event for event in events(result, "lock.wait_timeout") if event["lock"] == "cache:_lock"]
+    assert timeouts, result.stderr
+    assert timeouts[0]["holder"]["thread_name"] == "stuck-worker"
+    assert [waiter["thread_name"] for waiter in timeouts[0]["waiters"]] == ["stuck-worker"]
+
+
 @pytest.mark.parametrize("implementation", ["compiled", "python"])
 def test_a_condition_on_a_watched_rlock_waits_and_notifies(tmp_path, implementation):
     skip_unless_built(implementation)
