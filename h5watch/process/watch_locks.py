@@ -28,7 +28,7 @@ from h5watch import logs
 from h5watch.process import lock as lock_module
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from importlib.abc import Loader
     from importlib.machinery import ModuleSpec
     from types import ModuleType
@@ -54,6 +54,29 @@ _state_lock = _thread.RLock()
 _replaced: dict[str, _Replaced] = {}
 # paths whose module is not imported yet, by module name
 _pending: dict[str, list[str]] = {}
+
+
+# Events logged while _state_lock was held, logged once it is let go: logging
+# may import (structlog, at the first event), and an import on another
+# thread may be waiting for _state_lock while it holds that module's lock.
+_unlogged: list[Callable[[], object]] = []
+
+
+class _Changing:
+    """``with _changing:`` holds ``_state_lock``, then logs what was noted."""
+
+    def __enter__(self) -> None:
+        _state_lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        lock = _state_lock
+        lock.release()
+        if not lock._is_owned():  # type: ignore[attr-defined]
+            while _unlogged:
+                _unlogged.pop(0)()
+
+
+_changing = _Changing()
 
 
 def _reinit_after_fork() -> None:
@@ -163,7 +186,7 @@ def watch(paths: Sequence[str]) -> bool:
     """Watch exactly ``paths`` from now on: replace each that is not replaced
     yet (now, or when its module is first imported), put back the ones no
     longer asked for. True if a lock was replaced now."""
-    with _state_lock:
+    with _changing:
         wanted = set(paths)
         for path in [path for path in _replaced if path not in wanted]:
             _restore(path)
@@ -192,7 +215,7 @@ def _initializing(module: ModuleType) -> bool:
 
 def restore_all() -> None:
     """Put every original lock back where it was; forget the pending paths."""
-    with _state_lock:
+    with _changing:
         for path in list(_replaced):
             _restore(path)
         _pending.clear()
@@ -200,12 +223,12 @@ def restore_all() -> None:
 
 
 def watched_paths() -> list[str]:
-    with _state_lock:
+    with _changing:
         return list(_replaced)
 
 
 def pending_paths() -> list[str]:
-    with _state_lock:
+    with _changing:
         return [path for paths in _pending.values() for path in paths]
 
 
@@ -234,7 +257,8 @@ def _replace(path: str, module: ModuleType) -> bool:
     except (AttributeError, TypeError) as exc:
         return _failed(path, f"its owner refuses the replacement ({exc})")
     _replaced[path] = _Replaced(owner, attribute, original, wrapper)
-    _log.info("lock.watched", lock=path, inner=type(original).__qualname__)
+    inner = type(original).__qualname__
+    _unlogged.append(lambda: _log.info("lock.watched", lock=path, inner=inner))
     return True
 
 
@@ -247,7 +271,7 @@ def _restore(path: str) -> None:
 
 
 def _failed(path: str, reason: str) -> bool:
-    _log.warning("lock.watch_failed", lock=path, reason=reason)
+    _unlogged.append(lambda: _log.warning("lock.watch_failed", lock=path, reason=reason))
     return False
 
 
@@ -282,7 +306,7 @@ class _PendingImportFinder:
         elif not hasattr(loader, "exec_module"):
             reason = f"the loader of module {fullname!r} ({type(loader).__qualname__}) has no exec_module to replace after"
         if reason is not None:
-            with _state_lock:
+            with _changing:
                 for lock_path in _pending.pop(fullname, ()):
                     _failed(lock_path, reason)
                 _update_finder()
@@ -334,7 +358,7 @@ class _ReplacingLoader:
 
 def _module_ran(module: ModuleType) -> None:
     replaced = False
-    with _state_lock:
+    with _changing:
         for path in _pending.pop(module.__name__, ()):
             replaced = _replace(path, module) or replaced
         _update_finder()
