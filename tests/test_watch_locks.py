@@ -421,6 +421,10 @@ def test_the_variable_is_a_comma_separated_list():
     assert options.watch_locks == ("logging:_lock", "myapp.cache:Pool.lock")
     assert resolve({}, {"H5WATCH_WATCH_LOCKS": ""}).watch_locks == ()
     assert resolve({"watch_locks": ["a:b"]}, {"H5WATCH_WATCH_LOCKS": "c:d"}).watch_locks == ("a:b",)
+    assert resolve({"watch_locks": "a:b, c:d"}, {}).watch_locks == ("a:b", "c:d")
+    for bad in ([1], {"a:b": 1}, 3):
+        with pytest.raises(OptionError, match=r"^watch_locks: expected module:attribute paths \(a list"):
+            resolve({"watch_locks": bad}, {})
 
 
 def test_what_names_no_lock_is_a_warning_and_the_service_runs(tmp_path):
