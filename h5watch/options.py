@@ -462,7 +462,7 @@ def as_environ(options: Mapping[str, Any]) -> dict[str, str]:
             value = "off"
         elif isinstance(value, bool):
             value = "true" if value else "false"
-        elif isinstance(value, (list, tuple)):
-            value = ",".join(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            value = ",".join(value)  # watch_locks
         env[env_name(name)] = str(value)
     return env
