@@ -42,6 +42,16 @@ registry = Registry()
 semaphore = threading.Semaphore(2)
 
 
+def take():
+    _lock.acquire()
+    _rlock.acquire()
+
+
+def give():
+    _rlock.release()
+    _lock.release()
+
+
 def use(times):
     for _ in range(times):
         with _lock:
@@ -199,6 +209,40 @@ def test_the_state_file_names_a_watched_lock_by_its_path_with_its_counts(tmp_pat
     [path] = (tmp_path / "state" / str(os.geteuid())).glob(f"{pid}-*.h5w")
     records = {entry["lock"]: entry for entry in read_state_file(str(path)).locks()}
     assert records["myapp.cache:_lock"]["acquisitions"] == 25
+
+
+@pytest.mark.parametrize("implementation", ["compiled", "python"])
+def test_a_lock_taken_before_its_replacement_is_given_back_after_it(tmp_path, implementation):
+    """As logging's _acquireLock() then _releaseLock() on a thread, with install() between them."""
+    skip_unless_built(implementation)
+    result = scenario(tmp_path, """
+        import cache
+        taken, replaced = threading.Event(), threading.Event()
+        errors = []
+        def holder():
+            cache.take()  # the originals
+            taken.set()
+            replaced.wait(10)
+            try:
+                cache.give()  # through the wrappers
+            except Exception as exc:
+                errors.append(repr(exc))
+        thread = threading.Thread(target=holder)
+        thread.start()
+        taken.wait(10)
+        h5watch.install(watch_locks=["cache:_lock", "cache:_rlock"])
+        replaced.set()
+        thread.join(10)
+        cache.use(3)
+        with cache._rlock:
+            pass
+        locks = h5watch.snapshot()["locks"]
+        print(json.dumps({
+            "errors": errors, "free": [not cache._lock.locked(), cache._rlock._inner.acquire(False)],
+            "counted": [locks["cache:_lock"]["stats"]["acquisitions"], locks["cache:_rlock"]["stats"]["acquisitions"]],
+        }))
+    """, env={"H5WATCH_IMPLEMENTATION": implementation})
+    assert last_json(result) == {"errors": [], "free": [True, True], "counted": [3, 1]}
 
 
 def test_uninstall_forgets_paths_whose_module_is_not_imported_yet(tmp_path):

@@ -48,7 +48,7 @@ class _Replaced(NamedTuple):
     wrapper: Any
 
 
-# Guards the three tables below. The finder runs on whichever thread imports.
+# Guards the tables below. The finder runs on whichever thread imports.
 _state_lock = _thread.RLock()
 # path -> what it replaced (the lock it holds, where it was)
 _replaced: dict[str, _Replaced] = {}
@@ -90,10 +90,24 @@ os.register_at_fork(after_in_child=_reinit_after_fork)
 # -- the wrappers ----------------------------------------------------------------------
 
 
+# The base class's hot path, called without super()'s cost.
+_acquire = lock_module.WatchedLock.acquire
+_acquire_for = lock_module.WatchedLock.acquire_for
+_release = lock_module.WatchedLock.release
+
+
 class WatchedRLock(lock_module.WatchedLock):
     """A watched ``threading.RLock`` (or any lock when re-entrant is right)."""
 
     __slots__ = ()
+
+    def release(self) -> None:
+        if self._owner != _get_ident() and self._inner._is_owned():
+            # Taken through the original before the replacement (logging's
+            # _acquireLock, then _releaseLock): given back to the original.
+            self._inner.release()
+            return
+        _release(self)
 
     def _at_fork_reinit(self) -> None:
         # Called in a forked child by code that took the lock in a before-fork
@@ -106,11 +120,6 @@ class WatchedRLock(lock_module.WatchedLock):
             self.release()
         elif self._reinit_inner():
             self._force_reset()
-
-
-# The base class's hot path, called without super()'s cost.
-_acquire = lock_module.WatchedLock.acquire
-_acquire_for = lock_module.WatchedLock.acquire_for
 
 
 class WatchedPlainLock(WatchedRLock):
@@ -154,14 +163,19 @@ class WatchedPlainLock(WatchedRLock):
 
     def release(self) -> None:
         owner = self._owner
+        if owner is None and self._inner.locked():
+            # Taken through the original before the replacement (or by code
+            # that holds the original): given back to the original.
+            self._inner.release()
+            return
         if owner is not None and owner != _get_ident():
             # threading.Lock lets any thread release it: end the holder's hold.
             self._owner = _get_ident()
-        super().release()
+        _release(self)
 
 
 def _wrapper_for(path: str, original: Any) -> Any:
-    """A watched lock wrapping ``original``, or the reason there is none."""
+    """A watched lock wrapping ``original``, or None if it is no lock we wrap."""
     if isinstance(original, _PLAIN_LOCK_TYPE):
         return WatchedPlainLock(path, original)
     if isinstance(original, _RLOCK_TYPES):
