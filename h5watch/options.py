@@ -76,6 +76,7 @@ _DEFAULTS: dict[str, Any] = {
     "log_level": "warning",
     "tick_interval": 0.5,
     "state_files": True,
+    "watch_locks": (),
 }
 
 OPTION_NAMES = tuple(_DEFAULTS)
@@ -106,6 +107,7 @@ class Options:
     log_level: str
     tick_interval: float
     state_files: bool
+    watch_locks: tuple[str, ...]
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(OPTION_NAMES))
@@ -301,6 +303,32 @@ def _bool(name: str, value: Any) -> bool:
     raise OptionError(f"{name}: expected true or false, got {_shown(value)}")
 
 
+# A lock's name is its path as given; the state file keeps 64 bytes of a name.
+MAX_LOCK_PATH_BYTES = 64
+
+
+def _lock_paths(name: str, value: Any) -> tuple[str, ...]:
+    """``module:attribute`` paths: a comma-separated text, or a list of them."""
+    if isinstance(value, str):
+        entries = [entry.strip() for entry in value.split(",")]
+        entries = [entry for entry in entries if entry]
+    elif isinstance(value, (list, tuple)) and all(isinstance(entry, str) for entry in value):
+        entries = [entry.strip() for entry in value]
+    else:
+        raise OptionError(f"{name}: expected module:attribute paths (a list, or text separated by commas), got {_shown(value)}")
+    for entry in entries:
+        module, colon, attribute = entry.partition(":")
+        if not colon or not _dotted_name(module) or not _dotted_name(attribute):
+            raise OptionError(f"{name}: expected module:attribute such as myapp.cache:_lock, got {_shown(entry)}")
+        if len(entry.encode()) > MAX_LOCK_PATH_BYTES:
+            raise OptionError(f"{name}: a path names its lock, at most {MAX_LOCK_PATH_BYTES} bytes, got {_shown(entry)}")
+    return tuple(dict.fromkeys(entries))
+
+
+def _dotted_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "state_dir": _path,
     "service": _text(64),
@@ -317,6 +345,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _choice(LOG_LEVEL_CHOICES),
     "tick_interval": _seconds(allow_off=False),
     "state_files": _bool,
+    "watch_locks": _lock_paths,
 }
 
 OPTION_HELP: dict[str, str] = {
@@ -341,6 +370,8 @@ OPTION_HELP: dict[str, str] = {
     "log_level": "least severe event logged: debug, info, warning, error or critical (default warning)",
     "tick_interval": "seconds (0.01 to 86400) between watchdog ticks (default 0.5)",
     "state_files": "write this process's state file for the daemon: true or false (default true)",
+    "watch_locks": "module:attribute paths of locks to watch, separated by commas (myapp.cache:_lock,logging:_lock), each"
+    " replaced by a WatchedLock now or when its module is imported (default none)",
 }
 
 
@@ -437,5 +468,7 @@ def as_environ(options: Mapping[str, Any]) -> dict[str, str]:
             value = "off"
         elif isinstance(value, bool):
             value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            value = ",".join(value)  # watch_locks
         env[env_name(name)] = str(value)
     return env

@@ -92,6 +92,8 @@ def shown_default(name: str) -> str:
         return "default: the program name"
     if value is None:
         return "default off"
+    if value == ():
+        return "default none"
     if isinstance(value, bool):
         return f"default {str(value).lower()}"
     if isinstance(value, float):

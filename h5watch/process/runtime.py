@@ -182,6 +182,7 @@ def install(**options: Any) -> Options:
         previous = _options
         try:
             _apply_options(resolved)
+            _watch_locks(resolved)
             if previous is None and logs.enabled("info"):
                 _build()  # the event names parts that are otherwise loaded on first need
                 _log.info(
@@ -247,6 +248,25 @@ def _apply_options(resolved: Options) -> None:
         _activate_if_due()
 
 
+def _watch_locks(resolved: Options) -> None:
+    """The ``watch_locks`` option: replace the named locks (now, or as their
+    modules are imported); a lock replaced now is a watched lock, so the
+    parts start. The caller holds ``_install_lock``."""
+    if not resolved.watch_locks and "h5watch.process.watch_locks" not in sys.modules:
+        return  # never used: nothing to load
+    from h5watch.process import watch_locks
+
+    if watch_locks.watch(resolved.watch_locks):
+        _activate()
+
+
+def _restore_locks() -> None:
+    """Put back every lock ``watch_locks`` replaced. The caller holds ``_install_lock``."""
+    watch_locks = sys.modules.get("h5watch.process.watch_locks")
+    if watch_locks is not None:
+        watch_locks.restore_all()
+
+
 def _roll_back(previous: Options | None) -> None:
     """A step of ``install()`` failed: leave h5watch as the call found it,
     else uninstalled; never half installed. The caller holds ``_install_lock``."""
@@ -254,6 +274,10 @@ def _roll_back(previous: Options | None) -> None:
     if previous is not None:
         logs.configure(previous.log_format, level=previous.log_level, workload=previous.service)
         _options = previous
+        try:
+            _watch_locks(previous)
+        except Exception as exc:
+            _log.error("h5watch.unavailable", error=repr(exc), reason="the previous watch_locks could not be restored")
         if not _active:
             return  # _activate() stopped what it had started; still armed
         try:
@@ -261,6 +285,7 @@ def _roll_back(previous: Options | None) -> None:
             return
         except Exception as exc:
             _log.error("h5watch.unavailable", error=repr(exc), reason="the previous options could not be restored")
+    _restore_locks()
     _disarm()
     if _active:
         _stop_parts()
@@ -367,11 +392,13 @@ def _disarm() -> None:
 
 
 def uninstall() -> None:
-    """Undo ``install()``: stop the watchdog, disarm hooks, restore h5py's names."""
+    """Undo ``install()``: stop the watchdog, disarm hooks, restore h5py's
+    names and the locks ``watch_locks`` replaced."""
     global _options, _active
     with _install_lock:
         if _options is None:
             return
+        _restore_locks()
         _disarm()
         if _active:
             _stop_parts()
