@@ -34,13 +34,13 @@ class Program:
     """A scenario run as a child process (its own session), read as it goes."""
 
     def __init__(self, program: str, policy: str, workdir: Path, python: str = sys.executable,
-                 implementation: str | None = None) -> None:
+                 implementation: str | None = None, extra: tuple[str, ...] = ()) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("H5WATCH_") and k != "PYTHONPATH"}
         if implementation is not None:
             env["H5WATCH_IMPLEMENTATION"] = implementation
         self.proc = subprocess.Popen(
-            [python, str(SCRIPT), program, policy, str(workdir)],
+            [python, str(SCRIPT), program, policy, str(workdir), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
         )
         self.stdout: list[str] = []
@@ -108,8 +108,9 @@ class Program:
 def run(tmp_path):
     started: list[Program] = []
 
-    def start(program: str, policy: str, python: str = sys.executable, implementation: str | None = None) -> Program:
-        started.append(Program(program, policy, tmp_path / f"run-{len(started)}", python, implementation))
+    def start(program: str, policy: str, python: str = sys.executable, implementation: str | None = None,
+              extra: tuple[str, ...] = ()) -> Program:
+        started.append(Program(program, policy, tmp_path / f"run-{len(started)}", python, implementation, extra))
         return started[-1]
 
     yield start
@@ -147,6 +148,7 @@ def test_a_deadlock_is_reported_once_within_two_ticks_with_every_thread_named(ru
     time.sleep(6 * TICK)  # still deadlocked, and said once
     assert child.proc.poll() is None
     assert len(child.events("lock.deadlock")) == 1
+    assert all(len(line.encode()) < 16 * 1024 for line in child.stderr)
 
 
 @pytest.mark.timeout(60)
@@ -161,6 +163,18 @@ def test_gc_under_phil_says_who_holds_phil_in_what_and_who_collects(run):
     assert "readinto" in reader["stack"]
     assert io["waits_for"] == "lock 'h5py.phil'" and io["waiting_in"].startswith("garbage collection")
     assert "gc.collect()" in io["stack"]
+
+
+@pytest.mark.timeout(60)
+def test_gc_under_phil_is_seen_after_a_single_threaded_fork_stopped_the_watchdog(run):
+    """On 3.12+ the watchdog stops for a fork while the program has no other
+    thread; the program's threads then deadlock with no wait for a watched
+    lock to wake it: the collection that closes the cycle does."""
+    child = run("gc_under_phil", "warn", extra=("fork-first",))
+    event = child.wait_for("lock.deadlock")
+    assert event["kind"] == "gc_under_phil"
+    stopped = "WATCHDOG False\n" in child.stdout
+    assert stopped is (sys.version_info >= (3, 12)), child.output()
 
 
 @pytest.mark.timeout(60)

@@ -39,6 +39,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, NamedTuple, Protocol
 
@@ -75,15 +76,23 @@ class GcActivity:
     def __init__(self) -> None:
         self.collecting_ident: int | None = None
         self.since_ns = 0
+        # Called as each collection begins (the watchdog's wake_if_threaded).
+        self.on_start: Callable[[], None] | None = None
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self.since_ns = time.monotonic_ns()
             self.collecting_ident = threading.get_ident()
+            if self.on_start is not None:
+                try:
+                    self.on_start()
+                except Exception:  # never an error in the program's collection
+                    pass
         else:
             self.collecting_ident = None
 
-    def start(self) -> None:
+    def start(self, on_start: Callable[[], None] | None = None) -> None:
+        self.on_start = on_start
         if self not in gc.callbacks:
             gc.callbacks.append(self)
 
@@ -154,8 +163,8 @@ class DeadlockDetector:
         # Threads in a reported deadlock that is still there (as of the last tick).
         self.threads_in_deadlock = 0
 
-    def start(self) -> None:
-        self._gc.start()
+    def start(self, on_collection: Callable[[], None] | None = None) -> None:
+        self._gc.start(on_collection)
 
     def stop(self) -> None:
         self._gc.stop()

@@ -25,7 +25,8 @@ a single-threaded program multi-threaded when it forks:
   exporter has a thread of its own anyway;
 - stopped that way, or in the child of subprocess's ``preexec_fn`` fork
   (which execs), it starts again when a thread begins to wait for a watched
-  lock, or when ``install()`` changes an option; never in a child whose fork skipped
+  lock, when a garbage collection begins while the program has a second
+  thread, or when ``install()`` changes an option; never in a child whose fork skipped
   Python's hooks (its ``threading`` is not re-initialised).
 
 subprocess's ``preexec_fn`` fork is told from the others by the Python frame
@@ -108,7 +109,7 @@ class Watchdog:
         self.options = options
         self._enabled = True
         if self._deadlocks is not None:
-            self._deadlocks.start()
+            self._deadlocks.start(self.wake_if_threaded)
         with self._lifecycle:
             self._start_thread()
 
@@ -134,6 +135,26 @@ class Watchdog:
             self._start_thread()
         finally:
             self._lifecycle.release()
+
+    def wake_if_threaded(self) -> None:
+        """A garbage collection begins, on any thread: a watchdog stopped for a
+        fork starts again once the program has a thread besides this one (a
+        deadlock needs two; a wait for a watched lock wakes it too, but a
+        deadlock under garbage collection has none)."""
+        if self._thread is not None or not self._enabled:
+            return
+        # threading's own table lock (a Lock before 3.12, an RLock since) may
+        # be held right now, by this very thread (a collection inside
+        # Thread.start) or another: then try again at the next collection.
+        limbo = threading._active_limbo_lock  # type: ignore[attr-defined]
+        if not limbo.acquire(False):
+            return
+        try:
+            threads = len(threading._active) + len(threading._limbo)  # type: ignore[attr-defined]
+        finally:
+            limbo.release()
+        if threads >= 2:
+            self.wake()
 
     def _start_thread(self) -> None:
         """Start the thread unless it runs; the caller holds ``_lifecycle``."""

@@ -1,11 +1,13 @@
 """Programs that truly deadlock, one per kind, with real threads and real h5py.
 
-Usage: deadlocks.py KIND ON_DEADLOCK|bare DIR
+Usage: deadlocks.py KIND ON_DEADLOCK|bare DIR [fork-first]
 KIND: lock_cycle, phil_app_lock, gc_under_phil, import_lock, holder_waits_on_waiter.
 ``bare`` runs without h5watch (each one then hangs forever). The thread that
 closes the cycle prints ``CLOSING <unix time>`` on stdout just before its
 blocking call; at the end (if the program recovers) ``RESULT <json>``. The
-log goes to stderr. No timeout is configured.
+log goes to stderr. No timeout is configured. ``fork-first``: the program,
+still single-threaded, forks a child that exits at once before it starts
+its threads (on 3.12+ the watchdog stops for such a fork).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ path = os.path.join(workdir, "data.h5")
 with h5py.File(path, "w") as f:
     f["values"] = np.arange(1000.0)
 raw = open(path, "rb").read()
+if sys.argv[4:] == ["fork-first"]:
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    time.sleep(0.5)
+    if policy != "bare":
+        print(f"WATCHDOG {h5watch.snapshot()['watchdog']['running']}", flush=True)
 outcomes: dict[str, str] = {}
 if policy == "bare":
     # The same locks, unwatched: the hang is the program's, not h5watch's.
