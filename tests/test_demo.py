@@ -87,10 +87,10 @@ def test_it_speaks_plain_words(demo):
 
 
 def test_a_progress_line_for_each_program(demo):
-    starts = re.findall(r"^\[(\d)/4\] ", demo, re.MULTILINE)
-    assert starts == ["1", "2", "3", "4"]
-    assert len(re.findall(r"^ +without h5watch \.+ ", demo, re.MULTILINE)) == 3
-    assert len(re.findall(r"^ +with h5watch \.+ ", demo, re.MULTILINE)) == 4
+    starts = re.findall(r"^\[(\d)/5\] ", demo, re.MULTILINE)
+    assert starts == ["1", "2", "3", "4", "5"]
+    assert len(re.findall(r"^ +without h5watch \.+ ", demo, re.MULTILINE)) == 4
+    assert len(re.findall(r"^ +with h5watch \.+ ", demo, re.MULTILINE)) == 5
 
 
 def test_the_header_names_the_h5watch_its_programs_ran(demo, installed):
@@ -126,12 +126,20 @@ def test_the_evidence_shown_is_a_real_event_trimmed(demo):
 
 
 def test_each_result_says_what_it_means(demo):
-    assert demo.count("What it means: ") == 4
-    fork_from_c = demo[demo.index("[2/4]"):demo.index("[3/4]")]
+    assert demo.count("What it means: ") == 5
+    fork_from_c = demo[demo.index("[2/5]"):demo.index("[3/5]")]
     assert "would have hung forever" in fork_from_c
     assert re.search(r"exited at once \(code 70\), naming that thread", " ".join(fork_from_c.split()))
     assert re.search(r"the first named 'reader-\d'", " ".join(fork_from_c.split()))
     assert "Try it on your own program:" in demo and "h5watch run --hold-timeout 30 -- python" in demo
+
+
+def test_the_deadlock_is_silent_without_h5watch_and_named_with_it(demo):
+    deadlock = " ".join(demo[demo.index("[5/5]"):demo.index("What h5watch logged")].split())
+    assert "without h5watch . the reader never finished; nothing said why" in deadlock
+    assert "h5watch logged lock.deadlock (kind gc_under_phil)" in deadlock and "with no timeout set" in deadlock
+    assert "thread 'reader' holds h5py's phil in h5py._hl.files.File.__init__" in deadlock, deadlock
+    assert "'io' is in garbage collection freeing an h5py object and waits for phil" in deadlock
 
 
 def test_it_is_short(demo):

@@ -85,18 +85,21 @@ h5watch demo: how h5py programs hang with threads and fork(), and what h5watch c
 h5py lets one thread at a time into the HDF5 library: every h5py call takes one lock that the \
 whole process shares (h5py names it "phil"), so threads that read HDF5 files take turns. \
 That is cheap while every call is quick (the first program below measures it). It hangs a \
-program, with nothing saying why, in three ways the other three programs show:
+program, with nothing saying why, in the four ways the other programs show:
 
 - a fork() made by C code (a C extension) while another thread holds the lock: the child has \
 no such thread, so its first h5py call waits forever (h5py before 3.14 does this with os.fork() too);
 - os.fork() in h5py 3.14 and later first waits for the lock, as long as a thread holds it: \
 seconds behind a slow read, forever behind a stuck one;
 - a thread that keeps the lock (slow I/O inside h5py, a stuck file-like object) stalls every \
-other thread's h5py calls.
+other thread's h5py calls;
+- a deadlock: a thread holds the lock inside an h5py call that reads through a Python file \
+object served by another thread, and that thread's garbage collection frees an h5py object, \
+which needs the lock.
 
 h5watch watches the lock: it times every wait, knows which thread holds it and where, bounds \
 how long a fork waits, and turns each of these hangs into an error event that names the thread \
-holding the lock.
+holding the lock, or, for a deadlock, every thread of it.
 """
 
 _NEXT_STEPS = """
@@ -313,11 +316,32 @@ def _show_stuck_holder(directory: str, args: argparse.Namespace) -> Run:
     return watched
 
 
+def _show_gc_under_phil(directory: str, args: argparse.Namespace) -> Run:
+    bare = _run("gc_under_phil", False, directory)
+    if not _failed(bare):
+        _finish(bare, "the reader never finished; nothing said why" if not bare.result["reader_finished"]
+                else "the reader finished (the collection found nothing to free this time)")
+    watched = _run("gc_under_phil", True, directory)
+    if _failed(watched):
+        return watched
+    deadlock = next((e for e in watched.events if e.get("event") == "lock.deadlock"), None)
+    if deadlock is None:
+        _finish(watched, "the reader finished" if watched.result["reader_finished"] else "the reader never finished")
+        return watched
+    _finish(watched, f"h5watch logged lock.deadlock (kind {deadlock.get('kind')}) after "
+                     f"{watched.result['waited_seconds']:g} s, with no timeout set: {deadlock.get('summary')}")
+    _means("neither thread would ever go on (the demo leaves after "
+           f"{HUNG_AFTER_SECONDS:g} s); h5watch names the cycle within two watchdog ticks of it forming, "
+           "each thread with its stack. on_deadlock=kill ends such a process at once.")
+    return watched
+
+
 _SHOW = {
     "threads": _show_threads,
     "fork_from_c": _show_fork_from_c,
     "fork_during_slow_read": _show_fork_during_slow_read,
     "stuck_holder": _show_stuck_holder,
+    "gc_under_phil": _show_gc_under_phil,
 }
 
 

@@ -32,6 +32,7 @@ SCENARIOS = {
     "fork_from_c": "a fork() made by C code while threads read",
     "fork_during_slow_read": "os.fork() while a thread is inside a slow read",
     "stuck_holder": "a thread that keeps the lock while others need it",
+    "gc_under_phil": "garbage collection on the thread that serves a file's reads",
 }
 
 # How long a forked child may take before the scenario calls it hung (a
@@ -294,6 +295,88 @@ def _stuck_holder(directory: str) -> dict[str, Any]:
     return {"main_thread_waited_seconds": round(waited, 2)}
 
 
+def _gc_under_phil(directory: str, instrumented: bool) -> dict[str, Any]:
+    """A reader opens an HDF5 file through a Python file object whose reads
+    an IO thread serves (as fsspec does); that thread runs a garbage
+    collection, which frees an h5py object left in a reference cycle: its
+    deallocation takes h5py's lock, which the reader holds while it waits
+    for the IO thread. Neither ever goes on. The program waits a moment,
+    says whether the reader finished, and exits without joining them."""
+    import gc
+    import queue
+
+    import h5py
+    import numpy as np
+
+    path = os.path.join(directory, "gc-under-lock.h5")
+    with h5py.File(path, "w") as f:
+        f["values"] = np.arange(1000.0)
+    raw = open(path, "rb").read()
+    gc.disable()  # the collection happens where the program runs it: on the IO thread
+    requests: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def serve_reads() -> None:
+        while True:
+            request = requests.get()
+            gc.collect()
+            request["data"] = raw[request["pos"]:request["pos"] + request["size"]]
+            request["done"].set()
+
+    class RemoteFile(io.RawIOBase):
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def seek(self, pos: int, whence: int = 0) -> int:
+            self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(raw) + pos)
+            return self.pos
+
+        def tell(self) -> int:
+            return self.pos
+
+        def readinto(self, buffer: Any) -> int:
+            request: dict[str, Any] = {"pos": self.pos, "size": len(buffer), "done": threading.Event()}
+            requests.put(request)
+            request["done"].wait()
+            data = request["data"]
+            buffer[: len(data)] = data
+            self.pos += len(data)
+            return len(data)
+
+    finished = threading.Event()
+
+    def read_remote_file() -> None:
+        with h5py.File(RemoteFile(), "r") as f:
+            f["values"][3]
+        finished.set()
+
+    left_behind = h5py.File(path, "r")
+    cycle: list[Any] = [left_behind["values"].id]
+    cycle.append(cycle)
+    del cycle
+    threading.Thread(target=serve_reads, name="io", daemon=True).start()
+    threading.Thread(target=read_remote_file, name="reader", daemon=True).start()
+    begin = time.monotonic()
+    while time.monotonic() - begin < HUNG_AFTER_SECONDS and not finished.is_set():
+        if instrumented:
+            import h5watch
+
+            if h5watch.snapshot()["watchdog"]["deadlocks"].get("gc_under_phil"):
+                break
+        time.sleep(0.02)
+    result = {"reader_finished": finished.is_set(), "waited_seconds": round(time.monotonic() - begin, 2),
+              "about": _about()}
+    # Two threads are stuck for good: leave without waiting for them (the
+    # interpreter's own exit would).
+    print(json.dumps(result), flush=True)
+    os._exit(0)
+
+
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m h5watch.demo.scenarios")
     parser.add_argument("scenario", choices=["about", *SCENARIOS])
@@ -313,11 +396,14 @@ def _main(argv: list[str]) -> int:
             options["fork_timeout"] = FORK_TIMEOUT
         if args.scenario == "stuck_holder":
             options["hold_timeout"] = HOLD_TIMEOUT
+        options["on_deadlock"] = "warn"
         h5watch.install(**options)
     if args.scenario == "about":
         result: dict[str, Any] = {}
     elif args.scenario == "threads":
         result = _threads(args.directory, args.threads, args.seconds)
+    elif args.scenario == "gc_under_phil":
+        result = _gc_under_phil(args.directory, args.mode == "instrumented")
     else:
         result = {"fork_from_c": _fork_from_c, "fork_during_slow_read": _fork_during_slow_read,
                   "stuck_holder": _stuck_holder}[args.scenario](args.directory)
