@@ -477,8 +477,9 @@ def test_what_names_no_lock_is_a_warning_and_the_service_runs(tmp_path):
         import cache
         paths = ["cache:missing", "cache:Pool.missing", "cache:use", "cache:semaphore", "cache:registry",
                  "spacey:_lock", "cache:_lock"]
-        h5watch.install(watch_locks=paths)
+        h5watch.install(watch_locks=paths + ["myapp.cache:missing"])
         import spacey
+        import myapp.cache
         cache.use(3)
         print(json.dumps({"lock": type(cache._lock).__name__, "ran": True}))
     """)
@@ -492,6 +493,8 @@ def test_what_names_no_lock_is_a_warning_and_the_service_runs(tmp_path):
         "cache:semaphore": "it is a Semaphore, not a threading.Lock or threading.RLock",
         "cache:registry": "it is not a lock (a Registry, with no acquire and release)",
         "spacey:_lock": "module 'spacey' is a namespace package: it has no attributes of its own to replace",
+        # imported after install(): looked up once its body has run
+        "myapp.cache:missing": "module 'myapp.cache' has no attribute 'missing'",
     }
     assert all(len(line) < 400 for line in result.stderr.splitlines())
 

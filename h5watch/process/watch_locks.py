@@ -246,8 +246,9 @@ def pending_paths() -> list[str]:
         return [path for paths in _pending.values() for path in paths]
 
 
-def _replace(path: str, module: ModuleType) -> bool:
-    """Replace the lock ``path`` names in ``module``; the caller holds ``_state_lock``."""
+def _replace(path: str, module: ModuleType, *, body_ran: bool = False) -> bool:
+    """Replace the lock ``path`` names in ``module``; the caller holds ``_state_lock``.
+    ``body_ran``: the module's body has just run (its spec still says initializing)."""
     owner: Any = module
     *parents, attribute = path.partition(":")[2].split(".")
     for parent in parents:
@@ -255,7 +256,7 @@ def _replace(path: str, module: ModuleType) -> bool:
         if owner is _MISSING:
             return _failed(path, f"module {module.__name__!r} has no attribute {path.partition(':')[2]!r}")
     original = getattr(owner, attribute, _MISSING)
-    if original is _MISSING and _initializing(module):
+    if original is _MISSING and not body_ran and _initializing(module):
         return _failed(path, f"module {module.__name__!r} has no attribute {path.partition(':')[2]!r} yet: its body"
                        " is still running (install() called from it?)")
     if original is _MISSING:
@@ -374,7 +375,7 @@ def _module_ran(module: ModuleType) -> None:
     replaced = False
     with _changing:
         for path in _pending.pop(module.__name__, ()):
-            replaced = _replace(path, module) or replaced
+            replaced = _replace(path, module, body_ran=True) or replaced
         _update_finder()
     if replaced:
         from h5watch.process import runtime
