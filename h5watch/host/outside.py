@@ -91,7 +91,8 @@ def render_threads(threads: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     for thread in threads:
         status = ", ".join(s for s in (thread.get("gil_status"), thread.get("gc_status")) if s)
-        lines.append(f"Thread {thread['native_id']}" + (f" [{status}]" if status else "") + " (most recent call last):")
+        name = f" '{thread['thread_name']}'" if thread.get("thread_name") else ""
+        lines.append(f"Thread {thread['native_id']}{name}" + (f" [{status}]" if status else "") + " (most recent call last):")
         for frame in thread["python_frames"]:
             lines.append(f'  File "{frame["file"]}", line {frame["line"]}, in {frame["function"]}')
         if thread["native_frames"]:
@@ -115,7 +116,7 @@ def read_stacks(pid: int, faulthandler: Callable[[], str] | None, *, use_pystack
             return OutsideStacks("pystack", threads=threads)
         unavailable["pystack"] = why
     else:
-        unavailable["pystack"] = "not asked for"
+        unavailable["pystack"] = "not asked for (h5watch dump --native reads with pystack)"
     text = faulthandler() if faulthandler is not None else f"({no_signal})"
     if not (text.startswith("(") and text.endswith(")")):
         return OutsideStacks("faulthandler", text=text, unavailable=unavailable)

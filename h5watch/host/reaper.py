@@ -92,6 +92,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
         now = time.time()
         stacks = outside.read_stacks(state.pid, None if dry_run else lambda: faulthandler_stacks(state, pidfd),
                                      use_pystack=True, native=not dry_run, timeout=stacks_timeout)
+        view = outside.outside_view(state, stacks, now)  # names the threads pystack read, from the state file
         evidence = {
             "workload": state.workload,
             "worker_pid": state.pid,
@@ -111,7 +112,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
             incident = {
                 "event": "worker.would_kill" if dry_run else "worker.killed", "dry_run": dry_run, "time_unix": now,
                 "reason": reason, "kill_after": kill_after, "grace": grace, **_blamed(culprit),
-                **outside.outside_view(state, stacks, now),
+                **view,
             }
             incident_file = incidents.write(incident, state.pid, state.start_ticks)
         evidence["incident_file"] = incident_file
