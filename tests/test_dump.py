@@ -89,3 +89,45 @@ def test_dump_of_another_users_process_is_refused_unless_root(state_dir, worker,
     out = dump("/tmp", str(worker), user=user)
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
     assert "only root may inspect another user's process" in out.stderr
+
+
+def test_dump_by_a_non_root_user_of_a_root_process_is_one_line_and_exit_2(state_dir, worker):
+    # The same refusal without needing the other user to run this interpreter:
+    # a fork of this process drops to that user and runs the command in place.
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd")
+    import pwd
+    import select
+
+    made = subprocess.run(["useradd", "--no-create-home", "h5wdump"], capture_output=True, timeout=30)
+    if made.returncode not in (0, 9):  # 9: it exists already
+        pytest.skip(f"useradd failed: {made.stderr!r}")
+    user = pwd.getpwnam("h5wdump")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 99
+        try:
+            sys.stderr = open(write_end, "w", buffering=1)  # pytest's capture replaced sys.stderr
+            sys.stdout = open(os.devnull, "w")
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            from h5watch.cli import main
+
+            code = main(["dump", "--state-dir", str(state_dir), str(worker)])
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        assert select.select([read_end], [], [], 30)[0], "no answer within 30 s"
+        stderr = b""
+        while chunk := os.read(read_end, 65536):
+            stderr += chunk
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(child, 0)
+    lines = stderr.decode().splitlines()
+    assert os.waitstatus_to_exitcode(status) == 2, stderr
+    assert len(lines) == 1 and "only root may inspect another user's process" in lines[0], lines
