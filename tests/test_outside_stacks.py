@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -136,3 +137,22 @@ def test_a_symlinked_incidents_directory_is_never_written_through(tmp_path):
     os.symlink(elsewhere, os.path.join(own.path, "incidents"))
     assert IncidentStore(own).write({"n": 1}, 1, 1) is None
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_daemon_keeps_incidents_keep_files_and_refuses_a_bad_count(state_dir, daemons, workers):
+    from daemon_support import H5WATCH
+
+    daemon = daemons(state_dir, "--scan-interval", "0.3", "--kill-after", "1", "--grace", "0.5", "--incidents-keep", "1")
+    procs = [workers(state_dir, "stuck", "-", service=f"kept-{n}") for n in range(2)]
+    for proc in procs:
+        read_json_line(proc)
+    for proc in procs:
+        wait_for(lambda proc=proc: proc.poll(), 30, what="the stuck worker to be killed")
+    killed = wait_for(lambda: len(daemon.events("worker.killed")) == 2 and daemon.events("worker.killed"), 10,
+                      what="two worker.killed")
+    assert all(event["incident_file"] for event in killed)
+    assert [path.name for path in incidents_of(state_dir)] == [max(os.path.basename(e["incident_file"]) for e in killed)]
+    for bad in ("-1", "many", "1.5", ""):
+        out = subprocess.run([*H5WATCH, "daemon", "--state-dir", str(state_dir), "--incidents-keep", bad],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and "--incidents-keep" in out.stderr, out.stderr
