@@ -156,3 +156,29 @@ def test_the_daemon_keeps_incidents_keep_files_and_refuses_a_bad_count(state_dir
         out = subprocess.run([*H5WATCH, "daemon", "--state-dir", str(state_dir), "--incidents-keep", bad],
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and "--incidents-keep" in out.stderr, out.stderr
+
+
+def test_a_pystack_read_cut_off_at_its_timeout_leaves_the_process_running(state_dir, workers):
+    # The reader is killed wherever its timeout falls, mid-attach or mid-read
+    # included: the kernel detaches a dead tracer's tracees, and pystack's
+    # seize stops them without a SIGSTOP that could outlive it.
+    from h5watch.host import outside
+
+    pytest.importorskip("pystack")
+    proc = workers(state_dir, "stuck", "-", service="cut")
+    pid = read_json_line(proc)["pid"]
+    started = time.monotonic()
+    threads, why = outside.pystack_threads(pid, native=True, timeout=10)
+    whole_read = time.monotonic() - started
+    assert threads is not None, why
+    cut = 0
+    for step in range(12):
+        threads, why = outside.pystack_threads(pid, native=True, timeout=whole_read * (0.4 + 0.05 * step))
+        cut += threads is None
+        time.sleep(0.05)
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status)
+        assert fields["State"].split()[0] in ("S", "R"), fields["State"]
+        assert fields["TracerPid"].strip() == "0"
+    assert cut, "no read was cut off"
+    assert proc.poll() is None
