@@ -43,6 +43,7 @@ __all__ = [
     "ensure_state_dir",
     "ensure_writable_state_dir",
     "open_user_dir",
+    "open_private_subdir",
     "check_state_dir",
     "readable_user_dirs",
     "dir_of",
@@ -150,6 +151,14 @@ def open_user_dir(base: str, create: bool = True, parents: bool = True) -> OpenD
             os.close(base_fd)
         _opened[path] = opened
         return opened
+
+
+def open_private_subdir(parent: OpenDir, name: str) -> OpenDir:
+    """``name`` in ``parent`` (a directory of this user's), made 0700 when
+    missing, opened without following a symlink and checked as a per-user
+    directory is: owned by this user, writable by nobody else. The caller
+    closes its ``fd``."""
+    return _open_subdir(parent.fd, os.path.join(parent.path, name), os.geteuid(), create=True)
 
 
 def check_state_dir(base: str) -> str:

@@ -760,13 +760,17 @@ class ProcessState:
     fork counters included) and lock records (LOCK_DTYPE: one per live lock
     instance and per retired name, with their counters)."""
 
-    __slots__ = ("path", "header", "records", "file_uid", "torn")
+    __slots__ = ("path", "header", "records", "file_uid", "torn", "file_id")
 
-    def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int, torn: bool = False) -> None:
+    def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int, torn: bool = False,
+                 file_id: tuple[int, int] | None = None) -> None:
         self.path = path
         self.header = header
         self.records = records
         self.file_uid = file_uid
+        # (st_dev, st_ino) of the file as read: it still names the process's
+        # mapping after the file is unlinked (the mapping keeps the inode).
+        self.file_id = file_id
         # Read as it is although its writer's sequence counters were odd:
         # only for a process that is gone (the counters are still exact).
         self.torn = torn
@@ -917,7 +921,8 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         header, records = _decode(fd, head, table)
         if int(header["uid"]) != info.st_uid:
             raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
-        return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid, torn=not consistent)
+        return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid, torn=not consistent,
+                            file_id=(info.st_dev, info.st_ino))
     finally:
         os.close(fd)
 

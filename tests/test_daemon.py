@@ -3,6 +3,7 @@ aggregation across exits, killing stuck workers (and never the wrong process).""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -218,7 +219,16 @@ def test_dry_run_kills_nothing(state_dir, daemons, workers):
     assert proc.poll() is None
     [event] = daemon.events("worker.would_kill")
     assert event["worker_pid"] == pid and event["lock"] == "app.x" and event["holder"]["thread_name"] == "stuck-holder"
-    assert event["stacks"] == "(dry run: no dump signal sent)"  # --dry-run sends no signal at all
+    # --dry-run sends no signal at all: pystack reads Python frames without stopping it, else no stacks.
+    if event["stacks_source"] == "pystack":
+        assert "hold_forever" in event["stacks"] and "stuck-holder" in event["stacks"]
+    else:
+        assert event["stacks_source"] == "state_file"
+        assert event["stacks_unavailable"]["faulthandler"] == "no signal sent (dry run)"
+    # The would-be kill leaves its incident file too: it is evidence, not a kill.
+    incident = json.loads(Path(event["incident_file"]).read_text())
+    assert incident["event"] == "worker.would_kill" and incident["dry_run"] is True
+    assert incident["process"]["pid"] == pid and incident["process"]["state"] not in ("T", "t")
     assert daemon.events("worker.killed") == []
     assert daemon.value("h5watch_processes", workload="dry", state="stuck") == 1
     # Counted as a would-be kill, once, with its reason; never as a kill.

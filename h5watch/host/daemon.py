@@ -13,9 +13,11 @@ Each scan reads every state file in ``state_dir`` and sorts its process:
 The scan publishes a fresh :class:`~h5watch.export.metrics.Aggregate`; scrapes
 only read the latest one. With ``--kill-after``, a worker the verdict finds
 past it (the kill's ``reason`` is the verdict's at that threshold) has its stacks
-taken from outside (its ``faulthandler`` dump signal; py-spy where
-installed), ``worker.killed`` is logged with the lock evidence of its state
-file, then it gets SIGTERM, and SIGKILL after ``--grace``.
+read from outside (:mod:`h5watch.host.outside`: pystack, else its
+``faulthandler`` dump signal, else none), its incident file written
+(:mod:`h5watch.host.incidents`), ``worker.killed`` logged with the lock
+evidence of its state file and that file's name, then it gets SIGTERM, and
+SIGKILL after ``--grace``.
 
 A stopped or traced worker is ``stopped`` in ``h5watch_processes{state}``
 and is not killed (``worker.spared_stopped``, once) unless ``--kill-stopped``.
@@ -45,7 +47,7 @@ from h5watch import logs
 from h5watch.errors import UsageError
 from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, installed_versions, metrics_registry
 from h5watch.export.server import MetricsServer
-from h5watch.host import claim, reaper, totals
+from h5watch.host import claim, incidents, reaper, totals
 from h5watch.host.totals import Totals
 from h5watch.host.verdict import KILL_REASONS, OK, Finding, Thresholds, Verdict, judge_live, parse_seconds
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
@@ -110,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "forget a workload that has had no process for this long (seconds, or with s, m, h or d; 0 or off: never): its "
         "series leave /metrics and its saved totals are dropped, so a later return starts its counters from 0 (default 24h)"
     ))
+    parser.add_argument("--incidents-keep", default=str(incidents.DEFAULT_KEEP), help=(
+        "keep this many incident files (one per kill, in <state dir>/<uid>/incidents/; the oldest are removed first; "
+        f"0: write none) (default {incidents.DEFAULT_KEEP})"
+    ))
     parser.add_argument("--log-format", choices=("json", "console"), default=None, help="json (default) or console")
 
 
@@ -142,6 +148,13 @@ def parse_retention(text: str) -> float | None:
     if not 0 <= value < 1e10:  # NaN fails too
         raise UsageError(f"--workload-retention: expected a duration such as 3600, 90m, 24h or 7d, or 0 or off, got {text!r}")
     return value or None
+
+
+def parse_keep(text: str) -> int:
+    """``--incidents-keep``: how many incident files to keep (0: none written)."""
+    if not (text.strip().isdigit() and int(text) < 10**7):
+        raise UsageError(f"--incidents-keep: expected a whole number of files such as 100, or 0 for none, got {text!r}")
+    return int(text)
 
 
 def tls_context(cert: str | None, key: str | None, client_ca: str | None) -> ssl.SSLContext | None:
@@ -181,6 +194,7 @@ def main(args: argparse.Namespace) -> int:
     thresholds = Thresholds.parse(args.stuck_after, args.kill_after)
     grace = parse_seconds("--grace", args.grace)
     retention = parse_retention(args.workload_retention)
+    incidents_keep = parse_keep(args.incidents_keep)
     tls = tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     # The daemon's own events name it, unless H5WATCH_SERVICE names it otherwise.
     workload = options.service if env_name("service") in os.environ else "h5watch-daemon"
@@ -196,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     except (StateDirError, claim.ClaimError) as exc:
         raise UsageError(str(exc)) from None
     daemon = Daemon(options.state_dir, scan_interval, thresholds.kill_after, grace, thresholds.stuck_after, args.dry_run,
-                    args.kill_stopped, workload_retention=retention)
+                    args.kill_stopped, workload_retention=retention, incidents_keep=incidents_keep)
     daemon.claim_fd = claim_fd
     # What h5watch status judges by, when it is given no thresholds of its own.
     claim.announce(claim_fd, {**thresholds.to_json(), "kill_stopped": args.kill_stopped, "dry_run": args.dry_run})
@@ -218,6 +232,7 @@ class Daemon:
         dry_run: bool = False,
         kill_stopped: bool = False,
         workload_retention: float | None = DEFAULT_WORKLOAD_RETENTION,
+        incidents_keep: int = incidents.DEFAULT_KEEP,
     ) -> None:
         self.state_dir = state_dir
         self.workload_retention = workload_retention
@@ -232,6 +247,7 @@ class Daemon:
         # The daemon's own per-user directory holds its totals and lock file.
         self._own_dir = open_user_dir(state_dir, parents=False)
         self._totals_path = os.path.join(self._own_dir.path, TOTALS_FILE)
+        self.incidents = incidents.IncidentStore(self._own_dir, incidents_keep)
         self._unsaved = False
         self._unsaved_logged = False
         self._save_failures = 0
@@ -279,7 +295,8 @@ class Daemon:
             server.start()
             _log.info("daemon.started", state_dir=self.state_dir, listen=format_listen(host, server.port), kill_after=self.thresholds.kill_after,
                       grace=self.grace, stuck_after=self.thresholds.stuck_after, dry_run=self.dry_run, scan_interval=self.scan_interval,
-                      kill_stopped=self.kill_stopped, workload_retention=self.workload_retention, tls=tls is not None)
+                      kill_stopped=self.kill_stopped, workload_retention=self.workload_retention, tls=tls is not None,
+                      incidents_dir=self.incidents.path, incidents_keep=self.incidents.keep)
             while not self._stop.wait(self.scan_interval):
                 self.scan()
         finally:
@@ -446,6 +463,8 @@ class Daemon:
             verdict = process.verdict
             if verdict.kill is None:
                 continue
+            if (process.state.pid, process.state.start_ticks) in self._handled:
+                continue  # being killed: pystack's read shows it traced meanwhile
             if verdict.stopped is not None and not self.kill_stopped:
                 self._spare_stopped(process.state, verdict)
                 continue
@@ -722,7 +741,7 @@ class Daemon:
                 self._kills_unsaved = True  # saved by the next scan
 
         reaper.kill_worker(state, reason, finding.culprit, kill_after=self.thresholds.kill_after, grace=self.grace, dry_run=self.dry_run,
-                           count_kill=count)
+                           count_kill=count, incidents=self.incidents)
 
 
 @dataclass

@@ -32,19 +32,20 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from h5watch import logs
+from h5watch.host import outside
 from h5watch.statedir import proc_stat, process_identity
 from h5watch.statefile import DUMP_SIGNAL, ProcessState
 
 if TYPE_CHECKING:
+    from h5watch.host.incidents import IncidentStore
     from h5watch.host.verdict import Culprit, Reason
 
 __all__ = [
     "kill_worker",
-    "Stacks",
-    "dump_stacks",
+    "faulthandler_stacks",
     "open_verified",
     "still_same",
     "why_not_signal",
@@ -66,26 +67,32 @@ _log = logs.get_logger(logger="h5watch.daemon")
 
 
 def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *, kill_after: float | None, grace: float,
-                dry_run: bool, count_kill: Callable[[], None]) -> None:
-    """Dump a stuck worker's stacks, log the evidence, then SIGTERM and, after ``grace``, SIGKILL.
+                dry_run: bool, count_kill: Callable[[], None], incidents: IncidentStore | None = None,
+                stacks_timeout: float = outside.PYSTACK_TIMEOUT_SECONDS) -> None:
+    """Read a stuck worker's stacks from outside, write its incident file, log
+    the evidence, then SIGTERM and, after ``grace``, SIGKILL.
 
     ``reason`` and ``culprit``: the verdict's finding at ``kill_after``
     (:mod:`h5watch.host.verdict`); no culprit for a stale heartbeat with no
-    lock held or waited for.
+    lock held or waited for. The stacks (:func:`h5watch.host.outside.read_stacks`):
+    pystack's with native frames, else the faulthandler dump, else none;
+    each read is bounded (``stacks_timeout``, 1 s for the dump), and none can
+    prevent the kill.
 
     With ``dry_run``: the same checks and evidence, minus anything that needs
-    a signal (the faulthandler dump), then ``worker.would_kill``; nothing is
-    sent. ``count_kill`` is called once the kill is made (the SIGTERM sent),
-    or with ``dry_run`` once it is logged (the caller counts a would-be kill)."""
+    a signal or a stop (pystack reads Python frames only, without stopping
+    the process; no faulthandler dump), then ``worker.would_kill``; nothing
+    is sent. ``count_kill`` is called once the kill is made (the SIGTERM
+    sent), or with ``dry_run`` once it is logged (the caller counts a
+    would-be kill)."""
     pidfd = open_verified(state)
     if pidfd is None:
         return
     try:
         now = time.time()
-        if dry_run:
-            stacks = Stacks("(dry run: no dump signal sent)", py_spy_dump(state.pid))
-        else:
-            stacks = dump_stacks(state, pidfd)
+        stacks = outside.read_stacks(state.pid, None if dry_run else lambda: faulthandler_stacks(state, pidfd),
+                                     use_pystack=True, native=not dry_run, timeout=stacks_timeout)
+        view = outside.outside_view(state, stacks, now)  # names the threads pystack read, from the state file
         evidence = {
             "workload": state.workload,
             "worker_pid": state.pid,
@@ -94,8 +101,21 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
             "heartbeat_age_seconds": round(now - state.heartbeat_unix, 3),
             **_blamed(culprit),
             "locks": state.locks(now),
-            **stacks._asdict(),
+            "stacks": stacks.render()[:STACKS_READ_LIMIT],
+            "stacks_source": stacks.source,
+            "stacks_unavailable": stacks.unavailable,
+            "gil_holder_native_id": stacks.gil_holder,
+            "py_spy": None if stacks.source == "pystack" else py_spy_dump(state.pid),
         }
+        incident_file = None
+        if incidents is not None:
+            incident = {
+                "event": "worker.would_kill" if dry_run else "worker.killed", "dry_run": dry_run, "time_unix": now,
+                "reason": reason, "kill_after": kill_after, "grace": grace, **_blamed(culprit),
+                **view,
+            }
+            incident_file = incidents.write(incident, state.pid, state.start_ticks)
+        evidence["incident_file"] = incident_file
         if dry_run:
             _log.warning("worker.would_kill", dry_run=True, **evidence)
             count_kill()
@@ -125,26 +145,16 @@ def _blamed(culprit: Culprit | None) -> dict[str, Any]:
             "oldest_wait_seconds": culprit.oldest_wait_seconds, "orphaned": culprit.orphaned}
 
 
-class Stacks(NamedTuple):
-    """A worker's stacks for its evidence: its own faulthandler dump (or why
-    there is none), and py-spy's where installed."""
-
-    stacks: str
-    py_spy: str | None
-
-
-def dump_stacks(state: ProcessState, pidfd: int) -> Stacks:
-    """Every thread's Python stack, from the process's own faulthandler
-    (works when all its threads are blocked in C; not when it is stopped),
-    and from py-spy where installed."""
+def faulthandler_stacks(state: ProcessState, pidfd: int) -> str:
+    """Every thread's Python stack, from the process's own faulthandler (works
+    when all its threads are blocked in C; not when it is stopped); why not,
+    in parentheses, when there is none."""
     stat_ = proc_stat(state.pid)
     if stat_ is not None and stat_[0] in ("T", "t"):
-        stacks = "(process is stopped: no faulthandler dump)"
-    elif not catches_signal(state.pid, DUMP_SIGNAL):
-        stacks = "(no handler for the dump signal: not sent)"
-    else:
-        stacks = faulthandler_dump(state, pidfd)
-    return Stacks(stacks, py_spy_dump(state.pid))
+        return "(the process is stopped: it cannot run its dump handler)"
+    if not catches_signal(state.pid, DUMP_SIGNAL):
+        return "(no handler for the dump signal: not sent)"
+    return faulthandler_dump(state, pidfd)
 
 
 def py_spy_dump(pid: int) -> str | None:
@@ -229,21 +239,28 @@ def still_same(state: ProcessState) -> bool:
 
 def maps_state_file(state: ProcessState) -> bool:
     """Does the process map its own state file now? Compared by device and
-    inode with the file mappings in ``/proc/<pid>/maps``."""
+    inode with the file mappings in ``/proc/<pid>/maps``. A file unlinked
+    since it was read is looked for by the device and inode it had then:
+    the mapping keeps that inode alive, so no other file can have taken it."""
     try:
         info = os.stat(state.path, follow_symlinks=False)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != int(state.header["uid"]):
+            return False
+        file_dev, file_ino = info.st_dev, info.st_ino
+    except FileNotFoundError:
+        if state.file_id is None:
+            return False
+        file_dev, file_ino = state.file_id
     except OSError:
         return False
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != int(state.header["uid"]):
-        return False
-    wanted_dev = (os.major(info.st_dev), os.minor(info.st_dev))
+    wanted_dev = (os.major(file_dev), os.minor(file_dev))
     same_inode: list[str] = []
     try:
         with open(f"/proc/{state.pid}/maps", "rb") as maps:
             for line in maps:
                 # address perms offset major:minor inode [path]
                 fields = line.split(None, 5)
-                if len(fields) < 5 or fields[4] != b"%d" % info.st_ino:
+                if len(fields) < 5 or fields[4] != b"%d" % file_ino:
                     continue
                 major, _, minor = fields[3].partition(b":")
                 if (int(major, 16), int(minor, 16)) == wanted_dev:
@@ -258,7 +275,7 @@ def maps_state_file(state: ProcessState) -> bool:
             mapped = os.stat(f"/proc/{state.pid}/map_files/{span}")
         except OSError:
             continue
-        if (mapped.st_dev, mapped.st_ino) == (info.st_dev, info.st_ino):
+        if (mapped.st_dev, mapped.st_ino) == (file_dev, file_ino):
             return True
     return False
 
@@ -352,7 +369,7 @@ def faulthandler_dump(state: ProcessState, pidfd: int) -> str:
     try:
         before = os.stat(path).st_size
     except OSError:
-        return "(no stacks file)"
+        return "(no stacks file: it is gone)"
     if not send(pidfd, state, DUMP_SIGNAL):
         return "(not signalled: see daemon.refused_signal)"
     deadline = time.monotonic() + 1.0

@@ -6,6 +6,10 @@ Usage: worker.py MODE DIR [K]
                once done, then waits until DIR/release exists and exits 0.
   stuck DIR    a thread holds 'app.x' forever, the main thread waits for it.
   crowd DIR N  a thread holds 'app.x' forever, N threads (waiter-0 first) wait for it.
+  gil DIR      a thread 'gil-holder' holds 'app.x' and then sleeps in libc's
+               sleep() called through ctypes.PyDLL, which keeps the GIL: every
+               other thread (the main one waiting for 'app.x', the watchdog)
+               is blocked, so the heartbeat stops.
   orphan DIR   a thread holds 'app.x' while the main thread forks without
                Python's hooks, then lets go; the child (on_orphan=warn) stops
                its watchdog and waits on the orphaned lock forever. Prints the
@@ -80,6 +84,16 @@ if mode == "crowd":
             time.sleep(0.01)
     emit(pid=os.getpid(), ready=True)
     time.sleep(3600)
+
+if mode == "gil":
+    def hold_the_gil_in_c() -> None:
+        with app:
+            emit(pid=os.getpid(), ready=True)
+            ctypes.PyDLL(None).sleep(3600)
+
+    threading.Thread(target=hold_the_gil_in_c, name="gil-holder", daemon=True).start()
+    app.acquire()
+    sys.exit(0)
 
 if mode == "orphan":
     forked = threading.Event()
