@@ -57,21 +57,21 @@ def run_python(
     full_env = dict(os.environ)
     full_env.pop("PYTHONPATH", None)
     full_env.update(env or {})
-    proc = subprocess.Popen(
-        [python or sys.executable, "-c", textwrap.dedent(code), *(args or [])],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        start_new_session=True,
-    )
+    return run_command([python or sys.executable, "-c", textwrap.dedent(code), *(args or [])], timeout=timeout,
+                       env=full_env, cwd=cwd)
+
+
+def run_command(command: list[str], *, timeout: float, what: str = "child", **popen: object) -> subprocess.CompletedProcess:
+    """Run ``command`` in a session of its own; its whole process group is
+    killed at the end, and on timeout (an AssertionError with its output)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen)  # type: ignore[call-overload]
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"child timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}") from None
+        raise AssertionError(f"{what} timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -111,6 +111,24 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir(mode=0o700)
     return path
+
+
+@pytest.fixture
+def workers():
+    """Start real instrumented workers (``daemon_support.start_worker``'s
+    arguments); every one is killed, with its process group, at the end."""
+    from daemon_support import kill_group, start_worker
+
+    started: list = []
+
+    def start(*args, **kwargs):
+        proc = start_worker(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        kill_group(proc)
 
 
 @pytest.fixture

@@ -14,26 +14,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from daemon_support import H5WATCH, DaemonProcess, kill_group, read_json_line, start_worker, wait_for
+from daemon_support import H5WATCH, DaemonProcess, kill_group, read_json_line, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(120)
 
 COUNTERS = ("_total", "_count", "_bucket", "_sum")
-
-
-@pytest.fixture
-def workers():
-    started: list[subprocess.Popen] = []
-
-    def start(*args, **kwargs) -> subprocess.Popen:
-        proc = start_worker(*args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc)
 
 
 def counter_samples(samples: dict) -> dict:

@@ -8,16 +8,14 @@ clone is), through the installed ``h5watch`` command.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, run_command, run_python
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -26,20 +24,7 @@ JARGON = [r"\bseed\b", r"\bworkload\b(?!\")", r"\bprobe", r"\bF[123]\b", r"at-fo
 
 
 def run_demo(cwd: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([str(H5WATCH), "demo", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"h5watch demo timed out after {timeout} s\nstdout:\n{out}\nstderr:\n{err}") from None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_command([str(H5WATCH), "demo", *args], timeout=timeout, what="h5watch demo", cwd=cwd)
 
 
 @pytest.fixture(scope="module")

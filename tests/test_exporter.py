@@ -23,27 +23,13 @@ from pathlib import Path
 import h5py
 import pytest
 from conftest import REPO, run_python
-from daemon_support import H5WATCH, free_port, kill_group, read_json_line, start_worker, wait_for
+from daemon_support import H5WATCH, free_port, kill_group, read_json_line, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import h5watch
 from h5watch.statefile import StateWriter, read_state_file
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def workers():
-    started: list[subprocess.Popen] = []
-
-    def start(*args, **kwargs) -> subprocess.Popen:
-        proc = start_worker(*args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc)
 
 
 def fetch(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_python
-from daemon_support import H5WATCH, kill_group, read_json_line, start_worker
+from daemon_support import H5WATCH, read_json_line
 
 import h5watch
 
@@ -206,20 +206,6 @@ def test_an_orphan_kill_from_the_compiled_core_has_the_same_head(tmp_path):
     assert "lock.orphaned" in names and "process.killed" in names, proc.stderr[-3000:]
     for event in events:
         assert list(event)[:5] == [*HEAD, "pid"] and event["workload"] == "orphan_child", event
-
-
-@pytest.fixture
-def workers():
-    started: list[subprocess.Popen] = []
-
-    def start(*args, **kwargs) -> subprocess.Popen:
-        proc = start_worker(*args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc)
 
 
 @pytest.mark.timeout(120)

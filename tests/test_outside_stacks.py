@@ -10,24 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import kill_group, read_json_line, start_worker, wait_for
+from daemon_support import read_json_line, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 pytest.importorskip("pystack")
-
-
-@pytest.fixture
-def workers():
-    started = []
-
-    def start(*args, **kwargs):
-        proc = start_worker(*args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc)
 
 
 def incidents_of(state_dir: Path) -> list[Path]:

@@ -9,23 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from daemon_support import H5WATCH, kill_group, read_json_line, start_worker, wait_for
+from daemon_support import H5WATCH, read_json_line, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def workers():
-    started: list[subprocess.Popen] = []
-
-    def start(*args, **kwargs) -> subprocess.Popen:
-        proc = start_worker(*args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc)
 
 
 def status(state_dir: Path, *args: str) -> subprocess.CompletedProcess:

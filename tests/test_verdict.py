@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from daemon_support import H5WATCH, kill_group, read_json_line, start_worker, wait_for
+from daemon_support import H5WATCH, read_json_line, wait_for
 
 from h5watch.errors import UsageError
 from h5watch.host.verdict import OK, Thresholds, judge
@@ -300,20 +300,6 @@ def test_bad_thresholds_name_the_option(stuck_after, kill_after, flag):
 
 
 # -- the daemon and h5watch status, on the same real workers ---------------------
-
-
-@pytest.fixture
-def workers():
-    started: list[subprocess.Popen] = []
-
-    def start(*args, **kwargs) -> subprocess.Popen:
-        proc = start_worker(*args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc)
 
 
 def status(state_dir: Path, *args: str, json_output: bool = True) -> subprocess.CompletedProcess:
