@@ -414,7 +414,10 @@ def test_no_inversion_is_reported_over_the_lock_tests(implementation):
 
     from conftest import REPO
 
-    env = {**os.environ, "H5WATCH_IMPLEMENTATION": implementation, "H5WATCH_LOG_FORMAT": "json"}
+    # The implementation asked for is the one those tests must find (CI sets
+    # H5WATCH_EXPECT_IMPLEMENTATION for its own run).
+    env = {**os.environ, "H5WATCH_IMPLEMENTATION": implementation, "H5WATCH_EXPECT_IMPLEMENTATION": implementation,
+           "H5WATCH_LOG_FORMAT": "json"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_lock.py",
          "tests/test_rlock_parity.py"],
