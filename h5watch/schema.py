@@ -28,6 +28,10 @@ __all__ = [
     "COUNTER_LAYOUT",
     "DEAD_OWNER",
     "counter_index",
+    "OPERATION_SLOTS",
+    "OPERATION_OTHER",
+    "OPERATION_LAYOUT",
+    "N_OPERATION_WORDS",
 ]
 
 BUCKET_BOUNDS_SECONDS: tuple[float, ...] = (
@@ -80,3 +84,20 @@ def counter_index(table: str, key: str) -> int:
     if table == "orphans":
         return C_ORPHANS + ORPHAN_ACTIONS.index(key)
     raise KeyError(table)
+
+
+# Contention by operation: per lock, a table of OPERATION_SLOTS rows of
+# N_OPERATION_WORDS unsigned 64-bit words, one row per operation that held the
+# lock (h5py's function for phil, acquire_for's operation, else the lock's
+# name). Row 0 counts every operation past the first OPERATION_SLOTS - 1,
+# exported as OPERATION_OTHER; the table never grows.
+OPERATION_SLOTS = 65
+OPERATION_OTHER = "other"
+O_HOLDS = 0            # outermost holds
+O_HOLD_SUM = 1         # their total, ns
+O_HOLD_MAX = 2         # the longest, ns
+O_CAUSED_WAIT_SUM = 3  # what other threads waited while this operation held the lock, ns
+O_WAITS = 4            # blocked waits of this operation itself
+O_WAIT_SUM = 5         # their total, ns
+N_OPERATION_WORDS = 6
+OPERATION_LAYOUT = (OPERATION_SLOTS, N_OPERATION_WORDS, O_HOLDS, O_HOLD_SUM, O_HOLD_MAX, O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM)

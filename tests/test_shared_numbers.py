@@ -24,6 +24,7 @@ def test_compiled_core_declares_the_schema_numbers():
     assert tuple(core.BOUNDS_NS) == schema.BUCKET_BOUNDS_NS
     assert core.DEAD_OWNER == schema.DEAD_OWNER
     assert tuple(core.COUNTER_LAYOUT) == schema.COUNTER_LAYOUT
+    assert tuple(core.OPERATION_LAYOUT) == schema.OPERATION_LAYOUT
 
 
 @needs_core

@@ -50,6 +50,18 @@
 #define C_ORPHANS (C_TIMEOUTS + 3)
 #define N_COUNTERS (C_ORPHANS + 4)
 
+/* Contention by operation: one row of N_OP_WORDS words per operation, the
+ * layout of h5watch/schema.py (O_*), checked there through OPERATION_LAYOUT.
+ * Row 0 counts the operations that found no row of their own. */
+#define OP_SLOTS 65
+#define O_HOLDS 0
+#define O_HOLD_SUM 1
+#define O_HOLD_MAX 2
+#define O_CAUSED_WAIT_SUM 3
+#define O_WAITS 4
+#define O_WAIT_SUM 5
+#define N_OP_WORDS 6
+
 static const int64_t BOUNDS_NS[N_BOUNDS] = {
     1000LL, 2500LL, 5000LL,
     10000LL, 25000LL, 50000LL,
@@ -121,6 +133,22 @@ typedef struct {
     long order_class;
     int order_tracked;
     long order_seen_from;
+    /* Threads waiting in the slow path: {thread ident: monotonic ns the wait
+     * began} (lock.py's _waiters; each waiter adds and removes itself). */
+    PyObject *waiters;
+    /* Contention by operation (h5watch/process/stats.py OperationTable):
+     * the rows (a buffer the table owns), its {operation: row} dict and its
+     * list of operations by row; NULL until _set_operations. The holder's
+     * row, and the blocked wait that ended in its acquisition, are written
+     * by the thread holding the inner lock only. */
+    uint64_t *ops;
+    Py_buffer ops_view;
+    PyObject *op_index;
+    PyObject *op_names;
+    PyObject *last_op;         /* a one-entry cache of the last lookup */
+    Py_ssize_t last_op_row;
+    Py_ssize_t op_row;         /* the current hold's row */
+    int64_t pending_wait_ns;   /* -1: none */
 } LockCore;
 
 /* Bumped in every child of a fork, by a libc handler that does nothing
@@ -142,6 +170,7 @@ static void restart_counters(LockCore *self);
 static void restart_counters(LockCore *self) {
     release_counters_view(self);
     memset(self->own_counters, 0, sizeof(self->own_counters));
+    if (self->ops != NULL) memset(self->ops, 0, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
     self->counters = self->own_counters;
     if (self->owner_state != OWNER_NONE) self->hold_uncounted = 1;
 }
@@ -448,6 +477,37 @@ static inline void order_pop(LockCore *self) {
     }
 }
 
+/* The operation's row in the table (OperationTable.row in stats.py): a new
+ * operation takes the next free row, or row 0 once every row is taken. */
+static Py_ssize_t op_row_slow(LockCore *self, PyObject *operation) {
+    Py_ssize_t row = 0;
+    PyObject *found = PyDict_GetItemWithError(self->op_index, operation);  /* borrowed */
+    if (found != NULL) {
+        row = PyLong_AsSsize_t(found);
+        if (row < 0 || row >= OP_SLOTS) row = 0;
+    } else if (!PyErr_Occurred()) {
+        Py_ssize_t n = PyList_GET_SIZE(self->op_names);
+        if (n < OP_SLOTS) {
+            PyObject *number = PyLong_FromSsize_t(n);
+            if (number != NULL && PyDict_SetItem(self->op_index, operation, number) == 0) {
+                if (PyList_Append(self->op_names, operation) == 0) row = n;
+                else PyDict_DelItem(self->op_index, operation);
+            }
+            Py_XDECREF(number);
+        }
+    }
+    if (PyErr_Occurred()) PyErr_Clear();  /* unhashable, or no memory: counted as other */
+    Py_INCREF(operation);
+    Py_XSETREF(self->last_op, operation);
+    self->last_op_row = row;
+    return row;
+}
+
+static inline Py_ssize_t op_row(LockCore *self, PyObject *operation) {
+    if (operation == self->last_op) return self->last_op_row;
+    return op_row_slow(self, operation);
+}
+
 /* The one step that makes a thread the holder, once it has the inner lock:
  * every path goes through it (acquire, acquire_for, with, with_phil, and
  * the before-fork acquisition with counted=0). An uncounted hold records
@@ -461,7 +521,34 @@ static inline void core_commit(LockCore *self, unsigned long me, PyObject *opera
     self->owner = me;
     self->owner_state = OWNER_LIVE;
     self->hold_uncounted = !counted;
-    if (counted) counters_of(self)[C_ACQUISITIONS] += 1;
+    if (counted) {
+        counters_of(self)[C_ACQUISITIONS] += 1;
+        if (self->ops != NULL) {
+            Py_ssize_t row = op_row(self, operation ? operation : Py_None);
+            self->op_row = row;
+            if (self->pending_wait_ns >= 0) {
+                uint64_t *o = self->ops + row * N_OP_WORDS;
+                o[O_WAITS] += 1;
+                o[O_WAIT_SUM] += (uint64_t)self->pending_wait_ns;
+                self->pending_wait_ns = -1;
+            }
+        }
+    }
+}
+
+/* What the threads waiting now spent waiting during the hold that ends at
+ * now_ns: charged to the operation that held the lock (Go's mutex profile). */
+static uint64_t waited_during_hold(LockCore *self, int64_t now_ns_) {
+    uint64_t waited = 0;
+    Py_ssize_t pos = 0;
+    PyObject *ident, *since;
+    while (PyDict_Next(self->waiters, &pos, &ident, &since)) {
+        long long began = PyLong_AsLongLong(since);
+        if (began == -1 && PyErr_Occurred()) { PyErr_Clear(); continue; }
+        int64_t from = began > self->since_ns ? began : self->since_ns;
+        if (now_ns_ > from) waited += (uint64_t)(now_ns_ - from);
+    }
+    return waited;
 }
 
 /* 1: acquired, 0: not acquired (non-blocking or timed out), -1: error */
@@ -527,11 +614,21 @@ static int core_release(LockCore *self) {
     if (self->order_tracked) order_pop(self);
     uint64_t *c = counters_of(self);  /* first: may mark this hold uncounted */
     if (!self->hold_uncounted) {
-        int64_t held = now_ns() - self->since_ns;
+        int64_t now = now_ns();
+        int64_t held = now - self->since_ns;
         if (held < 0) held = 0;
         c[C_HOLD_BUCKETS + bucket_of(held)] += 1;
         c[C_HOLD_SUM] += (uint64_t)held;
         if ((uint64_t)held > c[C_HOLD_MAX]) c[C_HOLD_MAX] = (uint64_t)held;
+        if (self->ops != NULL) {
+            uint64_t *o = self->ops + self->op_row * N_OP_WORDS;
+            o[O_HOLDS] += 1;
+            o[O_HOLD_SUM] += (uint64_t)held;
+            if ((uint64_t)held > o[O_HOLD_MAX]) o[O_HOLD_MAX] = (uint64_t)held;
+            if (self->waiters != NULL && PyDict_CheckExact(self->waiters) && PyDict_GET_SIZE(self->waiters)) {
+                o[O_CAUSED_WAIT_SUM] += waited_during_hold(self, now);
+            }
+        }
     }
     self->hold_uncounted = 0;
     self->count = 0;
@@ -688,12 +785,15 @@ static PyObject *LockCore_counters(LockCore *self, PyObject *unused);
 static PyObject *LockCore_record_wait(LockCore *self, PyObject *arg);
 static PyObject *LockCore_bump(LockCore *self, PyObject *arg);
 static PyObject *LockCore_move_counters(LockCore *self, PyObject *target);
+static PyObject *LockCore_set_operations(LockCore *self, PyObject *const *args, Py_ssize_t nargs);
 
 static PyMethodDef LockCore_methods[] = {
     {"_set_inner", (PyCFunction)LockCore_set_inner, METH_O, "Set the inner lock."},
     {"_counters", (PyCFunction)LockCore_counters, METH_NOARGS, "The 64 counter words, as a tuple."},
     {"_record_wait", (PyCFunction)LockCore_record_wait, METH_O, "Count a wait of this many nanoseconds that ended in an acquisition."},
     {"_bump", (PyCFunction)LockCore_bump, METH_O, "Add one to the timeout or orphan counter at this index."},
+    {"_set_operations", (PyCFunction)(void (*)(void))LockCore_set_operations, METH_FASTCALL,
+     "Count holds and waits per operation in these rows, with the table's {operation: row} dict and its list."},
     {"_move_counters", (PyCFunction)LockCore_move_counters, METH_O,
      "Copy the counters into this writable buffer and count there from now on; None: private and zeroed."},
     {"acquire", (PyCFunction)(void (*)(void))LockCore_acquire, METH_VARARGS | METH_KEYWORDS,
@@ -782,6 +882,7 @@ static PyObject *LockCore_record_wait(LockCore *self, PyObject *arg) {
     if (ns == -1 && PyErr_Occurred()) return NULL;
     if (ns < 0) ns = 0;
     uint64_t *c = counters_of(self);
+    self->pending_wait_ns = ns;  /* the acquisition that follows charges it to its operation */
     c[C_CONTENTIONS] += 1;
     c[C_WAIT_BUCKETS + bucket_of(ns)] += 1;
     c[C_WAIT_SUM] += (uint64_t)ns;
@@ -832,6 +933,39 @@ static PyObject *LockCore_move_counters(LockCore *self, PyObject *target) {
     Py_RETURN_NONE;
 }
 
+static void release_ops(LockCore *self) {
+    if (self->ops != NULL) {
+        self->ops = NULL;
+        PyBuffer_Release(&self->ops_view);
+    }
+}
+
+/* Count holds and waits per operation in `words` (a writable buffer of
+ * OP_SLOTS x N_OP_WORDS aligned words), with the table's dict and list. */
+static PyObject *LockCore_set_operations(LockCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyDict_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "_set_operations(words, index: dict, names: list)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (view.len < (Py_ssize_t)(sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS) || ((uintptr_t)view.buf % 8) != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "operations: expected a writable buffer of OP_SLOTS x N_OP_WORDS aligned words");
+        return NULL;
+    }
+    release_ops(self);
+    self->ops_view = view;
+    self->ops = (uint64_t *)view.buf;
+    Py_INCREF(args[1]);
+    Py_XSETREF(self->op_index, args[1]);
+    Py_INCREF(args[2]);
+    Py_XSETREF(self->op_names, args[2]);
+    Py_CLEAR(self->last_op);
+    self->op_row = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *get_inner_acquire(LockCore *self, void *c) { return Py_NewRef(self->inner_acquire ? self->inner_acquire : Py_None); }
 static PyObject *get_inner_release(LockCore *self, void *c) { return Py_NewRef(self->inner_release ? self->inner_release : Py_None); }
 static PyObject *get_inner_direct(LockCore *self, void *c) { return PyBool_FromLong(self->inner_direct); }
@@ -863,9 +997,17 @@ static PyGetSetDef LockCore_getset[] = {
     {NULL},
 };
 
+static PyMemberDef LockCore_members[] = {
+    {"_waiters", T_OBJECT_EX, offsetof(LockCore, waiters), 0, NULL},
+    {NULL},
+};
+
 static PyObject *LockCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     LockCore *self = (LockCore *)PyType_GenericNew(type, args, kwds);
-    if (self != NULL) self->counters = self->own_counters;
+    if (self != NULL) {
+        self->counters = self->own_counters;
+        self->pending_wait_ns = -1;
+    }
     return (PyObject *)self;
 }
 
@@ -873,6 +1015,10 @@ static int LockCore_traverse(LockCore *self, visitproc visit, void *arg) {
     /* counters_view.obj (a view of the state file's mapping) refers to no
      * object that could refer back to this lock: not visited. */
     Py_VISIT(self->operation);
+    Py_VISIT(self->waiters);
+    Py_VISIT(self->op_index);
+    Py_VISIT(self->op_names);
+    Py_VISIT(self->last_op);
     Py_VISIT(self->inner);
     Py_VISIT(self->inner_acquire);
     Py_VISIT(self->inner_release);
@@ -886,6 +1032,11 @@ static int LockCore_clear(LockCore *self) {
         release_counters_view(self);
     }
     Py_CLEAR(self->operation);
+    Py_CLEAR(self->waiters);
+    release_ops(self);
+    Py_CLEAR(self->op_index);
+    Py_CLEAR(self->op_names);
+    Py_CLEAR(self->last_op);
     Py_CLEAR(self->inner);
     Py_CLEAR(self->inner_acquire);
     Py_CLEAR(self->inner_release);
@@ -911,6 +1062,7 @@ static PyTypeObject LockCoreType = {
     .tp_clear = (inquiry)LockCore_clear,
     .tp_methods = LockCore_methods,
     .tp_getset = LockCore_getset,
+    .tp_members = LockCore_members,
 };
 
 /* -- PhilCall: with_phil's wrapper ----------------------------------------- */
@@ -1227,6 +1379,14 @@ PyMODINIT_FUNC PyInit__lockcore(void) {
         return NULL;
     }
     Py_DECREF(layout);
+    PyObject *op_layout = Py_BuildValue("(iiiiiiii)", OP_SLOTS, N_OP_WORDS, O_HOLDS, O_HOLD_SUM, O_HOLD_MAX,
+                                        O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM);
+    if (op_layout == NULL || PyModule_AddObjectRef(m, "OPERATION_LAYOUT", op_layout) < 0) {
+        Py_XDECREF(op_layout);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(op_layout);
     /* The other numbers this file shares with h5watch/schema.py and
      * h5watch/process/probe.py, for implementation.py to compare. */
     PyObject *bounds = PyTuple_New(N_BOUNDS);

@@ -8,6 +8,7 @@ BOUNDS_NS: tuple[int, ...]
 DEAD_OWNER: int
 FASTRLOCK_LAYOUT: tuple[int, ...]
 N_BUCKETS: int
+OPERATION_LAYOUT: tuple[int, ...]
 
 class LockCore:
     _owner: int | None
@@ -24,6 +25,8 @@ class LockCore:
     _order_class: int
     _order_tracked: bool
     _order_seen_from: int
+    _waiters: dict[int, int]
+    def _set_operations(self, words: bytearray, index: dict[Any, int], names: list[Any], /) -> None: ...
     def _set_inner(self, inner: Any) -> None: ...
     def _counters(self) -> tuple[int, ...]: ...
     def _record_wait(self, wait_ns: int) -> None: ...

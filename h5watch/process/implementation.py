@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from h5watch.schema import BUCKET_BOUNDS_NS, COUNTER_LAYOUT, DEAD_OWNER
+from h5watch.schema import BUCKET_BOUNDS_NS, COUNTER_LAYOUT, DEAD_OWNER, OPERATION_LAYOUT
 
 __all__ = ["EXTENSION_MISSING", "NAME", "REASON", "compiled_core", "shared_numbers", "shared_numbers_of"]
 
@@ -44,7 +44,8 @@ def _load_compiled() -> tuple[Any, str]:
 
 def shared_numbers() -> dict[str, Any]:
     """The numbers the compiled core must agree on, as h5watch.schema has them."""
-    return {"COUNTER_LAYOUT": COUNTER_LAYOUT, "BOUNDS_NS": BUCKET_BOUNDS_NS, "DEAD_OWNER": DEAD_OWNER}
+    return {"COUNTER_LAYOUT": COUNTER_LAYOUT, "BOUNDS_NS": BUCKET_BOUNDS_NS, "DEAD_OWNER": DEAD_OWNER,
+            "OPERATION_LAYOUT": OPERATION_LAYOUT}
 
 
 def shared_numbers_of(core: Any) -> dict[str, Any]:
@@ -53,6 +54,7 @@ def shared_numbers_of(core: Any) -> dict[str, Any]:
         "COUNTER_LAYOUT": tuple(getattr(core, "COUNTER_LAYOUT", ())),
         "BOUNDS_NS": tuple(getattr(core, "BOUNDS_NS", ())),
         "DEAD_OWNER": getattr(core, "DEAD_OWNER", None),
+        "OPERATION_LAYOUT": tuple(getattr(core, "OPERATION_LAYOUT", ())),
     }
 
 

@@ -31,9 +31,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from h5watch.process import implementation, lock_order
-from h5watch.process.stats import CoreLockStats, LockStats
+from h5watch.process.stats import CoreLockStats, LockStats, OperationTable
 from h5watch.records import Holder, Waiter
-from h5watch.schema import BUCKET_BOUNDS_NS, C_ACQUISITIONS, C_HOLD_BUCKETS, C_HOLD_MAX, C_HOLD_SUM, C_REENTRIES, DEAD_OWNER
+from h5watch.schema import (
+    BUCKET_BOUNDS_NS,
+    C_ACQUISITIONS,
+    C_HOLD_BUCKETS,
+    C_HOLD_MAX,
+    C_HOLD_SUM,
+    C_REENTRIES,
+    DEAD_OWNER,
+    N_OPERATION_WORDS,
+    O_CAUSED_WAIT_SUM,
+    O_HOLD_MAX,
+    O_HOLD_SUM,
+    O_HOLDS,
+    O_WAIT_SUM,
+    O_WAITS,
+)
 
 __all__ = [
     "WatchedLock",
@@ -250,6 +265,7 @@ class _LockLogic:
         # LockCore's fields and methods).
         name: str
         stats: LockStats | CoreLockStats
+        operations: OperationTable
         _inner: Any
         _inner_kind: str
         _inner_timed: bool
@@ -272,6 +288,7 @@ class _LockLogic:
         def release(self) -> None: ...
         def _take_for_fork(self, operation: str) -> None: ...
         def _set_gated(self, gated: bool) -> None: ...
+        def _use_operations(self, table: OperationTable) -> None: ...
     else:
         __slots__ = ()
 
@@ -288,6 +305,8 @@ class _LockLogic:
         self._orphan: dict[str, Any] | None = None
         self._seq = next(_sequence)
         self._order_class = lock_order.class_of(name)
+        self.operations = OperationTable(name)
+        self._use_operations(self.operations)
         _register(self)
         events = wiring.events
         if events is not None:
@@ -595,6 +614,8 @@ class _LockLogic:
             "name": self.name,
             "inner": self._inner_kind,
             "stats": self.stats.snapshot(),
+            # Contention by operation, the most held first.
+            "operations": [row.to_plain() for row in self.operations.rows()],
             "holder": self.holder(now_ns),
             "waiters": waiters,
             "oldest_wait_seconds": max((w["wait_seconds"] for w in waiters), default=0.0),
@@ -623,6 +644,12 @@ class PythonWatchedLock(_LockLogic):
         "_since_ns",
         "_operation",
         "_hold_uncounted",
+        "operations",
+        "_op_words",
+        "_op_row",
+        "_last_op",
+        "_last_op_row",
+        "_pending_wait_ns",
         "_waiters",
         "_fork_gate",
         "_orphan",
@@ -653,7 +680,14 @@ class PythonWatchedLock(_LockLogic):
         self._hold_uncounted = False
         self._order_tracked = False
         self._order_seen_from = 0
+        self._op_row = 0
+        self._last_op: Any = self  # matches no operation
+        self._last_op_row = 0
+        self._pending_wait_ns = -1
         self._init_common(name, inner)
+
+    def _use_operations(self, table: OperationTable) -> None:
+        self._op_words = table.words
 
     # -- acquisition -------------------------------------------------------
 
@@ -708,6 +742,18 @@ class PythonWatchedLock(_LockLogic):
         self._owner = me
         if counted:
             self._counters[C_ACQUISITIONS] += 1
+            # op_row in _lockcore.c: the last operation's row is remembered.
+            if operation is self._last_op:
+                row = self._last_op_row
+            else:
+                row = self._last_op_row = self.operations.row(operation)
+                self._last_op = operation
+            self._op_row = row
+            if self._pending_wait_ns >= 0:
+                words, base = self._op_words, row * N_OPERATION_WORDS
+                words[base + O_WAITS] += 1
+                words[base + O_WAIT_SUM] += self._pending_wait_ns
+                self._pending_wait_ns = -1
 
     def _take_for_fork(self, operation: str) -> None:
         # LockCore_take_for_fork in _lockcore.c.
@@ -717,6 +763,7 @@ class PythonWatchedLock(_LockLogic):
     def _restart_counters_after_fork(self) -> None:
         # restart_counters in _lockcore.c.
         self.stats.reset_after_fork()
+        self.operations.reset()
         if self._owner is not None:
             self._hold_uncounted = True
 
@@ -737,12 +784,23 @@ class PythonWatchedLock(_LockLogic):
         if self._counters_pending is not None:
             self.stats._adopt_pending()
         if not self._hold_uncounted:
-            held_ns = _monotonic_ns() - self._since_ns
+            now_ns = _monotonic_ns()
+            since_ns = self._since_ns
+            held_ns = now_ns - since_ns
             counters = self._counters
             counters[C_HOLD_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, held_ns)] += 1
             counters[C_HOLD_SUM] += held_ns
             if held_ns > counters[C_HOLD_MAX]:
                 counters[C_HOLD_MAX] = held_ns
+            words, base = self._op_words, self._op_row * N_OPERATION_WORDS
+            words[base + O_HOLDS] += 1
+            words[base + O_HOLD_SUM] += held_ns
+            if held_ns > words[base + O_HOLD_MAX]:
+                words[base + O_HOLD_MAX] = held_ns
+            if self._waiters:
+                # waited_during_hold in _lockcore.c: what the threads waiting
+                # now waited during this hold, charged to its operation.
+                words[base + O_CAUSED_WAIT_SUM] += sum(max(0, now_ns - max(began, since_ns)) for began in self._waiters.copy().values())
         self._hold_uncounted = False
         self._count = 0
         self._owner = None
@@ -803,9 +861,9 @@ if TYPE_CHECKING or _lockcore is not None:
         """A ``threading.RLock`` look-alike that records waits, holds and
         holders; its hot path is compiled (``h5watch/_lockcore.c``)."""
 
-        __slots__ = ("name", "stats", "_inner", "_inner_kind", "_inner_timed", "_waiters", "_fork_gate", "_orphan", "_seq",
+        __slots__ = ("name", "stats", "operations", "_inner", "_inner_kind", "_inner_timed", "_fork_gate", "_orphan", "_seq",
                      "__weakref__")
-        # _order_class, _order_tracked and _order_seen_from are LockCore's fields.
+        # _waiters, _order_class, _order_tracked and _order_seen_from are LockCore's fields.
 
         def __init__(self, name: str, lock: Any = None) -> None:
             inner = lock if lock is not None else threading.Lock()
@@ -817,6 +875,9 @@ if TYPE_CHECKING or _lockcore is not None:
 
         def _set_gated(self, gated: bool) -> None:
             self._gated = gated
+
+        def _use_operations(self, table: OperationTable) -> None:
+            self._set_operations(table.buffer, table.index, table.names)
 
 
 if TYPE_CHECKING:

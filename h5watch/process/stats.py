@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from h5watch.schema import (
     BUCKET_BOUNDS_NS,
@@ -35,12 +35,21 @@ from h5watch.schema import (
     COUNTERS_BYTES,
     N_BUCKETS,
     N_COUNTERS,
+    N_OPERATION_WORDS,
+    O_CAUSED_WAIT_SUM,
+    O_HOLD_MAX,
+    O_HOLD_SUM,
+    O_HOLDS,
+    O_WAIT_SUM,
+    O_WAITS,
+    OPERATION_OTHER,
+    OPERATION_SLOTS,
     ORPHAN_ACTIONS,
     TIMEOUT_KINDS,
     counter_index,
 )
 
-__all__ = ["LockStats", "CoreLockStats", "ForkStats", "snapshot_of", "merge_lock_snapshots"]
+__all__ = ["LockStats", "CoreLockStats", "ForkStats", "OperationTable", "OperationRow", "add_operation_words", "snapshot_of", "merge_lock_snapshots"]
 
 
 def snapshot_of(counters: Any) -> dict[str, Any]:
@@ -112,6 +121,11 @@ class LockStats(_CounterFields):
         self._owner_lock: Any = None
 
     def record_wait(self, wait_ns: int) -> None:
+        # The acquisition that follows charges it to its operation (as
+        # LockCore_record_wait in _lockcore.c).
+        lock = self._owner_lock() if self._owner_lock is not None else None
+        if lock is not None:
+            lock._pending_wait_ns = wait_ns
         c = self._c
         c[C_CONTENTIONS] += 1
         c[C_WAIT_BUCKETS + bisect_left(BUCKET_BOUNDS_NS, wait_ns)] += 1
@@ -206,6 +220,94 @@ class CoreLockStats(_CounterFields):
     def reset_after_fork(self) -> None:
         self._core._move_counters(None)
 
+
+
+class OperationRow(NamedTuple):
+    """One operation's share of a lock: its holds, and the waits it caused and suffered."""
+
+    operation: str
+    holds: int
+    hold_sum_ns: int
+    hold_max_ns: int
+    caused_wait_sum_ns: int
+    waits: int
+    wait_sum_ns: int
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"operation": self.operation, "holds": self.holds, "hold_seconds": self.hold_sum_ns / 1e9,
+                "hold_max_seconds": self.hold_max_ns / 1e9, "caused_wait_seconds": self.caused_wait_sum_ns / 1e9,
+                "waits": self.waits, "wait_seconds": self.wait_sum_ns / 1e9}
+
+
+class OperationTable:
+    """Contention by operation for one lock: OPERATION_SLOTS rows of
+    N_OPERATION_WORDS words (``O_*`` in h5watch.schema), one per operation
+    that held the lock, row 0 for those that came after every row was taken.
+
+    The lock writes the rows (the compiled core through the buffer, the
+    pure-Python mirror through ``words``) from the thread that holds it; a
+    new operation's row is assigned under the GIL by that thread too
+    (``row``, or op_row_slow in _lockcore.c). The table outlives its lock, so
+    the state file's publisher can keep what a collected lock counted.
+    """
+
+    __slots__ = ("lock_name", "buffer", "words", "index", "names")
+
+    def __init__(self, lock_name: str) -> None:
+        self.lock_name = lock_name
+        self.buffer = bytearray(OPERATION_SLOTS * N_OPERATION_WORDS * 8)
+        self.words = memoryview(self.buffer).cast("Q")
+        # {operation (None: unnamed): row}; names[row] is the operation.
+        self.index: dict[Any, int] = {}
+        self.names: list[Any] = [OPERATION_OTHER]
+
+    def row(self, operation: Any) -> int:
+        """The row ``operation`` counts in (op_row_slow in _lockcore.c)."""
+        try:
+            found = self.index.get(operation)
+        except TypeError:  # unhashable: counted as other
+            return 0
+        if found is not None:
+            return found
+        names = self.names
+        if len(names) >= OPERATION_SLOTS:
+            return 0
+        row = len(names)
+        self.index[operation] = row
+        names.append(operation)
+        return row
+
+    def reset(self) -> None:
+        """A forked child counts from zero (its rows are its own memory)."""
+        self.buffer[:] = bytes(len(self.buffer))
+
+    def rows(self) -> list[OperationRow]:
+        """Every operation that held the lock, the most held first; an
+        unnamed operation is named after the lock."""
+        words = self.words.tolist()
+        by_name: dict[str, list[int]] = {}
+        for row, operation in enumerate(list(self.names)):
+            base = row * N_OPERATION_WORDS
+            w = words[base : base + N_OPERATION_WORDS]
+            if not (w[O_HOLDS] or w[O_WAITS]):
+                continue
+            name = self.lock_name if operation is None else str(operation)
+            into = by_name.get(name)
+            if into is None:
+                by_name[name] = w
+            else:  # two operations of one name (an unnamed hold and one named after the lock)
+                by_name[name] = add_operation_words(into, w)
+        out = [OperationRow(name, w[O_HOLDS], w[O_HOLD_SUM], w[O_HOLD_MAX], w[O_CAUSED_WAIT_SUM], w[O_WAITS], w[O_WAIT_SUM])
+               for name, w in by_name.items()]
+        out.sort(key=lambda r: (-r.hold_sum_ns, r.operation))
+        return out
+
+
+def add_operation_words(a: list[int], b: list[int]) -> list[int]:
+    """Two operation rows as one: sums, and the larger maximum."""
+    out = [x + y for x, y in zip(a, b)]
+    out[O_HOLD_MAX] = max(a[O_HOLD_MAX], b[O_HOLD_MAX])
+    return out
 
 
 class ForkStats:
