@@ -11,9 +11,9 @@ from __future__ import annotations
 import platform
 import sys
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
-__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "ProcessStatus", "Waiter", "running_versions"]
+__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "OperationRecord", "ProcessStatus", "Waiter", "running_versions"]
 
 
 class CounterSource(Protocol):
@@ -68,6 +68,33 @@ class LockRecord(NamedTuple):
     # then retired). Not whether a write missed it: a lock made meanwhile is
     # in no earlier list of locks.
     lock_ref: Callable[[], object | None]
+
+
+class OperationRecord(NamedTuple):
+    """One operation's share of one lock (contention by operation): its
+    outermost holds, the waits of other threads during them, and its own
+    blocked waits. Times in ns."""
+
+    lock: str
+    operation: str
+    holds: int
+    hold_sum_ns: int
+    hold_max_ns: int
+    caused_wait_sum_ns: int
+    waits: int
+    wait_sum_ns: int
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"operation": self.operation, "holds": self.holds, "hold_seconds": self.hold_sum_ns / 1e9,
+                "hold_max_seconds": self.hold_max_ns / 1e9, "caused_wait_seconds": self.caused_wait_sum_ns / 1e9,
+                "waits": self.waits, "wait_seconds": self.wait_sum_ns / 1e9}
+
+    def plus(self, other: OperationRecord) -> OperationRecord:
+        """The two as one (sums, and the longer hold)."""
+        return self._replace(holds=self.holds + other.holds, hold_sum_ns=self.hold_sum_ns + other.hold_sum_ns,
+                             hold_max_ns=max(self.hold_max_ns, other.hold_max_ns),
+                             caused_wait_sum_ns=self.caused_wait_sum_ns + other.caused_wait_sum_ns,
+                             waits=self.waits + other.waits, wait_sum_ns=self.wait_sum_ns + other.wait_sum_ns)
 
 
 class ProcessStatus(NamedTuple):

@@ -11,6 +11,11 @@ Every instrumented process (every forked child too) owns one file,
               (live), or per name for instances already collected
               (retired): name, state, counter block, holder, waiters
     blocks    CAPACITY x COUNTERS_BYTES: the counters (live)
+    operations  OPERATIONS_CAPACITY x OPERATION_SIZE bytes: contention by
+              operation, one entry per (lock name, operation), each the
+              process's total for the pair (every instance of the lock,
+              collected ones included): holds, hold time, the waits it
+              caused, its own waits
 
 All integers are little-endian. The same field list gives the writer's
 ``struct`` format and the reader's numpy dtype, so the two cannot drift.
@@ -44,6 +49,12 @@ A process that ``exec()``s keeps its pid and start time, and so its file
 name: an instrumented new image adopts the file, retiring the old image's
 records into its names' retired records, and counts on from there.
 
+Operations are written each tick (and at exit) from the locks' tables, not
+counted in the mapping: a process killed by SIGKILL loses at most one tick of
+them, never a lock's own counters. An entry keeps its place once given one;
+the last entry sums the pairs that came after every other was taken. Each
+entry has its own sequence counter, as records do.
+
 Next to it, ``<pid>-<start ticks>.stacks`` receives ``faulthandler``'s dump
 of every thread's stack when the process gets its dump signal: the daemon's
 way to see the stacks of a process whose threads are all blocked.
@@ -62,7 +73,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from h5watch.records import ForkCounters, LockRecord, ProcessStatus
+from h5watch.records import ForkCounters, LockRecord, OperationRecord, ProcessStatus
 from h5watch.schema import (
     C_ACQUISITIONS,
     C_CONTENTIONS,
@@ -79,6 +90,7 @@ from h5watch.schema import (
     DEADLOCK_KINDS,
     N_BUCKETS,
     N_COUNTERS,
+    OPERATION_OTHER,
     ORPHAN_ACTIONS,
     TIMEOUT_KINDS,
 )
@@ -121,14 +133,20 @@ __all__ = [
     "STATE_SUFFIX",
     "STACKS_SUFFIX",
     "VERSION_FIELDS",
+    "OPERATIONS_CAPACITY",
+    "OPERATIONS_OVERFLOW_LOCK",
+    "OPERATION_COUNTERS",
 ]
 
 # h5watch's stack-dump signal: a real-time signal nobody else is likely to
 # use, the same number in every process (the daemon never takes it from a file).
 DUMP_SIGNAL = int(signal.SIGRTMIN) + 6 if hasattr(signal, "SIGRTMIN") else int(signal.SIGUSR2)
 MAGIC = b"H5WATCH\0"
-VERSION = 3
+VERSION = 4
 CAPACITY = 256
+OPERATIONS_CAPACITY = 256
+# The last entry's lock name: the pairs that found no entry of their own.
+OPERATIONS_OVERFLOW_LOCK = "(other locks)"
 MAX_WAITERS = 4
 NAME_BYTES = 64
 OPERATION_BYTES = 128
@@ -178,6 +196,8 @@ _HEADER_FIELDS = [
     # What the process runs, for the daemon's h5watch_workload_info (it loads
     # no h5py itself); the h5py fields stay empty until h5py is imported.
     *((name, f"{VERSION_BYTES}s", f"S{VERSION_BYTES}") for name in VERSION_FIELDS),
+    # Operation entries in use (the first n_operations).
+    ("n_operations", "I", "<u4"),
 ]
 
 _RECORD_FIELDS = [
@@ -201,6 +221,19 @@ _RECORD_FIELDS = [
     ("waiter_since_unix", f"{MAX_WAITERS}d", ("<f8", MAX_WAITERS)),
     ("waiter_names", f"{MAX_WAITERS * THREAD_NAME_BYTES}s", f"S{MAX_WAITERS * THREAD_NAME_BYTES}"),
 ]
+
+_OPERATION_FIELDS = [
+    ("seq", "Q", "<u8"),
+    ("lock", f"{NAME_BYTES}s", f"S{NAME_BYTES}"),
+    ("operation", f"{OPERATION_BYTES}s", f"S{OPERATION_BYTES}"),
+    ("holds", "Q", "<u8"),
+    ("hold_sum_ns", "Q", "<u8"),
+    ("hold_max_ns", "Q", "<u8"),
+    ("caused_wait_sum_ns", "Q", "<u8"),
+    ("waits", "Q", "<u8"),
+    ("wait_sum_ns", "Q", "<u8"),
+]
+OPERATION_COUNTERS = ("holds", "hold_sum_ns", "hold_max_ns", "caused_wait_sum_ns", "waits", "wait_sum_ns")
 
 # A lock's counters as the reader returns them, after its record's fields:
 # (name, first word, number of words) of the 64 words (see h5watch.process.stats).
@@ -251,13 +284,17 @@ def _counter_fields(start: int, words: list[tuple[str, int, int]]) -> list[tuple
 
 _HEADER_STRUCT = _struct(_HEADER_FIELDS)
 _RECORD_STRUCT = _struct(_RECORD_FIELDS)
+_OPERATION_STRUCT = _struct(_OPERATION_FIELDS)
+_OPERATION_TAIL = _struct(_OPERATION_FIELDS[1:])
+OPERATION_SIZE = (_OPERATION_STRUCT.size + 63) // 64 * 64
 HEADER_SIZE = 512
 RECORD_SIZE = (_RECORD_STRUCT.size + 63) // 64 * 64
 assert _HEADER_STRUCT.size <= HEADER_SIZE
 FORKS_OFFSET = HEADER_SIZE
 RECORDS_OFFSET = FORKS_OFFSET + COUNTERS_BYTES
 BLOCKS_OFFSET = RECORDS_OFFSET + CAPACITY * RECORD_SIZE
-FILE_SIZE = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
+OPERATIONS_OFFSET = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
+FILE_SIZE = OPERATIONS_OFFSET + OPERATIONS_CAPACITY * OPERATION_SIZE
 
 # struct.pack_into zero-fills its whole target before writing, so the
 # sequence counter must never be inside a packed region: each write packs
@@ -275,8 +312,15 @@ _U32 = struct.Struct("<I")
 # "<" formats have no padding: the sequence counter follows the prefix.
 _HEADER_SEQ_OFFSET = _HEADER_PREFIX.size
 _DTYPES: dict[str, Any] = {}
-_N_SLOTS_OFFSET = _HEADER_SEQ_OFFSET + 8 + struct.calcsize(
-    "<" + "".join(code for name, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index("n_slots")]))
+
+
+def _header_offset(field: str) -> int:
+    return _HEADER_SEQ_OFFSET + 8 + struct.calcsize(
+        "<" + "".join(code for _, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index(field)]))
+
+
+_N_SLOTS_OFFSET = _header_offset("n_slots")
+_N_OPERATIONS_OFFSET = _header_offset("n_operations")
 
 
 def _dtypes() -> dict[str, Any]:
@@ -291,12 +335,14 @@ def _dtypes() -> dict[str, Any]:
         # and the header's followed by the fork counters' (as in the file).
         lock = _dtype(_RECORD_FIELDS, RECORD_SIZE + COUNTERS_BYTES, _counter_fields(RECORD_SIZE, _COUNTER_WORDS))
         process = _dtype(_HEADER_FIELDS, HEADER_SIZE + COUNTERS_BYTES, _counter_fields(HEADER_SIZE, _FORK_WORDS))
-        _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record, LOCK_DTYPE=lock, PROCESS_DTYPE=process)
+        operation = _dtype(_OPERATION_FIELDS, OPERATION_SIZE)
+        _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record, LOCK_DTYPE=lock, PROCESS_DTYPE=process,
+                       OPERATION_DTYPE=operation)
     return _DTYPES
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("HEADER_DTYPE", "RECORD_DTYPE", "LOCK_DTYPE", "PROCESS_DTYPE"):
+    if name in ("HEADER_DTYPE", "RECORD_DTYPE", "LOCK_DTYPE", "PROCESS_DTYPE", "OPERATION_DTYPE"):
         return _dtypes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -393,6 +439,13 @@ class StateWriter:
         self._heartbeat = time.time()
         self._last_status = ProcessStatus(watchdog_running=False, fork_since_ns=None)
         self._images = 1
+        # Operation entries: (lock, operation) -> entry, kept for good; what
+        # each entry last said; and what an earlier image of the process
+        # (before an exec()) had counted, for the publisher to count on from.
+        self._operation_entries: dict[tuple[str, str], int] = {}
+        self._operation_values: dict[int, tuple[Any, ...]] = {}
+        self._operation_seqs = [0] * OPERATIONS_CAPACITY
+        self.adopted_operations: list[OperationRecord] = []
         fd, adopted = _create_or_open(directory, name)
         try:
             if not adopted:
@@ -597,6 +650,16 @@ class StateWriter:
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_RETIRED, block=block_of, instance=int(values["instance"]),
                                           name=values["name"]))
             self._retired.setdefault(name, []).append(slot)
+        n_operations = min(int(tail["n_operations"]), OPERATIONS_CAPACITY)
+        for entry in range(n_operations):
+            offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
+            self._operation_seqs[entry] = _SEQ.unpack_from(self._map, offset)[0] // 2 + 1
+            lock, operation, *counts = _OPERATION_TAIL.unpack_from(self._map, offset + 8)
+            record = OperationRecord(_text(lock), _text(operation), *counts)
+            self.adopted_operations.append(record)
+            if entry < OPERATIONS_CAPACITY - 1:
+                self._operation_entries[(record.lock, record.operation)] = entry
+            self._operation_values[entry] = (lock, operation, *counts)
         self._n_slots = n_slots
         self._n_blocks = max(used_blocks, default=-1) + 1
         self._free_blocks = [b for b in range(self._n_blocks) if b not in used_blocks]
@@ -634,6 +697,7 @@ class StateWriter:
             fork_since = time.time() - (time.monotonic_ns() - status.fork_since_ns) / 1e9
         active, source, into, block = self._merge
         fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_slots=self._n_slots,
+                      n_operations=len(self._operation_values),
                       watchdog_running=int(status.watchdog_running), fork_since_unix=fork_since,
                       locks_unrecorded=self._locks_unrecorded, images=self._images,
                       merge_active=active, merge_from=source, merge_into=into, merge_block=block,
@@ -684,15 +748,47 @@ class StateWriter:
         )
         self._write_record(live.slot, fields)
 
-    def write_all(self, locks: Iterable[LockRecord], status: ProcessStatus) -> None:
-        """Every lock's record, then the header."""
+    def write_all(self, locks: Iterable[LockRecord], status: ProcessStatus,
+                  operations: Iterable[OperationRecord] = ()) -> None:
+        """Every lock's record, the operations' entries, then the header."""
         with self._lock:
             if self._closed:
                 return
             for lock in locks:
                 self.write_lock(lock)
             self._retire_collected()
+            self._write_operations(operations)
             self.write_header(status)
+
+    def _write_operations(self, operations: Iterable[OperationRecord]) -> None:
+        """Each (lock, operation)'s totals in its entry; past the last free
+        entry, summed into the overflow entry."""
+        overflow: OperationRecord | None = None
+        last = OPERATIONS_CAPACITY - 1
+        for record in operations:
+            key = (record.lock, record.operation)
+            entry = self._operation_entries.get(key)
+            if entry is None:
+                if key != (OPERATIONS_OVERFLOW_LOCK, OPERATION_OTHER) and len(self._operation_entries) < last:
+                    entry = self._operation_entries[key] = len(self._operation_entries)
+                else:
+                    overflow = record if overflow is None else overflow.plus(record)
+                    continue
+            self._write_operation(entry, record)
+        if overflow is not None:
+            self._write_operation(last, overflow._replace(lock=OPERATIONS_OVERFLOW_LOCK, operation=OPERATION_OTHER))
+
+    def _write_operation(self, entry: int, record: OperationRecord) -> None:
+        values = (_fixed(record.lock, NAME_BYTES), _fixed(record.operation, OPERATION_BYTES), *record[2:])
+        if self._operation_values.get(entry) == values:
+            return
+        self._operation_values[entry] = values
+        offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
+        self._operation_seqs[entry] += 1
+        seq = self._operation_seqs[entry] * 2
+        _SEQ.pack_into(self._map, offset, seq - 1)
+        _OPERATION_TAIL.pack_into(self._map, offset + 8, *values)
+        _SEQ.pack_into(self._map, offset, seq)
 
     def attach_locks(self, locks: Iterable[LockRecord]) -> None:
         """Give these locks their records now: from now on they count in the file."""
@@ -760,13 +856,15 @@ class ProcessState:
     fork counters included) and lock records (LOCK_DTYPE: one per live lock
     instance and per retired name, with their counters)."""
 
-    __slots__ = ("path", "header", "records", "file_uid", "torn", "file_id")
+    __slots__ = ("path", "header", "records", "operations", "file_uid", "torn", "file_id")
 
     def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int, torn: bool = False,
-                 file_id: tuple[int, int] | None = None) -> None:
+                 file_id: tuple[int, int] | None = None, operations: np.ndarray | None = None) -> None:
         self.path = path
         self.header = header
         self.records = records
+        # OPERATION_DTYPE entries (contention by operation); torn ones left out.
+        self.operations = operations if operations is not None else _no_operations()
         self.file_uid = file_uid
         # (st_dev, st_ino) of the file as read: it still names the process's
         # mapping after the file is unlinked (the mapping keeps the inode).
@@ -827,6 +925,13 @@ class ProcessState:
         holds may have ended since (a wait is recorded by the waiter, and one
         without a watchdog is a single-threaded child's, on an orphaned lock)."""
         return now_unix if self.watchdog_running else min(now_unix, self.heartbeat_unix)
+
+    def operation_records(self) -> list[OperationRecord]:
+        """Contention by operation, the most held first."""
+        out = [OperationRecord(_text(e["lock"]), _text(e["operation"]), *(int(e[name]) for name in OPERATION_COUNTERS))
+               for e in self.operations]
+        out.sort(key=lambda r: (-r.hold_sum_ns, r.lock, r.operation))
+        return out
 
     def locks(self, now_unix: float | None = None) -> list[dict[str, Any]]:
         """The lock records as plain data (for status and logs)."""
@@ -921,8 +1026,9 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         header, records = _decode(fd, head, table)
         if int(header["uid"]) != info.st_uid:
             raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
+        operations = _read_operations(fd, min(int(header["n_operations"]), OPERATIONS_CAPACITY), retries)
         return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid, torn=not consistent,
-                            file_id=(info.st_dev, info.st_ino))
+                            file_id=(info.st_dev, info.st_ino), operations=operations)
     finally:
         os.close(fd)
 
@@ -992,6 +1098,43 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         column = out[name]
         np.copyto(column, 0.0, where=~((column >= 0) & (column < _TIME_LIMIT)))
     return header, out
+
+
+def _no_operations() -> np.ndarray:
+    import numpy as np
+
+    return np.zeros(0, dtype=_dtypes()["OPERATION_DTYPE"])
+
+
+def _read_operations(fd: int, n: int, retries: int) -> np.ndarray:
+    """The first ``n`` operation entries; an entry being written (odd or
+    changed sequence counter in every attempt) is left out, never read torn."""
+    import numpy as np
+
+    dtype = _dtypes()["OPERATION_DTYPE"]
+    if n == 0:
+        return _no_operations()
+    size = n * OPERATION_SIZE
+    good = np.zeros(n, dtype=bool)
+    out = np.zeros(n, dtype=dtype)
+    for attempt in range(max(1, retries)):
+        first = os.pread(fd, size, OPERATIONS_OFFSET)
+        second = os.pread(fd, size, OPERATIONS_OFFSET)
+        if len(first) != size or len(second) != size:
+            raise StateFileError("truncated", "truncated operations")
+        a = np.frombuffer(first, dtype=dtype, count=n)
+        b = np.frombuffer(second, dtype=dtype, count=n)
+        steady = (a["seq"] % 2 == 0) & (a.view(np.uint8).reshape(n, OPERATION_SIZE) == b.view(np.uint8).reshape(n, OPERATION_SIZE)).all(axis=1)
+        fresh = steady & ~good
+        out[fresh] = a[fresh]
+        good |= steady
+        if good.all():
+            break
+        time.sleep(0.001 * (attempt + 1))
+    kept: np.ndarray = out[good & (out["seq"] != 0)]
+    for name in OPERATION_COUNTERS:
+        _counter_words(kept[name])
+    return kept
 
 
 # Times and intervals as read: NaN, infinities, negatives and values past the

@@ -31,7 +31,8 @@ from h5watch import __version__
 from h5watch.records import running_versions as build_versions
 from h5watch.schema import BUCKET_BOUNDS_SECONDS, DEADLOCK_KINDS, N_BUCKETS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
-__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "build_versions", "histogram_quantile",
+__all__ = ["Aggregate", "AggregateCollector", "ForkTotals", "LockGauges", "LockTotals", "OperationTotals", "build_versions",
+           "histogram_quantile",
            "installed_versions", "metrics_registry"]
 
 def histogram_quantile(
@@ -154,6 +155,34 @@ class ForkTotals:
 
 
 @dataclass
+class OperationTotals:
+    """Contention by operation for one (workload, lock, operation), summed
+    over processes: holds and their time, the waits of other threads during
+    them, and the operation's own blocked waits (times in ns)."""
+
+    holds: int = 0
+    hold_sum_ns: int = 0
+    caused_wait_sum_ns: int = 0
+    waits: int = 0
+    wait_sum_ns: int = 0
+
+    def add(self, other: OperationTotals) -> None:
+        self.holds += other.holds
+        self.hold_sum_ns += other.hold_sum_ns
+        self.caused_wait_sum_ns += other.caused_wait_sum_ns
+        self.waits += other.waits
+        self.wait_sum_ns += other.wait_sum_ns
+
+    def to_json(self) -> list[int]:
+        return [self.holds, self.hold_sum_ns, self.caused_wait_sum_ns, self.waits, self.wait_sum_ns]
+
+    @classmethod
+    def from_json(cls, data: list[int]) -> OperationTotals:
+        holds, hold_sum_ns, caused_wait_sum_ns, waits, wait_sum_ns = (int(v) for v in data)
+        return cls(holds, hold_sum_ns, caused_wait_sum_ns, waits, wait_sum_ns)
+
+
+@dataclass
 class LockGauges:
     held: int = 0
     hold_age_seconds: float = 0.0
@@ -188,6 +217,8 @@ class Aggregate:
     workload_info: set[tuple[str, str, str, str, str]] | None = None
     # Threads in a deadlock now, per workload (live processes).
     threads_in_deadlock: dict[str, int] = field(default_factory=dict)
+    # Contention by operation, per (workload, lock, operation).
+    operations: dict[tuple[str, str, str], OperationTotals] = field(default_factory=dict)
 
 
 def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
@@ -255,6 +286,25 @@ class AggregateCollector:
                 orphans.add_metric(labels + [action], int(value))
         yield from counters.values()
         yield from (wait, hold, timeouts, orphans)
+
+        operation_labels = ["workload", "lock", "operation"]
+        operation_counters = {
+            "holds": CounterMetricFamily("h5watch_lock_operation_holds", "Outermost holds of the lock by this operation "
+                                         "(for h5py.phil, the h5py function).", labels=operation_labels),
+            "hold_sum_ns": CounterMetricFamily("h5watch_lock_operation_hold_seconds", "Time this operation held the lock.",
+                                               labels=operation_labels),
+            "caused_wait_sum_ns": CounterMetricFamily("h5watch_lock_operation_caused_wait_seconds", "Time other threads "
+                                                      "waited for the lock while this operation held it.", labels=operation_labels),
+            "waits": CounterMetricFamily("h5watch_lock_operation_waits", "Blocked waits for the lock by this operation.",
+                                         labels=operation_labels),
+            "wait_sum_ns": CounterMetricFamily("h5watch_lock_operation_wait_seconds", "Time this operation waited for the lock.",
+                                               labels=operation_labels),
+        }
+        for operation_key, operation_totals in sorted(aggregate.operations.items()):
+            for attribute, counter in operation_counters.items():
+                value = getattr(operation_totals, attribute)
+                counter.add_metric(list(operation_key), value / 1e9 if attribute.endswith("_ns") else value)
+        yield from operation_counters.values()
 
         gauge_families = {
             "held": GaugeMetricFamily("h5watch_lock_held", "Live processes in which the lock is held now.", labels=lock_labels),

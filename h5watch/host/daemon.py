@@ -45,7 +45,16 @@ import numpy as np
 
 from h5watch import logs
 from h5watch.errors import UsageError
-from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, installed_versions, metrics_registry
+from h5watch.export.metrics import (
+    Aggregate,
+    AggregateCollector,
+    ForkTotals,
+    LockGauges,
+    LockTotals,
+    OperationTotals,
+    installed_versions,
+    metrics_registry,
+)
 from h5watch.export.server import MetricsServer
 from h5watch.host import claim, incidents, reaper, totals
 from h5watch.host.totals import Totals
@@ -537,6 +546,17 @@ class Daemon:
         )
 
     @staticmethod
+    def _add_operations(into: dict[tuple[str, str, str], OperationTotals], state: ProcessState) -> None:
+        workload = state.workload
+        for record in state.operation_records():
+            key = (workload, record.lock, record.operation)
+            totals = into.get(key)
+            if totals is None:
+                totals = into[key] = OperationTotals()
+            totals.add(OperationTotals(record.holds, record.hold_sum_ns, record.caused_wait_sum_ns, record.waits,
+                                       record.wait_sum_ns))
+
+    @staticmethod
     def _fork_totals_of(state: ProcessState) -> ForkTotals:
         header = state.header
         return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]),
@@ -559,6 +579,7 @@ class Daemon:
             age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
             heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
             live.locks_unrecorded[workload] = live.locks_unrecorded.get(workload, 0) + int(state.header["locks_unrecorded"])
+            self._add_operations(live.operations, state)
         if not states:
             return live
         records = concat_records([state.records for state in states])
@@ -618,6 +639,11 @@ class Daemon:
             if into_fork is None:
                 into_fork = combined.forks[workload] = ForkTotals()
             into_fork.add(fork_totals)
+        for operation_key, operation_totals in list(self._totals.operations.items()) + list(live.operations.items()):
+            into_operation = combined.operations.get(operation_key)
+            if into_operation is None:
+                into_operation = combined.operations[operation_key] = OperationTotals()
+            into_operation.add(operation_totals)
         # Every counter series exists from the start at 0, so that the first
         # kill or skipped file is an increase Prometheus can see.
         workloads = {workload for workload, _ in combined.locks} | set(combined.forks)
@@ -640,6 +666,7 @@ class Daemon:
                 lock_key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
                 self._totals.locks.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
             self._totals.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
+            self._add_operations(self._totals.operations, state)
             self._totals.folded.add(key)
             self._unsaved = True
 

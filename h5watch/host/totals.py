@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from h5watch.export.metrics import ForkTotals, LockTotals
+from h5watch.export.metrics import ForkTotals, LockTotals, OperationTotals
 from h5watch.statedir import (
     OpenDir,
     UnsafeFileError,
@@ -51,6 +51,8 @@ class Totals:
     # When each workload last had a process the daemon saw (unix time): what
     # --workload-retention measures.
     last_seen: dict[str, float] = field(default_factory=dict)
+    # Contention by operation, per (workload, lock, operation).
+    operations: dict[tuple[str, str, str], OperationTotals] = field(default_factory=dict)
 
     def workloads(self) -> set[str]:
         return ({w for w, _ in self.locks} | set(self.forks) | {w for w, _ in self.kills} | {w for w, _ in self.would_kills}
@@ -61,6 +63,7 @@ class Totals:
         for table in (self.locks, self.kills, self.would_kills):
             for key in [key for key in table if key[0] == workload]:
                 del table[key]
+        self.operations = {key: value for key, value in self.operations.items() if key[0] != workload}
         self.forks.pop(workload, None)
         self.last_seen.pop(workload, None)
 
@@ -73,6 +76,7 @@ class Totals:
             "would_kills": [[w, r, n] for (w, r), n in self.would_kills.items()],
             "folded": sorted(self.folded),
             "last_seen": [[w, t] for w, t in self.last_seen.items()],
+            "operations": [[w, lk, op, t.to_json()] for (w, lk, op), t in self.operations.items()],
         }
 
     @classmethod
@@ -87,6 +91,8 @@ class Totals:
             folded=set(data["folded"]),
             # Absent from the saves of daemons without --workload-retention.
             last_seen={w: float(t) for w, t in data.get("last_seen", [])},
+            # Absent from the saves of daemons that did not count operations.
+            operations={(w, lk, op): OperationTotals.from_json(v) for w, lk, op, v in data.get("operations", [])},
         )
 
 

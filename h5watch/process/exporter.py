@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from h5watch import logs
-from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, metrics_registry
+from h5watch.export.metrics import Aggregate, AggregateCollector, ForkTotals, LockGauges, LockTotals, OperationTotals, metrics_registry
 from h5watch.export.server import MetricsServer
 from h5watch.schema import DEADLOCK_KINDS, ORPHAN_ACTIONS, TIMEOUT_KINDS
 
@@ -41,6 +41,10 @@ def aggregate_snapshot(snapshot: dict[str, Any], workload: str) -> Aggregate:
         gauges.add(holder is not None, holder["hold_age_seconds"] if holder else 0.0, len(entry["waiters"]),
                    entry["oldest_wait_seconds"])
         aggregate.gauges[(workload, name)] = gauges
+        for row in entry.get("operations", ()):
+            aggregate.operations[(workload, name, row["operation"])] = OperationTotals(
+                row["holds"], round(row["hold_seconds"] * 1e9), round(row["caused_wait_seconds"] * 1e9), row["waits"],
+                round(row["wait_seconds"] * 1e9))
     forks = snapshot.get("forks")
     watchdog = snapshot.get("watchdog", {})
     deadlocks = watchdog.get("deadlocks", {})

@@ -35,8 +35,8 @@ from typing import Any, Protocol
 from h5watch import logs
 from h5watch.process import lock_order
 from h5watch.process.lock import WatchedLock, watched_locks
-from h5watch.process.stats import ForkStats
-from h5watch.records import Holder, LockRecord, ProcessStatus, running_versions
+from h5watch.process.stats import ForkStats, OperationTable
+from h5watch.records import Holder, LockRecord, OperationRecord, ProcessStatus, running_versions
 from h5watch.statedir import create_file_at, prune_unread, user_dir_path
 from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 
@@ -84,6 +84,12 @@ class StatePublisher:
         self._open_lock = threading.Lock()
         # The file does not name the h5py and HDF5 versions yet (h5py not imported yet).
         self._versions_pending = True
+        # Contention by operation: each lock's table, kept past the lock's
+        # collection until its rows are added to the retired totals (those
+        # of collected locks, and of an earlier image of the process).
+        self._operations_lock = threading.Lock()
+        self._operation_tables: dict[int, OperationTable] = {}
+        self._retired_operations: dict[tuple[str, str], OperationRecord] = {}
 
     def start(self, options: Any) -> None:
         self.options = options
@@ -139,7 +145,21 @@ class StatePublisher:
         status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
                                deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
                                threads_in_deadlock=self._watchdog.threads_in_deadlock())
-        writer.write_all([lock_record(lock) for lock in watched_locks()], status)
+        locks = watched_locks()
+        writer.write_all([lock_record(lock) for lock in locks], status, self._operation_records(locks))
+
+    def _operation_records(self, locks: list[WatchedLock]) -> list[OperationRecord]:
+        """This process's totals per (lock name, operation): live locks'
+        tables plus what collected ones counted (each added once)."""
+        with self._operations_lock:
+            live = {lock._seq: lock.operations for lock in locks}
+            for seq in [seq for seq in self._operation_tables if seq not in live]:
+                _add_to(self._retired_operations, self._operation_tables.pop(seq).rows())
+            self._operation_tables.update(live)
+            totals = dict(self._retired_operations)
+            for table in live.values():
+                _add_to(totals, table.rows())
+            return list(totals.values())
 
     def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
@@ -204,6 +224,9 @@ class StatePublisher:
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
         self._versions_pending = not _set_versions(writer)
+        with self._operations_lock:
+            # An earlier image of this process (before an exec()) counted these.
+            _add_to(self._retired_operations, writer.adopted_operations)
         writer.attach_forks(self._forks.stats)
         writer.attach_locks([lock_record(lock) for lock in watched_locks()])
         try:
@@ -220,6 +243,11 @@ class StatePublisher:
     def after_fork_in_child(self) -> None:
         """After a fork, in the child: cheap, creates nothing."""
         self._open_lock = threading.Lock()
+        # The child's tables start from zero (each lock's fork step resets
+        # its own); what the parent's collected locks counted is the parent's.
+        self._operations_lock = threading.Lock()
+        self._operation_tables = {}
+        self._retired_operations = {}
         self._failed_pid = None
         old, self.writer = self.writer, None
         if old is not None:
@@ -256,6 +284,13 @@ class StatePublisher:
             stacks_file.close()
         except OSError:
             pass
+
+
+def _add_to(totals: dict[tuple[str, str], OperationRecord], records: list[OperationRecord]) -> None:
+    for record in records:
+        key = (record.lock, record.operation)
+        known = totals.get(key)
+        totals[key] = record if known is None else known.plus(record)
 
 
 def _set_versions(writer: StateWriter) -> bool:

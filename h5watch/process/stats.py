@@ -17,8 +17,9 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
+from h5watch.records import OperationRecord
 from h5watch.schema import (
     BUCKET_BOUNDS_NS,
     C_ACQUISITIONS,
@@ -49,7 +50,7 @@ from h5watch.schema import (
     counter_index,
 )
 
-__all__ = ["LockStats", "CoreLockStats", "ForkStats", "OperationTable", "OperationRow", "add_operation_words", "snapshot_of", "merge_lock_snapshots"]
+__all__ = ["LockStats", "CoreLockStats", "ForkStats", "OperationTable", "add_operation_words", "snapshot_of", "merge_lock_snapshots"]
 
 
 def snapshot_of(counters: Any) -> dict[str, Any]:
@@ -222,23 +223,6 @@ class CoreLockStats(_CounterFields):
 
 
 
-class OperationRow(NamedTuple):
-    """One operation's share of a lock: its holds, and the waits it caused and suffered."""
-
-    operation: str
-    holds: int
-    hold_sum_ns: int
-    hold_max_ns: int
-    caused_wait_sum_ns: int
-    waits: int
-    wait_sum_ns: int
-
-    def to_plain(self) -> dict[str, Any]:
-        return {"operation": self.operation, "holds": self.holds, "hold_seconds": self.hold_sum_ns / 1e9,
-                "hold_max_seconds": self.hold_max_ns / 1e9, "caused_wait_seconds": self.caused_wait_sum_ns / 1e9,
-                "waits": self.waits, "wait_seconds": self.wait_sum_ns / 1e9}
-
-
 class OperationTable:
     """Contention by operation for one lock: OPERATION_SLOTS rows of
     N_OPERATION_WORDS words (``O_*`` in h5watch.schema), one per operation
@@ -281,7 +265,7 @@ class OperationTable:
         """A forked child counts from zero (its rows are its own memory)."""
         self.buffer[:] = bytes(len(self.buffer))
 
-    def rows(self) -> list[OperationRow]:
+    def rows(self) -> list[OperationRecord]:
         """Every operation that held the lock, the most held first; an
         unnamed operation is named after the lock."""
         words = self.words.tolist()
@@ -297,7 +281,8 @@ class OperationTable:
                 by_name[name] = w
             else:  # two operations of one name (an unnamed hold and one named after the lock)
                 by_name[name] = add_operation_words(into, w)
-        out = [OperationRow(name, w[O_HOLDS], w[O_HOLD_SUM], w[O_HOLD_MAX], w[O_CAUSED_WAIT_SUM], w[O_WAITS], w[O_WAIT_SUM])
+        out = [OperationRecord(self.lock_name, name, w[O_HOLDS], w[O_HOLD_SUM], w[O_HOLD_MAX], w[O_CAUSED_WAIT_SUM], w[O_WAITS],
+                               w[O_WAIT_SUM])
                for name, w in by_name.items()]
         out.sort(key=lambda r: (-r.hold_sum_ns, r.operation))
         return out

@@ -1,0 +1,232 @@
+"""Contention by operation: which operations hold a lock, for how long, and
+whose holds made the other threads wait (the waits are charged to the
+operation that held the lock, as Go's mutex profile does). Real threads,
+real h5py, real state files, a real daemon."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import run_python
+from daemon_support import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from h5watch.schema import OPERATION_OTHER, OPERATION_SLOTS
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def rows_of(lock) -> dict[str, dict]:
+    return {row["operation"]: row for row in lock.snapshot()["operations"]}
+
+
+def test_waits_are_charged_to_the_operation_that_held_the_lock(lock_class):
+    lock = lock_class("app.cache")
+    held = threading.Event()
+    started: dict[str, float] = {}
+    released_at: list[float] = []
+
+    def rebuild() -> None:
+        held.set()
+        time.sleep(0.4)
+        released_at.append(time.monotonic())
+
+    def lookup(name: str) -> None:
+        held.wait(10)
+        started[name] = time.monotonic()
+        with_op(lock, "lookup", lambda: None)
+
+    threads = [threading.Thread(target=with_op, args=(lock, "rebuild", rebuild))]
+    threads += [threading.Thread(target=lookup, args=(f"r{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    rows = rows_of(lock)
+    assert set(rows) == {"rebuild", "lookup"}
+    rebuild_row, lookup_row = rows["rebuild"], rows["lookup"]
+    assert (rebuild_row["holds"], lookup_row["holds"]) == (1, 3)
+    assert rebuild_row["hold_seconds"] >= 0.39 and rebuild_row["hold_max_seconds"] == rebuild_row["hold_seconds"]
+    # The three lookups waited behind the rebuild: what they waited until
+    # its release is its doing (what came after, behind each other, is not).
+    assert lookup_row["waits"] == 3 and rebuild_row["waits"] == 0
+    behind_rebuild = sum(released_at[0] - start for start in started.values())
+    assert rebuild_row["caused_wait_seconds"] == pytest.approx(behind_rebuild, abs=0.1)
+    assert lookup_row["wait_seconds"] >= rebuild_row["caused_wait_seconds"] - 0.01
+    assert lookup_row["caused_wait_seconds"] < rebuild_row["caused_wait_seconds"]
+    # Every hold is an acquisition, counted once.
+    assert sum(row["holds"] for row in rows.values()) == lock.snapshot()["stats"]["acquisitions"]
+
+
+def with_op(lock, operation: str, body) -> None:
+    lock.acquire_for(operation)
+    try:
+        body()
+    finally:
+        lock.release()
+
+
+def test_an_unnamed_hold_is_named_after_the_lock_and_a_bounded_table_counts_the_rest_as_other(lock_class):
+    lock = lock_class("app.registry")
+    with lock:
+        pass
+    for i in range(OPERATION_SLOTS + 20):
+        with_op(lock, f"op-{i}", lambda: None)
+    rows = rows_of(lock)
+    # OPERATION_SLOTS rows: the unnamed hold's, OPERATION_SLOTS - 2 named
+    # ones, and other for the 22 operations that came after them.
+    assert len(rows) == OPERATION_SLOTS
+    assert rows["app.registry"]["holds"] == 1
+    assert rows["op-0"]["holds"] == rows[f"op-{OPERATION_SLOTS - 3}"]["holds"] == 1
+    assert f"op-{OPERATION_SLOTS - 2}" not in rows
+    assert rows[OPERATION_OTHER]["holds"] == 22
+    assert sum(row["holds"] for row in rows.values()) == lock.snapshot()["stats"]["acquisitions"] == OPERATION_SLOTS + 21
+
+
+FORKED_PROFILE = """
+import h5watch, json, os
+h5watch.install(state_files=False)
+lock = h5watch.WatchedLock("app.forked")
+for _ in range(5):
+    with lock:
+        pass
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    lock.acquire_for("in-child")
+    lock.release()
+    os.write(write, json.dumps(lock.snapshot()["operations"]).encode())
+    os._exit(0)
+os.close(write)
+child = json.loads(os.read(read, 65536).decode())
+os.waitpid(pid, 0)
+print(json.dumps({"child": child, "parent": lock.snapshot()["operations"]}))
+"""
+
+
+@pytest.mark.parametrize("implementation", ["compiled", "python"])
+def test_a_forked_child_profiles_from_zero_and_the_parent_keeps_its_own(implementation):
+    result = run_python(FORKED_PROFILE, env={"H5WATCH_IMPLEMENTATION": implementation}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert [(row["operation"], row["holds"]) for row in out["child"]] == [("in-child", 1)]
+    assert [(row["operation"], row["holds"]) for row in out["parent"]] == [("app.forked", 5)]
+
+
+H5PY_OPERATIONS = """
+import h5watch
+h5watch.install(state_files=False)
+import io, json, threading, time
+import h5py, numpy as np
+
+bio = io.BytesIO()
+with h5py.File(bio, "w") as f:
+    f["big"] = np.random.rand(1500, 1000)
+    f["medium"] = np.zeros((400, 400))
+f = h5py.File(bio, "r+")
+big, medium, values = f["big"], f["medium"], np.random.rand(400, 400)
+work = {
+    "h5py._hl.dataset.Dataset.__getitem__": lambda: big[...],
+    "h5py._hl.dataset.Dataset.__setitem__": lambda: medium.__setitem__(Ellipsis, values),
+    "h5py._hl.group.Group.__contains__": lambda: "big" in f,
+}
+
+# The true order, one operation at a time with nobody else waiting (after
+# a first call of each, which pays one-time costs).
+for call in work.values():
+    call()
+alone = {}
+for name, call in work.items():
+    start = time.perf_counter()
+    for _ in range(10):
+        call()
+    alone[name] = time.perf_counter() - start
+
+def mixed():
+    for _ in range(10):
+        for call in work.values():
+            call()
+
+threads = [threading.Thread(target=mixed) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+phil = h5watch.snapshot()["locks"]["h5py.phil"]
+print(json.dumps({"alone": alone, "operations": phil["operations"], "wait_sum_ns": phil["stats"]["wait"]["sum_ns"]}))
+"""
+
+
+def test_h5py_operations_are_ranked_by_their_true_hold_time_and_charged_the_waits_they_caused():
+    result = run_python(H5PY_OPERATIONS, timeout=90)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    rows = {row["operation"]: row for row in out["operations"]}
+    truth = sorted(out["alone"], key=out["alone"].get, reverse=True)
+    assert out["alone"][truth[0]] > 2 * out["alone"][truth[1]] > 4 * out["alone"][truth[2]], out["alone"]
+    ranked = [row["operation"] for row in out["operations"] if row["operation"] in out["alone"]]
+    assert ranked == truth
+    assert [rows[name]["holds"] for name in truth] == [51, 51, 51]  # 1 + 10 alone, 40 mixed
+    # The threads waited mostly behind the heaviest operation, and what they
+    # waited is charged once, to whichever operation held phil meanwhile.
+    caused = {name: rows[name]["caused_wait_seconds"] for name in truth}
+    assert caused[truth[0]] > caused[truth[1]] and caused[truth[0]] > caused[truth[2]], caused
+    total_caused = sum(row["caused_wait_seconds"] for row in out["operations"])
+    assert total_caused <= out["wait_sum_ns"] / 1e9 * 1.05 + 0.01
+
+
+PROFILED_WORKER = """
+import h5watch, json, sys, threading, time
+h5watch.install(state_dir=sys.argv[1], service="profiled")
+lock = h5watch.WatchedLock("app.table")
+
+def hammer(operation, hold):
+    for _ in range(20):
+        lock.acquire_for(operation)
+        time.sleep(hold)
+        lock.release()
+
+threads = [threading.Thread(target=hammer, args=(op, hold)) for op, hold in (("scan", 0.005), ("get", 0.0), ("get", 0.0))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps(lock.snapshot()["operations"]))
+"""
+
+
+def operation_samples(port: int) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("h5watch_lock_operation_"):
+            for sample in family.samples:
+                if sample.labels.get("workload") == "profiled":
+                    out[(sample.name, sample.labels["operation"])] = sample.value
+    return out
+
+
+def test_the_daemon_exports_each_operation_and_keeps_its_counts_after_the_process_exits(state_dir, daemons):
+    result = run_python(PROFILED_WORKER, args=[str(state_dir)], timeout=60)
+    assert result.returncode == 0, result.stderr
+    own = {row["operation"]: row for row in json.loads(result.stdout.splitlines()[-1])}
+    daemon = daemons(state_dir, "--scan-interval", "0.2")
+    samples = wait_for(lambda: operation_samples(daemon.port) or None, 20, what="operation series")
+    for operation, row in own.items():
+        assert samples[("h5watch_lock_operation_holds_total", operation)] == row["holds"]
+        assert samples[("h5watch_lock_operation_hold_seconds_total", operation)] == pytest.approx(row["hold_seconds"])
+        assert samples[("h5watch_lock_operation_caused_wait_seconds_total", operation)] == pytest.approx(row["caused_wait_seconds"])
+        assert samples[("h5watch_lock_operation_waits_total", operation)] == row["waits"]
+        assert samples[("h5watch_lock_operation_wait_seconds_total", operation)] == pytest.approx(row["wait_seconds"])
+    assert own["scan"]["holds"] == 20 and own["get"]["holds"] == 40
+    # The exited process's file is folded into the daemon's totals and
+    # removed; a restarted daemon still exports the same counts.
+    wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the exited process's file to be folded")
+    daemon.stop()
+    again = daemons(state_dir, "--scan-interval", "0.2")
+    assert wait_for(lambda: operation_samples(again.port) or None, 20, what="operation series") == samples
