@@ -350,6 +350,23 @@ def lock_rows(repeats: int) -> list[dict]:
             rows.append(_row(f"WatchedLock {label} acquire+release / threading.RLock{suffix}", ratios_rlock, None, None))
     lock_order.set_checking(True)
     rows.extend(lock_order_rows(repeats, watched, outer[watched]))
+
+    # Contention by operation, at its dearest: every acquisition names
+    # another operation than the last (a dictionary look-up each time).
+    def alternating():
+        watched.acquire_for("bench.a")
+        watched.release()
+        watched.acquire_for("bench.b")
+        watched.release()
+
+    def raw_twice():
+        with raw_fast:
+            pass
+        with raw_fast:
+            pass
+
+    ratios = [_time_per_op(alternating, samples=3) / _time_per_op(raw_twice, samples=3) for _ in range(repeats)]
+    rows.append(_row("WatchedLock acquire_for, two operations in turn / FastRLock", ratios, "<=", 1.5))
     return rows
 
 

@@ -270,12 +270,17 @@ def test_the_series_counts_in_the_deploy_doc_are_a_real_daemon_s(tmp_path, state
     text = " ".join(DEPLOY_DOC.read_text().split())
     per_lock = int(re.search(r"exports (\d+) series per workload and lock", text).group(1))
     per_workload = int(re.search(r"plus (\d+) per workload", text).group(1))
+    per_operation = int(re.search(r"and (\d+) more per operation that held the lock", text).group(1))
     daemon = daemons(state_dir, "--scan-interval", "0.2")
     worker = start_worker(state_dir, "count", str(tmp_path), "5", service="series")
     try:
         read_json_line(worker)
         wait_for(lambda: daemon.value("h5watch_lock_acquisitions_total", workload="series", lock="app.x") >= 5, 20,
                  what="the worker's counts in the daemon's /metrics")
+        # Operations are written at the worker's next tick.
+        wait_for(lambda: {dict(labels).get("lock") for name, labels in daemon.samples()
+                          if name == "h5watch_lock_operation_holds_total" and dict(labels).get("workload") == "series"}
+                 >= {"app.x", "h5py.phil"}, 20, what="the worker's operations in the daemon's /metrics")
         samples = daemon.samples()
     finally:
         (tmp_path / "release").touch()
@@ -284,6 +289,11 @@ def test_the_series_counts_in_the_deploy_doc_are_a_real_daemon_s(tmp_path, state
     locks = {labels["lock"] for _, labels in of_workload if "lock" in labels}
     assert locks == {"app.x", "h5py.phil"}
     for lock in locks:
-        assert sum(labels.get("lock") == lock for _, labels in of_workload) == per_lock, lock
+        assert sum(labels.get("lock") == lock and "operation" not in labels for _, labels in of_workload) == per_lock, lock
+        operations = {labels["operation"] for _, labels in of_workload if labels.get("lock") == lock and "operation" in labels}
+        assert operations, lock
+        for operation in operations:
+            assert sum(labels.get("lock") == lock and labels.get("operation") == operation
+                       for _, labels in of_workload) == per_operation, (lock, operation)
     without_lock = [name for name, labels in of_workload if "lock" not in labels and name != "h5watch_processes"]
     assert len(without_lock) == per_workload, sorted(without_lock)

@@ -440,3 +440,63 @@ def test_a_lock_made_between_a_tick_listing_the_locks_and_its_write_stays_live(t
         assert sum(lock["acquisitions"] for lock in state.locks() if lock["lock"] == "app.late") == 3
     finally:
         writer.close(exited=False)
+
+
+def test_operation_entries_are_never_read_torn(tmp_path):
+    """A writer rewrites one operation entry again and again with every
+    count equal to k = 1, 2, 3...: a reader accepts only copies whose counts
+    are all one k, never going down; an entry left odd (its writer died in
+    the middle of it) is left out."""
+    state_dir = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import time
+from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.statefile import StateWriter, ensure_state_dir
+ensure_state_dir({str(state_dir)!r})
+writer = StateWriter({str(state_dir)!r}, "torn", 0, 0.5)
+status = ProcessStatus(True, None)
+writer.write_all([], status, [OperationRecord("app.x", "steady", 1, 1, 1, 1, 1, 1)])
+print(writer.path, flush=True)
+deadline = time.monotonic() + 6
+k = 0
+while time.monotonic() < deadline:
+    k += 1
+    writer.write_all([], status, [OperationRecord("app.x", "steady", 1, 1, 1, 1, 1, 1),
+                                  OperationRecord("app.x", "busy", k, k, k, k, k, k)])
+    if k % 8 == 0:
+        time.sleep(0.0002)
+"""],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        path = proc.stdout.readline().strip()
+        seen, last = set(), 0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                state = read_state_file(path, retries=1)
+            except StateFileError as exc:
+                assert exc.reason == "busy", exc
+                continue
+            for record in state.operation_records():
+                counts = set(record[2:])
+                assert len(counts) == 1, record
+                if record.operation == "busy":
+                    assert counts.pop() >= last
+                    last = record.holds
+                    seen.add(last)
+        assert len(seen) > 100
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    from h5watch.statefile import OPERATIONS_OFFSET
+
+    state = read_state_file(path)
+    assert {r.operation for r in state.operation_records()} == {"steady", "busy"}
+    with open(path, "r+b") as f:
+        f.seek(OPERATIONS_OFFSET)
+        seq = int.from_bytes(f.read(8), "little")
+        f.seek(OPERATIONS_OFFSET)
+        f.write((seq + 1).to_bytes(8, "little"))  # the first entry is being written, for good
+    assert [r.operation for r in read_state_file(path).operation_records()] == ["busy"]

@@ -36,6 +36,8 @@ from h5watch.statefile import StateDirError, StateFileError, process_identity, r
 __all__ = ["EXIT_STUCK", "add_arguments", "main", "collect_status"]
 
 EXIT_STUCK = 1
+# Operations listed per lock (--json); every one is in the state file and on /metrics.
+TOP_OPERATIONS = 10
 EXIT_STATUS_HELP = (
     "exit status: 0 when no live process is stuck; 1 when one is (as --stuck-after judges); 2 for bad input, such as a "
     "state dir that does not exist or is not a directory (one line on stderr)"
@@ -122,8 +124,11 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
         heartbeat_age = max(0.0, now - state.heartbeat_unix)
         verdict = judge_live(state, now, thresholds)
         locks = state.locks(now)  # without a watchdog: holds as of the last write
+        operations = state.operation_records()
         for lock in locks:
             lock["stuck"] = verdict.stuck is not None and lock_is_stuck(state, lock, thresholds)
+            # Contention by operation (as of the process's last tick), the most held first.
+            lock["operations"] = [record.to_plain() for record in operations if record.lock == lock["lock"]][:TOP_OPERATIONS]
         report["processes"].append({
             "pid": state.pid,
             "workload": state.workload,
