@@ -933,8 +933,11 @@ class ProcessState:
         out.sort(key=lambda r: (-r.hold_sum_ns, r.lock, r.operation))
         return out
 
-    def locks(self, now_unix: float | None = None) -> list[dict[str, Any]]:
-        """The lock records as plain data (for status and logs)."""
+    def locks(self, now_unix: float | None = None, histograms: bool = False) -> list[dict[str, Any]]:
+        """The lock records as plain data (for status and logs); with
+        ``histograms``, each also has ``wait`` and ``hold``: its per-bucket
+        counts (``buckets``, one per bound and +Inf), ``sum_seconds`` and
+        ``max_seconds`` (a wait is counted only when it was contended)."""
         now_unix = time.time() if now_unix is None else now_unix
         holds_seen_at = self.holds_seen_at(now_unix)
         out = []
@@ -975,6 +978,13 @@ class ProcessState:
                 "waiters_unrecorded": int(record["n_waiters"]) - n_shown,
                 "oldest_wait_seconds": max(0.0, now_unix - oldest) if oldest else 0.0,
             })
+            if histograms:
+                for kind in ("wait", "hold"):
+                    out[-1][kind] = {
+                        "buckets": [int(count) for count in record[f"{kind}_buckets"]],
+                        "sum_seconds": int(record[f"{kind}_sum_ns"]) / 1e9,
+                        "max_seconds": int(record[f"{kind}_max_ns"]) / 1e9,
+                    }
         return out
 
 

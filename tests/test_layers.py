@@ -129,6 +129,7 @@ def _runtime_or_h5py(loaded: list[str]) -> list[str]:
 @pytest.mark.parametrize("argv", [
     ["status", "--json", "--state-dir", "{state_dir}"],
     ["status", "--state-dir", "{state_dir}"],
+    ["top", "--once", "--state-dir", "{state_dir}"],
     ["daemon", "--help"],
     ["--version"],
 ], ids=" ".join)

@@ -1,4 +1,4 @@
-"""The ``h5watch`` command: ``run``, ``daemon``, ``status``, ``dump``, ``demo``.
+"""The ``h5watch`` command: ``run``, ``daemon``, ``status``, ``top``, ``dump``, ``demo``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and
 ``main(args) -> int``. A user error anywhere is one line on stderr and exit
@@ -23,6 +23,7 @@ _SUBCOMMANDS = {
     "run": ("h5watch.cli.run", "run a command with h5watch installed in it (and its children)"),
     "daemon": ("h5watch.host.daemon", "watch every instrumented process on this host and export to Prometheus"),
     "status": ("h5watch.host.status", "show live instrumented processes, lock holders and waiters"),
+    "top": ("h5watch.host.top", "a live view of every instrumented process's locks, refreshed in place, like top"),
     "dump": ("h5watch.host.dump", "show one instrumented process from outside: its locks and every thread's stacks"),
     "demo": ("h5watch.demo", "run the built-in demonstration workload"),
 }

@@ -80,9 +80,10 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_STUCK if any(process["stuck"] for process in report["processes"]) else 0
 
 
-def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict[str, Any]:
+def collect_status(state_dir: str, thresholds: Thresholds | None = None, histograms: bool = False) -> dict[str, Any]:
     """Every live process of ``state_dir`` as plain data, judged at
-    ``thresholds`` (default: the daemon's defaults)."""
+    ``thresholds`` (default: the daemon's defaults); with ``histograms``,
+    each lock's wait and hold histograms too (``h5watch top``'s quantiles)."""
     now = time.time()
     thresholds = thresholds or Thresholds()
     report: dict[str, Any] = {"state_dir": state_dir, "time_unix": now, "thresholds": thresholds.to_json(),
@@ -123,7 +124,7 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
             continue
         heartbeat_age = max(0.0, now - state.heartbeat_unix)
         verdict = judge_live(state, now, thresholds)
-        locks = state.locks(now)  # without a watchdog: holds as of the last write
+        locks = state.locks(now, histograms)  # without a watchdog: holds as of the last write
         operations = state.operation_records()
         for lock in locks:
             lock["stuck"] = verdict.stuck is not None and lock_is_stuck(state, lock, thresholds)
@@ -140,6 +141,7 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None) -> dict
             "stuck_age_seconds": None if verdict.stuck is None else round(verdict.stuck.age_seconds, 3),
             "kill_reason": verdict.kill_reason,
             "heartbeat_age_seconds": round(heartbeat_age, 3),
+            "started_unix": float(state.header["started_unix"]) or None,
             "watchdog_running": state.watchdog_running,
             "path": state.path,
             "locks": locks,

@@ -6,6 +6,8 @@ Usage: worker.py MODE DIR [K]
                once done, then waits until DIR/release exists and exits 0.
   stuck DIR    a thread holds 'app.x' forever, the main thread waits for it.
   crowd DIR N  a thread holds 'app.x' forever, N threads (waiter-0 first) wait for it.
+  busy DIR N   N threads (busy-0 first) take 'app.x' in turn without end,
+               each holding it 2 ms: a lock always contended, at a steady rate.
   gil DIR      a thread 'gil-holder' holds 'app.x' and then sleeps in libc's
                sleep() called through ctypes.PyDLL, which keeps the GIL: every
                other thread (the main one waiting for 'app.x', the watchdog)
@@ -82,6 +84,17 @@ if mode == "crowd":
         threading.Thread(target=wait_forever, name=f"waiter-{i}", daemon=True).start()
         while len(app.waiters()) <= i:
             time.sleep(0.01)
+    emit(pid=os.getpid(), ready=True)
+    time.sleep(3600)
+
+if mode == "busy":
+    def take_turns() -> None:
+        while True:
+            with app:
+                time.sleep(0.002)
+
+    for i in range(int(sys.argv[3])):
+        threading.Thread(target=take_turns, name=f"busy-{i}", daemon=True).start()
     emit(pid=os.getpid(), ready=True)
     time.sleep(3600)
 
