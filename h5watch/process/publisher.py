@@ -136,10 +136,12 @@ class StatePublisher:
             return
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
-        status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
-                               deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
-                               threads_in_deadlock=self._watchdog.threads_in_deadlock())
-        writer.write_all([lock_record(lock) for lock in watched_locks()], status)
+        writer.write_all([lock_record(lock) for lock in watched_locks()], self._status())
+
+    def _status(self) -> ProcessStatus:
+        return ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
+                             deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
+                             threads_in_deadlock=self._watchdog.threads_in_deadlock())
 
     def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
@@ -206,6 +208,11 @@ class StatePublisher:
         self._versions_pending = not _set_versions(writer)
         writer.attach_forks(self._forks.stats)
         writer.attach_locks([lock_record(lock) for lock in watched_locks()])
+        # Whether the watchdog runs, from the start: the heartbeat is the
+        # file's making until its first tick, so a process that freezes
+        # before that tick (a thread keeping the GIL in C) is stuck by its
+        # heartbeat too, not a process with no watchdog to judge by.
+        writer.write_header(self._status(), beat=False)
         try:
             pruned = prune_unread(directory, KEEP_UNREAD_DEAD)
         except OSError:
