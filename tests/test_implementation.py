@@ -154,6 +154,18 @@ def test_missing_extension_is_one_degraded_warning_at_install():
     assert "C compiler" in degraded["fix"] and "reinstall" in degraded["fix"]
 
 
+def test_a_missing_extension_is_named_without_the_package_path_and_a_broken_one_with_its_file():
+    from h5watch.process.implementation import _import_error
+
+    init = "/somewhere/site-packages/h5watch/process/__init__.py"
+    missing = ImportError(f"cannot import name '_lockcore' from 'h5watch.process' ({init})", name="h5watch.process",
+                          path=init)
+    assert _import_error(missing) == "h5watch.process._lockcore is missing"
+    so = "/somewhere/site-packages/h5watch/process/_lockcore.cpython-311-x86_64-linux-gnu.so"
+    broken = ImportError(f"{so}: undefined symbol: PyFoo", name="h5watch.process._lockcore", path=so)
+    assert _import_error(broken) == f"{so}: undefined symbol: PyFoo"
+
+
 # -- h5watch run -------------------------------------------------------------------
 
 

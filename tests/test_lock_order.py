@@ -403,7 +403,7 @@ def test_checking_off_records_nothing(implementation):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_no_inversion_is_reported_over_the_lock_tests(implementation):
+def test_no_inversion_is_reported_over_the_lock_tests(implementation, tmp_path):
     """The lock tests (every inner lock, Condition, RLock parity, threads)
     in a pytest whose own events reach its stderr (``-s``): none is a
     lock-order inversion. A test added there that takes two locks in both
@@ -418,10 +418,14 @@ def test_no_inversion_is_reported_over_the_lock_tests(implementation):
     # H5WATCH_EXPECT_IMPLEMENTATION for its own run).
     env = {**os.environ, "H5WATCH_IMPLEMENTATION": implementation, "H5WATCH_EXPECT_IMPLEMENTATION": implementation,
            "H5WATCH_LOG_FORMAT": "json"}
+    # Started from an empty directory (``-m`` puts the current one first on
+    # sys.path), so it imports the h5watch this run imports: a source tree
+    # never shadows an install under test. Same rootdir and configuration.
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_lock.py",
-         "tests/test_rlock_parity.py"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280, start_new_session=True,
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", f"--rootdir={REPO}",
+         "-c", str(REPO / "pyproject.toml"), str(REPO / "tests" / "test_lock.py"),
+         str(REPO / "tests" / "test_rlock_parity.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280, start_new_session=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout

@@ -36,10 +36,20 @@ def _load_compiled() -> tuple[Any, str]:
     try:
         from h5watch.process import _lockcore
     except ImportError as exc:
-        return None, f"{_NOT_BUILT}: {exc}"
+        return None, f"{_NOT_BUILT}: {_import_error(exc)}"
     if shared_numbers_of(_lockcore) != shared_numbers():
         return None, f"{_NOT_BUILT}: the compiled core was built from another version of h5watch (reinstall it)"
     return _lockcore, "compiled"
+
+
+def _import_error(exc: ImportError) -> str:
+    """Why the compiled core did not import. Not there at all ("cannot import
+    name '_lockcore' from 'h5watch.process' (.../__init__.py)"): said so, with
+    no path (the package's own file names nothing to fix); anything else (a
+    broken or foreign extension file) as the import system says it."""
+    if exc.name == __package__ and str(exc).startswith("cannot import name '_lockcore'"):
+        return "h5watch.process._lockcore is missing"
+    return str(exc)
 
 
 def shared_numbers() -> dict[str, Any]:

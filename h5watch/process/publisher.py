@@ -142,11 +142,13 @@ class StatePublisher:
             return
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
-        status = ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
-                               deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
-                               threads_in_deadlock=self._watchdog.threads_in_deadlock())
         locks = watched_locks()
-        writer.write_all([lock_record(lock) for lock in locks], status, self._operation_records(locks))
+        writer.write_all([lock_record(lock) for lock in locks], self._status(), self._operation_records(locks))
+
+    def _status(self) -> ProcessStatus:
+        return ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
+                             deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
+                             threads_in_deadlock=self._watchdog.threads_in_deadlock())
 
     def _operation_records(self, locks: list[WatchedLock]) -> list[OperationRecord]:
         """This process's totals per (lock name, operation): live locks'
@@ -229,6 +231,11 @@ class StatePublisher:
             _add_to(self._retired_operations, writer.adopted_operations)
         writer.attach_forks(self._forks.stats)
         writer.attach_locks([lock_record(lock) for lock in watched_locks()])
+        # Whether the watchdog runs, from the start: the heartbeat is the
+        # file's making until its first tick, so a process that freezes
+        # before that tick (a thread keeping the GIL in C) is stuck by its
+        # heartbeat too, not a process with no watchdog to judge by.
+        writer.write_header(self._status(), beat=False)
         try:
             pruned = prune_unread(directory, KEEP_UNREAD_DEAD)
         except OSError:

@@ -314,8 +314,7 @@ def _warn_at_first_activation() -> None:
         _log.warning(
             "h5watch.degraded",
             reason=lock_module.IMPLEMENTATION_REASON,
-            slower="every watched lock's hot path and h5py's with_phil run in pure Python"
-            " (about 4x a raw FastRLock per outermost acquisition, a few percent end to end)",
+            slower="the lock hot path runs in pure Python, a few percent slower",
             fix="install a C compiler and Python's headers, then reinstall h5watch",
         )
 

@@ -8,10 +8,11 @@ Usage: worker.py MODE DIR [K]
   crowd DIR N  a thread holds 'app.x' forever, N threads (waiter-0 first) wait for it.
   busy DIR N   N threads (busy-0 first) take 'app.x' in turn without end,
                each holding it 2 ms: a lock always contended, at a steady rate.
-  gil DIR      a thread 'gil-holder' holds 'app.x' and then sleeps in libc's
-               sleep() called through ctypes.PyDLL, which keeps the GIL: every
-               other thread (the main one waiting for 'app.x', the watchdog)
-               is blocked, so the heartbeat stops.
+  gil DIR      a thread 'gil-holder' holds 'app.x' and, once the state file
+               shows that hold, the main thread's wait for it and a running
+               watchdog, sleeps in libc's sleep() called through ctypes.PyDLL,
+               which keeps the GIL: every other thread (the main one waiting
+               for 'app.x', the watchdog) is blocked, so the heartbeat stops.
   orphan DIR   a thread holds 'app.x' while the main thread forks without
                Python's hooks, then lets go; the child (on_orphan=warn) stops
                its watchdog and waits on the orphaned lock forever. Prints the
@@ -99,8 +100,31 @@ if mode == "busy":
     time.sleep(3600)
 
 if mode == "gil":
+    from h5watch.statefile import read_state_file
+
+    state_path = h5watch.snapshot()["state"]["path"]
+
+    def recorded() -> bool:
+        """The state file shows the hold, the main thread's wait and a live
+        heartbeat: once the GIL is kept nothing here writes it again."""
+        state = read_state_file(state_path)
+        for lock in state.locks():
+            if lock["lock"] == "app.x":
+                holder = lock["holder"] or {}
+                waiting = [t["thread_name"] for t in lock["waiting_threads"]]
+                return state.watchdog_running and holder.get("thread_name") == "gil-holder" and "MainThread" in waiting
+        return False
+
     def hold_the_gil_in_c() -> None:
         with app:
+            # Keeping the GIL before the main thread is past Thread.start()
+            # would freeze it there, its wait never written.
+            deadline = time.monotonic() + 20
+            while not recorded():
+                if time.monotonic() > deadline:
+                    os.write(2, b"the state file never showed the hold and the wait\n")
+                    os._exit(3)
+                time.sleep(0.02)
             emit(pid=os.getpid(), ready=True)
             ctypes.PyDLL(None).sleep(3600)
 
