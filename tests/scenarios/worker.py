@@ -6,7 +6,9 @@ Usage: worker.py MODE DIR [K]
                once done, then waits until DIR/release exists and exits 0.
   stuck DIR    a thread holds 'app.x' forever, the main thread waits for it.
   crowd DIR N  a thread holds 'app.x' forever, N threads (waiter-0 first) wait for it.
-  gil DIR      a thread 'gil-holder' holds 'app.x' and then sleeps in libc's
+  gil DIR      a thread 'gil-holder' holds 'app.x' for 0.1 s while the main
+               thread waits (a hold and a wait in the flight recorder), then
+               holds it again and sleeps in libc's
                sleep() called through ctypes.PyDLL, which keeps the GIL: every
                other thread (the main one waiting for 'app.x', the watchdog)
                is blocked, so the heartbeat stops.
@@ -86,12 +88,24 @@ if mode == "crowd":
     time.sleep(3600)
 
 if mode == "gil":
+    taken, go, held = threading.Event(), threading.Event(), threading.Event()
+
     def hold_the_gil_in_c() -> None:
+        with app:  # first a long hold that the main thread waits through: both in the flight recorder
+            taken.set()
+            time.sleep(0.1)
+        go.wait(30)
         with app:
+            held.set()
             emit(pid=os.getpid(), ready=True)
             ctypes.PyDLL(None).sleep(3600)
 
     threading.Thread(target=hold_the_gil_in_c, name="gil-holder", daemon=True).start()
+    taken.wait(30)
+    with app:
+        pass
+    go.set()
+    held.wait(30)
     app.acquire()
     sys.exit(0)
 
