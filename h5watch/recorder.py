@@ -84,18 +84,20 @@ class Ring:
     """The writer's side of a ring in ``buffer`` at ``offset`` (a private
     ``bytearray`` until the state file exists, then the file's mapping)."""
 
-    __slots__ = ("_buffer", "_offset", "_claim", "_busy")
+    __slots__ = ("_buffer", "_offset", "_claim", "_busy", "_claimed")
 
     def __init__(self, buffer: Any = None, offset: int = 0) -> None:
         self._buffer = bytearray(REGION_BYTES) if buffer is None else buffer
         self._offset = offset
         init_region(self._buffer, offset)
-        self._claim = itertools.count(_next_number(self._raw_entries()))
+        self._claimed = _next_number(self._raw_entries())
+        self._claim = itertools.count(self._claimed)
         self._busy: dict[int, int] = {}
 
     def write(self, kind: str, monotonic_ns: int, time_unix: float, native_id: int | None, thread_name: str | None,
               lock: str | None, operation: str | None, duration_ns: int, extra: int) -> None:
         number = next(self._claim)
+        self._claimed = max(self._claimed, number + 1)  # only for entries(): a hint, never a claim
         self._write_body(number, _BODY.pack(
             _KIND_INDEX[kind], 0, monotonic_ns, time_unix, max(0, duration_ns), extra, native_id or 0,
             _fixed(thread_name, THREAD_BYTES), _fixed(lock, LOCK_BYTES), _fixed(operation, OPERATION_BYTES)))
@@ -123,12 +125,23 @@ class Ring:
         ``exec()``) and then this ring's entries, in order."""
         ring = Ring(buffer, offset)
         for _seq, raw in self._raw_entries():
-            ring._write_body(next(ring._claim), raw[_SEQ.size :])
+            number = next(ring._claim)
+            ring._claimed = number + 1
+            ring._write_body(number, raw[_SEQ.size :])
         return ring
 
     def entries(self, limit: int | None = None) -> list[dict[str, Any]]:
-        raw = bytes(self._buffer[self._offset : self._offset + REGION_BYTES])
-        return decode_region(raw, raw, limit)
+        """The newest ``limit`` entries written here, oldest first (in this
+        process: only their slots are read)."""
+        end = self._claimed
+        count = min(end, ENTRIES if limit is None else max(0, min(limit, ENTRIES)))
+        found = []
+        for number in range(end - count, end):
+            at = self._offset + HEADER_BYTES + (number % ENTRIES) * ENTRY_BYTES
+            raw = bytes(self._buffer[at : at + ENTRY_BYTES])
+            if _SEQ.unpack_from(raw)[0] == 2 * number + 2:
+                found.append(_decode(2 * number + 2, raw))
+        return [entry for entry in found if entry is not None]
 
 
 def _next_number(entries: list[tuple[int, bytes]]) -> int:

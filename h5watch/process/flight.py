@@ -24,7 +24,7 @@ import time
 from typing import Any, Protocol
 
 from h5watch import recorder
-from h5watch.schema import RECORDER_LOG_ENTRIES, RECORDER_THRESHOLD_SECONDS
+from h5watch.schema import RECORDER_LOG_ENTRIES, RECORDER_THRESHOLD_SECONDS, RECORDER_VIEW_ENTRIES
 
 __all__ = ["FlightRecorder", "Recorder", "current_thread"]
 
@@ -125,4 +125,4 @@ class FlightRecorder:
 
     def snapshot(self) -> dict[str, Any]:
         return {"threshold_seconds": None if self.threshold_ns is None else self.threshold_ns / 1e9,
-                "in_state_file": self._in_file, "entries": self.tail(recorder.ENTRIES)}
+                "in_state_file": self._in_file, "entries": self.tail(RECORDER_VIEW_ENTRIES)}
