@@ -87,10 +87,12 @@ class Ring:
     __slots__ = ("_buffer", "_offset", "_claim", "_busy", "_claimed")
 
     def __init__(self, buffer: Any = None, offset: int = 0) -> None:
-        self._buffer = bytearray(REGION_BYTES) if buffer is None else buffer
+        fresh = buffer is None
+        self._buffer = bytearray(REGION_BYTES) if fresh else buffer
         self._offset = offset
         init_region(self._buffer, offset)
-        self._claimed = _next_number(self._raw_entries())
+        # A region with entries already (a file adopted after exec()) goes on after its newest.
+        self._claimed = 0 if fresh else _next_number(self._buffer, offset)
         self._claim = itertools.count(self._claimed)
         self._busy: dict[int, int] = {}
 
@@ -144,8 +146,10 @@ class Ring:
         return [entry for entry in found if entry is not None]
 
 
-def _next_number(entries: list[tuple[int, bytes]]) -> int:
-    return max((seq // 2 for seq, _ in entries), default=0)
+def _next_number(buffer: Any, offset: int) -> int:
+    """One past the newest entry's number in the region (its sequence words, read at once)."""
+    words = memoryview(bytes(buffer[offset + HEADER_BYTES : offset + REGION_BYTES])).cast("Q")
+    return (max(words[:: ENTRY_BYTES // 8]) + 1) // 2
 
 
 def _valid_entries(first: bytes, second: bytes) -> list[tuple[int, bytes]]:
