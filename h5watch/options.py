@@ -11,6 +11,8 @@ from __future__ import annotations
 import operator
 import os
 
+from h5watch.schema import RECORDER_THRESHOLD_SECONDS
+
 # Every instrumented process reads its options at start-up: no import here
 # may cost more than a fraction of a millisecond (typing and dataclasses do).
 TYPE_CHECKING = False
@@ -77,6 +79,7 @@ _DEFAULTS: dict[str, Any] = {
     "tick_interval": 0.5,
     "state_files": True,
     "watch_locks": (),
+    "recorder_threshold": RECORDER_THRESHOLD_SECONDS,
 }
 
 OPTION_NAMES = tuple(_DEFAULTS)
@@ -108,6 +111,7 @@ class Options:
     tick_interval: float
     state_files: bool
     watch_locks: tuple[str, ...]
+    recorder_threshold: float | None
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(OPTION_NAMES))
@@ -209,6 +213,30 @@ def _seconds(allow_off: bool) -> Callable[[str, Any], float | None]:
         return seconds
 
     return parse
+
+
+_MIN_RECORDER_THRESHOLD = 0.0001
+
+
+def _threshold(name: str, value: Any) -> float | None:
+    """Seconds, or off (``off``, ``0``): the flight recorder's threshold."""
+    problem = (f"{name}: expected seconds between {_MIN_RECORDER_THRESHOLD:g} and {MAX_SECONDS:g}, or 0 or off,"
+               f" got {_shown(value)}")
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    seconds: float | None = None
+    if isinstance(value, str):
+        seconds = _decimal(value.strip())
+    elif not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError, ArithmeticError):
+            seconds = None
+    if seconds == 0:
+        return None
+    if seconds is None or not _MIN_RECORDER_THRESHOLD <= seconds <= MAX_SECONDS:
+        raise OptionError(problem)
+    return seconds
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
@@ -346,6 +374,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "tick_interval": _seconds(allow_off=False),
     "state_files": _bool,
     "watch_locks": _lock_paths,
+    "recorder_threshold": _threshold,
 }
 
 OPTION_HELP: dict[str, str] = {
@@ -372,6 +401,8 @@ OPTION_HELP: dict[str, str] = {
     "state_files": "write this process's state file for the daemon: true or false (default true)",
     "watch_locks": "module:attribute paths of locks to watch, separated by commas (myapp.cache:_lock,logging:_lock), each"
     " replaced by a WatchedLock now or when its module is imported (default none)",
+    "recorder_threshold": "seconds (0.0001 to 86400) a wait, hold or garbage collection under phil must last to be an"
+    f" entry of the flight recorder (default {RECORDER_THRESHOLD_SECONDS:g}; 0 or 'off': none are)",
 }
 
 

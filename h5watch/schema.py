@@ -32,6 +32,13 @@ __all__ = [
     "OPERATION_OTHER",
     "OPERATION_LAYOUT",
     "N_OPERATION_WORDS",
+    "RECORDER_ENTRIES",
+    "RECORDER_THRESHOLD_SECONDS",
+    "RECORDER_KINDS",
+    "RECORDER_EXTRA",
+    "RECORDER_VIEW_ENTRIES",
+    "RECORDER_LOG_ENTRIES",
+    "RECORDER_STATUS_ENTRIES",
 ]
 
 BUCKET_BOUNDS_SECONDS: tuple[float, ...] = (
@@ -101,3 +108,35 @@ O_WAITS = 4            # blocked waits of this operation itself
 O_WAIT_SUM = 5         # their total, ns
 N_OPERATION_WORDS = 6
 OPERATION_LAYOUT = (OPERATION_SLOTS, N_OPERATION_WORDS, O_HOLDS, O_HOLD_SUM, O_HOLD_MAX, O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM)
+
+# The flight recorder (``h5watch.recorder``): a ring of this many entries in
+# each process's state file, the newest overwriting the oldest.
+RECORDER_ENTRIES = 256
+# Holds, waits and garbage collections under phil shorter than this are not
+# recorded (the ``recorder_threshold`` option's default, in seconds).
+RECORDER_THRESHOLD_SECONDS = 0.005
+# What an entry records, and what its extra number means for each kind.
+RECORDER_KINDS = (
+    "wait",            # a blocked wait for a watched lock, at least the threshold long
+    "hold",            # a hold of a watched lock, at least the threshold long
+    "fork",            # a fork's before-hook: its wait for the watched locks
+    "forked",          # this process began, as a fork's child (the first entry of a child)
+    "wait_timeout",    # a wait past wait_timeout
+    "hold_timeout",    # a hold past hold_timeout
+    "fork_timeout",    # a lock a fork could not take within fork_timeout
+    "fork_stalled",    # a fork stuck in another before-fork hook
+    "orphan",          # a lock held by a thread that did not survive the fork, and what was done
+    "deadlock",        # one thread of a deadlock (lock.deadlock)
+    "gc_under_phil",   # a garbage collection that ran while h5py's phil was held, at least the threshold long
+)
+RECORDER_EXTRA = {
+    "wait": "waiters", "hold": "waiters", "fork": "locks_missing", "forked": "parent_pid",
+    "wait_timeout": "waiters", "hold_timeout": "waiters", "fork_timeout": "waiters", "fork_stalled": "locks_held",
+    "orphan": "parent_pid", "deadlock": "threads", "gc_under_phil": "generation",
+}
+# The newest entries an outside view (h5watch dump, an incident file) shows;
+# a log event (an incident, a kill's evidence); h5watch status --json, per process.
+RECORDER_VIEW_ENTRIES = 50
+RECORDER_LOG_ENTRIES = 10
+RECORDER_STATUS_ENTRIES = 5
+assert set(RECORDER_EXTRA) == set(RECORDER_KINDS)

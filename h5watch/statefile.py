@@ -16,6 +16,9 @@ Every instrumented process (every forked child too) owns one file,
               process's total for the pair (every instance of the lock,
               collected ones included): holds, hold time, the waits it
               caused, its own waits
+    recorder  recorder.REGION_BYTES: the flight recorder, a ring of notable
+              lock events written in place (``h5watch.recorder`` has its
+              format, its writer and its reader)
 
 All integers are little-endian. The same field list gives the writer's
 ``struct`` format and the reader's numpy dtype, so the two cannot drift.
@@ -73,6 +76,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from h5watch import recorder
 from h5watch.records import ForkCounters, LockRecord, OperationRecord, ProcessStatus
 from h5watch.schema import (
     C_ACQUISITIONS,
@@ -126,6 +130,7 @@ __all__ = [
     "check_state_dir",
     "proc_start_ticks",
     "read_state_file",
+    "read_recorder",
     "concat_records",
     "state_file_name",
     "list_state_files",
@@ -294,7 +299,8 @@ FORKS_OFFSET = HEADER_SIZE
 RECORDS_OFFSET = FORKS_OFFSET + COUNTERS_BYTES
 BLOCKS_OFFSET = RECORDS_OFFSET + CAPACITY * RECORD_SIZE
 OPERATIONS_OFFSET = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
-FILE_SIZE = OPERATIONS_OFFSET + OPERATIONS_CAPACITY * OPERATION_SIZE
+RECORDER_OFFSET = OPERATIONS_OFFSET + OPERATIONS_CAPACITY * OPERATION_SIZE
+FILE_SIZE = RECORDER_OFFSET + recorder.REGION_BYTES
 
 # struct.pack_into zero-fills its whole target before writing, so the
 # sequence counter must never be inside a packed region: each write packs
@@ -454,6 +460,8 @@ class StateWriter:
         finally:
             os.close(fd)
         self._words = memoryview(self._map)
+        if not adopted:
+            recorder.init_region(self._map, RECORDER_OFFSET)
         self._fixed_header = dict(
             magic=MAGIC, version=VERSION, header_size=HEADER_SIZE, record_size=RECORD_SIZE, capacity=CAPACITY,
             pid=self.pid, start_ticks=self.start_ticks, uid=os.geteuid(), dump_signal=dump_signal,
@@ -477,6 +485,10 @@ class StateWriter:
 
     def owned_here(self) -> bool:
         return os.getpid() == self.pid
+
+    def recorder_region(self) -> memoryview:
+        """The flight recorder's bytes in the mapping (``recorder.Ring`` writes them)."""
+        return self._words[RECORDER_OFFSET:FILE_SIZE]
 
     def set_versions(self, versions: dict[str, str]) -> None:
         """What the process runs (keys of VERSION_FIELDS), in the header from its next write."""
@@ -1039,6 +1051,28 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         operations = _read_operations(fd, min(int(header["n_operations"]), OPERATIONS_CAPACITY), retries)
         return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid, torn=not consistent,
                             file_id=(info.st_dev, info.st_ino), operations=operations)
+    finally:
+        os.close(fd)
+
+
+def read_recorder(state: ProcessState, limit: int | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries of ``state``'s flight recorder, oldest
+    first, read now from the very file ``state`` was read from; raises
+    :class:`StateFileError` when it cannot be (gone, replaced)."""
+    try:
+        fd = open_for_reading(state.path, None)
+    except OSError as exc:
+        raise StateFileError("unreadable", f"cannot open: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if state.file_id is not None and (info.st_dev, info.st_ino) != state.file_id:
+            raise StateFileError("replaced", "is another file now")
+        if not stat.S_ISREG(info.st_mode) or info.st_size != FILE_SIZE:
+            raise StateFileError("truncated", f"truncated or corrupt: {info.st_size} bytes, expected {FILE_SIZE}")
+        try:
+            return recorder.read_region(lambda: os.pread(fd, recorder.REGION_BYTES, RECORDER_OFFSET), limit)
+        except ValueError as exc:
+            raise StateFileError("corrupt", f"corrupt flight recorder: {exc}") from None
     finally:
         os.close(fd)
 

@@ -38,7 +38,7 @@ def test_dump_shows_a_live_worker_with_its_faulthandler_stacks(state_dir, worker
     assert report["stacks_source"] == "faulthandler" and "hold_forever" in report["faulthandler"]
     [app] = [lock for lock in report["state_file"]["locks"] if lock["lock"] == "app.x"]
     assert app["holder"]["thread_name"] == "stuck-holder"
-    assert report["recorder"] == {"entries": None, "reason": "no flight recorder in this version"}
+    assert report["recorder"]["reason"] is None and isinstance(report["recorder"]["entries"], list)
     os.kill(worker, 0)  # still alive
     text = dump(state_dir, str(worker), "--format", "text")
     assert text.returncode == 0 and "held by stuck-holder" in text.stdout and "hold_forever" in text.stdout

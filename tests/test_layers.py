@@ -20,7 +20,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "h5watch"
 SHARED = {"h5watch.options", "h5watch.logs", "h5watch.errors", "h5watch.schema", "h5watch.statefile",
-          "h5watch.statedir", "h5watch.records"}
+          "h5watch.statedir", "h5watch.records", "h5watch.recorder"}
 
 # What each layer may import from h5watch, besides itself and SHARED.
 ALLOWED = {

@@ -31,7 +31,13 @@ def test_a_worker_frozen_in_c_holding_the_gil_is_killed_with_its_native_stack(st
     incident = json.loads(Path(killed["incident_file"]).read_text())
     assert incident["process"]["pid"] == pid and incident["process"]["workload"] == "frozen"
     assert incident["process"]["cmdline"][-2:] == ["gil", "-"]
-    assert incident["recorder"] == {"entries": None, "reason": "no flight recorder in this version"}
+    recorder = incident["recorder"]
+    assert recorder["reason"] is None and recorder["entries"], recorder
+    hold = [e for e in recorder["entries"] if e["kind"] == "hold" and e["lock"] == "app.x"]
+    wait = [e for e in recorder["entries"] if e["kind"] == "wait" and e["lock"] == "app.x"]
+    assert hold and hold[-1]["thread_name"] == "gil-holder" and hold[-1]["duration_seconds"] >= 0.09, recorder
+    assert wait and wait[-1]["thread_name"] == "MainThread" and "gil-holder" in wait[-1]["operation"], recorder
+    assert killed["recorder"] == recorder["entries"][-10:]  # the kill's evidence: the newest entries
     [holder] = [t for t in incident["threads"] if t["holds_gil"]]
     assert incident["gil_holder_native_id"] == holder["native_id"]
     assert holder["thread_name"] == "gil-holder"

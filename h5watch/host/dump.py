@@ -2,8 +2,8 @@
 
 The same view the daemon writes into an incident file before a kill: who
 the process is (``/proc``), what its state file says (locks, holders,
-waiters, heartbeat), its flight recorder (``recorder``: none in this
-version, said so), and every thread's stacks: by default the process's own
+waiters, heartbeat), its flight recorder (``recorder``: its newest
+entries, oldest first), and every thread's stacks: by default the process's own
 faulthandler dump (the dump signal, answered by a C signal handler into its
 stacks file); with ``--native``, pystack's read of every thread's Python
 and native frames and of which thread holds the GIL (the process is stopped
@@ -27,6 +27,7 @@ from typing import Any
 from h5watch.errors import UsageError
 from h5watch.host import outside, reaper
 from h5watch.host.verdict import parse_seconds
+from h5watch.recorder import render as render_entries
 from h5watch.statedir import process_identity, readable_user_dirs
 from h5watch.statefile import STATE_SUFFIX, ProcessState, StateDirError, StateFileError, read_state_file
 
@@ -142,7 +143,11 @@ def render(report: dict[str, Any]) -> str:
         lines.extend(f"    waiting: {w['thread_name']} (native id {w['native_id']}) for {w['wait_seconds']:.1f} s"
                      for w in lock["waiting_threads"])
     recorder = report["recorder"]
-    lines.append(f"  recorder: {recorder['reason']}" if recorder["entries"] is None else f"  recorder: {len(recorder['entries'])} entries")
+    if recorder["entries"] is None:
+        lines.append(f"  recorder: {recorder['reason']}")
+    else:
+        lines.append(f"  recorder: {len(recorder['entries'])} entries, oldest first")
+        lines.extend(f"    {line}" for line in render_entries(recorder["entries"]))
     lines.append(f"stacks ({report['stacks_source']}" + (f", GIL held by native id {report['gil_holder_native_id']}"
                                                           if report["gil_holder_native_id"] else "") + "):")
     lines.extend(f"  ({source} unavailable: {why})" for source, why in report["unavailable"].items() if not why.startswith("not asked"))

@@ -32,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from h5watch.schema import RECORDER_VIEW_ENTRIES
 from h5watch.statedir import proc_stat
-from h5watch.statefile import ProcessState
+from h5watch.statefile import ProcessState, StateFileError, read_recorder
 
 __all__ = [
     "STACKS_SOURCES",
@@ -45,7 +46,7 @@ __all__ = [
     "state_file_view",
     "outside_view",
     "render_threads",
-    "NO_RECORDER",
+    "recorder_view",
 ]
 
 STACKS_SOURCES = ("pystack", "faulthandler", "state_file")
@@ -53,8 +54,6 @@ PYSTACK_TIMEOUT_SECONDS = 5.0
 # What the pystack reader may print: more is cut (and then unreadable JSON).
 PYSTACK_OUTPUT_LIMIT = 8 * 1024 * 1024
 CMDLINE_LIMIT = 4096
-# The flight recorder's place in every outside view, until processes keep one.
-NO_RECORDER: dict[str, Any] = {"entries": None, "reason": "no flight recorder in this version"}
 
 
 @dataclass
@@ -246,9 +245,19 @@ def outside_view(state: ProcessState, stacks: OutsideStacks, now_unix: float) ->
     return {
         "process": {**process_facts(state.pid), "workload": state.workload},
         "state_file": state_file_view(state, now_unix),
-        "recorder": dict(NO_RECORDER),
+        "recorder": recorder_view(state),
         **stacks.to_json(),
     }
+
+
+def recorder_view(state: ProcessState, limit: int = RECORDER_VIEW_ENTRIES) -> dict[str, Any]:
+    """The newest ``limit`` entries of the process's flight recorder, oldest
+    first, read now from its state file (``entries``); or None and why not
+    (``reason``: the file is gone, replaced or damaged)."""
+    try:
+        return {"entries": read_recorder(state, limit), "reason": None}
+    except StateFileError as exc:
+        return {"entries": None, "reason": f"the state file's flight recorder cannot be read: {exc}"}
 
 
 def _thread_names(state: ProcessState, now_unix: float) -> dict[int, str]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from h5watch import logs
 from h5watch.host import outside
+from h5watch.schema import RECORDER_LOG_ENTRIES
 from h5watch.statedir import proc_stat, process_identity
 from h5watch.statefile import DUMP_SIGNAL, ProcessState
 
@@ -105,6 +106,7 @@ def kill_worker(state: ProcessState, reason: Reason, culprit: Culprit | None, *,
             "stacks_source": stacks.source,
             "stacks_unavailable": stacks.unavailable,
             "gil_holder_native_id": stacks.gil_holder,
+            "recorder": _newest(view["recorder"]),
             "py_spy": None if stacks.source == "pystack" else py_spy_dump(state.pid),
         }
         incident_file = None
@@ -278,6 +280,13 @@ def maps_state_file(state: ProcessState) -> bool:
         if (mapped.st_dev, mapped.st_ino) == (file_dev, file_ino):
             return True
     return False
+
+
+def _newest(recorder: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The newest entries of an outside view's recorder, for a log line (the
+    incident file has more)."""
+    entries = recorder["entries"]
+    return None if entries is None else entries[-RECORDER_LOG_ENTRIES:]
 
 
 def execd_away(state: ProcessState) -> bool:

@@ -9,7 +9,8 @@ and ``--kill-after`` (when neither is given: those of the daemon running on
 the state dir, else the defaults): each process says why it is stuck, which lock is to
 blame, and whether a daemon with that ``--kill-after`` would kill it. A
 process that is stopped or traced is ``STOPPED``, and says why.
-``--json`` prints the same as one JSON document for scripts.
+``--json`` prints the same as one JSON document for scripts, with each
+process's newest flight-recorder entries (``recorder``).
 
 Exit status: 0 when no live process is stuck, :data:`EXIT_STUCK` (1) when
 one is (a stopped one too, when its file makes it stuck), 2 for bad input
@@ -30,8 +31,9 @@ from h5watch.errors import UsageError
 from h5watch.host import claim
 from h5watch.host.verdict import Thresholds, judge_live, lock_is_stuck
 from h5watch.options import resolve, unknown_variable_text, unknown_variables
+from h5watch.schema import RECORDER_STATUS_ENTRIES
 from h5watch.statedir import STATE_SUFFIX, list_names, open_user_dir, readable_user_dirs
-from h5watch.statefile import StateDirError, StateFileError, process_identity, read_state_file
+from h5watch.statefile import StateDirError, StateFileError, process_identity, read_recorder, read_state_file
 
 __all__ = ["EXIT_STUCK", "add_arguments", "main", "collect_status"]
 
@@ -145,8 +147,17 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None, histogr
             "watchdog_running": state.watchdog_running,
             "path": state.path,
             "locks": locks,
+            "recorder": _recorder_tail(state),
         })
     return report
+
+
+def _recorder_tail(state: Any) -> list[dict[str, Any]] | None:
+    """The newest entries of the process's flight recorder (None: unreadable)."""
+    try:
+        return read_recorder(state, RECORDER_STATUS_ENTRIES)
+    except StateFileError:
+        return None
 
 
 def daemon_thresholds(state_dir: str) -> tuple[Thresholds, int] | None:

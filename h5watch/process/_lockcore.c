@@ -86,6 +86,10 @@ typedef struct {
 static PyTypeObject *fastrlock_type = NULL;  /* set once validated */
 static long current_pid = 0;
 static double timeout_max = 0;  /* threading.TIMEOUT_MAX, set by lock.py */
+/* The flight recorder (lock.py's connect): a hold at least this long is
+ * told to hold_recorder(lock, held_ns, operation) once the lock is free. */
+static int64_t hold_record_after_ns = INT64_MAX;
+static PyObject *hold_recorder = NULL;
 
 enum { OWNER_NONE = 0, OWNER_LIVE = 1, OWNER_DEAD = 2 };
 /* What `_owner` reads as for OWNER_DEAD: no thread ident is -2 (idents are
@@ -602,6 +606,27 @@ static int hand_off_to_fork(LockCore *self, unsigned long me) {
     return 1;
 }
 
+/* The rest of core_release for a hold at least hold_record_after_ns long:
+ * the release, then the flight recorder's callback, which must not fail the
+ * release (its error is dropped) and sees no error pending. */
+static int release_long_hold(LockCore *self, unsigned long me, int64_t held) {
+    PyObject *operation = Py_NewRef(self->operation ? self->operation : Py_None);
+    self->hold_uncounted = 0;
+    self->count = 0;
+    self->owner_state = OWNER_NONE;
+    int r = hand_off_to_fork(self, me) ? 0 : inner_release(self);
+    PyObject *callback = hold_recorder;
+    if (r == 0 && callback != NULL) {
+        Py_INCREF(callback);
+        PyObject *result = PyObject_CallFunction(callback, "OLO", (PyObject *)self, (long long)held, operation);
+        if (result == NULL) PyErr_Clear();
+        Py_XDECREF(result);
+        Py_DECREF(callback);
+    }
+    Py_DECREF(operation);
+    return r;
+}
+
 /* The one release step: every path (release, with, with_phil, the fork's
  * own release) goes through it. */
 static int core_release(LockCore *self) {
@@ -613,9 +638,10 @@ static int core_release(LockCore *self) {
     if (--self->count > 0) return 0;
     if (self->order_tracked) order_pop(self);
     uint64_t *c = counters_of(self);  /* first: may mark this hold uncounted */
+    int64_t held = 0;
     if (!self->hold_uncounted) {
         int64_t now = now_ns();
-        int64_t held = now - self->since_ns;
+        held = now - self->since_ns;
         if (held < 0) held = 0;
         c[C_HOLD_BUCKETS + bucket_of(held)] += 1;
         c[C_HOLD_SUM] += (uint64_t)held;
@@ -629,6 +655,7 @@ static int core_release(LockCore *self) {
                 o[O_CAUSED_WAIT_SUM] += waited_during_hold(self, now);
             }
         }
+        if (held >= hold_record_after_ns) return release_long_hold(self, me, held);
     }
     self->hold_uncounted = 0;
     self->count = 0;
@@ -1249,6 +1276,24 @@ static PyObject *set_pid(PyObject *module, PyObject *pid) {
     Py_RETURN_NONE;
 }
 
+static PyObject *set_hold_recorder(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || (args[1] != Py_None && !PyCallable_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "set_hold_recorder(threshold_ns, callback or None)");
+        return NULL;
+    }
+    long long threshold = PyLong_AsLongLong(args[0]);
+    if (threshold == -1 && PyErr_Occurred()) return NULL;
+    if (args[1] == Py_None) {
+        hold_record_after_ns = INT64_MAX;
+        Py_CLEAR(hold_recorder);
+    } else {
+        Py_INCREF(args[1]);
+        Py_XSETREF(hold_recorder, args[1]);
+        hold_record_after_ns = threshold < 0 ? 0 : (int64_t)threshold;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_timeout_max(PyObject *module, PyObject *value) {
     double v = PyFloat_AsDouble(value);
     if (v == -1 && PyErr_Occurred()) return NULL;
@@ -1344,6 +1389,9 @@ static PyMethodDef module_methods[] = {
     {"enable_fastrlock", enable_fastrlock, METH_O,
      "Take and release inner locks of this (layout-validated) FastRLock type through its fields."},
     {"set_pid", set_pid, METH_O, "The pid recorded as the holder's."},
+    {"set_hold_recorder", (PyCFunction)(void (*)(void))set_hold_recorder, METH_FASTCALL,
+     "set_hold_recorder(threshold_ns, callback): a hold at least this long calls callback(lock, held_ns, operation)"
+     " once released; None: none does."},
     {"set_timeout_max", set_timeout_max, METH_O,
      "threading.TIMEOUT_MAX: larger acquire timeouts are checked against threading.RLock."},
     {NULL},

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple, Protocol
 
 from h5watch import logs
 from h5watch.process.evidence import format_frames, holder_operation
+from h5watch.process.flight import Recorder
 from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, watched_locks
 from h5watch.schema import DEADLOCK_KINDS
 
@@ -71,18 +72,26 @@ class RealPhil(Protocol):
 
 class GcActivity:
     """Which thread is collecting garbage, and since when (a ``gc.callbacks``
-    entry: two field writes per collection, on the collecting thread)."""
+    entry: a few field writes per collection, on the collecting thread); and,
+    to the flight recorder, each collection at least its threshold long that
+    ran while ``phil`` was held."""
 
-    def __init__(self) -> None:
+    def __init__(self, real_phil: RealPhil | None = None, recorder: Recorder | None = None) -> None:
         self.collecting_ident: int | None = None
         self.since_ns = 0
         # Called as each collection begins (the watchdog's wake_if_threaded).
         self.on_start: Callable[[], None] | None = None
+        self._real_phil = real_phil
+        self._recorder = recorder
+        # phil's holder (ident) as the collection began, or None.
+        self._phil_owner: int | None = None
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self.since_ns = time.monotonic_ns()
             self.collecting_ident = threading.get_ident()
+            phil = self._real_phil.watched if self._real_phil is not None else None
+            self._phil_owner = phil._owner if phil is not None else None
             if self.on_start is not None:
                 try:
                     self.on_start()
@@ -90,6 +99,21 @@ class GcActivity:
                     pass
         else:
             self.collecting_ident = None
+            if self._phil_owner is not None and self._recorder is not None:
+                self._record(info)
+
+    def _record(self, info: dict[str, int]) -> None:
+        recorder = self._recorder
+        took_ns = time.monotonic_ns() - self.since_ns
+        if recorder is None or not recorder.records_above(took_ns):
+            return
+        owner = self._phil_owner
+        phil = self._real_phil.watched if self._real_phil is not None else None
+        who = "this thread" if owner == threading.get_ident() else repr(_name(owner)) if owner is not None else "?"
+        operation = phil._operation if phil is not None and phil._owner == owner else None
+        recorder.record("gc_under_phil", lock=phil.name if phil is not None else None, duration_ns=took_ns,
+                        operation=f"phil held by {who}" + (f" in {operation}" if operation else ""),
+                        extra=int(info.get("generation", -1)))
 
     def start(self, on_start: Callable[[], None] | None = None) -> None:
         self.on_start = on_start
@@ -152,9 +176,10 @@ class DeadlockDetector:
     """Builds the graph each tick (``check``), reports each cycle once and
     acts on it by ``on_deadlock``; counts reports by kind."""
 
-    def __init__(self, real_phil: RealPhil | None, gc_activity: GcActivity) -> None:
+    def __init__(self, real_phil: RealPhil | None, gc_activity: GcActivity, recorder: Recorder | None = None) -> None:
         self._real_phil = real_phil
         self._gc = gc_activity
+        self._recorder = recorder
         self._seen_last_tick: set[frozenset[tuple[int, str, int, int]]] = set()
         self._reported: set[frozenset[tuple[int, str]]] = set()
         # When a wait the source does not date was first seen: {(thread, resource): ns}.
@@ -328,6 +353,14 @@ class DeadlockDetector:
             "threads": len(entries),
             "cycle": entries,
         }
+        if self._recorder is not None:
+            for entry, edge in zip(entries, cycle.edges):
+                self._recorder.record(
+                    "deadlock", lock=edge.lock.name if edge.lock is not None else edge.target,
+                    operation=f"{cycle.kind}: holds {entry['holds'] or 'nothing watched'}, waits in {entry['waiting_in']}",
+                    duration_ns=int(entry["waiting_seconds"] * 1e9), extra=len(entries),
+                    thread=(entry["native_id"], entry["thread_name"]))
+            fields["recorder"] = self._recorder.tail()
         action = options.on_deadlock
         if action == "kill":
             code = options.kill_exit_code

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 from h5watch import logs
 from h5watch.process import lock as lock_module
 from h5watch.process.evidence import current_stack, holder_operation, thread_stack
+from h5watch.process.flight import Recorder
 from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, reinit_registry_after_fork, thread_identity, watched_locks, wiring
 from h5watch.process.stats import ForkStats
 
@@ -140,10 +141,11 @@ class ForkGuard:
 
     snapshot_key = "forks"
 
-    def __init__(self, real_locks: RealLocks, parts: ForkParts) -> None:
+    def __init__(self, real_locks: RealLocks, parts: ForkParts, recorder: Recorder | None = None) -> None:
         self.options: Any = None
         self._real = real_locks
         self._parts = parts
+        self._recorder = recorder
         self._armed = False
         self._registered = False
         # h5py's own (before, after_in_parent, after_in_child), taken over
@@ -262,11 +264,22 @@ class ForkGuard:
         finally:
             lower_gates()
         _taken.extend(taken)
+        recorder = self._recorder
         for lock in missing:
             evidence = self._holder_evidence(lock)
             lock.stats.bump("timeouts", "fork")
+            if recorder is not None:
+                holder = evidence.get("holder") or {}
+                recorder.record("fork_timeout", lock=lock.name, operation=holder.get("operation"),
+                                duration_ns=time.monotonic_ns() - start_ns, extra=len(lock._waiters),
+                                thread=(holder.get("native_id"), holder.get("thread_name")))
+                evidence["recorder"] = recorder.tail()
             _log.error("fork.lock_timeout", fork_timeout=timeout, **evidence)
-        fork_stats.record(time.monotonic_ns() - start_ns)
+        waited_ns = time.monotonic_ns() - start_ns
+        fork_stats.record(waited_ns)
+        if recorder is not None:
+            recorder.record("fork", operation="subprocess" if _fork_for_exec else "os.fork", duration_ns=waited_ns,
+                            extra=len(missing))
 
     def _after_fork_in_parent(self) -> None:
         global _fork_started_ns, _forking_thread
@@ -435,8 +448,12 @@ class ForkGuard:
                 self.kill_for_orphan(lock, {**evidence, "seen_waiting_by": "probe"})
 
     def _notify_orphan(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
-        """After the action is counted, before it is carried out."""
+        """After the action is counted, before it is carried out (and logged:
+        the log event carries the flight recorder's newest entries, this one's
+        included)."""
         _call_quietly(functools.partial(self._parts.orphan_acted_on, lock, evidence))
+        if self._recorder is not None:
+            evidence["recorder"] = self._recorder.tail()
 
     def _recover(self, lock: WatchedLock) -> bool:
         if lock._inner_kind == "fastrlock":

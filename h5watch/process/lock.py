@@ -129,6 +129,14 @@ class LockEvents(Protocol):
     def lock_created(self, lock: WatchedLock) -> None:
         """A new watched lock (the state file gives it its record at once)."""
 
+    def long_wait(self, lock: WatchedLock, waited_ns: int, behind: str | None) -> None:
+        """A blocked wait of at least ``record_after_ns`` (see ``connect``) just
+        ended, acquired or not; ``behind``: who held the lock when it began."""
+
+    def long_hold(self, lock: WatchedLock, held_ns: int, operation: str | None) -> None:
+        """A hold of at least ``record_after_ns`` just ended (the lock is free
+        again); on the thread that held it."""
+
 
 class _Wiring:
     """What the slow path consults: this process's pid, the deadline of
@@ -159,13 +167,37 @@ class _Wiring:
 wiring = _Wiring()
 
 
-def connect(events: LockEvents | None, raise_after_ns: int | None = None, interruptible: bool = False) -> None:
-    """Connect the slow path to h5watch's parts (``install()``), or disconnect it."""
+# Waits and holds at least this long are told to LockEvents (long_wait,
+# long_hold): the release step's one comparison. Never, until connected.
+_NEVER_NS = (1 << 63) - 1
+_record_after_ns = _NEVER_NS
+
+
+def connect(events: LockEvents | None, raise_after_ns: int | None = None, interruptible: bool = False,
+            record_after_ns: int | None = None) -> None:
+    """Connect the slow path to h5watch's parts (``install()``), or disconnect
+    it. ``record_after_ns``: waits and holds this long or longer are told to
+    ``events`` (None: none are)."""
+    global _record_after_ns
     wiring.raise_after_ns = raise_after_ns
     wiring.interruptible = interruptible
     wiring.events = events
     if not interruptible:
         wiring.interrupts.clear()
+    _record_after_ns = _NEVER_NS if events is None or record_after_ns is None else max(0, record_after_ns)
+    if _lockcore is not None:
+        _lockcore.set_hold_recorder(_record_after_ns, _long_hold if _record_after_ns != _NEVER_NS else None)
+
+
+def _long_hold(lock: WatchedLock, held_ns: int, operation: str | None) -> None:
+    """A hold at least ``_record_after_ns`` long ended (both implementations'
+    release step call this, after the lock is free)."""
+    events = wiring.events
+    if events is not None:
+        try:
+            events.long_hold(lock, held_ns, operation)
+        except Exception:  # never an error in the program's release
+            pass
 
 
 # How often an interruptible wait looks for its interruption.
@@ -374,6 +406,10 @@ class _LockLogic:
                 return True
         start_ns = _monotonic_ns()
         self._waiters[me] = start_ns
+        owner = self._owner
+        # Who the wait is behind, named now: by its end that thread may be gone.
+        behind = (owner, threading._active.get(owner) if owner is not None else None,  # type: ignore[attr-defined]
+                  self._operation)
         try:
             if events is not None:
                 events.wait_started(cast("WatchedLock", self))
@@ -387,9 +423,24 @@ class _LockLogic:
             acquired = self._inner_acquire(False) or self._wait_inner(timeout, start_ns)
         finally:
             self._waiters.pop(me, None)
+            waited_ns = _monotonic_ns() - start_ns
+            if waited_ns >= _record_after_ns and events is not None:
+                self._tell_long_wait(events, waited_ns, behind)
         if acquired:
-            self.stats.record_wait(_monotonic_ns() - start_ns)
+            self.stats.record_wait(waited_ns)
         return acquired
+
+    def _tell_long_wait(self, events: LockEvents, waited_ns: int, behind: tuple[int | None, Any, str | None]) -> None:
+        owner, thread, operation = behind
+        who = None
+        if owner is not None:
+            who = f"behind {thread.name!r}" if thread is not None else f"behind thread {owner}"
+            if operation:
+                who += f" in {operation}"
+        try:
+            events.long_wait(cast("WatchedLock", self), waited_ns, who)
+        except Exception:  # never an error in the program's acquire
+            pass
 
     def _wait_inner(self, timeout: float, start_ns: int) -> bool:
         raise_after_ns = wiring.raise_after_ns
@@ -801,6 +852,14 @@ class PythonWatchedLock(_LockLogic):
                 # waited_during_hold in _lockcore.c: what the threads waiting
                 # now waited during this hold, charged to its operation.
                 words[base + O_CAUSED_WAIT_SUM] += sum(max(0, now_ns - max(began, since_ns)) for began in self._waiters.copy().values())
+            if held_ns >= _record_after_ns:
+                # As core_release: told once the lock is free.
+                operation = self._operation
+                self._count = 0
+                self._owner = None
+                self._inner_release()
+                _long_hold(self, held_ns, operation)
+                return
         self._hold_uncounted = False
         self._count = 0
         self._owner = None

@@ -65,15 +65,23 @@ class WatchdogStatus(Protocol):
     def threads_in_deadlock(self) -> int: ...
 
 
+class RingHolder(Protocol):
+    """The flight recorder (``flight.FlightRecorder``), which moves its ring
+    into each state file this process makes."""
+
+    def attach(self, region: Any) -> None: ...
+
+
 class StatePublisher:
     """Writes this process's state file; driven by the watchdog's heartbeat,
     the locks' slow paths and the fork path (see ``runtime``)."""
 
     snapshot_key = "state"
 
-    def __init__(self, forks: Forks, watchdog: WatchdogStatus) -> None:
+    def __init__(self, forks: Forks, watchdog: WatchdogStatus, recorder: RingHolder | None = None) -> None:
         self._forks = forks
         self._watchdog = watchdog
+        self._recorder = recorder
         self.options: Any = None
         self.writer: StateWriter | None = None
         self._stacks_file: Any = None
@@ -229,6 +237,8 @@ class StatePublisher:
         with self._operations_lock:
             # An earlier image of this process (before an exec()) counted these.
             _add_to(self._retired_operations, writer.adopted_operations)
+        if self._recorder is not None:
+            self._recorder.attach(writer.recorder_region())
         writer.attach_forks(self._forks.stats)
         writer.attach_locks([lock_record(lock) for lock in watched_locks()])
         # Whether the watchdog runs, from the start: the heartbeat is the

@@ -63,19 +63,22 @@ class _Parts:
 
     def __init__(self) -> None:
         from h5watch.process.deadlock import DeadlockDetector, GcActivity
+        from h5watch.process.flight import FlightRecorder
         from h5watch.process.fork import ForkGuard
         from h5watch.process.h5py_hook import PhilPatch
         from h5watch.process.publisher import StatePublisher
         from h5watch.process.watchdog import Watchdog
 
+        self.recorder = FlightRecorder()
         self.phil_patch = PhilPatch(_log)
-        self.fork_guard = ForkGuard(real_locks=self.phil_patch, parts=self)
-        self.deadlocks = DeadlockDetector(real_phil=self.phil_patch, gc_activity=GcActivity())
-        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self, deadlocks=self.deadlocks)
-        self.publisher = StatePublisher(forks=self.fork_guard, watchdog=self.watchdog)
+        self.fork_guard = ForkGuard(real_locks=self.phil_patch, parts=self, recorder=self.recorder)
+        gc_activity = GcActivity(real_phil=self.phil_patch, recorder=self.recorder)
+        self.deadlocks = DeadlockDetector(real_phil=self.phil_patch, gc_activity=gc_activity, recorder=self.recorder)
+        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self, deadlocks=self.deadlocks, recorder=self.recorder)
+        self.publisher = StatePublisher(forks=self.fork_guard, watchdog=self.watchdog, recorder=self.recorder)
         self.exporter = _ExporterSlot()
         # Started in this order, stopped in the reverse one.
-        self.started: tuple[Any, ...] = (self.fork_guard, self.watchdog, self.publisher, self.exporter)
+        self.started: tuple[Any, ...] = (self.recorder, self.fork_guard, self.watchdog, self.publisher, self.exporter)
 
     # -- lock.LockEvents -----------------------------------------------------
 
@@ -95,6 +98,12 @@ class _Parts:
     def lock_created(self, lock: WatchedLock) -> None:
         self.publisher.lock_created(lock)
 
+    def long_wait(self, lock: WatchedLock, waited_ns: int, behind: str | None) -> None:
+        self.recorder.long_wait(lock.name, waited_ns, behind, len(lock._waiters))
+
+    def long_hold(self, lock: WatchedLock, held_ns: int, operation: str | None) -> None:
+        self.recorder.long_hold(lock.name, held_ns, operation, len(lock._waiters))
+
     # -- fork.ForkParts ------------------------------------------------------
 
     def before_fork(self) -> None:
@@ -102,14 +111,19 @@ class _Parts:
 
     def after_fork_in_child(self) -> None:
         """The child's steps after h5watch's own (see ``fork``), in this order:
-        this module's lock, the state file, the exporter, and last the
-        watchdog, the one step that may start a thread."""
+        this module's lock, the flight recorder (a ring of the child's own,
+        before anything could write into the parent's), the state file, the
+        exporter, and last the watchdog, the one step that may start a thread."""
         _reinit_after_fork()
+        self.recorder.after_fork_in_child()
         self.publisher.after_fork_in_child()
         self.exporter.forget_after_fork()
         self.watchdog.after_fork_in_child()
 
     def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+        holder = evidence.get("holder") or {}
+        self.recorder.record("orphan", lock=lock.name, operation=holder.get("operation"), extra=evidence.get("parent_pid") or 0,
+                             thread=(holder.get("native_id"), holder.get("thread_name")))
         self.publisher.orphan_acted_on(lock, evidence)
 
     # -- watchdog.Heartbeat --------------------------------------------------
@@ -129,7 +143,8 @@ class _Parts:
         raise_after_ns = None
         if options.on_timeout == "raise" and options.wait_timeout is not None:
             raise_after_ns = int(options.wait_timeout * 1e9)
-        lock_module.connect(self, raise_after_ns, interruptible=options.on_deadlock == "raise")
+        lock_module.connect(self, raise_after_ns, interruptible=options.on_deadlock == "raise",
+                            record_after_ns=self.recorder.threshold_ns)
 
     def stop(self) -> None:
         """Stop every part, whichever started; each stop is safe on a part never started."""

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 from h5watch import logs
 from h5watch.process.deadlock import DeadlockDetector
 from h5watch.process.evidence import lock_evidence, thread_stack
+from h5watch.process.flight import Recorder
 from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.schema import DEADLOCK_KINDS
 
@@ -84,11 +85,13 @@ class Heartbeat(Protocol):
 class Watchdog:
     snapshot_key = "watchdog"
 
-    def __init__(self, forks: Forks, heartbeat: Heartbeat, deadlocks: DeadlockDetector | None = None) -> None:
+    def __init__(self, forks: Forks, heartbeat: Heartbeat, deadlocks: DeadlockDetector | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.options: Any = None
         self._forks = forks
         self._heartbeat = heartbeat
         self._deadlocks = deadlocks
+        self._recorder = recorder
         self._thread: threading.Thread | None = None
         # The process that started _thread: a child forked without Python's
         # hooks still holds its parent's Thread object, whose thread is gone.
@@ -303,16 +306,23 @@ class Watchdog:
             return
         self._fork_reported = started
         locks = [lock_evidence(lock) for lock in watched_locks() if lock.locked()]
+        extra: dict[str, Any] = {}
+        if self._recorder is not None:
+            self._recorder.record("fork_stalled", operation="os.fork in another before-fork hook",
+                                  duration_ns=now_ns - started, extra=len(locks), thread=(None, None))
+            extra["recorder"] = self._recorder.tail()
         _log.error(
             "fork.stalled",
             fork_timeout=limit,
             waiting_seconds=(now_ns - started) / 1e9,
             locks=locks,
+            **extra,
         )
 
     def _incident(self, lock: WatchedLock, kind: str, event: str, limit: float, **extra: Any) -> None:
         lock.stats.bump("timeouts", kind)
         evidence = lock_evidence(lock)
+        self._record_timeout(lock, kind, evidence, extra.get("waiting_threads"))
         action = self.options.on_timeout
         if action == "kill":
             _log.critical(event, timeout=limit, action="killed", exit_code=self.options.kill_exit_code, **extra, **evidence)
@@ -328,6 +338,28 @@ class Watchdog:
             return
         lock.stats.bump("timeouts", "wait")
         evidence = lock_evidence(lock)
+        self._record_timeout(lock, "wait", evidence, [threading.get_ident()])
         evidence["waiter_stack"] = thread_stack(threading.get_ident())
         _log.error("lock.wait_timeout", timeout=self.options.wait_timeout, action="raised", waited_seconds=waited_ns / 1e9, **evidence)
 
+
+    def _record_timeout(self, lock: WatchedLock, kind: str, evidence: dict[str, Any], waiting: list[int] | None) -> None:
+        """The flight recorder's entry of a timeout (one per overdue waiter of
+        a wait timeout), and its newest entries in the incident's evidence."""
+        recorder = self._recorder
+        if recorder is None:
+            return
+        holder = evidence.get("holder") or {}
+        waiters = evidence.get("waiters") or []
+        n_waiters = len(waiters) + (evidence.get("waiters_more") or 0)
+        if kind == "hold":
+            recorder.record("hold_timeout", lock=lock.name, operation=holder.get("operation"), extra=n_waiters,
+                            duration_ns=int((holder.get("hold_age_seconds") or 0) * 1e9),
+                            thread=(holder.get("native_id"), holder.get("thread_name")))
+        else:
+            for waiter in waiters:
+                if waiting is None or waiter.get("thread_ident") in waiting:
+                    recorder.record("wait_timeout", lock=lock.name, operation=holder.get("operation"), extra=n_waiters,
+                                    duration_ns=int((waiter.get("wait_seconds") or 0) * 1e9),
+                                    thread=(waiter.get("native_id"), waiter.get("thread_name")))
+        evidence["recorder"] = recorder.tail()

@@ -8,11 +8,13 @@ Usage: worker.py MODE DIR [K]
   crowd DIR N  a thread holds 'app.x' forever, N threads (waiter-0 first) wait for it.
   busy DIR N   N threads (busy-0 first) take 'app.x' in turn without end,
                each holding it 2 ms: a lock always contended, at a steady rate.
-  gil DIR      a thread 'gil-holder' holds 'app.x' and, once the state file
-               shows that hold, the main thread's wait for it and a running
-               watchdog, sleeps in libc's sleep() called through ctypes.PyDLL,
-               which keeps the GIL: every other thread (the main one waiting
-               for 'app.x', the watchdog) is blocked, so the heartbeat stops.
+  gil DIR      a thread 'gil-holder' holds 'app.x' for 0.1 s while the main
+               thread waits (a hold and a wait in the flight recorder), then
+               holds it again and, once the state file shows that hold, the
+               main thread's wait for it and a running watchdog, sleeps in
+               libc's sleep() called through ctypes.PyDLL, which keeps the
+               GIL: every other thread (the main one waiting for 'app.x', the
+               watchdog) is blocked, so the heartbeat stops.
   orphan DIR   a thread holds 'app.x' while the main thread forks without
                Python's hooks, then lets go; the child (on_orphan=warn) stops
                its watchdog and waits on the orphaned lock forever. Prints the
@@ -115,10 +117,17 @@ if mode == "gil":
                 return state.watchdog_running and holder.get("thread_name") == "gil-holder" and "MainThread" in waiting
         return False
 
+    taken, go, held = threading.Event(), threading.Event(), threading.Event()
+
     def hold_the_gil_in_c() -> None:
+        with app:  # first a long hold that the main thread waits through: both in the flight recorder
+            taken.set()
+            time.sleep(0.1)
+        go.wait(30)
         with app:
-            # Keeping the GIL before the main thread is past Thread.start()
-            # would freeze it there, its wait never written.
+            held.set()
+            # Keeping the GIL before the main thread's wait is written would
+            # freeze it unwritten.
             deadline = time.monotonic() + 20
             while not recorded():
                 if time.monotonic() > deadline:
@@ -129,6 +138,11 @@ if mode == "gil":
             ctypes.PyDLL(None).sleep(3600)
 
     threading.Thread(target=hold_the_gil_in_c, name="gil-holder", daemon=True).start()
+    taken.wait(30)
+    with app:
+        pass
+    go.set()
+    held.wait(30)
     app.acquire()
     sys.exit(0)
 
