@@ -27,6 +27,7 @@ def pytest_sessionfinish(session, exitstatus):
                 "acquisitions": phil.get("stats", {}).get("acquisitions", 0),
                 "probe_enabled": snap["h5py"]["probe"]["enabled"],
                 "deadlocks": snap["watchdog"]["deadlocks"],
+                "order_inversions": snap["lock_order"]["inversions"],
             },
             f,
         )

@@ -260,6 +260,8 @@ def test_no_deadlock_is_reported_in_the_seed_workload(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["hung"] == 0 and result["children"] == 20
     assert "lock.deadlock" not in proc.stderr
+    # Each reader takes its application lock, then phil, always in that order.
+    assert "lock.order_inversion" not in proc.stderr
 
 
 @pytest.mark.timeout(60)

@@ -76,3 +76,5 @@ def test_h5py_suite_same_outcome_with_h5watch(tmp_path):
     assert report["acquisitions"] > 1000
     assert report["probe_enabled"] is True
     assert report["deadlocks"] == dict.fromkeys(report["deadlocks"], 0) and report["deadlocks"]  # none, falsely
+    assert report["order_inversions"] == 0
+    assert "lock.order_inversion" not in watched_out
