@@ -341,7 +341,6 @@ class DeadlockDetector:
 
     def _report(self, cycle: Cycle, holds: dict[int, list[Held]], frames: dict[int, FrameType], options: Any,
                 on_kill: Any, now_ns: int) -> None:
-        self.counts[cycle.kind] = self.counts.get(cycle.kind, 0) + 1
         entries = _entries(cycle, holds, frames, now_ns)
         inferred = next((entry for entry, edge in zip(entries, cycle.edges) if not edge.certain), None)
         fields: dict[str, Any] = {
@@ -365,6 +364,7 @@ class DeadlockDetector:
         if action == "kill":
             code = options.kill_exit_code
             _log.critical("lock.deadlock", action="killed", exit_code=code, **fields)
+            self._count(cycle)
             _log.critical("process.killed", reason="lock.deadlock", exit_code=code, kind=cycle.kind)
             on_kill()
             os._exit(code)
@@ -377,9 +377,16 @@ class DeadlockDetector:
                     + fields["summary"], {"event": "lock.deadlock", **fields})
                 interrupt_wait(target.waiter, target.since_ns, error)
                 _log.critical("lock.deadlock", action="raised", interrupted_thread=name, **fields)
+                self._count(cycle)
                 return
             fields["not_raised"] = "no thread of the cycle waits in a watched lock's acquire, where it could be interrupted"
         _log.critical("lock.deadlock", action="warn", **fields)
+        self._count(cycle)
+
+    def _count(self, cycle: Cycle) -> None:
+        # Counted once its event is out: whoever sees the count (snapshot(),
+        # the state file) can rely on the event having been logged.
+        self.counts[cycle.kind] = self.counts.get(cycle.kind, 0) + 1
 
 
 def _certain_cycles(waits: dict[int, Edge]) -> list[Cycle]:
