@@ -492,11 +492,16 @@ while time.monotonic() < deadline:
         proc.wait()
     from h5watch.statefile import OPERATIONS_OFFSET
 
-    state = read_state_file(path)
-    assert {r.operation for r in state.operation_records()} == {"steady", "busy"}
+    # The writer was killed, perhaps in the middle of a write (its header or
+    # its "busy" entry then stays odd): read as the daemon reads a dead
+    # process's file. The first entry was written before the loop.
+    def operations() -> set[str]:
+        return {r.operation for r in read_state_file(path, accept_torn=True).operation_records()}
+
+    assert "steady" in operations()
     with open(path, "r+b") as f:
         f.seek(OPERATIONS_OFFSET)
         seq = int.from_bytes(f.read(8), "little")
         f.seek(OPERATIONS_OFFSET)
         f.write((seq + 1).to_bytes(8, "little"))  # the first entry is being written, for good
-    assert [r.operation for r in read_state_file(path).operation_records()] == ["busy"]
+    assert "steady" not in operations()
