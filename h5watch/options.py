@@ -199,20 +199,25 @@ def _seconds(allow_off: bool) -> Callable[[str, Any], float | None]:
             if allow_off:
                 return None
             raise OptionError(problem)
-        seconds: float | None = None
-        if isinstance(value, str):
-            seconds = _decimal(value.strip())
-        elif not isinstance(value, bool):
-            try:
-                seconds = float(value)
-            except (TypeError, ValueError, ArithmeticError):
-                seconds = None
+        seconds = _as_seconds(value)
         # NaN fails both comparisons.
         if seconds is None or not low <= seconds <= MAX_SECONDS:
             raise OptionError(problem)
         return seconds
 
     return parse
+
+
+def _as_seconds(value: Any) -> float | None:
+    """A number of seconds as given (text or a number, never a bool), or None."""
+    if isinstance(value, str):
+        return _decimal(value.strip())
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, ArithmeticError):
+        return None
 
 
 _MIN_RECORDER_THRESHOLD = 0.0001
@@ -224,14 +229,7 @@ def _threshold(name: str, value: Any) -> float | None:
                f" got {_shown(value)}")
     if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
-    seconds: float | None = None
-    if isinstance(value, str):
-        seconds = _decimal(value.strip())
-    elif not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError, ArithmeticError):
-            seconds = None
+    seconds = _as_seconds(value)
     if seconds == 0:
         return None
     if seconds is None or not _MIN_RECORDER_THRESHOLD <= seconds <= MAX_SECONDS:
