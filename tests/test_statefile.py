@@ -46,15 +46,21 @@ def holder():
         time.sleep(30)
 threading.Thread(target=holder, name="the-holder", daemon=True).start()
 go.wait()
-threading.Thread(target=lock.acquire, name="the-waiter", daemon=True).start()
+# A crowd forming: each wait's start writes the record, which shows one more waiter each time.
+for i in range(4):
+    threading.Thread(target=lock.acquire, name=f"the-waiter-{{i}}", daemon=True).start()
+    while len(lock._waiters) <= i:
+        time.sleep(0.001)
 time.sleep(0.5)
-print(json.dumps({{"pid": os.getpid()}}), flush=True)
+print(json.dumps({{"pid": os.getpid(), "watchdog": h5watch.snapshot()["watchdog"]["running"]}}), flush=True)
 time.sleep(30)
 """],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
     )
     try:
-        pid = json.loads(proc.stdout.readline())["pid"]
+        shown = json.loads(proc.stdout.readline())
+        pid = shown["pid"]
+        assert shown["watchdog"]  # ticking (every 60 s): the waits' starts wrote the record, not a tick
         path = state_files(state_dir)[pid]
         assert path.name == f"{pid}-{proc_start_ticks(pid)}.h5w"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -65,7 +71,8 @@ time.sleep(30)
         assert state.pid == pid and state.workload == "layout" and int(state.header["uid"]) == os.geteuid()
         [lock] = [entry for entry in state.locks() if entry["lock"] == "app.layout"]
         assert lock["holder"]["thread_name"] == "the-holder" and lock["holder"]["pid"] == pid
-        assert lock["waiters"] == 1 and lock["waiting_threads"][0]["thread_name"] == "the-waiter"
+        assert lock["waiters"] == 4
+        assert [t["thread_name"] for t in lock["waiting_threads"]] == [f"the-waiter-{i}" for i in range(4)]
         assert 0.3 < lock["oldest_wait_seconds"] < 30
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -6,7 +6,11 @@ that every count is in it from the start (see ``h5watch.statefile``), and
 written:
 
 - every watchdog tick: every lock record, then the header (the heartbeat);
-- at once, from a lock's slow path, when a thread starts to block on it;
+- from a lock's slow path, when a thread starts to block on it: at once
+  when no watchdog is ticking, else when more threads wait for the lock
+  than its record in the file shows (so a crowd forming is in the file as
+  it forms, while under steady contention, thousands of waits a second
+  that come and go, the ticks write who waits);
 - at once, when a forked child finds an orphaned lock (before its policy:
   a killed child leaves the evidence behind);
 - when the watchdog stops for a fork: a last write, marked "watchdog not
@@ -98,6 +102,8 @@ class StatePublisher:
         self._operations_lock = threading.Lock()
         self._operation_tables: dict[int, OperationTable] = {}
         self._retired_operations: dict[tuple[str, str], OperationRecord] = {}
+        # Per lock (its _seq): how many waiters its record in the file shows.
+        self._waiters_shown: dict[int, int] = {}
 
     def start(self, options: Any) -> None:
         self.options = options
@@ -151,7 +157,9 @@ class StatePublisher:
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
         locks = watched_locks()
-        writer.write_all([lock_record(lock) for lock in locks], self._status(), self._operation_records(locks))
+        records = [lock_record(lock) for lock in locks]
+        self._waiters_shown = {record.seq: len(record.waiters) for record in records}
+        writer.write_all(records, self._status(), self._operation_records(locks))
 
     def _status(self) -> ProcessStatus:
         return ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
@@ -173,8 +181,13 @@ class StatePublisher:
 
     def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
-        if writer is not None:
-            writer.write_one(lock_record(lock))
+        if writer is None:
+            return
+        if self._watchdog.running() and len(lock._waiters) <= self._waiters_shown.get(lock._seq, 0):
+            return  # the next tick writes who waits now
+        record = lock_record(lock)
+        self._waiters_shown[lock._seq] = len(record.waiters)
+        writer.write_one(record)
 
     def lock_created(self, lock: WatchedLock) -> None:
         writer = self.writer
@@ -265,6 +278,7 @@ class StatePublisher:
         self._operations_lock = threading.Lock()
         self._operation_tables = {}
         self._retired_operations = {}
+        self._waiters_shown = {}
         self._failed_pid = None
         old, self.writer = self.writer, None
         if old is not None:
