@@ -119,7 +119,28 @@ class FastRLockProbe:
         fields._is_locked = 0
 
 
+# Each FastRLock type's verdict, once checked: None (valid) or why not. The
+# lock core and the probe check the same type; the check starts a thread.
+_verdicts: dict[type, ProbeUnavailable | None] = {}
+
+
 def validate_layout(lock_type: type) -> None:
+    """Raise ``ProbeUnavailable`` unless instances of ``lock_type`` can be read
+    (and, for a forked child's reset, written) through ``FastRLockFields``."""
+    if lock_type in _verdicts:
+        verdict = _verdicts[lock_type]
+        if verdict is not None:
+            raise ProbeUnavailable(str(verdict))
+        return
+    try:
+        _validate_layout(lock_type)
+    except ProbeUnavailable as exc:
+        _verdicts[lock_type] = exc
+        raise
+    _verdicts[lock_type] = None
+
+
+def _validate_layout(lock_type: type) -> None:
     if getattr(sys, "_is_gil_enabled", lambda: True)() is False:
         raise ProbeUnavailable("free-threaded Python: h5py's phil is not a FastRLock there")
     if struct.calcsize("P") != 8 or ctypes.sizeof(ctypes.c_long) != 8:
