@@ -291,6 +291,12 @@ class StatePublisher:
             # subprocess's child, which execs.
             self._writer(create=True)
 
+    def stop_in_exec_child(self) -> None:
+        """In subprocess's child, which execs at once: write nothing, make
+        nothing (the parent's file and stacks file are left as they are; the
+        exec closes them)."""
+        self._enabled = False
+
     def _register_dump(self, path: str) -> None:
         try:
             fd = create_file_at(path, os.O_WRONLY | os.O_APPEND)  # O_EXCL: never through a planted link
