@@ -285,6 +285,41 @@ def test_preexec_fn_children_leave_no_file_and_print_nothing(tmp_path):
     assert report["watchdog"] is True  # a pre-exec fork does not warn: nothing to stop for
 
 
+def test_a_preexec_fn_child_that_finds_an_orphan_leaves_its_evidence_and_count(tmp_path):
+    """subprocess's child makes nothing of its own, except when preexec_fn
+    finds an orphaned lock (the fork could not take it within fork_timeout):
+    then its file holds the orphan, the kill's count and its recorder entries."""
+    state_dir = tmp_path / "state"
+    result = run_python(
+        f"""
+        import json, os, subprocess, threading, time
+        import h5watch
+        h5watch.install(state_dir={str(state_dir)!r}, fork_timeout=0.2, service="orphan")
+        lock = h5watch.WatchedLock("app.stuck")
+        held = threading.Event()
+        def holder():
+            with lock:
+                held.set()
+                time.sleep(60)
+        threading.Thread(target=holder, name="stuck-holder", daemon=True).start()
+        held.wait()
+        result = subprocess.run(["true"], preexec_fn=lock.acquire)
+        print(json.dumps({{"pid": os.getpid(), "returncode": result.returncode}}), flush=True)
+        os._exit(0)
+        """,
+    )
+    report = last_json(result.stdout)
+    assert report["returncode"] == 70, result.stderr
+    [child] = children_files(state_dir, report["pid"])[::2]  # its .h5w, then its .stacks
+    from h5watch.statefile import read_recorder, read_state_file
+
+    state = read_state_file(str(state_dir / str(os.geteuid()) / child), accept_torn=True)
+    [record] = [r for r in state.records if bytes(r["name"]).rstrip(b"\0") == b"app.stuck"]
+    assert bool(record["orphaned"]) and int(record["orphans"][0]) == 1  # killed, counted once
+    kinds = [entry["kind"] for entry in read_recorder(state)]
+    assert kinds[:2] == ["forked", "orphan"], kinds
+
+
 FORKING = """
 import json, multiprocessing, os, subprocess, sys, time
 import h5py, numpy

@@ -59,7 +59,7 @@ class FlightRecorder:
     snapshot_key = "recorder"
 
     def __init__(self) -> None:
-        self._ring = recorder.Ring()
+        self._ring: recorder.Ring | None = recorder.Ring()
         self._pid = os.getpid()
         self._in_file = False
         # Holds, waits and collections shorter than this are not recorded (None: none are).
@@ -78,18 +78,29 @@ class FlightRecorder:
     def attach(self, region: Any) -> None:
         """The state file exists: from now on the ring is ``region``, its mapping."""
         try:
-            self._ring = self._ring.moved_to(region, 0)
+            self._ring = self._own_ring().moved_to(region, 0)
             self._in_file = True
         except Exception:  # never a failure of the state file's creation
             pass
 
-    def after_fork_in_child(self) -> None:
+    def after_fork_in_child(self, lazily: bool = False) -> None:
         """A ring of the child's own (its parent's mapping is shared memory),
-        starting with who forked it; the state file, made next, takes it over."""
-        self._ring = recorder.Ring()
+        starting with who forked it; the state file, made next, takes it over.
+        ``lazily`` (subprocess's child, which execs at once): made by the
+        child's first entry, if any."""
+        self._ring = None
         self._pid = os.getpid()
         self._in_file = False
-        self.record("forked", extra=os.getppid(), operation="a fork's child")
+        if not lazily:
+            self._own_ring()
+
+    def _own_ring(self) -> recorder.Ring:
+        ring = self._ring
+        if ring is None:
+            ring = self._ring = recorder.Ring()
+            native_id, name = current_thread()
+            ring.write("forked", _monotonic_ns(), time.time(), native_id, name, None, "a fork's child", 0, os.getppid())
+        return ring
 
     # -- writing -----------------------------------------------------------
 
@@ -100,7 +111,7 @@ class FlightRecorder:
             return  # the child of a fork that skipped Python's hooks: the ring is its parent's
         try:
             native_id, name = current_thread() if thread is None else thread
-            self._ring.write(kind, _monotonic_ns(), time.time(), native_id, name, lock, operation, duration_ns, extra)
+            self._own_ring().write(kind, _monotonic_ns(), time.time(), native_id, name, lock, operation, duration_ns, extra)
         except Exception:
             pass
 
@@ -118,8 +129,11 @@ class FlightRecorder:
 
     def tail(self, limit: int = RECORDER_LOG_ENTRIES) -> list[dict[str, Any]]:
         """The newest ``limit`` entries, oldest first (for a log event)."""
+        ring = self._ring
+        if ring is None:
+            return []
         try:
-            return self._ring.entries(limit)
+            return ring.entries(limit)
         except Exception:
             return []
 

@@ -104,6 +104,8 @@ class StatePublisher:
         self._retired_operations: dict[tuple[str, str], OperationRecord] = {}
         # Per lock (its _seq): how many waiters its record in the file shows.
         self._waiters_shown: dict[int, int] = {}
+        # In subprocess's child: its parent's writer, kept unclosed until the exec.
+        self._parent_writer: StateWriter | None = None
 
     def start(self, options: Any) -> None:
         self.options = options
@@ -271,7 +273,8 @@ class StatePublisher:
         self.writer = writer
 
     def after_fork_in_child(self) -> None:
-        """After a fork, in the child: cheap, creates nothing."""
+        """After a fork, in the child: its own file, made at once unless the
+        fork was subprocess's (or skipped Python's hooks)."""
         self._open_lock = threading.Lock()
         # The child's tables start from zero (each lock's fork step resets
         # its own); what the parent's collected locks counted is the parent's.
@@ -281,21 +284,20 @@ class StatePublisher:
         self._waiters_shown = {}
         self._failed_pid = None
         old, self.writer = self.writer, None
+        if self._forks.fork_for_exec():
+            # subprocess's child execs at once, which unmaps the parent's file
+            # and closes its descriptors: set aside, not closed here (it only
+            # makes a file of its own if preexec_fn finds an orphan).
+            self._parent_writer = old
+            return
         if old is not None:
             # The parent's mapping and file: dropped unwritten (closing the
             # mapping here unmaps the child's view only).
             old.close(exited=False)
         self._unregister_dump()
-        if self._enabled and not self._forks.fork_for_exec() and not self._forks.child_of_unhooked_fork():
-            # The child's own file at once (its counts start now); not for
-            # subprocess's child, which execs.
+        if self._enabled and not self._forks.child_of_unhooked_fork():
+            # The child's own file at once (its counts start now).
             self._writer(create=True)
-
-    def stop_in_exec_child(self) -> None:
-        """In subprocess's child, which execs at once: write nothing, make
-        nothing (the parent's file and stacks file are left as they are; the
-        exec closes them)."""
-        self._enabled = False
 
     def _register_dump(self, path: str) -> None:
         try:

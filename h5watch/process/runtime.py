@@ -114,15 +114,11 @@ class _Parts:
         this module's lock, the flight recorder (a ring of the child's own,
         before anything could write into the parent's), the state file, the
         exporter, and last the watchdog, the one step that may start a thread.
-        subprocess's child, which execs at once, makes nothing of its own: no
-        ring, no file, no thread (and writes nothing of its parent's: the
-        ring and the file check the pid)."""
+        subprocess's child, which execs at once, makes its ring only if it
+        records something, and sets its parent's file aside unclosed (the
+        exec closes it)."""
         _reinit_after_fork()
-        if self.fork_guard.fork_for_exec():
-            self.publisher.stop_in_exec_child()
-            self.watchdog.after_fork_in_child()
-            return
-        self.recorder.after_fork_in_child()
+        self.recorder.after_fork_in_child(lazily=self.fork_guard.fork_for_exec())
         self.publisher.after_fork_in_child()
         self.exporter.forget_after_fork()
         self.watchdog.after_fork_in_child()
