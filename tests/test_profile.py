@@ -62,6 +62,47 @@ def test_waits_are_charged_to_the_operation_that_held_the_lock(lock_class):
     assert sum(row["holds"] for row in rows.values()) == lock.snapshot()["stats"]["acquisitions"]
 
 
+@pytest.mark.parametrize("a_wait_times_out", [False, True], ids=["waits-only-join", "a-wait-times-out"])
+def test_the_waits_charged_to_a_hold_are_those_of_the_threads_still_waiting_at_its_release(lock_class, a_wait_times_out):
+    """Waits that began before the hold and during it are charged from the
+    later of their start and the hold's; a wait that timed out during the
+    hold is not (it is no longer waiting at the release). The compiled core
+    charges the first case in constant time, the second by a pass over the
+    waiters: both give the same."""
+    lock = lock_class("app.charged")
+    held = threading.Event()
+    started: dict[str, float] = {}
+    released_at: list[float] = []
+
+    def hold() -> None:
+        held.set()
+        time.sleep(0.3)
+        threads[1].start()  # joins the waiters during the hold
+        time.sleep(0.3)
+        released_at.append(time.monotonic())
+
+    def wait(name: str, timeout: float = -1) -> None:
+        started[name] = time.monotonic()
+        if lock.acquire(timeout=timeout):
+            lock.release()
+
+    threads = [threading.Thread(target=wait, args=("early",)), threading.Thread(target=wait, args=("joined",))]
+    if a_wait_times_out:
+        threads.append(threading.Thread(target=wait, args=("gave-up", 0.15)))
+    holder = threading.Thread(target=with_op, args=(lock, "hold", hold))
+    holder.start()
+    held.wait(10)
+    threads[0].start()
+    if a_wait_times_out:
+        threads[2].start()
+    holder.join(30)
+    for thread in threads:
+        thread.join(30)
+    caused = rows_of(lock)["hold"]["caused_wait_seconds"]
+    expected = sum(released_at[0] - started[name] for name in ("early", "joined"))
+    assert caused == pytest.approx(expected, abs=0.05)
+
+
 def with_op(lock, operation: str, body) -> None:
     lock.acquire_for(operation)
     try:

@@ -138,8 +138,18 @@ typedef struct {
     int order_tracked;
     long order_seen_from;
     /* Threads waiting in the slow path: {thread ident: monotonic ns the wait
-     * began} (lock.py's _waiters; each waiter adds and removes itself). */
+     * began} (lock.py's _waiters). Changed only by _wait_begin, _wait_end
+     * and _clear_waiters (under the GIL), which keep with it how many wait,
+     * the sum of their start times, and how many waits ended. Each commit
+     * notes the three, so that its release charges the waits of its hold in
+     * constant time while no wait ended during it (see waited_during_hold). */
     PyObject *waiters;
+    Py_ssize_t wait_n;
+    int64_t wait_sum;
+    uint64_t wait_ends;
+    Py_ssize_t commit_wait_n;
+    int64_t commit_wait_sum;
+    uint64_t commit_wait_ends;
     /* Contention by operation (h5watch/process/stats.py OperationTable):
      * the rows (a buffer the table owns), its {operation: row} dict and its
      * list of operations by row; NULL until _set_operations. The holder's
@@ -525,6 +535,9 @@ static inline void core_commit(LockCore *self, unsigned long me, PyObject *opera
     self->owner = me;
     self->owner_state = OWNER_LIVE;
     self->hold_uncounted = !counted;
+    self->commit_wait_n = self->wait_n;
+    self->commit_wait_sum = self->wait_sum;
+    self->commit_wait_ends = self->wait_ends;
     if (counted) {
         counters_of(self)[C_ACQUISITIONS] += 1;
         if (self->ops != NULL) {
@@ -541,8 +554,18 @@ static inline void core_commit(LockCore *self, unsigned long me, PyObject *opera
 }
 
 /* What the threads waiting now spent waiting during the hold that ends at
- * now_ns: charged to the operation that held the lock (Go's mutex profile). */
+ * now_ns: charged to the operation that held the lock (Go's mutex profile).
+ * While no wait ended since the commit, the commit_wait_n threads waiting
+ * then (each began at or before since_ns) waited all of the hold, and the
+ * others began during it: constant time. Else (a wait timed out, was
+ * interrupted, or the waiters were cleared) a pass over the waiters. */
 static uint64_t waited_during_hold(LockCore *self, int64_t now_ns_) {
+    if (self->wait_ends == self->commit_wait_ends) {
+        int64_t joined = (int64_t)(self->wait_n - self->commit_wait_n);
+        int64_t joined_since = self->wait_sum - self->commit_wait_sum;
+        int64_t total = (int64_t)self->commit_wait_n * (now_ns_ - self->since_ns) + joined * now_ns_ - joined_since;
+        return total > 0 ? (uint64_t)total : 0;
+    }
     uint64_t waited = 0;
     Py_ssize_t pos = 0;
     PyObject *ident, *since;
@@ -651,9 +674,7 @@ static int core_release(LockCore *self) {
             o[O_HOLDS] += 1;
             o[O_HOLD_SUM] += (uint64_t)held;
             if ((uint64_t)held > o[O_HOLD_MAX]) o[O_HOLD_MAX] = (uint64_t)held;
-            if (self->waiters != NULL && PyDict_CheckExact(self->waiters) && PyDict_GET_SIZE(self->waiters)) {
-                o[O_CAUSED_WAIT_SUM] += waited_during_hold(self, now);
-            }
+            if (self->wait_n > 0) o[O_CAUSED_WAIT_SUM] += waited_during_hold(self, now);
         }
         if (held >= hold_record_after_ns) return release_long_hold(self, me, held);
     }
@@ -722,6 +743,60 @@ static PyObject *LockCore_fork_wait_handoff(LockCore *self, PyObject *arg) {
     self->handoff_signal = NULL;
     PyThread_free_lock(signal);
     return PyBool_FromLong(taken);
+}
+
+/* The waiters: every change goes through these three (see LockCore). */
+static PyObject *LockCore_wait_begin(LockCore *self, PyObject *ident) {
+    int64_t start = now_ns();
+    PyObject *earlier = PyDict_GetItemWithError(self->waiters, ident);  /* borrowed */
+    long long earlier_start = 0;
+    if (earlier != NULL) {
+        earlier_start = PyLong_AsLongLong(earlier);
+        if (earlier_start == -1 && PyErr_Occurred()) return NULL;
+    } else if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *value = PyLong_FromLongLong(start);
+    if (value == NULL) return NULL;
+    if (PyDict_SetItem(self->waiters, ident, value) < 0) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    if (earlier != NULL) {
+        /* A nested wait of the same thread (a signal handler, a collection
+         * inside its wait) replaces its entry: the earlier wait ended. */
+        self->wait_sum -= earlier_start;
+        self->wait_ends += 1;
+    } else {
+        self->wait_n += 1;
+    }
+    self->wait_sum += start;
+    return value;
+}
+
+static PyObject *LockCore_wait_end(LockCore *self, PyObject *ident) {
+    PyObject *entry = PyDict_GetItemWithError(self->waiters, ident);  /* borrowed */
+    if (entry == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;  /* ended already (a nested wait, or cleared) */
+    }
+    long long start = PyLong_AsLongLong(entry);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    if (PyDict_DelItem(self->waiters, ident) < 0) return NULL;
+    self->wait_n -= 1;
+    self->wait_sum -= start;
+    self->wait_ends += 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *LockCore_clear_waiters(LockCore *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *fresh = PyDict_New();
+    if (fresh == NULL) return NULL;
+    Py_SETREF(self->waiters, fresh);
+    self->wait_n = 0;
+    self->wait_sum = 0;
+    self->wait_ends += 1;
+    Py_RETURN_NONE;
 }
 
 static PyObject *LockCore_acquire(LockCore *self, PyObject *args, PyObject *kwds) {
@@ -837,6 +912,10 @@ static PyMethodDef LockCore_methods[] = {
      "This thread's recursion depth, 0 if it does not hold the lock (as threading.RLock)."},
     {"_fork_wait_handoff", (PyCFunction)LockCore_fork_wait_handoff, METH_O,
      "Wait up to timeout seconds for the inner lock to be handed over on its next release."},
+    {"_wait_begin", (PyCFunction)LockCore_wait_begin, METH_O,
+     "This thread (its ident) starts to wait: added to _waiters; returns the monotonic ns the wait began."},
+    {"_wait_end", (PyCFunction)LockCore_wait_end, METH_O, "This thread's wait ended: removed from _waiters."},
+    {"_clear_waiters", (PyCFunction)LockCore_clear_waiters, METH_NOARGS, "Forget every waiter (their threads are gone)."},
     {NULL},
 };
 
@@ -1025,7 +1104,7 @@ static PyGetSetDef LockCore_getset[] = {
 };
 
 static PyMemberDef LockCore_members[] = {
-    {"_waiters", T_OBJECT_EX, offsetof(LockCore, waiters), 0, NULL},
+    {"_waiters", T_OBJECT_EX, offsetof(LockCore, waiters), READONLY, NULL},
     {NULL},
 };
 
@@ -1034,6 +1113,11 @@ static PyObject *LockCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     if (self != NULL) {
         self->counters = self->own_counters;
         self->pending_wait_ns = -1;
+        self->waiters = PyDict_New();
+        if (self->waiters == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
     }
     return (PyObject *)self;
 }

@@ -14,8 +14,10 @@ acquire fails.
 Ownership of fields: ``_owner``, ``_count``, ``_since_ns``, ``_operation``
 and the hold/wait/acquisition statistics are written only by the thread that
 holds the inner lock. ``_waiters`` is a dict each waiting thread adds itself
-to and removes itself from (single dict operations are atomic under the
-GIL). Readers on other threads (snapshots, the watchdog) may see a value a
+to and removes itself from, through ``_wait_begin`` and ``_wait_end`` (each
+atomic under the GIL; the compiled core keeps the waiters' count and start
+times with the dict, so that a release charges the waits of its hold in
+constant time). Readers on other threads (snapshots, the watchdog) may see a value a
 moment old, never a half-written one.
 """
 
@@ -321,6 +323,9 @@ class _LockLogic:
         def _take_for_fork(self, operation: str) -> None: ...
         def _set_gated(self, gated: bool) -> None: ...
         def _use_operations(self, table: OperationTable) -> None: ...
+        def _wait_begin(self, me: int) -> int: ...
+        def _wait_end(self, me: int) -> None: ...
+        def _clear_waiters(self) -> None: ...
     else:
         __slots__ = ()
 
@@ -332,7 +337,6 @@ class _LockLogic:
         self._inner_kind = _inner_kind(inner)
         # FastRLock.acquire takes no timeout: timed waits on it poll.
         self._inner_timed = self._inner_kind != "fastrlock"
-        self._waiters: dict[int, int] = {}
         self._fork_gate: ForkGate | None = None
         self._orphan: dict[str, Any] | None = None
         self._seq = next(_sequence)
@@ -404,8 +408,7 @@ class _LockLogic:
                 # Recovered: the lock is free again.
                 self.stats.record_wait(0)
                 return True
-        start_ns = _monotonic_ns()
-        self._waiters[me] = start_ns
+        start_ns = self._wait_begin(me)
         owner = self._owner
         # Who the wait is behind, named now: by its end that thread may be gone.
         behind = (owner, threading._active.get(owner) if owner is not None else None,  # type: ignore[attr-defined]
@@ -422,7 +425,7 @@ class _LockLogic:
                     timeout = max(0.0, timeout - (_monotonic_ns() - start_ns) / 1e9)
             acquired = self._inner_acquire(False) or self._wait_inner(timeout, start_ns)
         finally:
-            self._waiters.pop(me, None)
+            self._wait_end(me)
             waited_ns = _monotonic_ns() - start_ns
             if waited_ns >= _record_after_ns and events is not None:
                 self._tell_long_wait(events, waited_ns, behind)
@@ -528,8 +531,7 @@ class _LockLogic:
         if not self._inner_acquire(False):
             if deadline_ns == 0:
                 return False
-            start_ns = _monotonic_ns()
-            self._waiters[me] = start_ns
+            self._wait_begin(me)
             try:
                 handoff = getattr(self, "_fork_wait_handoff", None)
                 if deadline_ns is None:
@@ -541,7 +543,7 @@ class _LockLogic:
                 else:
                     acquired = self._wait_until(deadline_ns)
             finally:
-                self._waiters.pop(me, None)
+                self._wait_end(me)
             if not acquired:
                 return False
         self._take_for_fork("h5watch.fork.before_fork")
@@ -591,12 +593,12 @@ class _LockLogic:
         self._owner = None
         self._count = 0
         self._operation = None
-        self._waiters = {}
+        self._clear_waiters()
         self._orphan = None
 
     def _forget_other_threads(self) -> None:
         """In a forked child: waiters and gates belonged to threads that are gone."""
-        self._waiters = {}
+        self._clear_waiters()
         self._set_gated(False)
         self._fork_gate = None
 
@@ -735,10 +737,24 @@ class PythonWatchedLock(_LockLogic):
         self._last_op: Any = self  # matches no operation
         self._last_op_row = 0
         self._pending_wait_ns = -1
+        self._waiters: dict[int, int] = {}
         self._init_common(name, inner)
 
     def _use_operations(self, table: OperationTable) -> None:
         self._op_words = table.words
+
+    # The waiters (LockCore_wait_begin and the rest in _lockcore.c, which
+    # also keep their count and start times for the release).
+    def _wait_begin(self, me: int) -> int:
+        start_ns = _monotonic_ns()
+        self._waiters[me] = start_ns
+        return start_ns
+
+    def _wait_end(self, me: int) -> None:
+        self._waiters.pop(me, None)
+
+    def _clear_waiters(self) -> None:
+        self._waiters = {}
 
     # -- acquisition -------------------------------------------------------
 
