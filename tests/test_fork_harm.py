@@ -313,3 +313,61 @@ os._exit(0)
     [orphaned] = events_named(events, "lock.orphaned")
     assert orphaned["seen_waiting_by"] == "probe"
     assert orphaned["holder"]["thread_name"] == "phil-holder"
+
+
+def test_fork_gate_holds_back_a_newcomer_until_opened_and_a_child_gets_its_own():
+    """One gate serves every fork of a process. A thread passing it holds its
+    lock for a moment; a child forked at that moment (here by C code, which
+    skips the hooks) must still be able to fork: it makes a gate of its own."""
+    result = run_python(
+        """
+        import ctypes, os, threading, time
+        import h5watch
+        h5watch.install(state_files=False, fork_timeout=2, on_orphan="recover")
+        from h5watch import WatchedLock
+        from h5watch.process import fork
+
+        lock = WatchedLock("gated")
+        gate = fork._gate
+        gate.close(threading.get_ident())
+        lock._raise_fork_gate(gate)
+        got = threading.Event()
+        newcomer = threading.Thread(target=lambda: (lock.acquire(), got.set(), lock.release()))
+        newcomer.start()
+        held_back = not got.wait(0.3)
+        gate.open()
+        lock._lower_fork_gate()
+        passed = got.wait(5)
+        newcomer.join(5)
+
+        # A passer holds the gate's lock (and a watched lock) at the fork.
+        passing, done = threading.Event(), threading.Event()
+        def passer():
+            with lock, gate._closed:
+                passing.set()
+                done.wait(30)
+        threading.Thread(target=passer, daemon=True).start()
+        passing.wait(5)
+        pid = ctypes.PyDLL(None).fork()
+        if pid == 0:
+            lock.acquire(timeout=5)  # notices the fork; the orphan is recovered
+            inner = os.fork()
+            if inner == 0:
+                os._exit(0)
+            os._exit(0 if os.waitpid(inner, 0)[1] == 0 and fork._gate is not gate else 3)
+        done.set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            status = -1
+        print(held_back, passed, status, fork._gate is gate)
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "0", "True"]

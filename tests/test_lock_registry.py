@@ -29,3 +29,13 @@ def test_short_lived_locks_do_not_pile_up(lock_class):
     # Bounded by the locks alive at a time (garbage included), not by the 10,000 made.
     assert len(lock_module._registry) < 2_000
     assert [found for found in watched_locks() if found.name.startswith("kept.")] == keep
+
+
+def test_phil_is_listed_first_whenever_it_was_made(lock_class):
+    before = lock_class("registry.before")
+    phil = lock_class(lock_module.PHIL_NAME)
+    after = lock_class("registry.after")
+    names = [found.name for found in watched_locks()]
+    assert names[0] == lock_module.PHIL_NAME
+    mine = [found for found in watched_locks() if found in (before, phil, after)]
+    assert mine == [phil, before, after]

@@ -79,6 +79,8 @@ fork_stats = ForkStats()
 _fork_started_ns: int | None = None
 _forking_thread: int | None = None
 _taken: list[WatchedLock] = []
+# Every fork's gate (see ForkGate); a child makes its own.
+_gate = ForkGate()
 _threads_at_fork: dict[int, threading.Thread] = {}
 # The fork under way (or, in a child, the one that made it) is subprocess's.
 _fork_for_exec = False
@@ -245,12 +247,12 @@ class ForkGuard:
         start_ns = time.monotonic_ns()
         _forking_thread = me
         _fork_started_ns = start_ns
-        _remember_threads()
         _taken.clear()
         timeout = self.options.fork_timeout
         deadline_ns = None if timeout is None else start_ns + int(timeout * 1e9)
         locks = watched_locks()
-        gate = ForkGate(me)
+        gate = _gate
+        gate.close(me)
         for lock in locks:
             lock._raise_fork_gate(gate)
 
@@ -265,6 +267,7 @@ class ForkGuard:
             lower_gates()
         _taken.extend(taken)
         recorder = self._recorder
+        _remember_threads(missing)
         for lock in missing:
             evidence = self._holder_evidence(lock)
             lock.stats.bump("timeouts", "fork")
@@ -539,8 +542,9 @@ def _last_chance(order: list[WatchedLock]) -> tuple[list[WatchedLock], list[Watc
 
 def _adopt_child_pid(hooked: bool) -> int:
     """The child's first step: its own pid, no fork under way; the parent's pid."""
-    global _fork_started_ns, _forking_thread, _unhooked_child
+    global _fork_started_ns, _forking_thread, _unhooked_child, _gate
     parent_pid = wiring.pid
+    _gate = ForkGate()  # a thread passing the parent's may have held its lock
     wiring.pid = os.getpid()
     _fork_started_ns = None
     _forking_thread = None
@@ -557,12 +561,17 @@ def _forget_parent_threads() -> None:
     fork_stats = ForkStats()
 
 
-def _remember_threads() -> None:
+def _remember_threads(needed: object = True) -> None:
     """This process's threads as the fork finds them: in the child, the dead
-    holders' names (threading forgets them there). A copy of the table, read
-    only if an orphan is found, keeps the fork itself cheap."""
+    holders' names (threading forgets them there). Copied only when a lock
+    could not be taken for the fork (the only way a hooked fork leaves an
+    orphan): copying touches every thread object, and after a fork every
+    page the parent writes to is copied again while a child shares it."""
     global _threads_at_fork
-    _threads_at_fork = threading._active.copy()  # type: ignore[attr-defined]
+    if needed:
+        _threads_at_fork = threading._active.copy()  # type: ignore[attr-defined]
+    elif _threads_at_fork:
+        _threads_at_fork = {}  # an earlier fork's table could name the wrong threads
 
 
 def _nothing() -> None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PhilPatch", "PHIL_LOCK_NAME"]
 
-PHIL_LOCK_NAME = "h5py.phil"
+PHIL_LOCK_NAME = lock_module.PHIL_NAME
 _OBJECTS = "h5py._objects"
 
 

@@ -211,6 +211,8 @@ def interrupt_wait(ident: int, wait_started_ns: int, error: DeadlockError) -> No
     ``error`` (an interruptible wait only; a later wait is not affected)."""
     wiring.interrupts[ident] = (wait_started_ns, error)
 
+# h5py's lock, the one a fork's hook takes first.
+PHIL_NAME = "h5py.phil"
 _registry_lock = threading.Lock()
 _registry: list[weakref.ReferenceType[_LockLogic]] = []
 # Dead references are dropped when the list reaches this length, which then
@@ -220,20 +222,33 @@ _sequence = itertools.count()
 
 
 def watched_locks() -> list[WatchedLock]:
-    """Every live watched lock, ``h5py.phil`` first, then in creation order."""
-    with _registry_lock:
-        locks = [lock for lock in (ref() for ref in _registry) if lock is not None]
-    locks.sort(key=lambda lock: (lock.name != "h5py.phil", lock._seq))
+    """Every live watched lock, ``h5py.phil`` first, then in creation order
+    (the registry is kept in that order: a fork's hook reads it as it is)."""
+    # The copy is one C call under the GIL: no lock is needed to read.
+    locks = [lock for lock in (ref() for ref in _registry[:]) if lock is not None]
     return cast("list[WatchedLock]", locks)  # every _LockLogic is one of the two implementations
 
 
 def _register(lock: _LockLogic) -> None:
     global _registry_compact_at
+    ref = weakref.ref(lock)
     with _registry_lock:
         if len(_registry) >= _registry_compact_at:
             _registry[:] = [ref for ref in _registry if ref() is not None]
             _registry_compact_at = max(64, 2 * len(_registry))
-        _registry.append(weakref.ref(lock))
+        if lock.name == PHIL_NAME:
+            _registry.insert(_phil_count(), ref)
+        else:
+            _registry.append(ref)
+
+
+def _phil_count() -> int:
+    """How many of the registry's first entries are ``h5py.phil`` locks."""
+    for index, ref in enumerate(_registry):
+        lock = ref()
+        if lock is None or lock.name != PHIL_NAME:
+            return index
+    return len(_registry)
 
 
 def reinit_registry_after_fork() -> None:
@@ -258,24 +273,42 @@ class ForkGate:
     lock; threads that already hold a watched lock pass (they must be able to
     finish and release, or the fork would wait for itself). The fork lowers
     the gate as soon as it has the locks, or after a short while.
+
+    One gate serves every fork of a process (a child makes its own): the
+    forking thread holds ``_closed`` while the gate is up, and a thread at the
+    gate passes by taking and giving it back.
     """
 
-    __slots__ = ("forking_thread", "_opened")
+    __slots__ = ("forking_thread", "_up", "_closed")
 
-    def __init__(self, forking_thread: int) -> None:
+    def __init__(self) -> None:
+        self.forking_thread: int | None = None
+        self._up = False
+        self._closed = threading.Lock()
+
+    def close(self, forking_thread: int) -> None:
+        """Raise the gate (the forking thread only)."""
+        self._closed.acquire()
         self.forking_thread = forking_thread
-        self._opened = threading.Event()
+        self._up = True
 
     def lets_through(self, me: int) -> bool:
-        if me == self.forking_thread or self._opened.is_set():
+        if me == self.forking_thread or not self._up:
             return True
         return any(lock._owner == me for lock in watched_locks())
 
     def wait(self, timeout: float | None) -> bool:
-        return self._opened.wait(timeout)
+        if not self._closed.acquire(timeout=-1 if timeout is None else min(timeout, threading.TIMEOUT_MAX)):
+            return False
+        self._closed.release()
+        return True
 
     def open(self) -> None:
-        self._opened.set()
+        """Lower the gate (the forking thread only; again is a no-op)."""
+        if self._up:
+            self._up = False
+            self.forking_thread = None
+            self._closed.release()
 
 
 def _inner_kind(lock: Any) -> str:
