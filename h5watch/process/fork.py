@@ -79,8 +79,6 @@ fork_stats = ForkStats()
 _fork_started_ns: int | None = None
 _forking_thread: int | None = None
 _taken: list[WatchedLock] = []
-# Every fork's gate (see ForkGate); a child makes its own.
-_gate = ForkGate()
 _threads_at_fork: dict[int, threading.Thread] = {}
 # The fork under way (or, in a child, the one that made it) is subprocess's.
 _fork_for_exec = False
@@ -251,8 +249,7 @@ class ForkGuard:
         timeout = self.options.fork_timeout
         deadline_ns = None if timeout is None else start_ns + int(timeout * 1e9)
         locks = watched_locks()
-        gate = _gate
-        gate.close(me)
+        gate = ForkGate(me)
         for lock in locks:
             lock._raise_fork_gate(gate)
 
@@ -542,9 +539,8 @@ def _last_chance(order: list[WatchedLock]) -> tuple[list[WatchedLock], list[Watc
 
 def _adopt_child_pid(hooked: bool) -> int:
     """The child's first step: its own pid, no fork under way; the parent's pid."""
-    global _fork_started_ns, _forking_thread, _unhooked_child, _gate
+    global _fork_started_ns, _forking_thread, _unhooked_child
     parent_pid = wiring.pid
-    _gate = ForkGate()  # a thread passing the parent's may have held its lock
     wiring.pid = os.getpid()
     _fork_started_ns = None
     _forking_thread = None

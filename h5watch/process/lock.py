@@ -274,22 +274,17 @@ class ForkGate:
     finish and release, or the fork would wait for itself). The fork lowers
     the gate as soon as it has the locks, or after a short while.
 
-    One gate serves every fork of a process (a child makes its own): the
-    forking thread holds ``_closed`` while the gate is up, and a thread at the
+    A fork's gate is its own (a thread can still be passing the last one):
+    the forking thread holds ``_closed`` while it is up, and a thread at the
     gate passes by taking and giving it back.
     """
 
     __slots__ = ("forking_thread", "_up", "_closed")
 
-    def __init__(self) -> None:
-        self.forking_thread: int | None = None
-        self._up = False
-        self._closed = threading.Lock()
-
-    def close(self, forking_thread: int) -> None:
-        """Raise the gate (the forking thread only)."""
-        self._closed.acquire()
+    def __init__(self, forking_thread: int) -> None:
         self.forking_thread = forking_thread
+        self._closed = threading.Lock()
+        self._closed.acquire()
         self._up = True
 
     def lets_through(self, me: int) -> bool:
@@ -307,7 +302,6 @@ class ForkGate:
         """Lower the gate (the forking thread only; again is a no-op)."""
         if self._up:
             self._up = False
-            self.forking_thread = None
             self._closed.release()
 
 
