@@ -8,12 +8,43 @@ plain data.
 
 from __future__ import annotations
 
+import collections
 import platform
 import sys
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "OperationRecord", "ProcessStatus", "Waiter", "running_versions"]
+__all__ = ["CounterSource", "ForkCounters", "Holder", "LockRecord", "OperationRecord", "ProcessStatus", "Record", "Waiter",
+           "running_versions"]
+
+if TYPE_CHECKING:
+    from typing import NamedTuple as Record
+else:
+    class _RecordMeta(type):
+        """``typing.NamedTuple``'s class syntax, made into a plain
+        ``collections.namedtuple`` without checking each field's annotation
+        (which compiles every string annotation: about 10 us a field, paid
+        by every instrumented process when h5py is imported)."""
+
+        def __new__(mcs, name, bases, namespace):
+            if not bases:
+                return super().__new__(mcs, name, bases, namespace)
+            if "__classcell__" in namespace:
+                raise TypeError(f"{name}: a record's methods cannot use super() or __class__")
+            annotations = namespace.get("__annotations__", {})
+            fields = list(annotations)
+            defaults = [namespace[field] for field in fields if field in namespace]
+            if any(field not in namespace for field in fields[len(fields) - len(defaults):]):
+                raise TypeError(f"{name}: a field without a default follows one with a default")
+            record = collections.namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            for key, value in namespace.items():
+                if key not in annotations and key not in ("__module__", "__qualname__", "__annotations__"):
+                    setattr(record, key, value)
+            record.__qualname__ = namespace.get("__qualname__", name)
+            record.__annotations__ = annotations
+            return record
+
+    Record = _RecordMeta("Record", (), {})
 
 
 class CounterSource(Protocol):
@@ -32,7 +63,7 @@ class ForkCounters(Protocol):
         """Count in ``target`` from now on; with ``add``, on top of what it holds."""
 
 
-class Holder(NamedTuple):
+class Holder(Record):
     """Who holds a lock: its live holder, or an orphan's dead one."""
 
     pid: int | None
@@ -45,7 +76,7 @@ class Holder(NamedTuple):
     depth: int
 
 
-class Waiter(NamedTuple):
+class Waiter(Record):
     thread_ident: int
     thread_name: str | None
     native_id: int | None
@@ -53,7 +84,7 @@ class Waiter(NamedTuple):
     since_ns: int
 
 
-class LockRecord(NamedTuple):
+class LockRecord(Record):
     """One watched lock as of one moment."""
 
     # The lock's sequence number: one per lock instance in this process.
@@ -70,7 +101,7 @@ class LockRecord(NamedTuple):
     lock_ref: Callable[[], object | None]
 
 
-class OperationRecord(NamedTuple):
+class OperationRecord(Record):
     """One operation's share of one lock (contention by operation): its
     outermost holds, the waits of other threads during them, and its own
     blocked waits. Times in ns."""
@@ -97,7 +128,7 @@ class OperationRecord(NamedTuple):
                              waits=self.waits + other.waits, wait_sum_ns=self.wait_sum_ns + other.wait_sum_ns)
 
 
-class ProcessStatus(NamedTuple):
+class ProcessStatus(Record):
     """What the header says about the process besides its identity."""
 
     watchdog_running: bool

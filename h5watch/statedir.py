@@ -435,12 +435,12 @@ def prune_unread(path: str, keep: int) -> int:
     remove the files of dead processes beyond the newest ``keep``: without a
     daemon nobody folds them, and they would pile up for good. Returns how
     many processes' files went. Cheap unless the directory is that full."""
-    import fcntl
-
     directory = dir_of(os.path.join(path, "x"))
     names = list_names(directory)
     if len(names) <= 2 * keep:
         return 0
+    import fcntl  # every instrumented process gets here: imported only when needed
+
     # A descriptor of its own (a lock belongs to the open file, and the
     # cached descriptor lives on, in forked children too).
     claim = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)

@@ -41,12 +41,13 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from h5watch import logs
 from h5watch.process.evidence import format_frames, holder_operation
 from h5watch.process.flight import Recorder
 from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, watched_locks
+from h5watch.records import Record
 from h5watch.schema import DEADLOCK_KINDS
 
 __all__ = ["DEADLOCK_KINDS", "DeadlockDetector", "GcActivity", "RealPhil"]
@@ -134,7 +135,7 @@ class GcActivity:
         return None if ident is None else (ident, since_ns)
 
 
-class Edge(NamedTuple):
+class Edge(Record):
     """Thread ``waiter`` waits for ``target`` (``resource`` names it for
     comparison), held by thread ``owner``."""
 
@@ -149,19 +150,19 @@ class Edge(NamedTuple):
     lock: WatchedLock | None = None
 
 
-class Held(NamedTuple):
+class Held(Record):
     name: str
     since_ns: int | None
     operation: str | None
 
 
-class NonLockWait(NamedTuple):
+class NonLockWait(Record):
     how: str
     waited: tuple[Any, ...]
     frame_id: int
 
 
-class Cycle(NamedTuple):
+class Cycle(Record):
     kind: str
     edges: tuple[Edge, ...]
 

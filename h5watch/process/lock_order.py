@@ -30,9 +30,10 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from h5watch import logs
+from h5watch.records import Record
 
 __all__ = [
     "MAX_HELD",
@@ -70,7 +71,7 @@ class OrderedLock(Protocol):
     _order_seen_from: int
 
 
-class Edge(NamedTuple):
+class Edge(Record):
     """The first sighting of "held ``held`` while taking ``acquired``"."""
 
     held: str

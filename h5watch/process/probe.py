@@ -8,8 +8,9 @@ fields with ctypes costs h5py's hot path nothing and shows the true owner
 even of holds taken by C code that no Python wrapper sees.
 
 The layout is an assumption about someone else's build, so it is checked
-before use: the type's basic size, then a fresh instance read while free,
-while held by a helper thread, and re-entered. Any mismatch turns the probe
+before use: the type's basic size, then a fresh instance read while free
+and while held twice by the checking thread (no thread is started for it:
+a thread's start costs a process up to milliseconds). Any mismatch turns the probe
 off with the reason; nothing else depends on it.
 """
 
@@ -120,7 +121,7 @@ class FastRLockProbe:
 
 
 # Each FastRLock type's verdict, once checked: None (valid) or why not. The
-# lock core and the probe check the same type; the check starts a thread.
+# lock core and the probe check the same type.
 _verdicts: dict[type, ProbeUnavailable | None] = {}
 
 
@@ -149,10 +150,10 @@ def _validate_layout(lock_type: type) -> None:
         raise ProbeUnavailable(f"lock type is {lock_type.__module__}.{lock_type.__qualname__}, not FastRLock")
     if lock_type.__basicsize__ != ctypes.sizeof(FastRLockFields):
         raise ProbeUnavailable(f"FastRLock basicsize is {lock_type.__basicsize__}, expected {ctypes.sizeof(FastRLockFields)}")
-    _check_with_helper_thread(lock_type)
+    _check_held_twice(lock_type)
 
 
-def _check_with_helper_thread(lock_type: type) -> None:
+def _check_held_twice(lock_type: type) -> None:
     specimen = lock_type()
     fields = FastRLockFields.from_address(id(specimen))
 
@@ -161,31 +162,15 @@ def _check_with_helper_thread(lock_type: type) -> None:
 
     if view() != (None, 0, 0, 0):
         raise ProbeUnavailable(f"a free FastRLock reads as {view()}, expected (None, 0, 0, 0)")
-    acquired = threading.Event()
-    release = threading.Event()
-    seen: dict[str, Any] = {}
-
-    def hold() -> None:
-        specimen.acquire()
-        specimen.acquire()
-        seen["ident"] = threading.get_ident()
-        acquired.set()
-        release.wait(5)
-        specimen.release()
-        specimen.release()
-
-    helper = threading.Thread(target=hold, name="h5watch-probe-check", daemon=True)
-    helper.start()
+    me = threading.get_ident()
+    specimen.acquire()
+    specimen.acquire()
     try:
-        if not acquired.wait(5):
-            raise ProbeUnavailable("helper thread did not acquire the specimen lock")
         held = view()
-        if held[0] != seen["ident"] or held[1] != 2:
-            raise ProbeUnavailable(
-                f"a FastRLock held twice by thread {seen['ident']} reads as owner={held[0]} count={held[1]}"
-            )
     finally:
-        release.set()
-        helper.join(5)
+        specimen.release()
+        specimen.release()
+    if held[0] != me or held[1] != 2:
+        raise ProbeUnavailable(f"a FastRLock held twice by thread {me} reads as owner={held[0]} count={held[1]}")
     if view() != (None, 0, 0, 0):
         raise ProbeUnavailable(f"a released FastRLock reads as {view()}, expected (None, 0, 0, 0)")

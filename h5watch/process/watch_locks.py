@@ -22,10 +22,11 @@ import _thread
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from h5watch import logs
 from h5watch.process import lock as lock_module
+from h5watch.records import Record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ _PLAIN_LOCK_TYPE = type(_thread.allocate_lock())
 _RLOCK_TYPES: tuple[type, ...] = tuple({type(threading.RLock()), threading._PyRLock})  # type: ignore[attr-defined]
 
 
-class _Replaced(NamedTuple):
+class _Replaced(Record):
     owner: Any
     attribute: str
     original: Any
