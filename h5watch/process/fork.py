@@ -264,7 +264,7 @@ class ForkGuard:
             lower_gates()
         _taken.extend(taken)
         recorder = self._recorder
-        _remember_threads(missing)
+        _remember_threads(bool(missing))
         for lock in missing:
             evidence = self._holder_evidence(lock)
             lock.stats.bump("timeouts", "fork")
@@ -557,7 +557,7 @@ def _forget_parent_threads() -> None:
     fork_stats = ForkStats()
 
 
-def _remember_threads(needed: object = True) -> None:
+def _remember_threads(needed: bool = True) -> None:
     """This process's threads as the fork finds them: in the child, the dead
     holders' names (threading forgets them there). Copied only when a lock
     could not be taken for the fork (the only way a hooked fork leaves an

@@ -234,7 +234,7 @@ def _register(lock: _LockLogic) -> None:
     ref = weakref.ref(lock)
     with _registry_lock:
         if len(_registry) >= _registry_compact_at:
-            _registry[:] = [ref for ref in _registry if ref() is not None]
+            _registry[:] = [entry for entry in _registry if entry() is not None]
             _registry_compact_at = max(64, 2 * len(_registry))
         if lock.name == PHIL_NAME:
             _registry.insert(_phil_count(), ref)
