@@ -77,7 +77,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from h5watch import recorder
-from h5watch.records import ForkCounters, LockRecord, OperationRecord, ProcessStatus
+from h5watch.records import LockRecord, OperationRecord, ProcessStatus
 from h5watch.schema import (
     C_ACQUISITIONS,
     C_CONTENTIONS,
@@ -269,6 +269,8 @@ def _struct(fields: list[tuple[str, str, Any]]) -> struct.Struct:
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from h5watch.records import ForkCounters
 
 
 def _dtype(fields: list[tuple[str, str, Any]], size: int, extra: list[tuple[str, Any, int]] = ()) -> np.dtype:  # type: ignore[assignment]

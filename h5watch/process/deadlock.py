@@ -41,14 +41,16 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
 from h5watch.process.evidence import format_frames, holder_operation
-from h5watch.process.flight import Recorder
 from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, watched_locks
 from h5watch.records import Record
 from h5watch.schema import DEADLOCK_KINDS
+
+if TYPE_CHECKING:
+    from h5watch.process.flight import Recorder
 
 __all__ = ["DEADLOCK_KINDS", "DeadlockDetector", "GcActivity", "RealPhil"]
 
@@ -62,13 +64,14 @@ _QUEUE_SUFFIX = os.sep + "queue.py"
 _FUTURES_SUFFIX = os.sep + os.path.join("concurrent", "futures", "_base.py")
 
 
-class RealPhil(Protocol):
-    """h5py's ``phil`` as the detector reads it (``h5py_hook.PhilPatch``)."""
+if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
+    class RealPhil(Protocol):
+        """h5py's ``phil`` as the detector reads it (``h5py_hook.PhilPatch``)."""
 
-    @property
-    def watched(self) -> WatchedLock | None: ...
+        @property
+        def watched(self) -> WatchedLock | None: ...
 
-    def real_state(self, lock: WatchedLock) -> dict[str, Any] | None: ...
+        def real_state(self, lock: WatchedLock) -> dict[str, Any] | None: ...
 
 
 class GcActivity:

@@ -47,14 +47,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
 from h5watch.process import lock as lock_module
 from h5watch.process.evidence import current_stack, holder_operation, thread_stack
-from h5watch.process.flight import Recorder
 from h5watch.process.lock import ForkGate, OrphanedLockError, WatchedLock, reinit_registry_after_fork, thread_identity, watched_locks, wiring
 from h5watch.process.stats import ForkStats
+
+if TYPE_CHECKING:
+    from h5watch.process.flight import Recorder
 
 __all__ = [
     "FORK_GATE_SECONDS",
@@ -86,31 +88,32 @@ _fork_for_exec = False
 _unhooked_child = False
 
 
-class ForkParts(Protocol):
-    """The rest of h5watch as the fork path sees it (the runtime's component graph)."""
+if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
+    class ForkParts(Protocol):
+        """The rest of h5watch as the fork path sees it (the runtime's component graph)."""
 
-    def before_fork(self) -> None:
-        """On the forking thread, before any lock is taken for the fork."""
+        def before_fork(self) -> None:
+            """On the forking thread, before any lock is taken for the fork."""
 
-    def after_fork_in_child(self) -> None:
-        """The other parts' child steps, in their fixed order; h5watch's own
-        state is re-initialised and orphans are marked by then."""
+        def after_fork_in_child(self) -> None:
+            """The other parts' child steps, in their fixed order; h5watch's own
+            state is re-initialised and orphans are marked by then."""
 
-    def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
-        """An orphan's policy is counted and about to be carried out."""
+        def orphan_acted_on(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+            """An orphan's policy is counted and about to be carried out."""
 
 
-class RealLocks(Protocol):
-    """What only the probe of a wrapped FastRLock (h5py's real ``phil``) can do."""
+    class RealLocks(Protocol):
+        """What only the probe of a wrapped FastRLock (h5py's real ``phil``) can do."""
 
-    def real_state(self, lock: WatchedLock) -> dict[str, Any] | None:
-        """The real FastRLock's owner and counts, or None: not a probed lock."""
+        def real_state(self, lock: WatchedLock) -> dict[str, Any] | None:
+            """The real FastRLock's owner and counts, or None: not a probed lock."""
 
-    def reset_real(self, lock: WatchedLock) -> bool:
-        """Make the real FastRLock free (in a child); False: not a probed lock."""
+        def reset_real(self, lock: WatchedLock) -> bool:
+            """Make the real FastRLock free (in a child); False: not a probed lock."""
 
-    def poison_real(self, lock: WatchedLock, alive_ident: int) -> bool:
-        """Mark the real FastRLock's dead owner so no new thread matches it."""
+        def poison_real(self, lock: WatchedLock, alive_ident: int) -> bool:
+            """Mark the real FastRLock's dead owner so no new thread matches it."""
 
 
 def fork_in_progress_since_ns() -> int | None:

@@ -109,35 +109,36 @@ class OrphanedLockError(RuntimeError):
         self.evidence = evidence or {}
 
 
-class LockEvents(Protocol):
-    """What a lock's slow path tells the rest of h5watch (``install()`` connects
-    one, see ``connect``). Every call is on the thread that is about to wait,
-    or that made the lock."""
+if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
+    class LockEvents(Protocol):
+        """What a lock's slow path tells the rest of h5watch (``install()`` connects
+        one, see ``connect``). Every call is on the thread that is about to wait,
+        or that made the lock."""
 
-    def pid_changed(self) -> None:
-        """``os.getpid()`` differs from the pid this process last knew: a fork
-        that skipped Python's at-fork hooks. Must find and handle orphans."""
+        def pid_changed(self) -> None:
+            """``os.getpid()`` differs from the pid this process last knew: a fork
+            that skipped Python's at-fork hooks. Must find and handle orphans."""
 
-    def orphan_wait(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
-        """About to wait on a lock known to be orphaned: may raise, exit, or
-        return to let the wait go on."""
+        def orphan_wait(self, lock: WatchedLock, evidence: dict[str, Any]) -> None:
+            """About to wait on a lock known to be orphaned: may raise, exit, or
+            return to let the wait go on."""
 
-    def wait_started(self, lock: WatchedLock) -> None:
-        """About to block on ``lock``."""
+        def wait_started(self, lock: WatchedLock) -> None:
+            """About to block on ``lock``."""
 
-    def wait_timed_out(self, lock: WatchedLock, waited_ns: int) -> None:
-        """Just before ``LockTimeout`` is raised (``on_timeout=raise``)."""
+        def wait_timed_out(self, lock: WatchedLock, waited_ns: int) -> None:
+            """Just before ``LockTimeout`` is raised (``on_timeout=raise``)."""
 
-    def lock_created(self, lock: WatchedLock) -> None:
-        """A new watched lock (the state file gives it its record at once)."""
+        def lock_created(self, lock: WatchedLock) -> None:
+            """A new watched lock (the state file gives it its record at once)."""
 
-    def long_wait(self, lock: WatchedLock, waited_ns: int, behind: str | None) -> None:
-        """A blocked wait of at least ``record_after_ns`` (see ``connect``) just
-        ended, acquired or not; ``behind``: who held the lock when it began."""
+        def long_wait(self, lock: WatchedLock, waited_ns: int, behind: str | None) -> None:
+            """A blocked wait of at least ``record_after_ns`` (see ``connect``) just
+            ended, acquired or not; ``behind``: who held the lock when it began."""
 
-    def long_hold(self, lock: WatchedLock, held_ns: int, operation: str | None) -> None:
-        """A hold of at least ``record_after_ns`` just ended (the lock is free
-        again); on the thread that held it."""
+        def long_hold(self, lock: WatchedLock, held_ns: int, operation: str | None) -> None:
+            """A hold of at least ``record_after_ns`` just ended (the lock is free
+            again); on the thread that held it."""
 
 
 class _Wiring:

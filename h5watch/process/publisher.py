@@ -34,7 +34,7 @@ import faulthandler
 import os
 import threading
 import weakref
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
 from h5watch.process import lock_order
@@ -53,27 +53,28 @@ __all__ = ["StatePublisher", "DUMP_SIGNAL", "lock_record"]
 _log = logs.get_logger(logger="h5watch.state")
 
 
-class Forks(Protocol):
-    """The fork state the publisher reads (``fork.ForkGuard``)."""
+if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
+    class Forks(Protocol):
+        """The fork state the publisher reads (``fork.ForkGuard``)."""
 
-    @property
-    def stats(self) -> ForkStats: ...
-    def in_progress_since_ns(self) -> int | None: ...
-    def child_of_unhooked_fork(self) -> bool: ...
-    def fork_for_exec(self) -> bool: ...
-
-
-class WatchdogStatus(Protocol):
-    def running(self) -> bool: ...
-    def deadlocks_by_kind(self) -> tuple[int, ...]: ...
-    def threads_in_deadlock(self) -> int: ...
+        @property
+        def stats(self) -> ForkStats: ...
+        def in_progress_since_ns(self) -> int | None: ...
+        def child_of_unhooked_fork(self) -> bool: ...
+        def fork_for_exec(self) -> bool: ...
 
 
-class RingHolder(Protocol):
-    """The flight recorder (``flight.FlightRecorder``), which moves its ring
-    into each state file this process makes."""
+    class WatchdogStatus(Protocol):
+        def running(self) -> bool: ...
+        def deadlocks_by_kind(self) -> tuple[int, ...]: ...
+        def threads_in_deadlock(self) -> int: ...
 
-    def attach(self, region: Any) -> None: ...
+
+    class RingHolder(Protocol):
+        """The flight recorder (``flight.FlightRecorder``), which moves its ring
+        into each state file this process makes."""
+
+        def attach(self, region: Any) -> None: ...
 
 
 class StatePublisher:

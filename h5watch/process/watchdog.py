@@ -42,14 +42,16 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
 from h5watch.process.deadlock import DeadlockDetector
 from h5watch.process.evidence import lock_evidence, thread_stack
-from h5watch.process.flight import Recorder
 from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.schema import DEADLOCK_KINDS
+
+if TYPE_CHECKING:
+    from h5watch.process.flight import Recorder
 
 __all__ = ["Forks", "Heartbeat", "Watchdog"]
 
@@ -61,25 +63,26 @@ FORK_WARNS_ABOUT_THREADS = sys.version_info >= (3, 12)
 _STOP_FOR_FORK_SECONDS = 1.0
 
 
-class Forks(Protocol):
-    """The fork state the watchdog reads (``fork.ForkGuard``)."""
+if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
+    class Forks(Protocol):
+        """The fork state the watchdog reads (``fork.ForkGuard``)."""
 
-    def in_progress_since_ns(self) -> int | None: ...
-    def stall_limit_seconds(self, fork_timeout: float) -> float: ...
-    def child_of_unhooked_fork(self) -> bool: ...
-    def fork_for_exec(self) -> bool: ...
-    def check_orphan_waiters(self) -> None: ...
+        def in_progress_since_ns(self) -> int | None: ...
+        def stall_limit_seconds(self, fork_timeout: float) -> float: ...
+        def child_of_unhooked_fork(self) -> bool: ...
+        def fork_for_exec(self) -> bool: ...
+        def check_orphan_waiters(self) -> None: ...
 
 
-class Heartbeat(Protocol):
-    """What the watchdog drives (the state publisher)."""
+    class Heartbeat(Protocol):
+        """What the watchdog drives (the state publisher)."""
 
-    def beat(self) -> None:
-        """After every tick's checks, on the watchdog thread."""
+        def beat(self) -> None:
+            """After every tick's checks, on the watchdog thread."""
 
-    def watchdog_stopped(self) -> None:
-        """The watchdog stops ticking in a live process (before a fork), on
-        the thread that stopped it."""
+        def watchdog_stopped(self) -> None:
+            """The watchdog stops ticking in a live process (before a fork), on
+            the thread that stopped it."""
 
 
 class Watchdog:
