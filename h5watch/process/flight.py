@@ -99,8 +99,7 @@ class FlightRecorder:
         ring = self._ring
         if ring is None:
             ring = self._ring = recorder.Ring()
-            native_id, name = current_thread()
-            ring.write("forked", _monotonic_ns(), time.time(), native_id, name, None, "a fork's child", 0, os.getppid())
+            self.record("forked", extra=os.getppid(), operation="a fork's child")
         return ring
 
     # -- writing -----------------------------------------------------------
