@@ -161,7 +161,7 @@ def test_a_forked_child_profiles_from_zero_and_the_parent_keeps_its_own(implemen
 H5PY_OPERATIONS = """
 import h5watch
 h5watch.install(state_files=False)
-import io, json, threading, time
+import io, json, sys, threading, time
 import h5py, numpy as np
 
 bio = io.BytesIO()
@@ -187,7 +187,14 @@ for name, call in work.items():
         call()
     alone[name] = time.perf_counter() - start
 
+# Then all together. The threads start at once and switch often: left to
+# the default switch interval they could run one after another and never
+# wait (as one CI run on 3.12 found).
+sys.setswitchinterval(0.0005)
+together = threading.Barrier(4)
+
 def mixed():
+    together.wait()
     for _ in range(10):
         for call in work.values():
             call()
