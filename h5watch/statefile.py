@@ -32,12 +32,17 @@ included, what it counted is in the file. A record's block changes only by
 a merge (below); counters are read without a sequence check (each is one
 aligned 8-byte word, and only grows).
 
-Torn reads of the rest: the header and each record start with a sequence
-counter. The writer makes it odd, writes the body, makes it even (a
-seqlock). A reader copies the bytes twice and accepts them only when every
-counter is even and unchanged; otherwise it retries. The file of a writer
-that died in the middle of a write stays odd: it is read as it is
-(``torn``), which the daemon accepts for a dead process only.
+Torn reads of the rest: the header, each record and each operation entry
+start with a sequence counter. The writer packs the new body, makes the
+counter odd, copies the body over the old one, makes it even (a seqlock).
+A reader copies the bytes twice and accepts them only when every counter is
+even and unchanged; otherwise it retries. The file of a writer that died in
+the middle of a write stays odd: it is read as it is (``torn``), which the
+daemon accepts for a dead process only. Each field of a body it was
+copying is then its old value or its new one, never zero (a copy, unlike
+``struct.pack_into``, does not clear its target first), so no record or
+operation entry is lost; an operation entry whose very first write was cut
+short is left out.
 
 Slots: a lock instance gets a live record when the file is made or when it
 is first seen. When the instance is collected, its counts are merged into
@@ -304,9 +309,12 @@ OPERATIONS_OFFSET = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
 RECORDER_OFFSET = OPERATIONS_OFFSET + OPERATIONS_CAPACITY * OPERATION_SIZE
 FILE_SIZE = RECORDER_OFFSET + recorder.REGION_BYTES
 
-# struct.pack_into zero-fills its whole target before writing, so the
-# sequence counter must never be inside a packed region: each write packs
-# only what follows it. The header's constant prefix is written once.
+# struct.pack_into zero-fills its whole target before writing it, so a
+# writer killed in between would leave zeros where the old values were (no
+# lock records, no operation entries, for a reader of a dead process's file).
+# Each write packs into bytes first, then copies them over the old ones; the
+# sequence counter is never inside a copied region. The header's constant
+# prefix is written once.
 _SEQ_INDEX = [name for name, _, _ in _HEADER_FIELDS].index("seq")
 _HEADER_PREFIX_FIELDS = _HEADER_FIELDS[:_SEQ_INDEX]
 _HEADER_TAIL_FIELDS = _HEADER_FIELDS[_SEQ_INDEX + 1 :]
@@ -319,11 +327,12 @@ _SEQ = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 # "<" formats have no padding: the sequence counter follows the prefix.
 _HEADER_SEQ_OFFSET = _HEADER_PREFIX.size
+_HEADER_TAIL_OFFSET = _HEADER_SEQ_OFFSET + 8
 _DTYPES: dict[str, Any] = {}
 
 
 def _header_offset(field: str) -> int:
-    return _HEADER_SEQ_OFFSET + 8 + struct.calcsize(
+    return _HEADER_TAIL_OFFSET + struct.calcsize(
         "<" + "".join(code for _, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index(field)]))
 
 
@@ -640,7 +649,7 @@ class StateWriter:
         """This process's file from before an ``exec()`` (or a new
         ``install()``): every live record is the old image's, retired now."""
         self._header_seq = _SEQ.unpack_from(self._map, _HEADER_SEQ_OFFSET)[0] // 2 + 1
-        tail = _unflatten(_HEADER_TAIL_FIELDS, _HEADER_TAIL.unpack_from(self._map, _HEADER_SEQ_OFFSET + 8))
+        tail = _unflatten(_HEADER_TAIL_FIELDS, _HEADER_TAIL.unpack_from(self._map, _HEADER_TAIL_OFFSET))
         n_slots = min(int(tail["n_slots"]), CAPACITY)
         self._images = int(tail["images"]) + 1
         active, source, into, block = (int(tail[k]) for k in ("merge_active", "merge_from", "merge_into", "merge_block"))
@@ -691,10 +700,11 @@ class StateWriter:
         if fields.get("name") is not None:
             self._record_names[slot] = _text(fields["name"])
         offset = RECORDS_OFFSET + slot * RECORD_SIZE
+        body = _RECORD_TAIL.pack(*_flatten(_RECORD_TAIL_FIELDS, fields))
         self._record_seqs[slot] += 1
         seq = self._record_seqs[slot] * 2
         _SEQ.pack_into(self._map, offset, seq - 1)
-        _RECORD_TAIL.pack_into(self._map, offset + 8, *_flatten(_RECORD_TAIL_FIELDS, fields))
+        self._map[offset + 8 : offset + 8 + len(body)] = body
         _SEQ.pack_into(self._map, offset, seq)
 
     def _write_record_fields(self, slot: int, **changes: Any) -> None:
@@ -719,9 +729,10 @@ class StateWriter:
                       threads_in_deadlock=status.threads_in_deadlock)
         if self._header_seq == 0:
             _HEADER_PREFIX.pack_into(self._map, 0, *_flatten(_HEADER_PREFIX_FIELDS, fields))
+        body = _HEADER_TAIL.pack(*_flatten(_HEADER_TAIL_FIELDS, fields))
         self._header_seq += 1
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2 - 1)
-        _HEADER_TAIL.pack_into(self._map, _HEADER_SEQ_OFFSET + 8, *_flatten(_HEADER_TAIL_FIELDS, fields))
+        self._map[_HEADER_TAIL_OFFSET : _HEADER_TAIL_OFFSET + len(body)] = body
         _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
         self._header_dirty = False
 
@@ -798,10 +809,11 @@ class StateWriter:
             return
         self._operation_values[entry] = values
         offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
+        body = _OPERATION_TAIL.pack(*values)
         self._operation_seqs[entry] += 1
         seq = self._operation_seqs[entry] * 2
         _SEQ.pack_into(self._map, offset, seq - 1)
-        _OPERATION_TAIL.pack_into(self._map, offset + 8, *values)
+        self._map[offset + 8 : offset + 8 + len(body)] = body
         _SEQ.pack_into(self._map, offset, seq)
 
     def attach_locks(self, locks: Iterable[LockRecord]) -> None:
@@ -877,7 +889,7 @@ class ProcessState:
         self.path = path
         self.header = header
         self.records = records
-        # OPERATION_DTYPE entries (contention by operation); torn ones left out.
+        # OPERATION_DTYPE entries (contention by operation).
         self.operations = operations if operations is not None else _no_operations()
         self.file_uid = file_uid
         # (st_dev, st_ino) of the file as read: it still names the process's
@@ -1050,9 +1062,12 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         header, records = _decode(fd, head, table)
         if int(header["uid"]) != info.st_uid:
             raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
-        operations = _read_operations(fd, min(int(header["n_operations"]), OPERATIONS_CAPACITY), retries)
-        return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid, torn=not consistent,
-                            file_id=(info.st_dev, info.st_ino), operations=operations)
+        # A dead writer's header may predate its last entry: read them all.
+        n = OPERATIONS_CAPACITY if accept_torn else min(int(header["n_operations"]), OPERATIONS_CAPACITY)
+        operations, operations_consistent = _read_operations(fd, n, retries, accept_torn)
+        return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid,
+                            torn=not (consistent and operations_consistent), file_id=(info.st_dev, info.st_ino),
+                            operations=operations)
     finally:
         os.close(fd)
 
@@ -1152,14 +1167,17 @@ def _no_operations() -> np.ndarray:
     return np.zeros(0, dtype=_dtypes()["OPERATION_DTYPE"])
 
 
-def _read_operations(fd: int, n: int, retries: int) -> np.ndarray:
-    """The first ``n`` operation entries; an entry being written (odd or
-    changed sequence counter in every attempt) is left out, never read torn."""
+def _read_operations(fd: int, n: int, retries: int, accept_torn: bool) -> tuple[np.ndarray, bool]:
+    """(the first ``n`` operation entries in use, consistent). An entry
+    being written in every attempt (odd or changed sequence counter) makes
+    the read ``busy``; with ``accept_torn`` (its writer is dead) it is read
+    as it stands, unless its first write never finished (see the module
+    docstring)."""
     import numpy as np
 
     dtype = _dtypes()["OPERATION_DTYPE"]
     if n == 0:
-        return _no_operations()
+        return _no_operations(), True
     size = n * OPERATION_SIZE
     good = np.zeros(n, dtype=bool)
     out = np.zeros(n, dtype=dtype)
@@ -1177,10 +1195,16 @@ def _read_operations(fd: int, n: int, retries: int) -> np.ndarray:
         if good.all():
             break
         time.sleep(0.001 * (attempt + 1))
+    consistent = bool(good.all())
+    if not consistent:
+        if not accept_torn:
+            raise StateFileError("busy", "operation entries being written too often to read a consistent copy")
+        out[~good] = a[~good]
+        good |= a["seq"] > 1
     kept: np.ndarray = out[good & (out["seq"] != 0)]
     for name in OPERATION_COUNTERS:
         _counter_words(kept[name])
-    return kept
+    return kept, consistent
 
 
 # Times and intervals as read: NaN, infinities, negatives and values past the

@@ -502,13 +502,81 @@ while time.monotonic() < deadline:
     # The writer was killed, perhaps in the middle of a write (its header or
     # its "busy" entry then stays odd): read as the daemon reads a dead
     # process's file. The first entry was written before the loop.
-    def operations() -> set[str]:
-        return {r.operation for r in read_state_file(path, accept_torn=True).operation_records()}
+    def operations() -> dict[str, set[int]]:
+        return {r.operation: set(r[2:]) for r in read_state_file(path, accept_torn=True).operation_records()}
 
-    assert "steady" in operations()
+    assert operations()["steady"] == {1}
     with open(path, "r+b") as f:
         f.seek(OPERATIONS_OFFSET)
         seq = int.from_bytes(f.read(8), "little")
+        assert seq % 2 == 0 and seq > 0
+        # Its writer died in the middle of rewriting it: each field is its
+        # old value or its new one, and it is read as it stands, by the
+        # daemon only (a live writer's entry is waited for, then "busy").
         f.seek(OPERATIONS_OFFSET)
-        f.write((seq + 1).to_bytes(8, "little"))  # the first entry is being written, for good
-    assert "steady" not in operations()
+        f.write((seq + 1).to_bytes(8, "little"))
+        f.flush()
+        assert operations()["steady"] == {1}
+        with pytest.raises(StateFileError) as busy:
+            read_state_file(path, retries=1)
+        assert busy.value.reason == "busy"
+        # Its first write never finished: there is nothing to read in it.
+        f.seek(OPERATIONS_OFFSET)
+        f.write((1).to_bytes(8, "little"))
+        f.flush()
+        assert "steady" not in operations()
+
+
+def test_a_writer_killed_at_any_moment_leaves_every_record_and_entry(tmp_path):
+    """Writers forked from one state file's owner rewrite its header, its lock
+    records and its operation entries without pause and are killed at random
+    moments, hundreds of times: the file, read as the daemon reads a dead
+    process's, still lists both locks and both operations every time (a write
+    interrupted half-way leaves old or new values, never zeros)."""
+    state_dir = tmp_path / "state"
+    script = f"""
+import json, os, random, signal, time
+from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
+from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.statefile import StateWriter, ensure_state_dir, read_state_file
+ensure_state_dir({str(state_dir)!r})
+writer = StateWriter({str(state_dir)!r}, "killed", 0, 0.5)
+locks = [WatchedLock("app.a"), WatchedLock("app.b")]
+status = ProcessStatus(True, None)
+def operations(k):
+    return [OperationRecord("app.a", "first", k, k, k, k, k, k), OperationRecord("app.b", "second", k, k, k, k, k, k)]
+writer.write_all([lock_record(lock) for lock in locks], status, operations(1))
+random.seed({os.getpid()})
+missing, torn = [], 0
+for round in range(400):
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        k = 1
+        while True:
+            if k == 3:
+                os.write(started, b"!")
+            k += 1
+            for lock in locks:
+                lock.acquire_for(f"op-{{k}}")
+            writer.write_all([lock_record(lock) for lock in locks], status, operations(k))
+            for lock in locks:
+                lock.release()
+    os.read(ready, 1)  # the writer is in its loop
+    os.close(ready)
+    os.close(started)
+    time.sleep(random.uniform(0, 0.0005))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    state = read_state_file(writer.path, accept_torn=True)
+    torn += state.torn
+    found = (sorted(lock["lock"] for lock in state.locks()), sorted(r.operation for r in state.operation_records()))
+    if found != (["app.a", "app.b"], ["first", "second"]):
+        missing.append(found)
+print(json.dumps({{"missing": missing, "torn": torn}}))
+"""
+    out = run_python(script, timeout=80)
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["missing"] == []
+    assert result["torn"] > 0  # some writers were killed inside a write
