@@ -44,7 +44,7 @@ from typing import Any
 from h5watch.schema import RECORDER_ENTRIES, RECORDER_EXTRA, RECORDER_KINDS
 
 __all__ = ["ENTRIES", "ENTRY_BYTES", "HEADER_BYTES", "REGION_BYTES", "MAGIC", "Ring", "init_region", "read_region",
-           "decode_region", "render"]
+           "decode_region", "render", "store_seq"]
 
 MAGIC = b"H5WREC1\0"
 ENTRIES = RECORDER_ENTRIES
@@ -61,6 +61,14 @@ _SEQ = struct.Struct("<Q")
 _BODY = struct.Struct(f"<IIqdqqq{THREAD_BYTES}s{LOCK_BYTES}s{OPERATION_BYTES}s")
 assert _SEQ.size + _BODY.size == ENTRY_BYTES
 _KIND_INDEX = {kind: index for index, kind in enumerate(RECORDER_KINDS)}
+
+
+def store_seq(buffer: Any, offset: int, value: int) -> None:
+    """Write a sequence word in one aligned 8-byte copy: a writer killed here
+    leaves the old word or the new one. (``struct.pack_into`` clears the
+    word, then writes it byte by byte: a kill in between left a 0, read as
+    "never written", or a value that was neither.)"""
+    buffer[offset : offset + 8] = _SEQ.pack(value)
 
 
 def _fixed(text: str | None, size: int) -> bytes:
@@ -112,9 +120,9 @@ class Ring:
             buffer = self._buffer
             at = self._offset + HEADER_BYTES + slot * ENTRY_BYTES
             seq = 2 * number + 2
-            _SEQ.pack_into(buffer, at, seq - 1)
+            store_seq(buffer, at, seq - 1)
             buffer[at + _SEQ.size : at + ENTRY_BYTES] = body
-            _SEQ.pack_into(buffer, at, seq)
+            store_seq(buffer, at, seq)
         finally:
             del self._busy[slot]
 

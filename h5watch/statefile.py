@@ -82,6 +82,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from h5watch import recorder
+from h5watch.recorder import store_seq
 from h5watch.records import LockRecord, OperationRecord, ProcessStatus
 from h5watch.schema import (
     C_ACQUISITIONS,
@@ -313,8 +314,8 @@ FILE_SIZE = RECORDER_OFFSET + recorder.REGION_BYTES
 # writer killed in between would leave zeros where the old values were (no
 # lock records, no operation entries, for a reader of a dead process's file).
 # Each write packs into bytes first, then copies them over the old ones; the
-# sequence counter is never inside a copied region. The header's constant
-# prefix is written once.
+# sequence counter is never inside a copied region, and is written by
+# recorder.store_seq. The header's constant prefix is written once.
 _SEQ_INDEX = [name for name, _, _ in _HEADER_FIELDS].index("seq")
 _HEADER_PREFIX_FIELDS = _HEADER_FIELDS[:_SEQ_INDEX]
 _HEADER_TAIL_FIELDS = _HEADER_FIELDS[_SEQ_INDEX + 1 :]
@@ -328,6 +329,7 @@ _U32 = struct.Struct("<I")
 # "<" formats have no padding: the sequence counter follows the prefix.
 _HEADER_SEQ_OFFSET = _HEADER_PREFIX.size
 _HEADER_TAIL_OFFSET = _HEADER_SEQ_OFFSET + 8
+assert _HEADER_SEQ_OFFSET % 8 == 0  # sequence words are aligned (see recorder.store_seq)
 _DTYPES: dict[str, Any] = {}
 
 
@@ -703,9 +705,9 @@ class StateWriter:
         body = _RECORD_TAIL.pack(*_flatten(_RECORD_TAIL_FIELDS, fields))
         self._record_seqs[slot] += 1
         seq = self._record_seqs[slot] * 2
-        _SEQ.pack_into(self._map, offset, seq - 1)
+        store_seq(self._map, offset, seq - 1)
         self._map[offset + 8 : offset + 8 + len(body)] = body
-        _SEQ.pack_into(self._map, offset, seq)
+        store_seq(self._map, offset, seq)
 
     def _write_record_fields(self, slot: int, **changes: Any) -> None:
         self._write_record(slot, {**self._record_values[slot], **changes})
@@ -731,9 +733,9 @@ class StateWriter:
             _HEADER_PREFIX.pack_into(self._map, 0, *_flatten(_HEADER_PREFIX_FIELDS, fields))
         body = _HEADER_TAIL.pack(*_flatten(_HEADER_TAIL_FIELDS, fields))
         self._header_seq += 1
-        _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2 - 1)
+        store_seq(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2 - 1)
         self._map[_HEADER_TAIL_OFFSET : _HEADER_TAIL_OFFSET + len(body)] = body
-        _SEQ.pack_into(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
+        store_seq(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
         self._header_dirty = False
 
     def write_lock(self, lock: LockRecord) -> None:
@@ -812,9 +814,9 @@ class StateWriter:
         body = _OPERATION_TAIL.pack(*values)
         self._operation_seqs[entry] += 1
         seq = self._operation_seqs[entry] * 2
-        _SEQ.pack_into(self._map, offset, seq - 1)
+        store_seq(self._map, offset, seq - 1)
         self._map[offset + 8 : offset + 8 + len(body)] = body
-        _SEQ.pack_into(self._map, offset, seq)
+        store_seq(self._map, offset, seq)
 
     def attach_locks(self, locks: Iterable[LockRecord]) -> None:
         """Give these locks their records now: from now on they count in the file."""

@@ -549,7 +549,7 @@ def operations(k):
 writer.write_all([lock_record(lock) for lock in locks], status, operations(1))
 random.seed({os.getpid()})
 missing, torn = [], 0
-for round in range(400):
+for round in range(1000):
     ready, started = os.pipe()
     pid = os.fork()
     if pid == 0:
