@@ -334,6 +334,25 @@ def test_a_python_that_reads_the_bootstrap_gets_no_warning(state_dir):
     assert (result.returncode, result.stdout, result.stderr) == (0, "True\n", "")
 
 
+@pytest.mark.timeout(60)
+def test_the_program_sees_the_sys_path_it_has_without_h5watch(state_dir, tmp_path):
+    """The bootstrap directory is on PYTHONPATH for every process (its
+    children are instrumented too), but leaves sys.path once h5watch is in:
+    nothing the program looks at or imports goes through it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    code = "import json, sys, h5watch; print(json.dumps([sys.path, h5watch.is_installed(), 'sitecustomize' in sys.modules]))"
+    env = {"PYTHONPATH": str(site)}
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, cwd=tmp_path,
+                          env={**os.environ, **env})
+    watched = run("--state-dir", str(state_dir), "--", sys.executable, "-c", code, env=env, cwd=tmp_path)
+    assert watched.returncode == 0, watched.stderr
+    bare_path, bare_installed, _ = json.loads(bare.stdout)
+    watched_path, watched_installed, bootstrapped = json.loads(watched.stdout)
+    assert (bare_installed, watched_installed, bootstrapped) == (False, True, True)
+    assert watched_path == bare_path and str(site) in watched_path
+
+
 @pytest.mark.parametrize(
     "command, found",
     [

@@ -6,6 +6,8 @@ children, which inherit the environment) imports this module before its own
 code, so ``h5watch.install()`` runs before the first ``import h5py``. Options
 come from the ``H5WATCH_*`` variables. A ``sitecustomize`` this one shadows
 is run afterwards, so the environment's own start-up code still happens.
+Then this directory leaves ``sys.path``: the program sees the path it would
+have without h5watch, and its imports do not search here first.
 
 Every Python process pays for this module: it imports nothing that start-up
 has not loaded already, and ``install()`` defers everything heavy until h5py
@@ -31,9 +33,12 @@ def _install() -> None:
         sys.stderr.write(f"h5watch: not instrumenting this process: {exc}\n")
 
 
+def _without_here() -> list[str]:
+    return [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
+
+
 def _run_shadowed_sitecustomize() -> None:
-    path = [entry for entry in sys.path if os.path.abspath(entry or ".") != _HERE]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _without_here())
     if spec is None or spec.loader is None:
         return
     from importlib.util import module_from_spec
@@ -44,4 +49,5 @@ def _run_shadowed_sitecustomize() -> None:
 
 if os.environ.get("H5WATCH_BOOTSTRAP") == "1":
     _install()
+sys.path[:] = _without_here()
 _run_shadowed_sitecustomize()
