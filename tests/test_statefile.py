@@ -530,7 +530,7 @@ while time.monotonic() < deadline:
 def test_a_writer_killed_at_any_moment_leaves_every_record_and_entry(tmp_path):
     """Writers forked from one state file's owner rewrite its header, its lock
     records and its operation entries without pause and are killed at random
-    moments, hundreds of times: the file, read as the daemon reads a dead
+    moments, a thousand times: the file, read as the daemon reads a dead
     process's, still lists both locks and both operations every time (a write
     interrupted half-way leaves old or new values, never zeros)."""
     state_dir = tmp_path / "state"
@@ -553,19 +553,22 @@ for round in range(1000):
     ready, started = os.pipe()
     pid = os.fork()
     if pid == 0:
-        k = 1
-        while True:
-            if k == 3:
-                os.write(started, b"!")
-            k += 1
-            for lock in locks:
-                lock.acquire_for(f"op-{{k}}")
-            writer.write_all([lock_record(lock) for lock in locks], status, operations(k))
-            for lock in locks:
-                lock.release()
-    os.read(ready, 1)  # the writer is in its loop
-    os.close(ready)
+        try:
+            k = 1
+            while True:
+                if k == 3:
+                    os.write(started, b"!")
+                k += 1
+                for lock in locks:
+                    lock.acquire_for(f"op-{{k}}")
+                writer.write_all([lock_record(lock) for lock in locks], status, operations(k))
+                for lock in locks:
+                    lock.release()
+        finally:
+            os._exit(1)  # a failing writer never runs the rest of this loop as a second parent
     os.close(started)
+    assert os.read(ready, 1) == b"!"  # the writer is in its loop (b"": it died)
+    os.close(ready)
     time.sleep(random.uniform(0, 0.0005))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
