@@ -1032,9 +1032,11 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
     Opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat`` on the
     open descriptor, so a file swapped for a symlink or a FIFO between the
     directory listing and the read is refused, not followed or waited on.
-    ``accept_torn``: a file whose sequence counters stay odd (its writer died
-    in the middle of a write) is returned as it is, marked ``torn``, instead
-    of raising ``busy``.
+    ``accept_torn``: for a file whose writer is dead. One whose sequence
+    counters stay odd (its writer died in the middle of a write) is returned
+    as it is, marked ``torn``, instead of raising ``busy``; and every
+    operation entry in use is read, also one made after the header's last
+    write.
     """
     daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
     try:

@@ -247,14 +247,14 @@ print(json.dumps(lock.snapshot()["operations"]))
 """
 
 
-def operation_samples(port: int) -> dict[tuple[str, str], float]:
+def operation_samples(port: int, workload: str = "profiled") -> dict[tuple[str, str], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
         if family.name.startswith("h5watch_lock_operation_"):
             for sample in family.samples:
-                if sample.labels.get("workload") == "profiled":
+                if sample.labels.get("workload") == workload:
                     out[(sample.name, sample.labels["operation"])] = sample.value
     return out
 
@@ -278,3 +278,30 @@ def test_the_daemon_exports_each_operation_and_keeps_its_counts_after_the_proces
     daemon.stop()
     again = daemons(state_dir, "--scan-interval", "0.2")
     assert wait_for(lambda: operation_samples(again.port) or None, 20, what="operation series") == samples
+
+
+def test_a_process_killed_before_its_header_said_so_keeps_its_newest_operation(state_dir, daemons):
+    """The operations' entries are written each tick before the header that
+    counts them: a process killed in between has an entry its header does
+    not count. The daemon reads a dead process's file as it stands: that
+    operation is exported and folded like the others."""
+    code = f"""
+import os, signal
+from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.statefile import StateWriter, ensure_state_dir
+directory = ensure_state_dir({str(state_dir)!r})
+writer = StateWriter(directory, "cut-short", 0, 0.5)
+old = OperationRecord("app.cache", "old", 3, 3_000_000, 1_000_000, 0, 1, 500_000)
+new = OperationRecord("app.cache", "new", 7, 7_000_000, 2_000_000, 0, 2, 250_000)
+writer.write_all([], ProcessStatus(True, None), [old])
+writer._write_operations([old, new])  # the next tick's entries; killed before its header
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    result = run_python(code, timeout=60)
+    assert result.returncode == -9, result.stderr
+    daemon = daemons(state_dir, "--scan-interval", "0.2")
+    wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the dead process's file to be folded")
+    samples = wait_for(lambda: operation_samples(daemon.port, "cut-short") or None, 20, what="operation series")
+    assert samples[("h5watch_lock_operation_holds_total", "old")] == 3
+    assert samples[("h5watch_lock_operation_holds_total", "new")] == 7
+    assert samples[("h5watch_lock_operation_hold_seconds_total", "new")] == pytest.approx(0.007)

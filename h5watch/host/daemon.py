@@ -385,15 +385,16 @@ class Daemon:
         process's file no reader can use)."""
         path = os.path.join(directory.path, name)
         try:
+            if dead:
+                # As it stands: a writer that died in the middle of a write
+                # left old or new values (see statefile), and every
+                # operation entry it made counts, if its header never said so.
+                return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
             try:
                 return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
             except StateFileError as exc:
                 if exc.reason != "busy":
                     raise
-                if dead:
-                    # A writer that died in the middle of a write: its
-                    # counters are exact all the same (see statefile).
-                    return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
                 if path in self._last_read:
                     # Live, and being written at each try: its last read
                     # stands for it (dropping it for one scan would make
