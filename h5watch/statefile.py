@@ -338,6 +338,16 @@ def _header_offset(field: str) -> int:
         "<" + "".join(code for _, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index(field)]))
 
 
+def _written_through(buffer: Any, offset: int, size: int, counted: int, capacity: int) -> int:
+    """How many of a table's places are in use: the header's count, or more
+    when places after it were written (their first write finished: sequence
+    word 2 or more) by a writer that never wrote the header again."""
+    for index in range(capacity - 1, counted - 1, -1):
+        if _SEQ.unpack_from(buffer, offset + index * size)[0] >= 2:
+            return index + 1
+    return counted
+
+
 _N_SLOTS_OFFSET = _header_offset("n_slots")
 _N_OPERATIONS_OFFSET = _header_offset("n_operations")
 
@@ -652,7 +662,9 @@ class StateWriter:
         ``install()``): every live record is the old image's, retired now."""
         self._header_seq = _SEQ.unpack_from(self._map, _HEADER_SEQ_OFFSET)[0] // 2 + 1
         tail = _unflatten(_HEADER_TAIL_FIELDS, _HEADER_TAIL.unpack_from(self._map, _HEADER_TAIL_OFFSET))
-        n_slots = min(int(tail["n_slots"]), CAPACITY)
+        # Records and entries made just before a header write that never
+        # happened (another thread's tick, when the old image exec'd) count too.
+        n_slots = _written_through(self._map, RECORDS_OFFSET, RECORD_SIZE, min(int(tail["n_slots"]), CAPACITY), CAPACITY)
         self._images = int(tail["images"]) + 1
         active, source, into, block = (int(tail[k]) for k in ("merge_active", "merge_from", "merge_into", "merge_block"))
         used_blocks = set()
@@ -675,7 +687,8 @@ class StateWriter:
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_RETIRED, block=block_of, instance=int(values["instance"]),
                                           name=values["name"]))
             self._retired.setdefault(name, []).append(slot)
-        n_operations = min(int(tail["n_operations"]), OPERATIONS_CAPACITY)
+        n_operations = _written_through(self._map, OPERATIONS_OFFSET, OPERATION_SIZE,
+                                        min(int(tail["n_operations"]), OPERATIONS_CAPACITY), OPERATIONS_CAPACITY)
         for entry in range(n_operations):
             offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
             self._operation_seqs[entry] = _SEQ.unpack_from(self._map, offset)[0] // 2 + 1
@@ -1034,9 +1047,9 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
     directory listing and the read is refused, not followed or waited on.
     ``accept_torn``: for a file whose writer is dead. One whose sequence
     counters stay odd (its writer died in the middle of a write) is returned
-    as it is, marked ``torn``, instead of raising ``busy``; and every
-    operation entry in use is read, also one made after the header's last
-    write.
+    as it is, marked ``torn``, instead of raising ``busy``; and every lock
+    record and operation entry in use is read, also one made after the
+    header's last write.
     """
     daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
     try:
@@ -1055,7 +1068,7 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
             raise StateFileError("truncated", f"truncated or corrupt: {info.st_size} bytes, expected {FILE_SIZE}")
         last = None
         for attempt in range(retries):
-            last = _read_tables(fd)
+            last = _read_tables(fd, every_slot=accept_torn)
             if last[2]:
                 break
             time.sleep(0.001 * (attempt + 1))
@@ -1098,9 +1111,11 @@ def read_recorder(state: ProcessState, limit: int | None = None) -> list[dict[st
         os.close(fd)
 
 
-def _read_tables(fd: int) -> tuple[bytes, bytes, bool]:
+def _read_tables(fd: int, every_slot: bool = False) -> tuple[bytes, bytes, bool]:
     """(header bytes, record bytes, consistent): each read twice; consistent
-    when both copies agree and every sequence counter is even."""
+    when both copies agree and every sequence counter is even. The records
+    the header counts, or with ``every_slot`` all of them (a dead writer's
+    last record may be past the header's count)."""
     head = os.pread(fd, HEADER_SIZE, 0)
     if len(head) != HEADER_SIZE:
         raise StateFileError("truncated", "truncated header")
@@ -1114,6 +1129,8 @@ def _read_tables(fd: int) -> tuple[bytes, bytes, bool]:
     n_slots = _U32.unpack_from(head, _N_SLOTS_OFFSET)[0]
     if n_slots > CAPACITY:
         raise StateFileError("corrupt", f"corrupt: {n_slots} lock records, capacity {CAPACITY}")
+    if every_slot:
+        n_slots = CAPACITY
     table = os.pread(fd, n_slots * RECORD_SIZE, RECORDS_OFFSET) if n_slots else b""
     if len(table) != n_slots * RECORD_SIZE:
         raise StateFileError("truncated", "truncated records")
@@ -1140,7 +1157,9 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     n = len(table) // RECORD_SIZE
     records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=n)
     state = records["state"]
-    counted = ((state == SLOT_LIVE) | (state == SLOT_RETIRED)) & (records["block"] < CAPACITY)
+    # A record whose first write never finished (sequence word 1: its writer
+    # died in it) counts nothing yet: its counters move in after it.
+    counted = ((state == SLOT_LIVE) | (state == SLOT_RETIRED)) & (records["block"] < CAPACITY) & (records["seq"] >= 2)
     if int(header["merge_active"]):
         # Interrupted between the steps of a merge (see the module docstring).
         source, into, block = (int(header[k]) for k in ("merge_from", "merge_into", "merge_block"))

@@ -397,3 +397,50 @@ def test_a_lock_busy_when_its_counters_move_into_the_file_loses_nothing(state_di
     snapshot, final, *ticks = map(int, result.stdout.split())
     assert snapshot == final == 1502
     assert ticks == sorted(ticks) and ticks[-1] == 1502, ticks
+
+
+def test_a_lock_recorded_after_the_header_s_last_write_is_still_folded(state_dir, daemons):
+    """A lock's record is written, then the header that counts it: a process
+    killed in between (or an image replaced by exec() while another thread
+    was there) has a record its header does not count, and the lock counts
+    in it. The daemon reads a dead process's file as it stands, and a new
+    image adopting the file finds the record (and an operation's entry
+    written the same way) too: its counts are kept."""
+    code = f"""
+import json, os, signal, sys
+from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
+from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.statefile import StateWriter, ensure_state_dir, read_state_file
+directory = ensure_state_dir({str(state_dir)!r})
+writer = StateWriter(directory, "cut-short", 0, 60)
+first = WatchedLock("app.first")
+writer.write_all([lock_record(first)], ProcessStatus(True, None))
+late = WatchedLock("app.late")
+writer._slot_of(lock_record(late))  # its record, before the header that counts it
+for _ in range(5):
+    with late:
+        pass
+if sys.argv[1] == "adopt":
+    # And an operation's entry written by a tick that never reached its header.
+    writer._write_operations([OperationRecord("app.late", "late-op", 5, 5_000, 1_000, 0, 0, 0)])
+    again = StateWriter(directory, "cut-short", 0, 60)  # as a new image of this process would
+    again.write_all([], ProcessStatus(True, None))
+    counts = {{lock["lock"]: lock["acquisitions"] for lock in read_state_file(again.path).locks()}}
+    print(json.dumps([counts, [record.operation for record in again.adopted_operations]]), flush=True)
+    sys.exit(0)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    from conftest import run_python
+
+    adopted = run_python(code, args=["adopt"], timeout=60)
+    assert adopted.returncode == 0, adopted.stderr
+    assert json.loads(adopted.stdout.splitlines()[-1]) == [{"app.first": 0, "app.late": 5}, ["late-op"]]
+    for path in state_dir.glob("*/*"):
+        path.unlink()
+    killed = run_python(code, args=["kill"], timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    daemon = daemons(state_dir)
+    wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the dead process's file to be folded")
+    assert wait_for(lambda: daemon.value("h5watch_lock_acquisitions_total", workload="cut-short", lock="app.late"), 20,
+                    what="app.late's acquisitions") == 5
