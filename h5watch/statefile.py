@@ -338,11 +338,12 @@ def _header_offset(field: str) -> int:
         "<" + "".join(code for _, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index(field)]))
 
 
-def _written_through(buffer: Any, offset: int, size: int, counted: int, capacity: int) -> int:
+def _written_through(buffer: Any, offset: int, size: int, counted: int, limit: int) -> int:
     """How many of a table's places are in use: the header's count, or more
-    when places after it were written (their first write finished: sequence
-    word 2 or more) by a writer that never wrote the header again."""
-    for index in range(capacity - 1, counted - 1, -1):
+    when places after it (below ``limit``) were written (their first write
+    finished: sequence word 2 or more) by a writer that never wrote the
+    header again."""
+    for index in range(limit - 1, counted - 1, -1):
         if _SEQ.unpack_from(buffer, offset + index * size)[0] >= 2:
             return index + 1
     return counted
@@ -687,8 +688,10 @@ class StateWriter:
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_RETIRED, block=block_of, instance=int(values["instance"]),
                                           name=values["name"]))
             self._retired.setdefault(name, []).append(slot)
+        # Entries are given out in order; the overflow entry, the last, is
+        # counted by the header only once every other one is taken.
         n_operations = _written_through(self._map, OPERATIONS_OFFSET, OPERATION_SIZE,
-                                        min(int(tail["n_operations"]), OPERATIONS_CAPACITY), OPERATIONS_CAPACITY)
+                                        min(int(tail["n_operations"]), OPERATIONS_CAPACITY), OPERATIONS_CAPACITY - 1)
         for entry in range(n_operations):
             offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
             self._operation_seqs[entry] = _SEQ.unpack_from(self._map, offset)[0] // 2 + 1
