@@ -41,8 +41,10 @@ the middle of a write stays odd: it is read as it is (``torn``), which the
 daemon accepts for a dead process only. Each field of a body it was
 copying is then its old value or its new one, never zero (a copy, unlike
 ``struct.pack_into``, does not clear its target first), so no record or
-operation entry is lost; an operation entry whose very first write was cut
-short is left out.
+operation entry is lost. Such a reader (and a new image adopting the file)
+takes every record and entry written, also those made just before a header
+write that never came; one whose very first write was cut short counts
+nothing.
 
 Slots: a lock instance gets a live record when the file is made or when it
 is first seen. When the instance is collected, its counts are merged into

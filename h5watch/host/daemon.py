@@ -387,8 +387,9 @@ class Daemon:
         try:
             if dead:
                 # As it stands: a writer that died in the middle of a write
-                # left old or new values (see statefile), and every
-                # operation entry it made counts, if its header never said so.
+                # left old or new values (see statefile), and every record
+                # and operation entry it made counts, also one its header
+                # never counted.
                 return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
             try:
                 return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
