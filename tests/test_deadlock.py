@@ -308,7 +308,7 @@ def test_h5watch_run_kills_an_unchanged_program_stuck_in_gc_under_phil(tmp_path)
 def test_uninstall_takes_the_garbage_collection_callback_away():
     code = """
         import gc, h5py, h5watch
-        from h5watch.process.deadlock import GcActivity
+        from h5watch.process.gc_activity import GcActivity
         ours = lambda: [cb for cb in gc.callbacks if isinstance(cb, GcActivity)]
         h5watch.install(state_files=False)
         before = len(ours())

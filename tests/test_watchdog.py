@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_python
 
 SCRIPT = REPO / "tests" / "scenarios" / "timeouts.py"
 
@@ -100,3 +100,64 @@ def test_defaults_never_report_a_long_hold():
     assert proc.returncode == 0
     assert "timeout" not in proc.stderr.replace("fork_timeout", "")
     assert "'hold': 0" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_the_deadlock_detector_is_loaded_at_the_watchdog_s_first_tick():
+    proc = run_python("""
+        import sys, time
+        import h5watch
+        h5watch.install(state_files=False, tick_interval=0.2)
+        import h5py
+        from h5watch.process import runtime
+        print("at start:", "h5watch.process.deadlock" in sys.modules, runtime.watchdog.snapshot()["deadlocks"])
+        deadline = time.monotonic() + 20
+        while runtime.watchdog.ticks < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("after a tick:", "h5watch.process.deadlock" in sys.modules, runtime.watchdog.ticks >= 1)
+    """, timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    kinds = "{'lock_cycle': 0, 'gc_under_phil': 0, 'import_lock': 0, 'holder_waits_on_waiter': 0}"
+    assert lines == [f"at start: False {kinds}", "after a tick: True True"]
+
+
+FORK_WHILE_EXCLUDED = """
+    import os, sys, threading, time
+    import h5watch
+    h5watch.install(state_files=False, fork_timeout=float(sys.argv[1]))
+    import h5py
+    from h5watch.process import runtime
+
+    hold_for = float(sys.argv[2])
+    taken, released = threading.Event(), threading.Event()
+
+    def holder():
+        with runtime.fork_guard.excluding_forks():
+            taken.set()
+            time.sleep(hold_for)
+            released.set()
+
+    threading.Thread(target=holder).start()
+    taken.wait()
+    pid = os.fork()
+    if pid == 0:
+        # The child's own exclusion, free: the holder is the parent's thread.
+        os._exit(0 if runtime.fork_guard.excluding_forks().acquire(False) else 1)
+    print("released when the fork returned:", released.is_set())
+    _, status = os.waitpid(pid, 0)
+    print("child:", os.waitstatus_to_exitcode(status))
+    sys.stdout.flush()
+    os._exit(0)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("fork_timeout", "hold_for", "released"), [(10, 0.5, True), (0.2, 5, False)])
+def test_a_hooked_fork_waits_for_what_excludes_forks_by_fork_timeout(fork_timeout, hold_for, released):
+    # The watchdog imports the deadlock detector holding it: a child forked
+    # in the middle would inherit the import half done.
+    proc = run_python(FORK_WHILE_EXCLUDED, args=[str(fork_timeout), str(hold_for)], timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"released when the fork returned: {released}", "child: 0"]
+

@@ -10,7 +10,7 @@ uses:
   ``ObjectID.__dealloc__``, not through the wrapper) is not among the
   wrapper's waiters; it is found by elimination (more requests pending than
   the wrapper accounts for) and by what it is doing: a garbage collection in
-  progress on it (:class:`GcActivity`);
+  progress on it (``gc_activity.GcActivity``);
 - Python's per-module import locks: the owner of each ``_ModuleLock`` and
   the threads blocked on one (``importlib._bootstrap._blocking_on``);
 - a holder that is itself blocked in a non-lock wait (``Event``,
@@ -34,25 +34,25 @@ hot path; a tick with no thread waiting for anything reads a few fields.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
 from h5watch.process.evidence import format_frames, holder_operation
+from h5watch.process.gc_activity import thread_label
 from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, watched_locks
 from h5watch.records import Record
 from h5watch.schema import DEADLOCK_KINDS
 
 if TYPE_CHECKING:
     from h5watch.process.flight import Recorder
+    from h5watch.process.gc_activity import GcActivity
 
-__all__ = ["DEADLOCK_KINDS", "DeadlockDetector", "GcActivity", "RealPhil"]
+__all__ = ["DEADLOCK_KINDS", "DeadlockDetector", "RealPhil"]
 
 _log = logs.get_logger(logger="h5watch.watchdog")
 
@@ -72,70 +72,6 @@ if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class m
         def watched(self) -> WatchedLock | None: ...
 
         def real_state(self, lock: WatchedLock) -> dict[str, Any] | None: ...
-
-
-class GcActivity:
-    """Which thread is collecting garbage, and since when (a ``gc.callbacks``
-    entry: a few field writes per collection, on the collecting thread); and,
-    to the flight recorder, each collection at least its threshold long that
-    ran while ``phil`` was held."""
-
-    def __init__(self, real_phil: RealPhil | None = None, recorder: Recorder | None = None) -> None:
-        self.collecting_ident: int | None = None
-        self.since_ns = 0
-        # Called as each collection begins (the watchdog's wake_if_threaded).
-        self.on_start: Callable[[], None] | None = None
-        self._real_phil = real_phil
-        self._recorder = recorder
-        # phil's holder (ident) as the collection began, or None.
-        self._phil_owner: int | None = None
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self.since_ns = time.monotonic_ns()
-            self.collecting_ident = threading.get_ident()
-            phil = self._real_phil.watched if self._real_phil is not None else None
-            self._phil_owner = phil._owner if phil is not None else None
-            if self.on_start is not None:
-                try:
-                    self.on_start()
-                except Exception:  # never an error in the program's collection
-                    pass
-        else:
-            self.collecting_ident = None
-            if self._phil_owner is not None and self._recorder is not None:
-                self._record(info)
-
-    def _record(self, info: dict[str, int]) -> None:
-        recorder = self._recorder
-        took_ns = time.monotonic_ns() - self.since_ns
-        if recorder is None or not recorder.records_above(took_ns):
-            return
-        owner = self._phil_owner
-        phil = self._real_phil.watched if self._real_phil is not None else None
-        who = "this thread" if owner == threading.get_ident() else repr(_name(owner)) if owner is not None else "?"
-        operation = phil._operation if phil is not None and phil._owner == owner else None
-        recorder.record("gc_under_phil", lock=phil.name if phil is not None else None, duration_ns=took_ns,
-                        operation=f"phil held by {who}" + (f" in {operation}" if operation else ""),
-                        extra=int(info.get("generation", -1)))
-
-    def start(self, on_start: Callable[[], None] | None = None) -> None:
-        self.on_start = on_start
-        if self not in gc.callbacks:
-            gc.callbacks.append(self)
-
-    def stop(self) -> None:
-        while self in gc.callbacks:
-            gc.callbacks.remove(self)
-
-    def after_fork_in_child(self) -> None:
-        # The collecting thread, if any, did not survive the fork.
-        self.collecting_ident = None
-
-    def collecting(self) -> tuple[int, int] | None:
-        """(thread ident, monotonic ns the collection began), or None."""
-        ident, since_ns = self.collecting_ident, self.since_ns
-        return None if ident is None else (ident, since_ns)
 
 
 class Edge(Record):
@@ -192,19 +128,12 @@ class DeadlockDetector:
         # Threads in a reported deadlock that is still there (as of the last tick).
         self.threads_in_deadlock = 0
 
-    def start(self, on_collection: Callable[[], None] | None = None) -> None:
-        self._gc.start(on_collection)
-
-    def stop(self) -> None:
-        self._gc.stop()
-
     def after_fork_in_child(self) -> None:
         self._seen_last_tick.clear()
         self._reported.clear()
         self._first_seen.clear()
         self.counts = dict.fromkeys(DEADLOCK_KINDS, 0)
         self.threads_in_deadlock = 0
-        self._gc.after_fork_in_child()
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.counts)
@@ -330,7 +259,7 @@ class DeadlockDetector:
             resource = f"wait:{wait.frame_id}"
             since_ns = self._first_seen.setdefault((holder, resource), now_ns)
             undated.add((holder, resource))
-            inferred = Edge(holder, f"thread {_name(chosen.waiter)!r}", resource, chosen.waiter, wait.how, since_ns, False)
+            inferred = Edge(holder, f"thread {thread_label(chosen.waiter)!r}", resource, chosen.waiter, wait.how, since_ns, False)
             chain = [inferred]
             walker = chosen
             while True:
@@ -375,7 +304,7 @@ class DeadlockDetector:
         if action == "raise":
             target = next((edge for edge in cycle.edges if edge.lock is not None), None)
             if target is not None:
-                name = _name(target.waiter)
+                name = thread_label(target.waiter)
                 error = DeadlockError(
                     f"thread {name!r} was interrupted in its wait for {target.target} to break a deadlock: "
                     + fields["summary"], {"event": "lock.deadlock", **fields})
@@ -503,11 +432,6 @@ def _blocked_on_import_locks() -> list[tuple[int, Any]]:
 
 def _lock_title(lock: WatchedLock) -> str:
     return f"lock {lock.name!r}"
-
-
-def _name(ident: int) -> str:
-    name = thread_identity(ident)["thread_name"]
-    return name if name is not None else f"thread {ident}"
 
 
 def _entries(cycle: Cycle, holds: dict[int, list[Held]], frames: dict[int, FrameType], now_ns: int) -> list[dict[str, Any]]:

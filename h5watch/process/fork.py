@@ -86,6 +86,12 @@ _threads_at_fork: dict[int, threading.Thread] = {}
 _fork_for_exec = False
 # This process is the child of a fork that skipped Python's hooks.
 _unhooked_child = False
+# Held by a thread doing what a fork must not cut in half (the watchdog
+# importing the deadlock detector: the child would inherit the import half
+# done). A hooked fork takes it first, by fork_timeout, and holds it until
+# the fork is over; the child makes a new one.
+_fork_exclusion = threading.Lock()
+_exclusion_taken = False
 
 
 if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
@@ -185,6 +191,10 @@ class ForkGuard:
     def fork_for_exec(self) -> bool:
         return _fork_for_exec
 
+    def excluding_forks(self) -> Any:
+        """Held, hooked forks wait (by ``fork_timeout``) until it is let go."""
+        return _fork_exclusion
+
     def adopt_h5py_hooks(self, before: Callable[[], Any], after_in_parent: Callable[[], Any] | None,
                          after_in_child: Callable[[], Any] | None) -> bool:
         """Take over h5py's at-fork registration (h5py >= 3.14): while armed,
@@ -243,13 +253,14 @@ class ForkGuard:
             self._h5py_hooks[2]()
 
     def _before_fork(self) -> None:
-        global _fork_started_ns, _forking_thread
+        global _fork_started_ns, _forking_thread, _exclusion_taken
         me = threading.get_ident()
         start_ns = time.monotonic_ns()
         _forking_thread = me
         _fork_started_ns = start_ns
         _taken.clear()
         timeout = self.options.fork_timeout
+        _exclusion_taken = _fork_exclusion.acquire(True, -1 if timeout is None else timeout)
         deadline_ns = None if timeout is None else start_ns + int(timeout * 1e9)
         locks = watched_locks()
         gate = ForkGate(me)
@@ -285,10 +296,13 @@ class ForkGuard:
                             extra=len(missing))
 
     def _after_fork_in_parent(self) -> None:
-        global _fork_started_ns, _forking_thread
+        global _fork_started_ns, _forking_thread, _exclusion_taken
         for lock in reversed(_taken):
             lock._release_for_fork()
         _taken.clear()
+        if _exclusion_taken:
+            _exclusion_taken = False
+            _fork_exclusion.release()
         _fork_started_ns = None
         _forking_thread = None
 
@@ -542,12 +556,14 @@ def _last_chance(order: list[WatchedLock]) -> tuple[list[WatchedLock], list[Watc
 
 def _adopt_child_pid(hooked: bool) -> int:
     """The child's first step: its own pid, no fork under way; the parent's pid."""
-    global _fork_started_ns, _forking_thread, _unhooked_child
+    global _fork_started_ns, _forking_thread, _unhooked_child, _fork_exclusion, _exclusion_taken
     parent_pid = wiring.pid
     wiring.pid = os.getpid()
     _fork_started_ns = None
     _forking_thread = None
     _unhooked_child = not hooked
+    _fork_exclusion = threading.Lock()
+    _exclusion_taken = False
     return parent_pid
 
 

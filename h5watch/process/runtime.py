@@ -62,9 +62,9 @@ class _Parts:
     ``watchdog.Heartbeat``), and passes each call on in a fixed order."""
 
     def __init__(self) -> None:
-        from h5watch.process.deadlock import DeadlockDetector, GcActivity
         from h5watch.process.flight import FlightRecorder
         from h5watch.process.fork import ForkGuard
+        from h5watch.process.gc_activity import GcActivity
         from h5watch.process.h5py_hook import PhilPatch
         from h5watch.process.publisher import StatePublisher
         from h5watch.process.watchdog import Watchdog
@@ -73,8 +73,9 @@ class _Parts:
         self.phil_patch = PhilPatch(_log)
         self.fork_guard = ForkGuard(real_locks=self.phil_patch, parts=self, recorder=self.recorder)
         gc_activity = GcActivity(real_phil=self.phil_patch, recorder=self.recorder)
-        self.deadlocks = DeadlockDetector(real_phil=self.phil_patch, gc_activity=gc_activity, recorder=self.recorder)
-        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self, deadlocks=self.deadlocks, recorder=self.recorder)
+        self.watchdog = Watchdog(forks=self.fork_guard, heartbeat=self, gc_activity=gc_activity,
+                                 make_deadlock_detector=lambda: _deadlock_detector(self.phil_patch, gc_activity, self.recorder),
+                                 recorder=self.recorder)
         self.publisher = StatePublisher(forks=self.fork_guard, watchdog=self.watchdog, recorder=self.recorder)
         self.exporter = _ExporterSlot()
         # Started in this order, stopped in the reverse one.
@@ -167,6 +168,13 @@ if TYPE_CHECKING:
 
 
 _parts: _Parts | None = None
+
+
+def _deadlock_detector(real_phil: Any, gc_activity: Any, recorder: Any) -> Any:
+    """The deadlock detector, made by the watchdog at its first tick."""
+    from h5watch.process.deadlock import DeadlockDetector
+
+    return DeadlockDetector(real_phil=real_phil, gc_activity=gc_activity, recorder=recorder)
 
 
 def _build() -> None:

@@ -45,13 +45,17 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
-from h5watch.process.deadlock import DeadlockDetector
 from h5watch.process.evidence import lock_evidence, thread_stack
 from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.schema import DEADLOCK_KINDS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from h5watch.process.deadlock import DeadlockDetector
     from h5watch.process.flight import Recorder
+    from h5watch.process.gc_activity import GcActivity
 
 __all__ = ["Forks", "Heartbeat", "Watchdog"]
 
@@ -72,6 +76,7 @@ if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class m
         def child_of_unhooked_fork(self) -> bool: ...
         def fork_for_exec(self) -> bool: ...
         def check_orphan_waiters(self) -> None: ...
+        def excluding_forks(self) -> AbstractContextManager[Any]: ...
 
 
     class Heartbeat(Protocol):
@@ -88,12 +93,16 @@ if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class m
 class Watchdog:
     snapshot_key = "watchdog"
 
-    def __init__(self, forks: Forks, heartbeat: Heartbeat, deadlocks: DeadlockDetector | None = None,
+    def __init__(self, forks: Forks, heartbeat: Heartbeat, gc_activity: GcActivity | None = None,
+                 make_deadlock_detector: Callable[[], DeadlockDetector] | None = None,
                  recorder: Recorder | None = None) -> None:
         self.options: Any = None
         self._forks = forks
         self._heartbeat = heartbeat
-        self._deadlocks = deadlocks
+        self._gc_activity = gc_activity
+        # The detector is made at the first tick (see _deadlock_detector).
+        self._make_deadlock_detector = make_deadlock_detector
+        self._deadlocks: DeadlockDetector | None = None
         self._recorder = recorder
         self._thread: threading.Thread | None = None
         # The process that started _thread: a child forked without Python's
@@ -114,16 +123,16 @@ class Watchdog:
     def start(self, options: Any) -> None:
         self.options = options
         self._enabled = True
-        if self._deadlocks is not None:
-            self._deadlocks.start(self.wake_if_threaded)
+        if self._gc_activity is not None:
+            self._gc_activity.start(self.wake_if_threaded)
         with self._lifecycle:
             self._start_thread()
 
     def stop(self) -> None:
         self._enabled = False
         self._stop.set()
-        if self._deadlocks is not None:
-            self._deadlocks.stop()
+        if self._gc_activity is not None:
+            self._gc_activity.stop()
         thread, self._thread = self._thread, None
         if thread is not None and self._thread_pid == os.getpid() and thread is not threading.current_thread():
             thread.join(5)
@@ -216,6 +225,8 @@ class Watchdog:
         self._fork_reported = None
         self._reported.clear()
         self.ticks = 0
+        if self._gc_activity is not None:
+            self._gc_activity.after_fork_in_child()
         if self._deadlocks is not None:
             self._deadlocks.after_fork_in_child()
         if not self._forks.fork_for_exec() and self._enabled and self.options is not None:
@@ -228,7 +239,7 @@ class Watchdog:
         return thread is not None and self._thread_pid == os.getpid() and thread.is_alive()
 
     def snapshot(self) -> dict[str, Any]:
-        deadlocks = self._deadlocks.snapshot() if self._deadlocks is not None else {}
+        deadlocks = self._deadlocks.snapshot() if self._deadlocks is not None else dict.fromkeys(DEADLOCK_KINDS, 0)
         return {"running": self.running(), "ticks": self.ticks, "deadlocks": deadlocks,
                 "threads_in_deadlock": self.threads_in_deadlock()}
 
@@ -256,10 +267,23 @@ class Watchdog:
         self._check_waits(locks, now_ns)
         self._check_fork(now_ns)
         self._forks.check_orphan_waiters()
-        if self._deadlocks is not None:
-            self._deadlocks.check(self.options, self._beat)
+        deadlocks = self._deadlock_detector()
+        if deadlocks is not None:
+            deadlocks.check(self.options, self._beat)
         self.ticks += 1
         self._beat()
+
+    def _deadlock_detector(self) -> DeadlockDetector | None:
+        """Made at the first tick, not when the watchdog starts: a process that
+        ends before it never loads the detector (about 1 ms of start-up).
+        Its module is imported on this thread while no hooked fork can begin:
+        a child forked in the middle would inherit the import half done, and
+        its own watchdog would wait for it forever."""
+        if self._deadlocks is None and self._make_deadlock_detector is not None:
+            with self._forks.excluding_forks():
+                if self._deadlocks is None:
+                    self._deadlocks = self._make_deadlock_detector()
+        return self._deadlocks
 
     def _beat(self) -> None:
         try:
