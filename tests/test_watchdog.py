@@ -161,3 +161,44 @@ def test_a_hooked_fork_waits_for_what_excludes_forks_by_fork_timeout(fork_timeou
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"released when the fork returned: {released}", "child: 0"]
 
+
+
+@pytest.mark.timeout(60)
+def test_the_watchdog_ticks_on_while_a_fork_waits_before_its_detector_is_loaded():
+    # The fork holds off the detector's import; the tick that wanted it goes
+    # on without it (it must report the fork's stall, not wait it out).
+    proc = run_python("""
+        import os, sys, threading, time
+        import h5watch
+        h5watch.install(state_files=False, tick_interval=0.3, fork_timeout=10)
+        import h5py
+        from h5py import _objects
+        from h5watch.process import runtime
+
+        seen = {}
+        holding = threading.Event()
+
+        def holder():
+            with _objects.phil:
+                holding.set()
+                time.sleep(1.5)
+                seen["ticks"] = runtime.watchdog.ticks
+                seen["loaded"] = "h5watch.process.deadlock" in sys.modules
+
+        threading.Thread(target=holder).start()
+        holding.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("during the fork:", seen["ticks"] >= 3, seen["loaded"])
+        ticks = runtime.watchdog.ticks
+        deadline = time.monotonic() + 20
+        while runtime.watchdog.ticks < ticks + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("after it:", "h5watch.process.deadlock" in sys.modules)
+        sys.stdout.flush()
+        os._exit(0)
+    """, timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["during the fork: True False", "after it: True"]

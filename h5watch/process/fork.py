@@ -192,7 +192,8 @@ class ForkGuard:
         return _fork_for_exec
 
     def excluding_forks(self) -> Any:
-        """Held, hooked forks wait (by ``fork_timeout``) until it is let go."""
+        """A lock: while it is held, a fork with Python's hooks waits (by
+        ``fork_timeout``); a fork holds it until it is over."""
         return _fork_exclusion
 
     def adopt_h5py_hooks(self, before: Callable[[], Any], after_in_parent: Callable[[], Any] | None,

@@ -51,7 +51,7 @@ from h5watch.schema import DEADLOCK_KINDS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from contextlib import AbstractContextManager
+    from _thread import LockType
 
     from h5watch.process.deadlock import DeadlockDetector
     from h5watch.process.flight import Recorder
@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class m
         def child_of_unhooked_fork(self) -> bool: ...
         def fork_for_exec(self) -> bool: ...
         def check_orphan_waiters(self) -> None: ...
-        def excluding_forks(self) -> AbstractContextManager[Any]: ...
+        def excluding_forks(self) -> LockType: ...
 
 
     class Heartbeat(Protocol):
@@ -275,14 +275,19 @@ class Watchdog:
 
     def _deadlock_detector(self) -> DeadlockDetector | None:
         """Made at the first tick, not when the watchdog starts: a process that
-        ends before it never loads the detector (about 1 ms of start-up).
+        ends before it never loads the detector (about 0.7 ms of start-up).
         Its module is imported on this thread while no hooked fork can begin:
         a child forked in the middle would inherit the import half done, and
-        its own watchdog would wait for it forever."""
+        its own watchdog would wait for it forever. A fork under way holds
+        that off: then the next tick makes it (this one must not wait out
+        the fork, whose stall it is here to report)."""
         if self._deadlocks is None and self._make_deadlock_detector is not None:
-            with self._forks.excluding_forks():
-                if self._deadlocks is None:
+            exclusion = self._forks.excluding_forks()
+            if exclusion.acquire(False):
+                try:
                     self._deadlocks = self._make_deadlock_detector()
+                finally:
+                    exclusion.release()
         return self._deadlocks
 
     def _beat(self) -> None:
