@@ -235,6 +235,58 @@ def test_h5py_file_append_creates_a_new_file_under_h5watch(tmp_path):
             assert outcome.get("result") == "[1, 2, 3]", outcome
 
 
+
+# -- what h5py's functions say about themselves ---------------------------------
+
+# Every function h5py decorates with with_phil, as introspection sees it
+# (help(), inspect, documentation tools): h5watch's compiled wrapper reads
+# these through to the function instead of copying them into each wrapper.
+INTROSPECTION = r"""
+import inspect, json, pydoc, sys
+
+if sys.argv[1] != "bare":
+    import h5watch
+    h5watch.install(state_files=False)
+import h5py
+from h5py._hl import attrs, base, dataset, datatype, dims, files, filters, group, selections, vds
+
+seen = {}
+for module in (attrs, base, dataset, datatype, dims, files, filters, group, selections, vds):
+    classes = [value for value in vars(module).values() if isinstance(value, type) and value.__module__ == module.__name__]
+    for cls in [module, *classes]:
+        for name, value in vars(cls).items():
+            if isinstance(value, type):
+                continue
+            func = value.fget if isinstance(value, property) else value
+            func = func.__func__ if isinstance(func, (classmethod, staticmethod)) else func
+            if not hasattr(func, "__wrapped__"):
+                continue
+            seen[f"{getattr(cls, '__qualname__', cls.__name__)}.{name}"] = [
+                func.__name__, func.__qualname__, func.__module__, func.__doc__, func.__wrapped__.__qualname__,
+                str(inspect.signature(func)), sorted(func.__annotations__), inspect.getdoc(func),
+                len(pydoc.render_doc(func)) > 0, getattr(func, "__type_params__", None) == (),
+            ]
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_h5py_s_functions_describe_themselves_as_without_h5watch():
+    described = {}
+    for mode in MODES:
+        result = run_python(INTROSPECTION, args=[mode], timeout=90, env={"H5WATCH_IMPLEMENTATION": MODES[mode]})
+        assert result.returncode == 0, f"{mode}: {result.stderr[-3000:]}"
+        described[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(described["bare"]) > 50  # its high-level API's
+    assert described.get("compiled", described["bare"]) == described["bare"]
+    # The pure-Python wrapper is a Python function, h5py's a Cython one: for
+    # a method without a docstring, inspect.getdoc() then finds the one it
+    # overrides (object.__repr__'s, say) where h5py's finds none.
+    getdoc = 7
+    assert {name: entry[:getdoc] + entry[getdoc + 1:] for name, entry in described["python"].items()} == {
+        name: entry[:getdoc] + entry[getdoc + 1:] for name, entry in described["bare"].items()}
+
+
 # -- WatchedLock.acquire's argument errors are threading.RLock's --------------
 
 IMPLEMENTATIONS = {"python": PythonWatchedLock}

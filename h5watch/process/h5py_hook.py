@@ -49,10 +49,9 @@ def make_with_phil(lock: WatchedLock) -> Callable[[Callable[..., Any]], Callable
         """Locking decorator (h5watch): holds h5py's phil, naming ``func``."""
         operation = f"{getattr(func, '__module__', None) or 'h5py'}.{getattr(func, '__qualname__', repr(func))}"
         if compiled is not None:
-            # A compiled callable that binds as a method like a function does.
-            phil_call: Callable[..., Any] = compiled.PhilCall(func, lock, operation)
-            functools.update_wrapper(phil_call, func)
-            return phil_call
+            # A compiled callable that binds as a method like a function does,
+            # and reads what update_wrapper would copy through to func.
+            return compiled.PhilCall(func, lock, operation)  # type: ignore[no-any-return]
 
         def wrapper(*args: Any, **kwds: Any) -> Any:
             acquire_for(operation)

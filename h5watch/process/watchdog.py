@@ -50,8 +50,8 @@ from h5watch.process.lock import WatchedLock, watched_locks
 from h5watch.schema import DEADLOCK_KINDS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from _thread import LockType
+    from collections.abc import Callable
 
     from h5watch.process.deadlock import DeadlockDetector
     from h5watch.process.flight import Recorder
