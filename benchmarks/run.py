@@ -204,17 +204,19 @@ def _detector_cost(h5py, path: str) -> dict:
     for t in waiters:
         t.start()
     time.sleep(0.3)
-    detector = runtime._parts.deadlocks
-    options = runtime.current_options()
-    ticks = 200
-    cpu0 = time.thread_time()
-    for _ in range(ticks):
-        detector.check(options, lambda: None)
-    per_tick = (time.thread_time() - cpu0) / ticks
-    reported = sum(detector.counts.values())
-    stop.set()
-    for t in threads + waiters:
-        t.join()
+    try:
+        detector = runtime._parts.watchdog._deadlock_detector()  # made at the first tick, else now
+        options = runtime.current_options()
+        ticks = 200
+        cpu0 = time.thread_time()
+        for _ in range(ticks):
+            detector.check(options, lambda: None)
+        per_tick = (time.thread_time() - cpu0) / ticks
+        reported = sum(detector.counts.values())
+    finally:
+        stop.set()
+        for t in threads + waiters:
+            t.join()
     return {"cpu_share": per_tick / options.tick_interval, "per_tick_us": per_tick * 1e6, "reported": reported}
 
 
