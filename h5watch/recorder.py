@@ -44,7 +44,7 @@ from typing import Any
 from h5watch.schema import RECORDER_ENTRIES, RECORDER_EXTRA, RECORDER_KINDS
 
 __all__ = ["ENTRIES", "ENTRY_BYTES", "HEADER_BYTES", "REGION_BYTES", "MAGIC", "Ring", "init_region", "read_region",
-           "decode_region", "render", "store_seq"]
+           "decode_region", "render", "store_guarded", "store_seq"]
 
 MAGIC = b"H5WREC1\0"
 ENTRIES = RECORDER_ENTRIES
@@ -69,6 +69,17 @@ def store_seq(buffer: Any, offset: int, value: int) -> None:
     word, then writes it byte by byte: a kill in between left a 0, read as
     "never written", or a value that was neither.)"""
     buffer[offset : offset + 8] = _SEQ.pack(value)
+
+
+def store_guarded(buffer: Any, offset: int, seq: int, body: bytes) -> None:
+    """A seqlock write: the sequence word at ``offset`` made odd (``seq - 1``),
+    ``body`` copied in just after it, then the word made ``seq`` (even). A
+    reader that finds the same even word before and after its copy has a
+    whole entry; a writer killed on the way leaves the word odd and each byte
+    of the body old or new (a copy, never ``pack_into``, which clears first)."""
+    store_seq(buffer, offset, seq - 1)
+    buffer[offset + 8 : offset + 8 + len(body)] = body
+    store_seq(buffer, offset, seq)
 
 
 def _fixed(text: str | None, size: int) -> bytes:
@@ -119,10 +130,7 @@ class Ring:
         try:
             buffer = self._buffer
             at = self._offset + HEADER_BYTES + slot * ENTRY_BYTES
-            seq = 2 * number + 2
-            store_seq(buffer, at, seq - 1)
-            buffer[at + _SEQ.size : at + ENTRY_BYTES] = body
-            store_seq(buffer, at, seq)
+            store_guarded(buffer, at, 2 * number + 2, body)
         finally:
             del self._busy[slot]
 

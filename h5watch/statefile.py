@@ -84,7 +84,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from h5watch import recorder
-from h5watch.recorder import store_seq
+from h5watch.recorder import store_guarded
 from h5watch.records import LockRecord, OperationRecord, ProcessStatus
 from h5watch.schema import (
     C_ACQUISITIONS,
@@ -315,9 +315,9 @@ FILE_SIZE = RECORDER_OFFSET + recorder.REGION_BYTES
 # struct.pack_into zero-fills its whole target before writing it, so a
 # writer killed in between would leave zeros where the old values were (no
 # lock records, no operation entries, for a reader of a dead process's file).
-# Each write packs into bytes first, then copies them over the old ones; the
-# sequence counter is never inside a copied region, and is written by
-# recorder.store_seq. The header's constant prefix is written once.
+# Each write packs into bytes first, then copies them over the old ones
+# between the two writes of its sequence word (recorder.store_guarded). The
+# header's constant prefix is written once.
 _SEQ_INDEX = [name for name, _, _ in _HEADER_FIELDS].index("seq")
 _HEADER_PREFIX_FIELDS = _HEADER_FIELDS[:_SEQ_INDEX]
 _HEADER_TAIL_FIELDS = _HEADER_FIELDS[_SEQ_INDEX + 1 :]
@@ -722,10 +722,7 @@ class StateWriter:
         offset = RECORDS_OFFSET + slot * RECORD_SIZE
         body = _RECORD_TAIL.pack(*_flatten(_RECORD_TAIL_FIELDS, fields))
         self._record_seqs[slot] += 1
-        seq = self._record_seqs[slot] * 2
-        store_seq(self._map, offset, seq - 1)
-        self._map[offset + 8 : offset + 8 + len(body)] = body
-        store_seq(self._map, offset, seq)
+        store_guarded(self._map, offset, self._record_seqs[slot] * 2, body)
 
     def _write_record_fields(self, slot: int, **changes: Any) -> None:
         self._write_record(slot, {**self._record_values[slot], **changes})
@@ -751,9 +748,7 @@ class StateWriter:
             _HEADER_PREFIX.pack_into(self._map, 0, *_flatten(_HEADER_PREFIX_FIELDS, fields))
         body = _HEADER_TAIL.pack(*_flatten(_HEADER_TAIL_FIELDS, fields))
         self._header_seq += 1
-        store_seq(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2 - 1)
-        self._map[_HEADER_TAIL_OFFSET : _HEADER_TAIL_OFFSET + len(body)] = body
-        store_seq(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2)
+        store_guarded(self._map, _HEADER_SEQ_OFFSET, self._header_seq * 2, body)
         self._header_dirty = False
 
     def write_lock(self, lock: LockRecord) -> None:
@@ -831,10 +826,7 @@ class StateWriter:
         offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
         body = _OPERATION_TAIL.pack(*values)
         self._operation_seqs[entry] += 1
-        seq = self._operation_seqs[entry] * 2
-        store_seq(self._map, offset, seq - 1)
-        self._map[offset + 8 : offset + 8 + len(body)] = body
-        store_seq(self._map, offset, seq)
+        store_guarded(self._map, offset, self._operation_seqs[entry] * 2, body)
 
     def attach_locks(self, locks: Iterable[LockRecord]) -> None:
         """Give these locks their records now: from now on they count in the file."""
