@@ -201,3 +201,77 @@ def test_the_watchdog_ticks_on_while_a_fork_waits_before_its_detector_is_loaded(
     """, timeout=50)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["during the fork: True False", "after it: True"]
+
+
+@pytest.mark.timeout(60)
+def test_a_tick_never_has_more_objects_alive_than_its_gc_headroom(tmp_path):
+    # Whatever the number of locks and operations: a tick that made the
+    # state file's records all at once (81 operations: about 250 objects)
+    # would start a collection here.
+    proc = run_python("""
+        import gc, sys
+        import h5watch
+        h5watch.install(state_dir=sys.argv[1], tick_interval=3600)
+        import h5py
+        from h5watch.process import runtime, watchdog
+
+        locks = [h5watch.WatchedLock(name=f"app{i}") for i in range(3)]
+        for lock in locks:
+            for op in range(60):
+                lock.acquire_for(f"operation {op}")
+                lock.release()
+        tick = runtime.watchdog.tick
+        tick()  # the first loads the deadlock detector
+        collections = []
+        gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(1))
+
+        def collections_in_a_tick(threshold):
+            gc.collect()
+            collections.clear()
+            gc.set_threshold(threshold)
+            try:
+                tick()
+                for _ in range(10):  # a collection a tick scheduled (3.12+) runs here
+                    pass
+            finally:
+                gc.set_threshold(700)
+            return len(collections)
+
+        print("within the headroom:", collections_in_a_tick(watchdog.GC_HEADROOM))
+        print("with almost none:", collections_in_a_tick(5) > 0)
+    """, args=[str(tmp_path)], timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["within the headroom: 0", "with almost none: True"]
+
+
+@pytest.mark.timeout(60)
+def test_garbage_collections_run_on_the_program_s_threads_not_the_watchdog_s(tmp_path):
+    # A collection calls finalizers on the thread it runs on, and h5py's take
+    # phil: on the watchdog's thread it took phil from under a program that
+    # had just let go of it (h5py's test_phil_fork_with_threads, 3.13).
+    proc = run_python("""
+        import gc, sys, threading, time
+        import h5watch
+        h5watch.install(state_dir=sys.argv[1], tick_interval=0.01)
+        import h5py
+        from h5watch.process import runtime
+
+        by_thread = {}
+
+        def started(phase, info):
+            if phase == "start":
+                name = threading.current_thread().name
+                by_thread[name] = by_thread.get(name, 0) + 1
+
+        gc.callbacks.append(started)
+        ticks = runtime.watchdog.ticks
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            garbage = []
+            garbage.append(garbage)
+        print("ticks:", runtime.watchdog.ticks - ticks >= 20)
+        print("program's:", by_thread.get("MainThread", 0) > 100)
+        print("watchdog's:", by_thread.get("h5watch-watchdog", 0))
+    """, args=[str(tmp_path)], timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["ticks: True", "program's: True", "watchdog's: 0"]

@@ -54,6 +54,8 @@ _log = logs.get_logger(logger="h5watch.state")
 
 
 if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
+    from collections.abc import Iterator
+
     class Forks(Protocol):
         """The fork state the publisher reads (``fork.ForkGuard``)."""
 
@@ -160,16 +162,23 @@ class StatePublisher:
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
         locks = watched_locks()
-        records = [lock_record(lock) for lock in locks]
-        self._waiters_shown = {record.seq: len(record.waiters) for record in records}
-        writer.write_all(records, self._status(), self._operation_records(locks))
+        writer.write_all(self._lock_records(locks), self._status(), self._operation_records(locks))
+
+    def _lock_records(self, locks: list[WatchedLock]) -> Iterator[LockRecord]:
+        """Each lock's record, made as the writer takes it (see ``OperationTable.each_row``)."""
+        shown: dict[int, int] = {}
+        for lock in locks:
+            record = lock_record(lock)
+            shown[record.seq] = len(record.waiters)
+            yield record
+        self._waiters_shown = shown
 
     def _status(self) -> ProcessStatus:
         return ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
                              deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
                              threads_in_deadlock=self._watchdog.threads_in_deadlock())
 
-    def _operation_records(self, locks: list[WatchedLock]) -> list[OperationRecord]:
+    def _operation_records(self, locks: list[WatchedLock]) -> Iterator[OperationRecord]:
         """This process's totals per (lock name, operation): live locks'
         tables plus what collected ones counted (each added once)."""
         with self._operations_lock:
@@ -177,10 +186,8 @@ class StatePublisher:
             for seq in [seq for seq in self._operation_tables if seq not in live]:
                 _add_to(self._retired_operations, self._operation_tables.pop(seq).rows())
             self._operation_tables.update(live)
-            totals = dict(self._retired_operations)
-            for table in live.values():
-                _add_to(totals, table.rows())
-            return list(totals.values())
+            retired = dict(self._retired_operations)
+        return _each_total(retired, list(live.values()))
 
     def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
@@ -324,6 +331,23 @@ class StatePublisher:
             stacks_file.close()
         except OSError:
             pass
+
+
+def _each_total(retired: dict[tuple[str, str], OperationRecord], tables: list[OperationTable]) -> Iterator[OperationRecord]:
+    """Every (lock name, operation)'s total, one at a time. A table whose
+    lock's name no other table and no retired total shares is passed through
+    row by row as it is read; the others are summed first."""
+    sharing = {lock for lock, _ in retired}
+    counts: dict[str, int] = {}
+    for table in tables:
+        counts[table.lock_name] = counts.get(table.lock_name, 0) + 1
+    alone = [table for table in tables if counts[table.lock_name] == 1 and table.lock_name not in sharing]
+    for table in tables:
+        if table not in alone:
+            _add_to(retired, table.rows())
+    yield from retired.values()
+    for table in alone:
+        yield from table.each_row()
 
 
 def _add_to(totals: dict[tuple[str, str], OperationRecord], records: list[OperationRecord]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from h5watch.records import OperationRecord
@@ -268,19 +268,36 @@ class OperationTable:
     def rows(self) -> list[OperationRecord]:
         """Every operation that held the lock, the most held first; an
         unnamed operation is named after the lock."""
-        words = self.words.tolist()
+        return list(self.each_row())
+
+    def each_row(self) -> Iterator[OperationRecord]:
+        """``rows()`` one at a time, made as they are taken: the watchdog's
+        heartbeat writes them so, and never holds a table's worth of records
+        at once (see ``Watchdog._wait_for_gc_headroom``)."""
+        words = self.words.tolist()  # one instant's counts for every row
+        names = [self.lock_name if operation is None else str(operation) for operation in list(self.names)]
+        used = [row for row in range(len(names))
+                if words[row * N_OPERATION_WORDS + O_HOLDS] or words[row * N_OPERATION_WORDS + O_WAITS]]
+        if len({names[row] for row in used}) < len(used):
+            yield from self._rows_merged_by_name(words, names, used)
+            return
+        used.sort(key=names.__getitem__)
+        used.sort(key=lambda row: -words[row * N_OPERATION_WORDS + O_HOLD_SUM])
+        for row in used:
+            base = row * N_OPERATION_WORDS
+            yield OperationRecord(self.lock_name, names[row], words[base + O_HOLDS], words[base + O_HOLD_SUM],
+                                  words[base + O_HOLD_MAX], words[base + O_CAUSED_WAIT_SUM], words[base + O_WAITS],
+                                  words[base + O_WAIT_SUM])
+
+    def _rows_merged_by_name(self, words: list[int], names: list[str], used: list[int]) -> list[OperationRecord]:
+        """Rows of one name as one (an unnamed hold and one named after the
+        lock, or two operations whose names read the same)."""
         by_name: dict[str, list[int]] = {}
-        for row, operation in enumerate(list(self.names)):
+        for row in used:
             base = row * N_OPERATION_WORDS
             w = words[base : base + N_OPERATION_WORDS]
-            if not (w[O_HOLDS] or w[O_WAITS]):
-                continue
-            name = self.lock_name if operation is None else str(operation)
-            into = by_name.get(name)
-            if into is None:
-                by_name[name] = w
-            else:  # two operations of one name (an unnamed hold and one named after the lock)
-                by_name[name] = add_operation_words(into, w)
+            into = by_name.get(names[row])
+            by_name[names[row]] = w if into is None else add_operation_words(into, w)
         out = [OperationRecord(self.lock_name, name, w[O_HOLDS], w[O_HOLD_SUM], w[O_HOLD_MAX], w[O_CAUSED_WAIT_SUM], w[O_WAITS],
                                w[O_WAIT_SUM])
                for name, w in by_name.items()]

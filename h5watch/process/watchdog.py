@@ -38,6 +38,7 @@ audited event, ``id()`` included, would call into Python) and nothing of
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -65,6 +66,12 @@ _log = logs.get_logger(logger="h5watch.watchdog")
 FORK_WARNS_ABOUT_THREADS = sys.version_info >= (3, 12)
 # How long a fork may wait for the watchdog to finish its tick and exit.
 _STOP_FOR_FORK_SECONDS = 1.0
+# A tick starts only while this many more allocations cannot start a garbage
+# collection (see Watchdog._wait_for_gc_headroom): a routine tick's objects
+# alive at once are about 50, whatever the number of locks and operations.
+GC_HEADROOM = 100
+_GC_HEADROOM_POLL_SECONDS = 0.005
+_GC_HEADROOM_WAIT_AT_LEAST_SECONDS = 0.05
 
 
 if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
@@ -255,10 +262,34 @@ class Watchdog:
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.options.tick_interval):
+            if self._wait_for_gc_headroom(stop):
+                return
             try:
                 self.tick()
             except Exception as exc:  # the watchdog must outlive its own bugs
                 _log.error("watchdog.tick_failed", error=repr(exc))
+
+    def _wait_for_gc_headroom(self, stop: threading.Event) -> bool:
+        """Leave the program's garbage collections to the program's threads.
+
+        A collection runs on the thread whose allocation takes the youngest
+        generation past its threshold, and calls every finalizer there:
+        h5py's take ``phil``. Run on this thread, one would take ``phil``
+        from a thread the program does not know of, at a moment it never
+        would without h5watch (a thread that has just let go of ``phil``
+        could find it taken; a stuck holder would block the watchdog). So a
+        tick waits while its own allocations could cross the threshold: a
+        busy program collects within milliseconds. An idle one does not: the
+        tick waits at most one more ``tick_interval`` (50 ms at least), and
+        its collection then leaves the next ticks their headroom. True: stopped."""
+        threshold = gc.get_threshold()[0]
+        if not threshold or not gc.isenabled():
+            return False
+        give_up = time.monotonic() + max(self.options.tick_interval, _GC_HEADROOM_WAIT_AT_LEAST_SECONDS)
+        while gc.get_count()[0] + GC_HEADROOM > threshold and time.monotonic() < give_up:
+            if stop.wait(_GC_HEADROOM_POLL_SECONDS):
+                return True
+        return False
 
     def tick(self) -> None:
         now_ns = time.monotonic_ns()
