@@ -43,8 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from h5watch import logs
 from h5watch.process.evidence import format_frames, holder_operation
-from h5watch.process.gc_activity import thread_label
-from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, watched_locks
+from h5watch.process.lock import DeadlockError, WatchedLock, interrupt_wait, thread_identity, thread_label, watched_locks
 from h5watch.records import Record
 from h5watch.schema import DEADLOCK_KINDS
 

@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from h5watch.process.lock import thread_identity
+from h5watch.process.lock import thread_label
 
 if TYPE_CHECKING:
     from h5watch.process.deadlock import RealPhil
     from h5watch.process.flight import Recorder
 
-__all__ = ["GcActivity", "thread_label"]
+__all__ = ["GcActivity"]
 
 
 class GcActivity:
@@ -91,9 +91,3 @@ class GcActivity:
         """(thread ident, monotonic ns the collection began), or None."""
         ident, since_ns = self.collecting_ident, self.since_ns
         return None if ident is None else (ident, since_ns)
-
-
-def thread_label(ident: int) -> str:
-    """A thread's name, else "thread <ident>"."""
-    name = thread_identity(ident)["thread_name"]
-    return name if name is not None else f"thread {ident}"

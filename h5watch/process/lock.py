@@ -65,6 +65,7 @@ __all__ = [
     "interrupt_wait",
     "watched_locks",
     "thread_identity",
+    "thread_label",
     "LockEvents",
     "connect",
     "wiring",
@@ -263,6 +264,12 @@ def thread_identity(ident: int | None) -> dict[str, Any]:
     if thread is None:
         return {"thread_ident": ident, "thread_name": None, "native_id": None}
     return {"thread_ident": ident, "thread_name": thread.name, "native_id": getattr(thread, "native_id", None)}
+
+
+def thread_label(ident: int) -> str:
+    """A thread's name, else "thread <ident>"."""
+    name = thread_identity(ident)["thread_name"]
+    return name if name is not None else f"thread {ident}"
 
 
 class ForkGate:
