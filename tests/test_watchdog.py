@@ -275,3 +275,24 @@ def test_garbage_collections_run_on_the_program_s_threads_not_the_watchdog_s(tmp
     """, args=[str(tmp_path)], timeout=50)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["ticks: True", "program's: True", "watchdog's: 0"]
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_program_near_its_gc_threshold_still_gets_its_ticks(tmp_path):
+    # The wait for headroom is bounded: nothing in an idle program collects.
+    proc = run_python("""
+        import gc, sys, time
+        import h5watch
+        h5watch.install(state_dir=sys.argv[1], tick_interval=0.2)
+        import h5py
+        from h5watch.process import runtime
+
+        gc.set_threshold(60)  # never 100 objects of headroom
+        ticks = runtime.watchdog.ticks
+        time.sleep(3)
+        print("ticks:", runtime.watchdog.ticks - ticks)
+    """, args=[str(tmp_path)], timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    ticks = int(proc.stdout.split("ticks:")[1])
+    # Every 0.2 s plus at most 0.2 s of waiting: 7 or more in 3 s.
+    assert 5 <= ticks <= 16, proc.stdout

@@ -71,7 +71,8 @@ _STOP_FOR_FORK_SECONDS = 1.0
 # alive at once are about 50, whatever the number of locks and operations.
 GC_HEADROOM = 100
 _GC_HEADROOM_POLL_SECONDS = 0.005
-_GC_HEADROOM_WAIT_AT_LEAST_SECONDS = 0.05
+# How long a tick waits for that at most: one tick_interval, within these.
+_GC_HEADROOM_WAIT_SECONDS = (0.05, 1.0)
 
 
 if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class made costs start-up about 0.05 ms
@@ -280,12 +281,13 @@ class Watchdog:
         could find it taken; a stuck holder would block the watchdog). So a
         tick waits while its own allocations could cross the threshold: a
         busy program collects within milliseconds. An idle one does not: the
-        tick waits at most one more ``tick_interval`` (50 ms at least), and
+        tick waits at most one more ``tick_interval`` (50 ms to 1 s), and
         its collection then leaves the next ticks their headroom. True: stopped."""
         threshold = gc.get_threshold()[0]
         if not threshold or not gc.isenabled():
             return False
-        give_up = time.monotonic() + max(self.options.tick_interval, _GC_HEADROOM_WAIT_AT_LEAST_SECONDS)
+        shortest, longest = _GC_HEADROOM_WAIT_SECONDS
+        give_up = time.monotonic() + min(max(self.options.tick_interval, shortest), longest)
         while gc.get_count()[0] + GC_HEADROOM > threshold and time.monotonic() < give_up:
             if stop.wait(_GC_HEADROOM_POLL_SECONDS):
                 return True
