@@ -206,7 +206,7 @@ def test_the_watchdog_ticks_on_while_a_fork_waits_before_its_detector_is_loaded(
 @pytest.mark.timeout(60)
 def test_a_tick_never_has_more_objects_alive_than_its_gc_headroom(tmp_path):
     # Whatever the number of locks and operations: a tick that made the
-    # state file's records all at once (81 operations: about 250 objects)
+    # state file's records all at once (here 180 operations: several hundred objects)
     # would start a collection here.
     proc = run_python("""
         import gc, sys

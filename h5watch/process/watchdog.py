@@ -68,7 +68,7 @@ FORK_WARNS_ABOUT_THREADS = sys.version_info >= (3, 12)
 _STOP_FOR_FORK_SECONDS = 1.0
 # A tick starts only while this many more allocations cannot start a garbage
 # collection (see Watchdog._wait_for_gc_headroom): a routine tick's objects
-# alive at once are about 50, whatever the number of locks and operations.
+# alive at once are about 45, whatever the number of locks and operations.
 GC_HEADROOM = 100
 _GC_HEADROOM_POLL_SECONDS = 0.005
 # How long a tick waits for that at most: one tick_interval, within these.
