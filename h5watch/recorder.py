@@ -105,13 +105,14 @@ class Ring:
 
     __slots__ = ("_buffer", "_offset", "_claim", "_busy", "_claimed")
 
-    def __init__(self, buffer: Any = None, offset: int = 0) -> None:
+    def __init__(self, buffer: Any = None, offset: int = 0, empty: bool = False) -> None:
         fresh = buffer is None
         self._buffer = bytearray(REGION_BYTES) if fresh else buffer
         self._offset = offset
         init_region(self._buffer, offset)
-        # A region with entries already (a file adopted after exec()) goes on after its newest.
-        self._claimed = 0 if fresh else _next_number(self._buffer, offset)
+        # A region with entries already (a file adopted after exec()) goes on
+        # after its newest; one known to be empty (a new file's) is not read.
+        self._claimed = 0 if fresh or empty else _next_number(self._buffer, offset)
         self._claim = itertools.count(self._claimed)
         self._busy: dict[int, int] = {}
 
@@ -135,13 +136,22 @@ class Ring:
             del self._busy[slot]
 
     def _raw_entries(self) -> list[tuple[int, bytes]]:
-        raw = bytes(self._buffer[self._offset : self._offset + REGION_BYTES])
-        return _valid_entries(raw, raw)
+        """(seq, bytes) of each whole entry of the numbers claimed here,
+        oldest first: the slots of the last lap only, not the whole region."""
+        found = []
+        end = self._claimed
+        for number in range(max(0, end - ENTRIES), end):
+            at = self._offset + HEADER_BYTES + (number % ENTRIES) * ENTRY_BYTES
+            raw = bytes(self._buffer[at : at + ENTRY_BYTES])
+            if _SEQ.unpack_from(raw)[0] == 2 * number + 2:
+                found.append((2 * number + 2, raw))
+        return found
 
-    def moved_to(self, buffer: Any, offset: int) -> Ring:
+    def moved_to(self, buffer: Any, offset: int, empty: bool = False) -> Ring:
         """A ring in ``buffer`` holding what it held (a file adopted after
-        ``exec()``) and then this ring's entries, in order."""
-        ring = Ring(buffer, offset)
+        ``exec()``; nothing, and not read, when ``empty``) and then this
+        ring's entries, in order."""
+        ring = Ring(buffer, offset, empty)
         for _seq, raw in self._raw_entries():
             number = next(ring._claim)
             ring._claimed = number + 1

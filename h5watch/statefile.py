@@ -479,6 +479,8 @@ class StateWriter:
         self._operation_seqs = [0] * OPERATIONS_CAPACITY
         self.adopted_operations: list[OperationRecord] = []
         fd, adopted = _create_or_open(directory, name)
+        # This process's file from before an exec(), taken over; else a new one, all zeros.
+        self.adopted = adopted
         try:
             if not adopted:
                 os.ftruncate(fd, FILE_SIZE)

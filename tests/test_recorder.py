@@ -106,6 +106,35 @@ def test_wrap_around_keeps_the_newest_entries_in_order(state_dir):
         writer.close()
 
 
+def test_a_ring_moved_into_a_file_keeps_its_last_lap_in_order_after_what_the_file_held(state_dir):
+    """The ring kept before a process's state file exists moves into it: its
+    newest entries (a lap at most, whole ones only, in order); into a new
+    file without reading it, into an adopted one after the entries it has."""
+    private = recorder.Ring()
+    total = RECORDER_ENTRIES + 37
+    for n in range(total):
+        private.write("hold", n, 1.0 + n, 7, "t", "app.move", f"op-{n}", n, n)
+    # The newest entry as a writer frozen in its middle leaves it: odd sequence word.
+    at = recorder.HEADER_BYTES + ((total - 1) % RECORDER_ENTRIES) * recorder.ENTRY_BYTES
+    recorder.store_seq(private._buffer, at, 2 * (total - 1) + 1)
+    writer = StateWriter(str(state_dir), "move", 0, 0.5)
+    try:
+        assert not writer.adopted
+        moved = private.moved_to(writer.recorder_region(), 0, empty=True)
+        kept = [e["operation"] for e in read_recorder(read_state_file(writer.path))]
+        assert kept == [f"op-{n}" for n in range(total - RECORDER_ENTRIES, total - 1)]
+        moved.write("wait", 0, 1.0, 7, "t", "app.move", "after", 0, 0)
+        # A region that already holds entries (a file adopted after exec()) goes on after them.
+        again = recorder.Ring()
+        again.write("fork", 0, 1.0, 7, "t", None, "adopted", 0, 0)
+        again.moved_to(writer.recorder_region(), 0)
+        entries = read_recorder(read_state_file(writer.path))
+        assert [e["operation"] for e in entries[-3:]] == [f"op-{total - 2}", "after", "adopted"]
+        assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)
+    finally:
+        writer.close()
+
+
 def test_a_torn_entry_is_never_read(state_dir):
     writer = StateWriter(str(state_dir), "torn", 0, 0.5)
     try:

@@ -76,10 +76,11 @@ class FlightRecorder:
         """Entries already written stay; new ones keep coming only from the
         parts still running (none once uninstalled)."""
 
-    def attach(self, region: Any) -> None:
-        """The state file exists: from now on the ring is ``region``, its mapping."""
+    def attach(self, region: Any, empty: bool = False) -> None:
+        """The state file exists: from now on the ring is ``region``, its
+        mapping (``empty``: a new file's, not read)."""
         try:
-            self._ring = self._own_ring().moved_to(region, 0)
+            self._ring = self._own_ring().moved_to(region, 0, empty)
             self._in_file = True
         except Exception:  # never a failure of the state file's creation
             pass

@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class m
         """The flight recorder (``flight.FlightRecorder``), which moves its ring
         into each state file this process makes."""
 
-        def attach(self, region: Any) -> None: ...
+        def attach(self, region: Any, empty: bool = False) -> None: ...
 
 
 class StatePublisher:
@@ -261,7 +261,7 @@ class StatePublisher:
             # An earlier image of this process (before an exec()) counted these.
             _add_to(self._retired_operations, writer.adopted_operations)
         if self._recorder is not None:
-            self._recorder.attach(writer.recorder_region())
+            self._recorder.attach(writer.recorder_region(), empty=not writer.adopted)
         writer.attach_forks(self._forks.stats)
         writer.attach_locks([lock_record(lock) for lock in watched_locks()])
         # Whether the watchdog runs, from the start: the heartbeat is the
