@@ -2,13 +2,16 @@
 
 ``python benchmarks/fork_latency.py [--python PYTHON] [--repeats N] [--json]``
 
-Each side runs in its own child interpreter (bare, or with
-``h5watch.install()`` before ``import h5py``), alternating: ten reader
-threads read their own HDF5 files in a loop while the main thread starts a
+Each side runs in its own child interpreter, in turn: bare; with
+``h5watch.install()`` before ``import h5py`` on its defaults (state files
+on, in the benchmark's directory: every forked child makes its own at
+once); and the same with ``state_files=False``. Ten reader threads read
+their own HDF5 files in a loop while the main thread starts a
 ``multiprocessing`` fork pool of four workers, maps a trivial task and joins
 it, twenty times. Reported per side: the median time of one ``os.fork()``
 call in the parent (every fork the pools made) and the median pool start
-(constructor to first result). The table shows instrumented / bare.
+(constructor to first result). The table shows instrumented / bare, and
+the same with state files off.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import tempfile
 
 CHILD = r"""
 import json, os, statistics, sys, threading, time
-instrumented, directory = sys.argv[1] == "1", sys.argv[2]
-if instrumented:
+side, directory = sys.argv[1], sys.argv[2]
+if side != "bare":
     import h5watch
-    h5watch.install(state_files=False)
+    h5watch.install(state_files=side == "defaults", state_dir=os.path.join(directory, "state"))
 import multiprocessing
 import h5py
 import numpy as np
@@ -82,9 +85,14 @@ os._exit(0)
 """
 
 
-def run_side(python: str, instrumented: bool, directory: str) -> dict:
+SIDES = ("bare", "defaults", "no_state_files")
+
+
+def run_side(python: str, side: str, directory: str) -> dict:
+    # A directory of its own per run: the children's state files start from
+    # none each time (as with a daemon, which removes dead processes' files).
     proc = subprocess.run(
-        [python, "-c", CHILD, "1" if instrumented else "0", directory],
+        [python, "-c", CHILD, side, tempfile.mkdtemp(dir=directory)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -96,26 +104,24 @@ def run_side(python: str, instrumented: bool, directory: str) -> dict:
 
 
 def measure(python: str, repeats: int) -> dict:
-    fork_ratios, pool_ratios, worst_ms, bare_ms, watched_ms = [], [], [], [], []
-    version = None
+    """Per repeat, the three sides in turn (rotated, so none always runs
+    first); ratios of each instrumented side over that repeat's bare one."""
+    result: dict = {"fork": [], "pool": [], "fork_no_state_files": [], "pool_no_state_files": [],
+                    "worst_fork_ms": [], "bare_fork_ms": [], "watched_fork_ms": []}
     with tempfile.TemporaryDirectory() as directory:
-        for _ in range(repeats):
-            bare = run_side(python, False, directory)
-            watched = run_side(python, True, directory)
-            version = watched["h5py"]
-            fork_ratios.append(watched["fork_ns"] / bare["fork_ns"])
-            pool_ratios.append(watched["pool_ns"] / bare["pool_ns"])
-            worst_ms.append(watched["fork_max_ns"] / 1e6)
-            bare_ms.append(bare["fork_ns"] / 1e6)
-            watched_ms.append(watched["fork_ns"] / 1e6)
-    return {
-        "h5py": version,
-        "fork": fork_ratios,
-        "pool": pool_ratios,
-        "worst_fork_ms": worst_ms,
-        "bare_fork_ms": bare_ms,
-        "watched_fork_ms": watched_ms,
-    }
+        for i in range(repeats):
+            order = SIDES[i % 3:] + SIDES[: i % 3]
+            runs = {side: run_side(python, side, directory) for side in order}
+            bare, watched, quiet = runs["bare"], runs["defaults"], runs["no_state_files"]
+            result["h5py"] = watched["h5py"]
+            result["fork"].append(watched["fork_ns"] / bare["fork_ns"])
+            result["pool"].append(watched["pool_ns"] / bare["pool_ns"])
+            result["fork_no_state_files"].append(quiet["fork_ns"] / bare["fork_ns"])
+            result["pool_no_state_files"].append(quiet["pool_ns"] / bare["pool_ns"])
+            result["worst_fork_ms"].append(watched["fork_max_ns"] / 1e6)
+            result["bare_fork_ms"].append(bare["fork_ns"] / 1e6)
+            result["watched_fork_ms"].append(watched["fork_ns"] / 1e6)
+    return result
 
 
 def main() -> None:
@@ -128,7 +134,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    for key in ("fork", "pool"):
+    for key in ("fork", "pool", "fork_no_state_files", "pool_no_state_files"):
         values = result[key]
         print(f"h5py {result['h5py']} {key}: min {min(values):.3f} median {statistics.median(values):.3f} max {max(values):.3f}")
     print(f"worst single fork instrumented: {max(result['worst_fork_ms']):.1f} ms")

@@ -490,6 +490,10 @@ def fork_rows(repeats: int) -> list[dict]:
         version = result["h5py"]
         rows.append(_row(f"fork with 10 h5py threads, h5py {version}, instrumented / bare", result["fork"], "<=", 1.5))
         rows.append(_row(f"fork Pool(4) start, h5py {version}, instrumented / bare", result["pool"], "<=", 1.5))
+        rows.append(_row(f"fork with 10 h5py threads, h5py {version}, state files off / bare",
+                         result["fork_no_state_files"], None, None))
+        rows.append(_row(f"fork Pool(4) start, h5py {version}, state files off / bare",
+                         result["pool_no_state_files"], None, None))
     return rows
 
 
