@@ -278,6 +278,59 @@ def test_garbage_collections_run_on_the_program_s_threads_not_the_watchdog_s(tmp
 
 
 @pytest.mark.timeout(60)
+def test_ticks_leave_no_garbage_while_the_program_waits_behind_a_held_lock(tmp_path):
+    # A program blocked behind phil allocates nothing: garbage its ticks made
+    # (a reference cycle each time the deadlock detector read the threads'
+    # stacks) was then collected on the watchdog's thread, whose finalizers
+    # took phil the moment the program's fork gave it back (h5py 3.16's
+    # test_phil_fork_with_threads under h5watch, Python 3.13).
+    proc = run_python("""
+        import gc, sys, threading, time
+        import h5watch
+        h5watch.install(state_dir=sys.argv[1], tick_interval=0.01)
+        import h5py
+        from h5py import _objects
+        from h5watch.process import runtime
+
+        held = threading.Event()
+
+        def holder():
+            with _objects.phil:
+                held.set()
+                time.sleep(1.5)
+
+        def waiter():
+            with _objects.phil:
+                pass
+
+        threads = [threading.Thread(target=holder)]
+        threads[0].start()
+        held.wait()
+        threads.append(threading.Thread(target=waiter))
+        threads[1].start()
+        time.sleep(0.1)
+        gc.collect()
+        gc.disable()
+        try:
+            ticks = runtime.watchdog.ticks
+            time.sleep(0.8)
+            ticks = runtime.watchdog.ticks - ticks
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+        for thread in threads:
+            thread.join()
+        print("ticks:", ticks >= 20)
+        print("garbage:", garbage)
+    """, args=[str(tmp_path)], timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ticks: True", proc.stdout
+    # The ticks' own: none (a few objects of the interpreter's may be there).
+    assert int(lines[1].split(":")[1]) < 20, proc.stdout
+
+
+@pytest.mark.timeout(60)
 def test_an_idle_program_near_its_gc_threshold_still_gets_its_ticks(tmp_path):
     # The wait for headroom is bounded: nothing in an idle program collects.
     proc = run_python("""

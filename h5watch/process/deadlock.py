@@ -111,6 +111,18 @@ class Cycle(Record):
         return frozenset((e.waiter, e.resource) for e in self.edges)
 
 
+
+def _frames_of_other_threads() -> dict[int, FrameType]:
+    """Every thread's current frame but this one's. This thread's frame
+    would hold (in its locals) the dict that holds it: a reference cycle,
+    garbage only a collection frees, made at every tick that reads stacks,
+    so that a program blocked behind a lock (allocating nothing) would see
+    the watchdog's thread run the next collection, which the watchdog
+    must not do (see ``watchdog.GC_HEADROOM``)."""
+    frames = sys._current_frames()
+    frames.pop(threading.get_ident(), None)
+    return frames
+
 class DeadlockDetector:
     """Builds the graph each tick (``check``), reports each cycle once and
     acts on it by ``on_deadlock``; counts reports by kind."""
@@ -165,7 +177,7 @@ class DeadlockDetector:
         for cycle in cycles:
             if cycle.signature() in self._seen_last_tick and cycle.key() not in self._reported:
                 self._reported.add(cycle.key())
-                self._report(cycle, holds, frames or sys._current_frames(), options, on_kill, now_ns)
+                self._report(cycle, holds, frames or _frames_of_other_threads(), options, on_kill, now_ns)
         self._seen_last_tick = seen
         self.threads_in_deadlock = len({edge.waiter for cycle in cycles if cycle.key() in self._reported
                                         for edge in cycle.edges})
@@ -236,7 +248,7 @@ class DeadlockDetector:
         holders = {edge.owner for edge in waits.values() if edge.owner not in waits}
         if not holders:
             return cycles
-        frames.update(sys._current_frames())
+        frames.update(_frames_of_other_threads())
         for holder in holders:
             wait = _non_lock_wait(frames.get(holder))
             if wait is None:
