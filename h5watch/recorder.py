@@ -135,12 +135,14 @@ class Ring:
         finally:
             del self._busy[slot]
 
-    def _raw_entries(self) -> list[tuple[int, bytes]]:
-        """(seq, bytes) of each whole entry of the numbers claimed here,
-        oldest first: the slots of the last lap only, not the whole region."""
-        found = []
+    def _newest_whole(self, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """(seq, bytes) of each whole entry among the newest ``limit``
+        numbers claimed here (a lap at most), oldest first: only their slots
+        are read, not the whole region."""
         end = self._claimed
-        for number in range(max(0, end - ENTRIES), end):
+        count = min(end, ENTRIES if limit is None else max(0, min(limit, ENTRIES)))
+        found = []
+        for number in range(end - count, end):
             at = self._offset + HEADER_BYTES + (number % ENTRIES) * ENTRY_BYTES
             raw = bytes(self._buffer[at : at + ENTRY_BYTES])
             if _SEQ.unpack_from(raw)[0] == 2 * number + 2:
@@ -152,23 +154,15 @@ class Ring:
         ``exec()``; nothing, and not read, when ``empty``) and then this
         ring's entries, in order."""
         ring = Ring(buffer, offset, empty)
-        for _seq, raw in self._raw_entries():
+        for _seq, raw in self._newest_whole():
             number = next(ring._claim)
             ring._claimed = number + 1
             ring._write_body(number, raw[_SEQ.size :])
         return ring
 
     def entries(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The newest ``limit`` entries written here, oldest first (in this
-        process: only their slots are read)."""
-        end = self._claimed
-        count = min(end, ENTRIES if limit is None else max(0, min(limit, ENTRIES)))
-        found = []
-        for number in range(end - count, end):
-            at = self._offset + HEADER_BYTES + (number % ENTRIES) * ENTRY_BYTES
-            raw = bytes(self._buffer[at : at + ENTRY_BYTES])
-            if _SEQ.unpack_from(raw)[0] == 2 * number + 2:
-                found.append(_decode(2 * number + 2, raw))
+        """The newest ``limit`` entries written here, oldest first."""
+        found = [_decode(seq, raw) for seq, raw in self._newest_whole(limit)]
         return [entry for entry in found if entry is not None]
 
 

@@ -111,7 +111,6 @@ class Cycle(Record):
         return frozenset((e.waiter, e.resource) for e in self.edges)
 
 
-
 def _frames_of_other_threads() -> dict[int, FrameType]:
     """Every thread's current frame but this one's. This thread's frame
     would hold (in its locals) the dict that holds it: a reference cycle,
@@ -122,6 +121,7 @@ def _frames_of_other_threads() -> dict[int, FrameType]:
     frames = sys._current_frames()
     frames.pop(threading.get_ident(), None)
     return frames
+
 
 class DeadlockDetector:
     """Builds the graph each tick (``check``), reports each cycle once and
