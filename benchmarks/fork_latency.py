@@ -5,13 +5,17 @@
 Each side runs in its own child interpreter, in turn: bare; with
 ``h5watch.install()`` before ``import h5py`` on its defaults (state files
 on, in the benchmark's directory: every forked child makes its own at
-once); and the same with ``state_files=False``. Ten reader threads read
-their own HDF5 files in a loop while the main thread starts a
-``multiprocessing`` fork pool of four workers, maps a trivial task and joins
-it, twenty times. Reported per side: the median time of one ``os.fork()``
-call in the parent (every fork the pools made) and the median pool start
-(constructor to first result). The table shows instrumented / bare, and
-the same with state files off.
+once); and the same with ``state_files=False``. Where h5py has no fork
+guard of its own (before 3.14), a fourth side: bare h5py with the guard
+h5py 3.14 added (``phil`` acquired before a fork, released after it in
+the parent and the child), the least a fork that leaves no child a held
+``phil`` pays. Ten reader threads read their own HDF5 files in a loop while
+the main thread starts a ``multiprocessing`` fork pool of four workers,
+maps a trivial task and joins it, twenty times. Reported per side: the
+median time of one ``os.fork()`` call in the parent (every fork the pools
+made) and the median pool start (constructor to first result). The table
+shows instrumented / bare, the same with state files off, and
+instrumented / guarded bare.
 """
 
 from __future__ import annotations
@@ -27,12 +31,22 @@ import tempfile
 CHILD = r"""
 import json, os, statistics, sys, threading, time
 side, directory = sys.argv[1], sys.argv[2]
-if side != "bare":
+if side not in ("bare", "guarded"):
     import h5watch
     h5watch.install(state_files=side == "defaults", state_dir=os.path.join(directory, "state"))
 import multiprocessing
 import h5py
 import numpy as np
+
+native_guard = hasattr(h5py._objects, "_phil_before_fork")
+if side == "guarded":
+    if native_guard:
+        print(json.dumps({"native_guard": True}))
+        sys.stdout.flush()
+        os._exit(0)
+    # h5py 3.14's fork guard (h5py/_objects.pyx), on an h5py without it.
+    phil = h5py._objects.phil
+    os.register_at_fork(before=phil.acquire, after_in_parent=phil.release, after_in_child=phil.release)
 
 paths = []
 for i in range(10):
@@ -85,7 +99,7 @@ os._exit(0)
 """
 
 
-SIDES = ("bare", "defaults", "no_state_files")
+SIDES = ("bare", "defaults", "no_state_files", "guarded")
 
 
 def run_side(python: str, side: str, directory: str) -> dict:
@@ -104,15 +118,18 @@ def run_side(python: str, side: str, directory: str) -> dict:
 
 
 def measure(python: str, repeats: int) -> dict:
-    """Per repeat, the three sides in turn (rotated, so none always runs
-    first); ratios of each instrumented side over that repeat's bare one."""
+    """Per repeat, the sides in turn (rotated, so none always runs first);
+    ratios of each instrumented side over that repeat's bare one, and of the
+    defaults over the guarded bare one where h5py has no guard of its own."""
     result: dict = {"fork": [], "pool": [], "fork_no_state_files": [], "pool_no_state_files": [],
-                    "worst_fork_ms": [], "bare_fork_ms": [], "watched_fork_ms": []}
+                    "fork_over_guarded": [], "pool_over_guarded": [],
+                    "worst_fork_ms": [], "bare_fork_ms": [], "watched_fork_ms": [],
+                    "bare_pool_ms": [], "watched_pool_ms": [], "guarded_pool_ms": []}
     with tempfile.TemporaryDirectory() as directory:
         for i in range(repeats):
-            order = SIDES[i % 3:] + SIDES[: i % 3]
+            order = SIDES[i % len(SIDES):] + SIDES[: i % len(SIDES)]
             runs = {side: run_side(python, side, directory) for side in order}
-            bare, watched, quiet = runs["bare"], runs["defaults"], runs["no_state_files"]
+            bare, watched, quiet, guarded = runs["bare"], runs["defaults"], runs["no_state_files"], runs["guarded"]
             result["h5py"] = watched["h5py"]
             result["fork"].append(watched["fork_ns"] / bare["fork_ns"])
             result["pool"].append(watched["pool_ns"] / bare["pool_ns"])
@@ -121,6 +138,12 @@ def measure(python: str, repeats: int) -> dict:
             result["worst_fork_ms"].append(watched["fork_max_ns"] / 1e6)
             result["bare_fork_ms"].append(bare["fork_ns"] / 1e6)
             result["watched_fork_ms"].append(watched["fork_ns"] / 1e6)
+            result["bare_pool_ms"].append(bare["pool_ns"] / 1e6)
+            result["watched_pool_ms"].append(watched["pool_ns"] / 1e6)
+            if "fork_ns" in guarded:
+                result["fork_over_guarded"].append(watched["fork_ns"] / guarded["fork_ns"])
+                result["pool_over_guarded"].append(watched["pool_ns"] / guarded["pool_ns"])
+                result["guarded_pool_ms"].append(guarded["pool_ns"] / 1e6)
     return result
 
 
@@ -134,8 +157,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    for key in ("fork", "pool", "fork_no_state_files", "pool_no_state_files"):
+    for key in ("fork", "pool", "fork_no_state_files", "pool_no_state_files", "fork_over_guarded", "pool_over_guarded"):
         values = result[key]
+        if not values:
+            continue
         print(f"h5py {result['h5py']} {key}: min {min(values):.3f} median {statistics.median(values):.3f} max {max(values):.3f}")
     print(f"worst single fork instrumented: {max(result['worst_fork_ms']):.1f} ms")
 

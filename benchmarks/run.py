@@ -494,6 +494,11 @@ def fork_rows(repeats: int) -> list[dict]:
                          result["fork_no_state_files"], None, None))
         rows.append(_row(f"fork Pool(4) start, h5py {version}, state files off / bare",
                          result["pool_no_state_files"], None, None))
+        if result["pool_over_guarded"]:  # h5py without a fork guard of its own
+            rows.append(_row(f"fork with 10 h5py threads, h5py {version}, instrumented / bare with 3.14's guard",
+                             result["fork_over_guarded"], None, None))
+            rows.append(_row(f"fork Pool(4) start, h5py {version}, instrumented / bare with 3.14's guard",
+                             result["pool_over_guarded"], None, None))
     return rows
 
 
