@@ -490,9 +490,16 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks since boot) from ``/proc/<pid>/stat``:
     with the pid, the start time names one process for the machine's uptime."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)  # one read: the kernel renders the line whole (well under 1 KiB)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if b")" not in data:
         return None
     # The command name (field 2) may hold spaces and parentheses.
     fields = data[data.rindex(b")") + 2 :].split()

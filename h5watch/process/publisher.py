@@ -91,7 +91,7 @@ class StatePublisher:
         self._recorder = recorder
         self.options: Any = None
         self.writer: StateWriter | None = None
-        self._stacks_file: Any = None
+        self._stacks_fd: int | None = None
         self._exit_registered = False
         self._enabled = False
         # The pid whose attempt to create its file failed (logged once, not retried).
@@ -123,7 +123,7 @@ class StatePublisher:
                          hint="a process keeps its first state file until it exits")
         self._enabled = True
         self._failed_pid = None
-        if writer is not None and writer.owned_here() and self._stacks_file is None:
+        if writer is not None and writer.owned_here() and self._stacks_fd is None:
             self._register_dump(writer.stacks_path)
         # The file is made now, not at the first tick: from here on every
         # count is in it, whatever ends the process.
@@ -310,25 +310,30 @@ class StatePublisher:
     def _register_dump(self, path: str) -> None:
         try:
             fd = create_file_at(path, os.O_WRONLY | os.O_APPEND)  # O_EXCL: never through a planted link
-            stacks_file = os.fdopen(fd, "w")
-            faulthandler.register(DUMP_SIGNAL, file=stacks_file, all_threads=True, chain=False)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except OSError as exc:
             _log.warning("state.no_stack_dumps", error=str(exc))
             return
-        self._stacks_file = stacks_file
+        try:
+            # A descriptor, not a file object: nothing to flush or finalise.
+            faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            os.close(fd)
+            _log.warning("state.no_stack_dumps", error=str(exc))
+            return
+        self._stacks_fd = fd
 
     def _unregister_dump(self) -> None:
-        """Unregister the dump handler, then close the stacks file: explicitly,
-        so no ResourceWarning (a forked child closes only its own copy)."""
-        stacks_file, self._stacks_file = self._stacks_file, None
-        if stacks_file is None:
+        """Unregister the dump handler, then close the stacks file (a forked
+        child closes only its own copy of the descriptor)."""
+        fd, self._stacks_fd = self._stacks_fd, None
+        if fd is None:
             return
         try:
             faulthandler.unregister(DUMP_SIGNAL)
         except (ValueError, RuntimeError):
             pass
         try:
-            stacks_file.close()
+            os.close(fd)
         except OSError:
             pass
 
