@@ -355,6 +355,25 @@ _N_SLOTS_OFFSET = _header_offset("n_slots")
 _N_OPERATIONS_OFFSET = _header_offset("n_operations")
 
 
+def _offset_in(fields: list[tuple[str, str, Any]], field: str) -> int:
+    """A field's offset in a packed ("<") layout."""
+    names = [name for name, _, _ in fields]
+    return struct.calcsize("<" + "".join(code for _, code, _ in fields[: names.index(field)]))
+
+
+# Times a reader checks (a forged or damaged file may hold anything there):
+# the header's from its raw bytes (a numpy scalar's field costs a microsecond
+# or two each), the records' as 8-byte words of each row read.
+_HEADER_TIMES = [(name, struct.Struct("<" + code), _offset_in(_HEADER_FIELDS, name)) for name, code, _ in _HEADER_FIELDS
+                 if name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval", "wait_timeout",
+                             "hold_timeout")]
+_MERGE_ACTIVE_OFFSET = _offset_in(_HEADER_FIELDS, "merge_active")
+_WAITERS_SINCE_WORD = _offset_in(_RECORD_FIELDS, "waiter_since_unix") // 8
+_RECORD_TIME_WORDS = [_offset_in(_RECORD_FIELDS, "held_since_unix") // 8, _offset_in(_RECORD_FIELDS, "oldest_wait_since_unix") // 8,
+                      *range(_WAITERS_SINCE_WORD, _WAITERS_SINCE_WORD + MAX_WAITERS)]
+assert all(_offset_in(_RECORD_FIELDS, name) % 8 == 0 for name in ("held_since_unix", "oldest_wait_since_unix", "waiter_since_unix"))
+
+
 def _dtypes() -> dict[str, Any]:
     """The file's dtypes (HEADER_DTYPE, RECORD_DTYPE) and what the reader
     returns (LOCK_DTYPE, PROCESS_DTYPE), built (and numpy imported) on first use."""
@@ -896,12 +915,14 @@ class ProcessState:
     fork counters included) and lock records (LOCK_DTYPE: one per live lock
     instance and per retired name, with their counters)."""
 
-    __slots__ = ("path", "header", "records", "operations", "file_uid", "torn", "file_id")
+    __slots__ = ("path", "header", "records", "operations", "file_uid", "torn", "file_id", "workload")
 
     def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int, torn: bool = False,
                  file_id: tuple[int, int] | None = None, operations: np.ndarray | None = None) -> None:
         self.path = path
         self.header = header
+        # Read once: the daemon asks for it at every step of a scan.
+        self.workload = _text(header["workload"])
         self.records = records
         # OPERATION_DTYPE entries (contention by operation).
         self.operations = operations if operations is not None else _no_operations()
@@ -923,10 +944,6 @@ class ProcessState:
     @property
     def start_ticks(self) -> int:
         return int(self.header["start_ticks"])
-
-    @property
-    def workload(self) -> str:
-        return _text(self.header["workload"])
 
     @property
     def heartbeat_unix(self) -> float:
@@ -1150,8 +1167,8 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         raise StateFileError("truncated", "truncated fork counters")
     _counter_words(np.frombuffer(forks, dtype="<u8"))
     header = np.frombuffer(bytearray(head + bytes(forks)), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
-    for name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval", "wait_timeout", "hold_timeout"):
-        if not 0 <= float(header[name]) < _TIME_LIMIT:  # NaN fails too
+    for name, field, offset in _HEADER_TIMES:
+        if not 0 <= field.unpack_from(head, offset)[0] < _TIME_LIMIT:  # NaN fails too
             header[name] = 0.0
     n = len(table) // RECORD_SIZE
     records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=n)
@@ -1159,14 +1176,17 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     # A record whose first write never finished (sequence word 1: its writer
     # died in it) counts nothing yet: its counters move in after it.
     counted = ((state == SLOT_LIVE) | (state == SLOT_RETIRED)) & (records["block"] < CAPACITY) & (records["seq"] >= 2)
-    if int(header["merge_active"]):
+    if _U32.unpack_from(head, _MERGE_ACTIVE_OFFSET)[0]:
         # Interrupted between the steps of a merge (see the module docstring).
         source, into, block = (int(header[k]) for k in ("merge_from", "merge_into", "merge_block"))
         if into < n and source < n and int(records[into]["block"]) == block:
             counted[source] = False
-    rows = np.frombuffer(table, dtype=np.uint8).reshape(n, RECORD_SIZE)[counted]
+    rows = np.frombuffer(table, dtype=np.uint8).reshape(n, RECORD_SIZE)
+    blocks = records["block"]
+    if not counted.all():
+        rows, blocks = rows[counted], blocks[counted]
     if len(rows):
-        blocks = records["block"][counted].astype(np.intp)
+        blocks = blocks.astype(np.intp)
         span = int(blocks.max()) + 1
         raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
         if len(raw) != span * COUNTERS_BYTES:
@@ -1176,10 +1196,13 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         combined = np.concatenate([rows, counters], axis=1)
     else:
         combined = np.zeros((0, RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
+    words = combined.view("<f8")
+    times = words[:, _RECORD_TIME_WORDS]  # a copy
+    bad = ~((times >= 0) & (times < _TIME_LIMIT))
+    if bad.any():
+        times[bad] = 0.0
+        words[:, _RECORD_TIME_WORDS] = times
     out = combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
-    for name in ("held_since_unix", "oldest_wait_since_unix", "waiter_since_unix"):
-        column = out[name]
-        np.copyto(column, 0.0, where=~((column >= 0) & (column < _TIME_LIMIT)))
     return header, out
 
 

@@ -326,6 +326,7 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
     record["held"] = 1
     record["held_since_unix"] = float("-inf")
     record["oldest_wait_since_unix"] = 1e308
+    record["waiter_since_unix"][0] = [float("nan"), -1.0, 1e300, 5.0]
     block = int(record["block"][0])
     from h5watch.statefile import BLOCKS_OFFSET
 
@@ -336,6 +337,9 @@ def test_absurd_values_in_a_file_read_as_unknown_never_as_nan_wraps_or_escapes(t
     state = read_state_file(writer.path)
     assert int(state.records["acquisitions"][0]) == 0
     assert state.heartbeat_unix == 0.0 and float(state.header["tick_interval"]) == 0.0
+    assert float(state.header["started_unix"]) > 0  # a time in range is kept
+    assert float(state.records["held_since_unix"][0]) == 0.0 and float(state.records["oldest_wait_since_unix"][0]) == 0.0
+    assert state.records["waiter_since_unix"][0].tolist() == [0.0, 0.0, 0.0, 5.0]
     (entry,) = state.locks()
     assert "\x1b" not in entry["lock"] and "\x07" not in entry["lock"]
     assert entry["holder"]["held_since_unix"] is None and entry["oldest_wait_seconds"] == 0.0
