@@ -16,6 +16,11 @@ median time of one ``os.fork()`` call in the parent (every fork the pools
 made) and the median pool start (constructor to first result). The table
 shows instrumented / bare, the same with state files off, and
 instrumented / guarded bare.
+
+``--steps`` measures instead where the pool start's time goes: only the
+pool start, over bare, for sides with h5watch's fork steps cut down (for
+the measurement only: each of these is unsafe) beside the defaults, state
+files off and the guarded bare.
 """
 
 from __future__ import annotations
@@ -33,7 +38,25 @@ import json, os, statistics, sys, threading, time
 side, directory = sys.argv[1], sys.argv[2]
 if side not in ("bare", "guarded"):
     import h5watch
-    h5watch.install(state_files=side == "defaults", state_dir=os.path.join(directory, "state"))
+    h5watch.install(state_files=side != "no_state_files", state_dir=os.path.join(directory, "state"))
+if side.startswith("cut_"):
+    # --steps only: h5watch's fork steps cut down, for the measurement (unsafe).
+    from h5watch.process.fork import ForkGuard
+
+    def give_back_only(self, hooked):
+        self._give_back_fork_locks(hooked)
+
+    def give_back_and_spin(self, hooked):
+        self._give_back_fork_locks(hooked)
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+
+    if side == "cut_all":
+        ForkGuard._before_fork = ForkGuard._after_fork_in_parent = lambda self: None
+        ForkGuard._after_fork_in_child = lambda self, hooked: None
+    else:
+        ForkGuard._after_fork_in_child = give_back_only if side == "cut_child" else give_back_and_spin
 import multiprocessing
 import h5py
 import numpy as np
@@ -147,12 +170,48 @@ def measure(python: str, repeats: int) -> dict:
     return result
 
 
+# --steps: (side, what it keeps of h5watch's fork steps).
+STEPS = (
+    ("bare", "bare"),
+    ("cut_all", "none: no wait for phil, none of the fork guard's steps in the child"),
+    ("cut_child", "the parent's; a child that only gives back what the fork took"),
+    ("cut_spin", "the parent's; a child that spins 3 ms in place of its hooks"),
+    ("no_state_files", "all, state files off"),
+    ("defaults", "all, state files on (the defaults)"),
+    ("guarded", "bare with h5py 3.14's guard"),
+)
+
+
+def measure_steps(python: str, repeats: int) -> dict[str, list[float]]:
+    """Pool start over bare per side of STEPS, each repeat's sides in turn (rotated)."""
+    sides = [side for side, _ in STEPS]
+    ratios: dict[str, list[float]] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory() as directory:
+        for i in range(repeats):
+            order = sides[i % len(sides):] + sides[: i % len(sides)]
+            runs = {side: run_side(python, side, directory) for side in order}
+            for side in sides:
+                if "pool_ns" in runs[side]:
+                    ratios[side].append(runs[side]["pool_ns"] / runs["bare"]["pool_ns"])
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--steps", action="store_true", help="where the pool start's time goes (see above)")
     args = parser.parse_args()
+    if args.steps:
+        ratios = measure_steps(args.python, args.repeats)
+        if args.json:
+            print(json.dumps(ratios))
+            return
+        for side, label in STEPS:
+            if ratios[side]:
+                print(f"pool start / bare, {label}: median {statistics.median(ratios[side]):.3f}")
+        return
     result = measure(args.python, args.repeats)
     if args.json:
         print(json.dumps(result))
