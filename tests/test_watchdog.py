@@ -331,6 +331,65 @@ def test_ticks_leave_no_garbage_while_the_program_waits_behind_a_held_lock(tmp_p
 
 
 @pytest.mark.timeout(60)
+def test_no_collection_runs_on_the_watchdog_thread_while_a_fork_waits_for_phil(tmp_path):
+    # A program whose fork waits behind phil allocates nothing; a collection
+    # on the watchdog's thread then would queue h5py's finalizers for phil
+    # behind the fork, and they would take it the moment the fork gave it
+    # back (h5py 3.16's test_phil_fork_with_threads, Python 3.13, again with
+    # the youngest generation close to its threshold).
+    proc = run_python("""
+        import gc, os, sys, threading, time
+        import h5watch
+        h5watch.install(state_dir=sys.argv[1], tick_interval=0.01)
+        import h5py
+        from h5py import _objects
+
+        collections = []
+        gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(
+            (threading.current_thread().name, time.monotonic())))
+        held = threading.Event()
+        window = []
+
+        def holder():
+            with _objects.phil:
+                held.set()
+                time.sleep(0.8)
+
+        def squeeze():
+            # While the fork waits: the youngest generation brought within
+            # the headroom a tick wants (ticks would cross the threshold,
+            # waiting does not); the window opens once a tick under way has
+            # had time to end.
+            time.sleep(0.1)
+            gc.set_threshold(gc.get_count()[0] + 30, *gc.get_threshold()[1:])
+            time.sleep(0.1)
+            window.append(time.monotonic())
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        held.wait()
+        gc.collect()
+        threading.Thread(target=squeeze).start()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if _objects.phil.acquire(blocking=False) else 1)
+        ended = time.monotonic()
+        took = _objects.phil.acquire(blocking=False)
+        if took:
+            _objects.phil.release()
+        _, status = os.waitpid(pid, 0)
+        thread.join()
+        during = [name for name, at in collections if window and window[0] <= at < ended]
+        print("window:", bool(window) and ended - window[0] > 0.3)
+        print("on the watchdog in it:", during.count("h5watch-watchdog"))
+        print("took phil after the fork:", took, "child:", os.waitstatus_to_exitcode(status))
+    """, args=[str(tmp_path)], timeout=50)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines == ["window: True", "on the watchdog in it: 0", "took phil after the fork: True child: 0"], proc.stdout
+
+
+@pytest.mark.timeout(60)
 def test_an_idle_program_near_its_gc_threshold_still_gets_its_ticks(tmp_path):
     # The wait for headroom is bounded: nothing in an idle program collects.
     proc = run_python("""

@@ -282,16 +282,34 @@ class Watchdog:
         tick waits while its own allocations could cross the threshold: a
         busy program collects within milliseconds. An idle one does not: the
         tick waits at most one more ``tick_interval`` (50 ms to 1 s), and
-        its collection then leaves the next ticks their headroom. True: stopped."""
+        its collection then leaves the next ticks their headroom; or, while
+        a fork of this process waits for its locks, until that fork is done
+        or overdue (see ``_fork_waiting``). True: stopped."""
         threshold = gc.get_threshold()[0]
         if not threshold or not gc.isenabled():
             return False
         shortest, longest = _GC_HEADROOM_WAIT_SECONDS
         give_up = time.monotonic() + min(max(self.options.tick_interval, shortest), longest)
-        while gc.get_count()[0] + GC_HEADROOM > threshold and time.monotonic() < give_up:
+        while gc.get_count()[0] + GC_HEADROOM > threshold and (time.monotonic() < give_up or self._fork_waiting()):
             if stop.wait(_GC_HEADROOM_POLL_SECONDS):
                 return True
         return False
+
+    def _fork_waiting(self) -> bool:
+        """A fork of this process waits for its locks, within its bound.
+
+        Its wait is when a program blocked behind ``phil`` allocates nothing,
+        and a collection here would queue h5py's finalizers for ``phil``
+        behind the fork: the fork's release would then give ``phil`` to this
+        thread before the forking thread's program could take it again (as
+        h5py's ``test_phil_fork_with_threads`` does at once). Nothing is lost
+        by waiting: the fork reports its own timeout, and a stall past its
+        limit (another hook's wait) ends this, so the tick can report it."""
+        started = self._forks.in_progress_since_ns()
+        limit = self.options.fork_timeout
+        if started is None or limit is None:
+            return False
+        return time.monotonic_ns() - started < self._forks.stall_limit_seconds(limit) * 1e9
 
     def tick(self) -> None:
         now_ns = time.monotonic_ns()
