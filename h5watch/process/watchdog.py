@@ -302,9 +302,9 @@ class Watchdog:
         and a collection here would queue h5py's finalizers for ``phil``
         behind the fork: the fork's release would then give ``phil`` to this
         thread before the forking thread's program could take it again (as
-        h5py's ``test_phil_fork_with_threads`` does at once). Nothing is lost
-        by waiting: the fork reports its own timeout, and a stall past its
-        limit (another hook's wait) ends this, so the tick can report it."""
+        h5py's ``test_phil_fork_with_threads`` does at once). The ticks wait
+        no longer than the fork may: it reports its own timeout, and a stall
+        past its limit (another hook's wait) ends this, so a tick reports it."""
         started = self._forks.in_progress_since_ns()
         limit = self.options.fork_timeout
         if started is None or limit is None:
