@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 
 CHILD = r"""
 import json, os, statistics, sys, threading, time
@@ -140,33 +141,38 @@ def run_side(python: str, side: str, directory: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def rounds(python: str, sides: list[str] | tuple[str, ...], repeats: int) -> Iterator[dict[str, dict]]:
+    """Each repeat's runs by side, the sides in turn (rotated, so none always runs first)."""
+    with tempfile.TemporaryDirectory() as directory:
+        for i in range(repeats):
+            order = [*sides[i % len(sides):], *sides[: i % len(sides)]]
+            yield {side: run_side(python, side, directory) for side in order}
+
+
 def measure(python: str, repeats: int) -> dict:
-    """Per repeat, the sides in turn (rotated, so none always runs first);
-    ratios of each instrumented side over that repeat's bare one, and of the
-    defaults over the guarded bare one where h5py has no guard of its own."""
+    """Per repeat (see ``rounds``), ratios of each instrumented side over
+    that repeat's bare one, and of the defaults over the guarded bare one
+    where h5py has no guard of its own."""
     result: dict = {"fork": [], "pool": [], "fork_no_state_files": [], "pool_no_state_files": [],
                     "fork_over_guarded": [], "pool_over_guarded": [],
                     "worst_fork_ms": [], "bare_fork_ms": [], "watched_fork_ms": [],
                     "bare_pool_ms": [], "watched_pool_ms": [], "guarded_pool_ms": []}
-    with tempfile.TemporaryDirectory() as directory:
-        for i in range(repeats):
-            order = SIDES[i % len(SIDES):] + SIDES[: i % len(SIDES)]
-            runs = {side: run_side(python, side, directory) for side in order}
-            bare, watched, quiet, guarded = runs["bare"], runs["defaults"], runs["no_state_files"], runs["guarded"]
-            result["h5py"] = watched["h5py"]
-            result["fork"].append(watched["fork_ns"] / bare["fork_ns"])
-            result["pool"].append(watched["pool_ns"] / bare["pool_ns"])
-            result["fork_no_state_files"].append(quiet["fork_ns"] / bare["fork_ns"])
-            result["pool_no_state_files"].append(quiet["pool_ns"] / bare["pool_ns"])
-            result["worst_fork_ms"].append(watched["fork_max_ns"] / 1e6)
-            result["bare_fork_ms"].append(bare["fork_ns"] / 1e6)
-            result["watched_fork_ms"].append(watched["fork_ns"] / 1e6)
-            result["bare_pool_ms"].append(bare["pool_ns"] / 1e6)
-            result["watched_pool_ms"].append(watched["pool_ns"] / 1e6)
-            if "fork_ns" in guarded:
-                result["fork_over_guarded"].append(watched["fork_ns"] / guarded["fork_ns"])
-                result["pool_over_guarded"].append(watched["pool_ns"] / guarded["pool_ns"])
-                result["guarded_pool_ms"].append(guarded["pool_ns"] / 1e6)
+    for runs in rounds(python, SIDES, repeats):
+        bare, watched, quiet, guarded = runs["bare"], runs["defaults"], runs["no_state_files"], runs["guarded"]
+        result["h5py"] = watched["h5py"]
+        result["fork"].append(watched["fork_ns"] / bare["fork_ns"])
+        result["pool"].append(watched["pool_ns"] / bare["pool_ns"])
+        result["fork_no_state_files"].append(quiet["fork_ns"] / bare["fork_ns"])
+        result["pool_no_state_files"].append(quiet["pool_ns"] / bare["pool_ns"])
+        result["worst_fork_ms"].append(watched["fork_max_ns"] / 1e6)
+        result["bare_fork_ms"].append(bare["fork_ns"] / 1e6)
+        result["watched_fork_ms"].append(watched["fork_ns"] / 1e6)
+        result["bare_pool_ms"].append(bare["pool_ns"] / 1e6)
+        result["watched_pool_ms"].append(watched["pool_ns"] / 1e6)
+        if "fork_ns" in guarded:
+            result["fork_over_guarded"].append(watched["fork_ns"] / guarded["fork_ns"])
+            result["pool_over_guarded"].append(watched["pool_ns"] / guarded["pool_ns"])
+            result["guarded_pool_ms"].append(guarded["pool_ns"] / 1e6)
     return result
 
 
@@ -186,13 +192,10 @@ def measure_steps(python: str, repeats: int) -> dict[str, list[float]]:
     """Pool start over bare per side of STEPS, each repeat's sides in turn (rotated)."""
     sides = [side for side, _ in STEPS]
     ratios: dict[str, list[float]] = {side: [] for side in sides}
-    with tempfile.TemporaryDirectory() as directory:
-        for i in range(repeats):
-            order = sides[i % len(sides):] + sides[: i % len(sides)]
-            runs = {side: run_side(python, side, directory) for side in order}
-            for side in sides:
-                if "pool_ns" in runs[side]:
-                    ratios[side].append(runs[side]["pool_ns"] / runs["bare"]["pool_ns"])
+    for runs in rounds(python, sides, repeats):
+        for side in sides:
+            if "pool_ns" in runs[side]:
+                ratios[side].append(runs[side]["pool_ns"] / runs["bare"]["pool_ns"])
     return ratios
 
 

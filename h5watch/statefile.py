@@ -335,11 +335,6 @@ assert _HEADER_SEQ_OFFSET % 8 == 0  # sequence words are aligned (see recorder.s
 _DTYPES: dict[str, Any] = {}
 
 
-def _header_offset(field: str) -> int:
-    return _HEADER_TAIL_OFFSET + struct.calcsize(
-        "<" + "".join(code for _, code, _ in _HEADER_TAIL_FIELDS[: [n for n, _, _ in _HEADER_TAIL_FIELDS].index(field)]))
-
-
 def _written_through(buffer: Any, offset: int, size: int, counted: int, limit: int) -> int:
     """How many of a table's places are in use: the header's count, or more
     when places after it (below ``limit``) were written (their first write
@@ -351,15 +346,14 @@ def _written_through(buffer: Any, offset: int, size: int, counted: int, limit: i
     return counted
 
 
-_N_SLOTS_OFFSET = _header_offset("n_slots")
-_N_OPERATIONS_OFFSET = _header_offset("n_operations")
-
-
 def _offset_in(fields: list[tuple[str, str, Any]], field: str) -> int:
     """A field's offset in a packed ("<") layout."""
     names = [name for name, _, _ in fields]
     return struct.calcsize("<" + "".join(code for _, code, _ in fields[: names.index(field)]))
 
+
+_N_SLOTS_OFFSET = _offset_in(_HEADER_FIELDS, "n_slots")
+_N_OPERATIONS_OFFSET = _offset_in(_HEADER_FIELDS, "n_operations")
 
 # Times a reader checks (a forged or damaged file may hold anything there):
 # the header's from its raw bytes (a numpy scalar's field costs a microsecond
