@@ -59,9 +59,10 @@ A process that ``exec()``s keeps its pid and start time, and so its file
 name: an instrumented new image adopts the file, retiring the old image's
 records into its names' retired records, and counts on from there.
 
-Operations are written each tick (and at exit) from the locks' tables, not
-counted in the mapping: a process killed by SIGKILL loses at most one tick of
-them, never a lock's own counters. An entry keeps its place once given one;
+Operations are written each tick (and when the threads' shutdown starts,
+and at exit) from the locks' tables, not counted in the mapping: a process
+killed by SIGKILL loses at most one tick of them, never a lock's own
+counters. An entry keeps its place once given one;
 the last entry sums the pairs that came after every other was taken. Each
 entry has its own sequence counter, as records do.
 

@@ -11,11 +11,12 @@ import time
 import urllib.request
 
 import pytest
-from conftest import run_python
+from conftest import _lock_classes, run_python
 from daemon_support import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from h5watch.schema import OPERATION_OTHER, OPERATION_SLOTS
+from h5watch.statefile import read_state_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -305,3 +306,61 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert samples[("h5watch_lock_operation_holds_total", "old")] == 3
     assert samples[("h5watch_lock_operation_holds_total", "new")] == 7
     assert samples[("h5watch_lock_operation_hold_seconds_total", "new")] == pytest.approx(0.007)
+
+
+MULTIPROCESSING_WORKERS = """
+import json, multiprocessing, sys
+import h5watch
+h5watch.install(state_dir=sys.argv[1], service="mp-profiled", tick_interval=60)  # no tick in a worker's life
+import h5py, numpy as np
+
+path, how = sys.argv[2], sys.argv[3]
+
+def work(_=None):
+    with h5py.File(path, "r") as f:
+        for _ in range(50):
+            f["x"][:]
+    return multiprocessing.current_process().pid
+
+if __name__ == "__main__":
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(100)
+    context = multiprocessing.get_context("fork")
+    if how == "process":
+        worker = context.Process(target=work)
+        worker.start()
+        worker.join(60)
+        pids, exitcodes = [worker.pid], [worker.exitcode]
+    else:
+        pool = context.Pool(2)
+        pids = sorted(set(pool.map(work, range(6), chunksize=1)))
+        pool.close()  # the workers end as Process children do: _bootstrap, then os._exit
+        pool.join()
+        exitcodes = [0]
+    print(json.dumps({"pids": pids, "exitcodes": exitcodes}))
+"""
+
+
+@pytest.mark.parametrize("how", ["process", "pool"])
+@pytest.mark.parametrize("implementation", ["compiled", "python"])
+def test_a_multiprocessing_worker_that_ends_with_os_exit_keeps_its_operations(state_dir, tmp_path, implementation, how):
+    """A multiprocessing child ends with os._exit (no exit handlers; on 3.13
+    its atexit list is cleared too) before any tick: what it counted by
+    operation is in its file all the same, hold for hold with its locks'
+    own counters."""
+    if implementation == "compiled" and "compiled" not in _lock_classes():
+        pytest.skip("the compiled core is not built here")
+    result = run_python(MULTIPROCESSING_WORKERS, args=[str(state_dir), str(tmp_path / "data.h5"), how],
+                        env={"H5WATCH_IMPLEMENTATION": implementation}, timeout=90)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["exitcodes"] == [0]
+    total_holds = 0
+    for pid in out["pids"]:
+        [path] = list(state_dir.rglob(f"{pid}-*.h5w"))
+        state = read_state_file(str(path))
+        acquisitions = sum(lock["acquisitions"] for lock in state.locks() if lock["lock"] == "h5py.phil")
+        holds = sum(row.holds for row in state.operation_records() if row.lock == "h5py.phil")
+        assert acquisitions > 0 and holds == acquisitions, (pid, acquisitions, state.operation_records())
+        total_holds += holds
+    assert total_holds >= 50 * (1 if how == "process" else 6)

@@ -15,6 +15,9 @@ written:
   a killed child leaves the evidence behind);
 - when the watchdog stops for a fork: a last write, marked "watchdog not
   running" (the daemon then judges the process by its records alone);
+- when the threads' shutdown starts (``threading._shutdown()``: a normal
+  exit, and the end of every ``multiprocessing`` child, which then calls
+  ``os._exit()`` without exit handlers): everything, operations included;
 - at exit: a last write marked ``exited``.
 
 A forked child never writes its parent's file (the parent's mapping is
@@ -131,6 +134,7 @@ class StatePublisher:
         if not self._exit_registered:
             self._exit_registered = True
             atexit.register(self._at_exit)
+            _at_thread_shutdown(self._at_threads_shutdown)
 
     def stop(self) -> None:
         """Stop writing. The file stays until the process exits (or execs):
@@ -209,6 +213,16 @@ class StatePublisher:
         if writer is not None:
             writer.write_one(lock_record(lock, orphan=evidence))
             self._write_all(writer)
+
+    def _at_threads_shutdown(self) -> None:
+        """A write of everything, operations included, when the interpreter
+        (or a ``multiprocessing`` child, which ends with ``os._exit`` and no
+        exit handlers) starts its threads' shutdown. A normal exit writes
+        again at exit; nothing here may fail that shutdown."""
+        try:
+            self._write_all(self._writer(create=False))
+        except Exception as exc:  # a last write: the exit goes on
+            _log.warning("state.write_failed", when="threads_shutdown", error=f"{type(exc).__name__}: {exc}")
 
     def _at_exit(self) -> None:
         # Nothing may make or adopt a file after this (a tick on another thread
@@ -360,6 +374,22 @@ def _add_to(totals: dict[tuple[str, str], OperationRecord], records: list[Operat
         key = (record.lock, record.operation)
         known = totals.get(key)
         totals[key] = record if known is None else known.plus(record)
+
+
+def _at_thread_shutdown(func: Any) -> None:
+    """Call ``func`` when ``threading._shutdown()`` starts: at a normal exit,
+    before the non-daemon threads are joined, and at the end of every
+    ``multiprocessing`` child (``BaseProcess._bootstrap`` calls it before
+    ``os._exit``, on every Python admitted). ``threading._register_atexit``
+    is CPython's own (``concurrent.futures`` uses it), 3.9 and later; the
+    list it fills is inherited by forked children, as the publisher is."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        return
+    try:
+        register(func)
+    except RuntimeError:  # the threads' shutdown has begun: too late, and the exit handler writes
+        pass
 
 
 def _set_versions(writer: StateWriter) -> bool:
