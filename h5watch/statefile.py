@@ -62,9 +62,9 @@ records into its names' retired records, and counts on from there.
 Operations are written each tick (and when the threads' shutdown starts,
 and at exit) from the locks' tables, not counted in the mapping: a process
 killed by SIGKILL loses at most one tick of them, never a lock's own
-counters. An entry keeps its place once given one;
-the last entry sums the pairs that came after every other was taken. Each
-entry has its own sequence counter, as records do.
+counters. An entry keeps its place once given one; the last entry sums the
+pairs that came after every other was taken. Each entry has its own
+sequence counter, as records do.
 
 Next to it, ``<pid>-<start ticks>.stacks`` receives ``faulthandler``'s dump
 of every thread's stack when the process gets its dump signal: the daemon's
