@@ -354,7 +354,6 @@ def _offset_in(fields: list[tuple[str, str, Any]], field: str) -> int:
 
 
 _N_SLOTS_OFFSET = _offset_in(_HEADER_FIELDS, "n_slots")
-_N_OPERATIONS_OFFSET = _offset_in(_HEADER_FIELDS, "n_operations")
 
 # Times a reader checks (a forged or damaged file may hold anything there):
 # the header's from its raw bytes (a numpy scalar's field costs a microsecond

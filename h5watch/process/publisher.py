@@ -134,7 +134,7 @@ class StatePublisher:
         if not self._exit_registered:
             self._exit_registered = True
             atexit.register(self._at_exit)
-            _at_thread_shutdown(self._at_threads_shutdown)
+            _register_at_threads_shutdown(self._at_threads_shutdown)
 
     def stop(self) -> None:
         """Stop writing. The file stays until the process exits (or execs):
@@ -376,7 +376,7 @@ def _add_to(totals: dict[tuple[str, str], OperationRecord], records: list[Operat
         totals[key] = record if known is None else known.plus(record)
 
 
-def _at_thread_shutdown(func: Any) -> None:
+def _register_at_threads_shutdown(func: Any) -> None:
     """Call ``func`` when ``threading._shutdown()`` starts: at a normal exit,
     before the non-daemon threads are joined, and at the end of every
     ``multiprocessing`` child (``BaseProcess._bootstrap`` calls it before
