@@ -204,6 +204,7 @@ def test_raise_interrupts_a_waiting_thread_and_the_program_finishes(run, program
     assert interrupted.startswith("DeadlockError: thread ") and "to break a deadlock" in interrupted
     assert all(outcome == "finished" for name, outcome in result["outcomes"].items() if name != event["interrupted_thread"])
     assert result["deadlocks"][event["kind"]] == 1
+    assert result["counted_when_raised"][event["kind"]] == 1  # logged and counted before the thread is woken
 
 
 @pytest.mark.timeout(60)

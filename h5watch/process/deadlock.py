@@ -319,9 +319,11 @@ class DeadlockDetector:
                 error = DeadlockError(
                     f"thread {name!r} was interrupted in its wait for {target.target} to break a deadlock: "
                     + fields["summary"], {"event": "lock.deadlock", **fields})
-                interrupt_wait(target.waiter, target.since_ns, error)
+                # Logged and counted before the waiter is woken: the program the
+                # error unwinds may read its counts (or end) straight away.
                 _log.critical("lock.deadlock", action="raised", interrupted_thread=name, **fields)
                 self._count(cycle)
+                interrupt_wait(target.waiter, target.since_ns, error)
                 return
             fields["not_raised"] = "no thread of the cycle waits in a watched lock's acquire, where it could be interrupted"
         _log.critical("lock.deadlock", action="warn", **fields)

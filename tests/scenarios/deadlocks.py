@@ -45,6 +45,7 @@ if sys.argv[4:] == ["fork-first"]:
     if policy != "bare":
         print(f"WATCHDOG {h5watch.snapshot()['watchdog']['running']}", flush=True)
 outcomes: dict[str, str] = {}
+counted_when_raised: dict[str, int] = {}
 if policy == "bare":
     # The same locks, unwatched: the hang is the program's, not h5watch's.
     make_lock = lambda name: threading.RLock()  # noqa: E731
@@ -65,6 +66,8 @@ def guarded(name: str, body: object) -> object:
             outcomes[name] = "finished"
         except DeadlockError as exc:
             outcomes[name] = "DeadlockError: " + str(exc)[:200]
+            if policy != "bare":  # what the thread the error unwinds can read at once
+                counted_when_raised.update(h5watch.snapshot()["watchdog"]["deadlocks"])
         except Exception as exc:  # an h5py call that failed because its callback raised
             outcomes[name] = f"{type(exc).__name__}: " + str(exc)[:200]
             if isinstance(exc.__cause__ or exc.__context__, DeadlockError):
@@ -249,4 +252,5 @@ else:
 for thread in threads:
     thread.join()
 snapshot = h5watch.snapshot() if policy != "bare" else {}
-print("RESULT " + json.dumps({"outcomes": outcomes, "deadlocks": snapshot.get("watchdog", {}).get("deadlocks")}), flush=True)
+print("RESULT " + json.dumps({"outcomes": outcomes, "deadlocks": snapshot.get("watchdog", {}).get("deadlocks"),
+                               "counted_when_raised": counted_when_raised}), flush=True)
