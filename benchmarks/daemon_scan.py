@@ -4,7 +4,8 @@ Run alone: ``python benchmarks/daemon_scan.py [--files 1000] [--repeats 15]``.
 
 The state files name real live processes (``sleep``), with their true start
 times, so the daemon treats every one as a live worker: read, verified,
-aggregated, exported. Each file holds three locks. Timings are medians;
+aggregated, exported. Each file holds three locks and ten operation
+entries (contention by operation). Timings are medians;
 peak RSS is the benchmark process's own (it runs the daemon's code in-process).
 """
 
@@ -35,16 +36,27 @@ from h5watch.process.publisher import lock_record
 from h5watch.records import ProcessStatus
 from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name
 
+# What an h5py reader's phil is held for (contention by operation), and the
+# operation of each application lock: 10 operation entries per file.
+PHIL_OPERATIONS = ("h5py._hl.files.File.__init__", "h5py._hl.group.Group.__getitem__",
+                   "h5py._hl.dataset.Dataset.__getitem__", "h5py._hl.dataset.Dataset.shape",
+                   "h5py._hl.dataset.Dataset.dtype", "h5py._hl.base.HLObject.attrs",
+                   "h5py._hl.attrs.AttributeManager.__getitem__", "h5py._hl.files.File.close")
+
 
 def _template(directory: str) -> bytes:
-    """A real state file with three locks that have seen some traffic."""
+    """A real state file with three locks that have seen some traffic, and
+    their operation entries."""
     writer = StateWriter(directory, "bench", 0, 0.5)
     locks = [WatchedLock(name) for name in ("h5py.phil", "app.cache", "app.db")]
     for lock in locks:
-        for _ in range(100):
-            with lock:
-                pass
-    writer.write_all([lock_record(lock) for lock in locks], ProcessStatus(True, None))
+        for operation in (PHIL_OPERATIONS if lock.name == "h5py.phil" else (None,)):
+            for _ in range(100):
+                lock.acquire_for(operation)
+                lock.release()
+    operations = [row for lock in locks for row in lock.operations.rows()]
+    assert len(operations) == len(PHIL_OPERATIONS) + 2, operations
+    writer.write_all([lock_record(lock) for lock in locks], ProcessStatus(True, None), operations)
     data = Path(writer.path).read_bytes()
     writer.close(exited=False)
     os.unlink(writer.path)
@@ -83,6 +95,8 @@ def bench_daemon_scan(n_files: int = 1000, repeats: int = 15) -> dict[str, float
             live = sum(v for (w, s), v in aggregate.processes.items() if s != "dead")
             assert live == n_files, f"expected {n_files} live processes, the daemon saw {live}"
             assert b"h5watch_lock_acquisitions_total" in body
+            holds = sum(totals.holds for totals in aggregate.operations.values())
+            assert holds == n_files * 100 * (len(PHIL_OPERATIONS) + 2), f"the daemon counted {holds} operation holds"
     finally:
         for proc in sleepers:
             proc.kill()

@@ -140,6 +140,7 @@ __all__ = [
     "proc_start_ticks",
     "read_state_file",
     "read_recorder",
+    "concat_operations",
     "concat_records",
     "state_file_name",
     "list_state_files",
@@ -150,6 +151,7 @@ __all__ = [
     "OPERATIONS_CAPACITY",
     "OPERATIONS_OVERFLOW_LOCK",
     "OPERATION_COUNTERS",
+    "text_from_file",
 ]
 
 # h5watch's stack-dump signal: a real-time signal nobody else is likely to
@@ -366,12 +368,17 @@ _WAITERS_SINCE_WORD = _offset_in(_RECORD_FIELDS, "waiter_since_unix") // 8
 _RECORD_TIME_WORDS = [_offset_in(_RECORD_FIELDS, "held_since_unix") // 8, _offset_in(_RECORD_FIELDS, "oldest_wait_since_unix") // 8,
                       *range(_WAITERS_SINCE_WORD, _WAITERS_SINCE_WORD + MAX_WAITERS)]
 assert all(_offset_in(_RECORD_FIELDS, name) % 8 == 0 for name in ("held_since_unix", "oldest_wait_since_unix", "waiter_since_unix"))
+# An operation entry's counters: consecutive 8-byte words from this offset.
+_OPERATION_COUNTERS_OFFSET = _offset_in(_OPERATION_FIELDS, "holds")
+assert [_offset_in(_OPERATION_FIELDS, name) for name in OPERATION_COUNTERS] == [
+    _OPERATION_COUNTERS_OFFSET + 8 * i for i in range(len(OPERATION_COUNTERS))]
 
 
 def _dtypes() -> dict[str, Any]:
     """The file's dtypes (HEADER_DTYPE, RECORD_DTYPE) and what the reader
     returns (LOCK_DTYPE, PROCESS_DTYPE), built (and numpy imported) on first use."""
     if not _DTYPES:
+        import numpy as np
 
         header, record = _dtype(_HEADER_FIELDS, HEADER_SIZE), _dtype(_RECORD_FIELDS, RECORD_SIZE)
         assert header.itemsize == HEADER_SIZE and record.itemsize == RECORD_SIZE
@@ -382,7 +389,7 @@ def _dtypes() -> dict[str, Any]:
         process = _dtype(_HEADER_FIELDS, HEADER_SIZE + COUNTERS_BYTES, _counter_fields(HEADER_SIZE, _FORK_WORDS))
         operation = _dtype(_OPERATION_FIELDS, OPERATION_SIZE)
         _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record, LOCK_DTYPE=lock, PROCESS_DTYPE=process,
-                       OPERATION_DTYPE=operation)
+                       OPERATION_DTYPE=operation, RECORD_TIME_COLUMNS=np.array(_RECORD_TIME_WORDS, dtype=np.intp))
     return _DTYPES
 
 
@@ -698,7 +705,7 @@ class StateWriter:
                 self._write_record(slot, dict(_EMPTY_RECORD))
                 self._free_slots.append(slot)
                 continue
-            name = _text(values["name"])
+            name = text_from_file(values["name"])
             self._record_names[slot] = name
             self._blocks[slot] = block_of
             used_blocks.add(block_of)
@@ -713,7 +720,7 @@ class StateWriter:
             offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
             self._operation_seqs[entry] = _SEQ.unpack_from(self._map, offset)[0] // 2 + 1
             lock, operation, *counts = _OPERATION_TAIL.unpack_from(self._map, offset + 8)
-            record = OperationRecord(_text(lock), _text(operation), *counts)
+            record = OperationRecord(text_from_file(lock), text_from_file(operation), *counts)
             self.adopted_operations.append(record)
             if entry < OPERATIONS_CAPACITY - 1:
                 self._operation_entries[(record.lock, record.operation)] = entry
@@ -733,7 +740,7 @@ class StateWriter:
     def _write_record(self, slot: int, fields: dict[str, Any]) -> None:
         self._record_values[slot] = dict(fields)
         if fields.get("name") is not None:
-            self._record_names[slot] = _text(fields["name"])
+            self._record_names[slot] = text_from_file(fields["name"])
         offset = RECORDS_OFFSET + slot * RECORD_SIZE
         body = _RECORD_TAIL.pack(*_flatten(_RECORD_TAIL_FIELDS, fields))
         self._record_seqs[slot] += 1
@@ -916,7 +923,7 @@ class ProcessState:
         self.path = path
         self.header = header
         # Read once: the daemon asks for it at every step of a scan.
-        self.workload = _text(header["workload"])
+        self.workload = text_from_file(header["workload"])
         self.records = records
         # OPERATION_DTYPE entries (contention by operation).
         self.operations = operations if operations is not None else _no_operations()
@@ -946,7 +953,7 @@ class ProcessState:
     @property
     def versions(self) -> dict[str, str]:
         """What the process runs: each of VERSION_FIELDS, "" when it did not say."""
-        return {name: _text(self.header[name]) for name in VERSION_FIELDS}
+        return {name: text_from_file(self.header[name]) for name in VERSION_FIELDS}
 
     @property
     def stacks_path(self) -> str:
@@ -979,7 +986,7 @@ class ProcessState:
 
     def operation_records(self) -> list[OperationRecord]:
         """Contention by operation, the most held first."""
-        out = [OperationRecord(_text(e["lock"]), _text(e["operation"]), *(int(e[name]) for name in OPERATION_COUNTERS))
+        out = [OperationRecord(text_from_file(e["lock"]), text_from_file(e["operation"]), *(int(e[name]) for name in OPERATION_COUNTERS))
                for e in self.operations]
         out.sort(key=lambda r: (-r.hold_sum_ns, r.lock, r.operation))
         return out
@@ -1000,8 +1007,8 @@ class ProcessState:
                     "pid": int(record["holder_pid"]) or None,
                     "thread_ident": int(record["holder_ident"]) or None,
                     "native_id": int(record["holder_native_id"]) or None,
-                    "thread_name": _text(record["holder_name"]) or None,
-                    "operation": _text(record["holder_operation"]) or None,
+                    "thread_name": text_from_file(record["holder_name"]) or None,
+                    "operation": text_from_file(record["holder_operation"]) or None,
                     "held_since_unix": since or None,
                     "hold_age_seconds": max(0.0, holds_seen_at - since) if since else None,
                     "depth": int(record["depth"]),
@@ -1011,14 +1018,14 @@ class ProcessState:
             waiters = [
                 {
                     "native_id": int(record["waiter_native_ids"][i]) or None,
-                    "thread_name": _text(names[i * THREAD_NAME_BYTES : (i + 1) * THREAD_NAME_BYTES]) or None,
+                    "thread_name": text_from_file(names[i * THREAD_NAME_BYTES : (i + 1) * THREAD_NAME_BYTES]) or None,
                     "wait_seconds": max(0.0, now_unix - float(record["waiter_since_unix"][i])),
                 }
                 for i in range(n_shown)
             ]
             oldest = float(record["oldest_wait_since_unix"])
             out.append({
-                "lock": _text(record["name"]),
+                "lock": text_from_file(record["name"]),
                 "acquisitions": int(record["acquisitions"]),
                 "contentions": int(record["contentions"]),
                 "orphaned": bool(record["orphaned"]),
@@ -1042,7 +1049,7 @@ class ProcessState:
 _CONTROL = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)], "?")
 
 
-def _text(raw: Any) -> str:
+def text_from_file(raw: Any) -> str:
     """A name from a file: never a control character (escape sequences on an
     operator's terminal, broken log lines)."""
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace").translate(_CONTROL)
@@ -1190,12 +1197,16 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         combined = np.concatenate([rows, counters], axis=1)
     else:
         combined = np.zeros((0, RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
-    words = combined.view("<f8")
-    times = words[:, _RECORD_TIME_WORDS]  # a copy
-    bad = ~((times >= 0) & (times < _TIME_LIMIT))
+    words = combined.view("<u8")
+    columns = dtypes["RECORD_TIME_COLUMNS"]
+    times = words[:, columns]  # a copy
+    # One comparison of the bits: 0 <= t < _TIME_LIMIT exactly when the
+    # double's bit pattern is below the limit's (a negative number has its
+    # sign bit set, a NaN or infinity the top exponent).
+    bad = times >= _TIME_LIMIT_BITS
     if bad.any():
-        times[bad] = 0.0
-        words[:, _RECORD_TIME_WORDS] = times
+        times[bad] = 0  # the bits of 0.0
+        words[:, columns] = times
     out = combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
     return header, out
 
@@ -1218,6 +1229,14 @@ def _read_operations(fd: int, n: int, retries: int, accept_torn: bool) -> tuple[
     if n == 0:
         return _no_operations(), True
     size = n * OPERATION_SIZE
+    first = os.pread(fd, size, OPERATIONS_OFFSET)
+    if len(first) == size and first == os.pread(fd, size, OPERATIONS_OFFSET):
+        # The usual case, in a few calls: two equal copies, every entry steady.
+        entries = np.frombuffer(bytearray(first), dtype=dtype, count=n)
+        if not (entries["seq"] & 1).any():
+            steady: np.ndarray = entries[entries["seq"] != 0]
+            _operation_counter_words(steady)
+            return steady, True
     good = np.zeros(n, dtype=bool)
     out = np.zeros(n, dtype=dtype)
     for attempt in range(max(1, retries)):
@@ -1241,14 +1260,26 @@ def _read_operations(fd: int, n: int, retries: int, accept_torn: bool) -> tuple[
         out[~good] = a[~good]
         good |= a["seq"] > 1
     kept: np.ndarray = out[good & (out["seq"] != 0)]
-    for name in OPERATION_COUNTERS:
-        _counter_words(kept[name])
+    _operation_counter_words(kept)
     return kept, consistent
+
+
+def _operation_counter_words(entries: np.ndarray) -> None:
+    """``_counter_words`` on every counter of ``entries`` (a contiguous
+    array of its own), in place, in one call."""
+    import numpy as np
+
+    if not len(entries):
+        return
+    words = np.ndarray((len(entries), len(OPERATION_COUNTERS)), dtype="<u8", buffer=entries,
+                       offset=_OPERATION_COUNTERS_OFFSET, strides=(OPERATION_SIZE, 8))
+    _counter_words(words)
 
 
 # Times and intervals as read: NaN, infinities, negatives and values past the
 # year 9000 (a forged or damaged file) read as 0, "unknown".
 _TIME_LIMIT = 2.5e11
+_TIME_LIMIT_BITS = struct.unpack("<Q", struct.pack("<d", _TIME_LIMIT))[0]
 
 
 def _counter_words(words: Any) -> None:
@@ -1260,8 +1291,17 @@ def _counter_words(words: Any) -> None:
 def concat_records(arrays: list[np.ndarray]) -> np.ndarray:
     """Several processes' records as one array (as raw rows: numpy would
     otherwise compare the structured dtypes field by field for each)."""
+    return _concat(arrays, "LOCK_DTYPE")
+
+
+def concat_operations(arrays: list[np.ndarray]) -> np.ndarray:
+    """Several processes' operation entries as one array, as ``concat_records``."""
+    return _concat(arrays, "OPERATION_DTYPE")
+
+
+def _concat(arrays: list[np.ndarray], dtype_name: str) -> np.ndarray:
     import numpy as np
 
-    dtype: np.dtype = _dtypes()["LOCK_DTYPE"]
+    dtype: np.dtype = _dtypes()[dtype_name]
     raw = np.concatenate([a.view(np.uint8).reshape(len(a), dtype.itemsize) for a in arrays])
     return raw.view(dtype).reshape(len(raw))

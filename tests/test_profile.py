@@ -308,6 +308,33 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert samples[("h5watch_lock_operation_hold_seconds_total", "new")] == pytest.approx(0.007)
 
 
+def test_operation_names_that_read_alike_are_one_series_and_absurd_counters_read_as_zero(state_dir, daemons):
+    """A forged or damaged file: two operation entries whose names differ
+    only in control characters (each reads as ``?``) are one series, their
+    counts added; a counter no real count reaches is read as 0, never summed."""
+    code = f"""
+import os, signal
+from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.statefile import StateWriter, ensure_state_dir
+directory = ensure_state_dir({str(state_dir)!r})
+writer = StateWriter(directory, "forged", 0, 0.5)
+writer.write_all([], ProcessStatus(True, None), [
+    OperationRecord("app.cache", "read\\x1bone", 3, 3_000_000, 1_000_000, 0, 1, 500_000),
+    OperationRecord("app.cache", "read\\x07one", 4, 2**63 + 5, 1_000_000, 0, 2, 250_000),
+])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    result = run_python(code, timeout=60)
+    assert result.returncode == -9, result.stderr
+    daemon = daemons(state_dir, "--scan-interval", "0.2")
+    wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the dead process's file to be folded")
+    samples = wait_for(lambda: operation_samples(daemon.port, "forged") or None, 20, what="operation series")
+    assert {operation for _, operation in samples} == {"read?one"}
+    assert samples[("h5watch_lock_operation_holds_total", "read?one")] == 7
+    assert samples[("h5watch_lock_operation_hold_seconds_total", "read?one")] == pytest.approx(0.003)
+    assert samples[("h5watch_lock_operation_waits_total", "read?one")] == 3
+
+
 MULTIPROCESSING_WORKERS = """
 import json, multiprocessing, sys
 import h5watch

@@ -65,14 +65,18 @@ from h5watch.statefile import (
     ProcessState,
     StateDirError,
     StateFileError,
+    concat_operations,
     concat_records,
     process_identity,
     read_state_file,
+    text_from_file,
 )
 
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
 TOTALS_FILE = totals.TOTALS_FILE
+# An operation entry's counters summed over processes, in OperationTotals' order.
+_OPERATION_TOTALS = ("holds", "hold_sum_ns", "caused_wait_sum_ns", "waits", "wait_sum_ns")
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
 # Dead processes' files read (and folded) per scan, after every live one.
 MAX_DEAD_PER_SCAN = 2000
@@ -548,15 +552,31 @@ class Daemon:
         )
 
     @staticmethod
-    def _add_operations(into: dict[tuple[str, str, str], OperationTotals], state: ProcessState) -> None:
-        workload = state.workload
-        for record in state.operation_records():
-            key = (workload, record.lock, record.operation)
+    def _add_operations(into: dict[tuple[str, str, str], OperationTotals], states: list[ProcessState]) -> None:
+        """Contention by operation, summed per (workload, lock, operation)
+        over ``states`` in one pass over all their entries at once."""
+        lengths = [len(state.operations) for state in states]
+        if not sum(lengths):
+            return
+        entries = concat_operations([state.operations for state in states])
+        owner = np.repeat(np.arange(len(states)), lengths)
+        workloads = [state.workload for state in states]
+        # By the names' raw bytes first; two that read as one text (see
+        # text_from_file) are added into one total below.
+        keys: dict[tuple[str, bytes, bytes], int] = {}
+        index = np.fromiter(
+            (keys.setdefault((workloads[p], lock, operation), len(keys))
+             for p, lock, operation in zip(owner.tolist(), entries["lock"].tolist(), entries["operation"].tolist())),
+            dtype=np.intp, count=len(entries),
+        )
+        sums = np.zeros((len(keys), len(_OPERATION_TOTALS)), dtype=np.uint64)
+        np.add.at(sums, index, np.stack([entries[name] for name in _OPERATION_TOTALS], axis=1).astype(np.uint64))
+        for (workload, lock, operation), row in zip(keys, sums.tolist()):
+            key = (workload, text_from_file(lock), text_from_file(operation))
             totals = into.get(key)
             if totals is None:
                 totals = into[key] = OperationTotals()
-            totals.add(OperationTotals(record.holds, record.hold_sum_ns, record.caused_wait_sum_ns, record.waits,
-                                       record.wait_sum_ns))
+            totals.add(OperationTotals(*row))
 
     @staticmethod
     def _fork_totals_of(state: ProcessState) -> ForkTotals:
@@ -581,7 +601,7 @@ class Daemon:
             age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
             heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
             live.locks_unrecorded[workload] = live.locks_unrecorded.get(workload, 0) + int(state.header["locks_unrecorded"])
-            self._add_operations(live.operations, state)
+        self._add_operations(live.operations, states)
         if not states:
             return live
         records = concat_records([state.records for state in states])
@@ -668,7 +688,7 @@ class Daemon:
                 lock_key = (workload, bytes(record["name"]).decode("utf-8", "replace"))
                 self._totals.locks.setdefault(lock_key, LockTotals()).add(self._record_totals(record))
             self._totals.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
-            self._add_operations(self._totals.operations, state)
+            self._add_operations(self._totals.operations, [state])
             self._totals.folded.add(key)
             self._unsaved = True
 
