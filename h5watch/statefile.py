@@ -140,6 +140,7 @@ __all__ = [
     "proc_start_ticks",
     "read_state_file",
     "read_recorder",
+    "concat_headers",
     "concat_operations",
     "concat_records",
     "state_file_name",
@@ -1292,6 +1293,13 @@ def concat_records(arrays: list[np.ndarray]) -> np.ndarray:
     """Several processes' records as one array (as raw rows: numpy would
     otherwise compare the structured dtypes field by field for each)."""
     return _concat(arrays, "LOCK_DTYPE")
+
+
+def concat_headers(headers: list[np.void]) -> np.ndarray:
+    """Several processes' headers (PROCESS_DTYPE, as read) as one array."""
+    import numpy as np
+
+    return np.frombuffer(b"".join(header.tobytes() for header in headers), dtype=_dtypes()["PROCESS_DTYPE"])
 
 
 def concat_operations(arrays: list[np.ndarray]) -> np.ndarray:

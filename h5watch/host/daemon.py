@@ -65,6 +65,7 @@ from h5watch.statefile import (
     ProcessState,
     StateDirError,
     StateFileError,
+    concat_headers,
     concat_operations,
     concat_records,
     process_identity,
@@ -75,6 +76,8 @@ from h5watch.statefile import (
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
 TOTALS_FILE = totals.TOTALS_FILE
+# The versions in h5watch_workload_info's label order (after the workload).
+_INFO_VERSIONS = ("h5py_version", "hdf5_version", "h5watch_version", "python_version")
 # An operation entry's counters summed over processes, in OperationTotals' order.
 _OPERATION_TOTALS = ("holds", "hold_sum_ns", "caused_wait_sum_ns", "waits", "wait_sum_ns")
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
@@ -584,26 +587,48 @@ class Daemon:
         return ForkTotals(int(header["forks"]), header["fork_wait_buckets"].astype(np.uint64), int(header["fork_wait_sum_ns"]),
                           header["deadlocks"].astype(np.uint64), int(header["order_inversions"]))
 
+    @staticmethod
+    def _add_process_counts(live: Aggregate, states: list[ProcessState], headers: np.ndarray, now: float) -> None:
+        """What each process counts outside its locks (forks, deadlocks, ...),
+        what it runs and its heartbeat's age, per workload, all processes at
+        once (``headers``: theirs, in order)."""
+        assert live.heartbeat_age is not None and live.locks_unrecorded is not None and live.workload_info is not None
+        workloads: dict[str, int] = {}
+        names = [state.workload for state in states]
+        index = np.fromiter((workloads.setdefault(name, len(workloads)) for name in names), dtype=np.intp, count=len(names))
+
+        def summed(column: str) -> np.ndarray:
+            out = np.zeros((len(workloads),) + headers.dtype[column].shape, dtype=np.uint64)
+            np.add.at(out, index, headers[column].astype(np.uint64))
+            return out
+
+        forks, fork_wait_buckets, fork_wait_sum_ns, deadlocks, order_inversions, threads_in_deadlock, locks_unrecorded = (
+            summed(column) for column in ("forks", "fork_wait_buckets", "fork_wait_sum_ns", "deadlocks", "order_inversions",
+                                          "threads_in_deadlock", "locks_unrecorded"))
+        # A process without a watchdog does not beat: its heartbeat has no age.
+        ages = np.where(headers["watchdog_running"] != 0, np.maximum(0.0, now - headers["heartbeat_unix"]), 0.0)
+        heartbeat_age = np.zeros(len(workloads))
+        np.maximum.at(heartbeat_age, index, ages)
+        for workload, i in workloads.items():
+            live.forks[workload] = ForkTotals(int(forks[i]), fork_wait_buckets[i], int(fork_wait_sum_ns[i]), deadlocks[i],
+                                              int(order_inversions[i]))
+            live.threads_in_deadlock[workload] = int(threads_in_deadlock[i])
+            live.heartbeat_age[workload] = float(heartbeat_age[i])
+            live.locks_unrecorded[workload] = int(locks_unrecorded[i])
+        # By the raw bytes first: most processes of a workload run the same.
+        running = set(zip(names, *(headers[name].tolist() for name in _INFO_VERSIONS)))
+        live.workload_info.update((workload, *(text_from_file(raw) for raw in versions)) for workload, *versions in running)
+
     def _aggregate(self, processes: list[Scanned], now: float) -> Aggregate:
         """The live processes' sums per (workload, lock), in one pass over all
         their records at once; each process's oldest hold or wait age on the way."""
         states = [process.state for process in processes]
-        heartbeat_age: dict[str, float] = {}
-        live = Aggregate(heartbeat_age=heartbeat_age, locks_unrecorded={}, workload_info=set())
-        assert live.locks_unrecorded is not None and live.workload_info is not None
-        for state in states:
-            workload = state.workload
-            versions = state.versions
-            live.workload_info.add((workload, versions["h5py_version"], versions["hdf5_version"], versions["h5watch_version"],
-                                    versions["python_version"]))
-            live.forks.setdefault(workload, ForkTotals()).add(self._fork_totals_of(state))
-            live.threads_in_deadlock[workload] = live.threads_in_deadlock.get(workload, 0) + int(state.header["threads_in_deadlock"])
-            age = max(0.0, now - state.heartbeat_unix) if state.watchdog_running else 0.0
-            heartbeat_age[workload] = max(heartbeat_age.get(workload, 0.0), age)
-            live.locks_unrecorded[workload] = live.locks_unrecorded.get(workload, 0) + int(state.header["locks_unrecorded"])
-        self._add_operations(live.operations, states)
+        live = Aggregate(heartbeat_age={}, locks_unrecorded={}, workload_info=set())
         if not states:
             return live
+        headers = concat_headers([state.header for state in states])
+        self._add_process_counts(live, states, headers, now)
+        self._add_operations(live.operations, states)
         records = concat_records([state.records for state in states])
         owner = np.repeat(np.arange(len(states)), [len(state.records) for state in states])
         keys: dict[tuple[str, str], int] = {}
@@ -623,7 +648,8 @@ class Daemon:
             "acquisitions", "contentions", "reentries", "wait_buckets", "wait_sum_ns", "hold_buckets", "hold_sum_ns",
             "timeouts", "orphans", "held", "n_waiters")}
         held_since = records["held_since_unix"]
-        holds_seen_at = np.array([state.holds_seen_at(now) for state in states])[owner]
+        # ProcessState.holds_seen_at, for all at once.
+        holds_seen_at = np.where(headers["watchdog_running"] != 0, now, np.minimum(now, headers["heartbeat_unix"]))[owner]
         hold_age = np.where((records["held"] != 0) & (held_since > 0), holds_seen_at - held_since, 0.0).clip(0)
         oldest = records["oldest_wait_since_unix"]
         wait_age = np.where((records["n_waiters"] > 0) & (oldest > 0), now - oldest, 0.0).clip(0)
