@@ -365,6 +365,8 @@ _HEADER_TIMES = [(name, struct.Struct("<" + code), _offset_in(_HEADER_FIELDS, na
                  if name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval", "wait_timeout",
                              "hold_timeout")]
 _MERGE_ACTIVE_OFFSET = _offset_in(_HEADER_FIELDS, "merge_active")
+_RECORD_PREFIX = _struct(_RECORD_FIELDS[:3])
+assert [name for name, _, _ in _RECORD_FIELDS[:3]] == ["seq", "state", "block"]
 _WAITERS_SINCE_WORD = _offset_in(_RECORD_FIELDS, "waiter_since_unix") // 8
 _RECORD_TIME_WORDS = [_offset_in(_RECORD_FIELDS, "held_since_unix") // 8, _offset_in(_RECORD_FIELDS, "oldest_wait_since_unix") // 8,
                       *range(_WAITERS_SINCE_WORD, _WAITERS_SINCE_WORD + MAX_WAITERS)]
@@ -1173,32 +1175,32 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
         if not 0 <= field.unpack_from(head, offset)[0] < _TIME_LIMIT:  # NaN fails too
             header[name] = 0.0
     n = len(table) // RECORD_SIZE
-    records = np.frombuffer(table, dtype=dtypes["RECORD_DTYPE"], count=n)
-    state = records["state"]
+    # (seq, state, block) of each record: a few records are cheaper to look
+    # at one by one than as numpy columns.
+    prefixes = [_RECORD_PREFIX.unpack_from(table, i * RECORD_SIZE) for i in range(n)]
     # A record whose first write never finished (sequence word 1: its writer
     # died in it) counts nothing yet: its counters move in after it.
-    counted = ((state == SLOT_LIVE) | (state == SLOT_RETIRED)) & (records["block"] < CAPACITY) & (records["seq"] >= 2)
+    counted = [i for i, (seq, state, block) in enumerate(prefixes)
+               if (state == SLOT_LIVE or state == SLOT_RETIRED) and block < CAPACITY and seq >= 2]
     if _U32.unpack_from(head, _MERGE_ACTIVE_OFFSET)[0]:
         # Interrupted between the steps of a merge (see the module docstring).
         source, into, block = (int(header[k]) for k in ("merge_from", "merge_into", "merge_block"))
-        if into < n and source < n and int(records[into]["block"]) == block:
-            counted[source] = False
-    rows = np.frombuffer(table, dtype=np.uint8).reshape(n, RECORD_SIZE)
-    blocks = records["block"]
-    if not counted.all():
-        rows, blocks = rows[counted], blocks[counted]
-    if len(rows):
-        blocks = blocks.astype(np.intp)
-        span = int(blocks.max()) + 1
-        raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
-        if len(raw) != span * COUNTERS_BYTES:
-            raise StateFileError("truncated", "truncated counters")
-        counters = np.frombuffer(raw, dtype=np.uint8).reshape(span, COUNTERS_BYTES)[blocks]  # a copy
-        _counter_words(counters.view("<u8"))
-        combined = np.concatenate([rows, counters], axis=1)
-    else:
-        combined = np.zeros((0, RECORD_SIZE + COUNTERS_BYTES), dtype=np.uint8)
-    words = combined.view("<u8")
+        if into < n and source < n and prefixes[into][2] == block:
+            counted = [i for i in counted if i != source]
+    lock_dtype = dtypes["LOCK_DTYPE"]
+    if not counted:
+        return header, np.zeros(0, dtype=lock_dtype)
+    blocks = [prefixes[i][2] for i in counted]
+    span = max(blocks) + 1
+    raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
+    if len(raw) != span * COUNTERS_BYTES:
+        raise StateFileError("truncated", "truncated counters")
+    # Each counted record's bytes followed by its block's, as LOCK_DTYPE lays them out.
+    combined = bytearray(b"".join(
+        table[i * RECORD_SIZE:(i + 1) * RECORD_SIZE] + raw[b * COUNTERS_BYTES:(b + 1) * COUNTERS_BYTES]
+        for i, b in zip(counted, blocks)))
+    words = np.frombuffer(combined, dtype="<u8").reshape(len(counted), (RECORD_SIZE + COUNTERS_BYTES) // 8)
+    _counter_words(words[:, RECORD_SIZE // 8:])
     columns = dtypes["RECORD_TIME_COLUMNS"]
     times = words[:, columns]  # a copy
     # One comparison of the bits: 0 <= t < _TIME_LIMIT exactly when the
@@ -1208,7 +1210,7 @@ def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     if bad.any():
         times[bad] = 0  # the bits of 0.0
         words[:, columns] = times
-    out = combined.view(dtypes["LOCK_DTYPE"]).reshape(len(rows))
+    out = np.frombuffer(combined, dtype=lock_dtype)
     return header, out
 
 

@@ -587,3 +587,61 @@ print(json.dumps({{"missing": missing, "torn": torn}}))
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["missing"] == []
     assert result["torn"] > 0  # some writers were killed inside a write
+
+
+MERGE_KILLED = """
+import gc, os, sys
+from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
+from h5watch.records import ProcessStatus
+from h5watch.statefile import StateWriter, ensure_state_dir
+
+directory, call, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+writer = StateWriter(ensure_state_dir(directory), "merging", 0, 0.5)
+status = ProcessStatus(True, None)
+locks = [WatchedLock("app.x") for _ in range(2)]
+for times, lock in zip((3, 5), locks):
+    for _ in range(times):
+        with lock:
+            pass
+writer.write_all([lock_record(lock) for lock in locks], status)
+del lock, locks
+gc.collect()
+# Killed at one step of the merge of the two collected locks' records: a
+# record's change (call 1: the retired record's new block; call 2: the
+# freed record), before or after it is written.
+merge_pair, write_fields, calls = writer._merge_pair, writer._write_record_fields, [0]
+
+def merging(*args):
+    writer._write_record_fields = step
+    return merge_pair(*args)
+
+def step(slot, **fields):
+    calls[0] += 1
+    if calls[0] == call and when == "before":
+        os._exit(9)
+    write_fields(slot, **fields)
+    if calls[0] == call and when == "after":
+        os._exit(9)
+
+writer._merge_pair = merging
+writer.write_all([], status)
+os._exit(0 if call == 0 else 1)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("call", "when"), [(1, "before"), (1, "after"), (2, "after"), (0, "never")])
+def test_a_writer_killed_inside_a_merge_leaves_each_count_counted_once(tmp_path, call, when):
+    """Two collected locks of one name are merged into one record in steps
+    under a journal in the header; a reader of a writer killed between any
+    two of them counts every acquisition once (3 + 5), as it does after the
+    whole merge."""
+    result = run_python(MERGE_KILLED, args=[str(tmp_path), str(call), when], timeout=30)
+    assert result.returncode == (0 if call == 0 else 9), result.stderr
+    (path,) = list(tmp_path.glob("*/*.h5w"))
+    state = read_state_file(str(path), accept_torn=True)
+    # Before the retired record's new block is written both old blocks count; after, the new one alone.
+    assert [name.decode() for name in state.records["name"]].count("app.x") == (2 if (call, when) == (1, "before") else 1)
+    assert int(state.records["acquisitions"].sum()) == 8
+    assert bool(state.header["merge_active"]) is (call != 0)
