@@ -365,6 +365,9 @@ _HEADER_TIMES = [(name, struct.Struct("<" + code), _offset_in(_HEADER_FIELDS, na
                  if name in ("started_unix", "heartbeat_unix", "fork_since_unix", "tick_interval", "wait_timeout",
                              "hold_timeout")]
 _MERGE_ACTIVE_OFFSET = _offset_in(_HEADER_FIELDS, "merge_active")
+# Records read with the header in its first read (more take a second read).
+_FIRST_READ_RECORDS = 8
+assert FORKS_OFFSET == HEADER_SIZE and RECORDS_OFFSET == FORKS_OFFSET + COUNTERS_BYTES
 _RECORD_PREFIX = _struct(_RECORD_FIELDS[:3])
 assert [name for name, _, _ in _RECORD_FIELDS[:3]] == ["seq", "state", "block"]
 _WAITERS_SINCE_WORD = _offset_in(_RECORD_FIELDS, "waiter_since_unix") // 8
@@ -1089,14 +1092,14 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         last = None
         for attempt in range(retries):
             last = _read_tables(fd, every_slot=accept_torn)
-            if last[2]:
+            if last[3]:
                 break
             time.sleep(0.001 * (attempt + 1))
         assert last is not None
-        head, table, consistent = last
+        head, fork_counters, table, consistent = last
         if not consistent and not accept_torn:
             raise StateFileError("busy", "being written too often to read a consistent copy")
-        header, records = _decode(fd, head, table)
+        header, records = _decode(fd, head, fork_counters, table)
         if int(header["uid"]) != info.st_uid:
             raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
         # A dead writer's header may predate its last entry: read them all.
@@ -1131,14 +1134,17 @@ def read_recorder(state: ProcessState, limit: int | None = None) -> list[dict[st
         os.close(fd)
 
 
-def _read_tables(fd: int, every_slot: bool = False) -> tuple[bytes, bytes, bool]:
-    """(header bytes, record bytes, consistent): each read twice; consistent
-    when both copies agree and every sequence counter is even. The records
-    the header counts, or with ``every_slot`` all of them (a dead writer's
-    last record may be past the header's count)."""
-    head = os.pread(fd, HEADER_SIZE, 0)
-    if len(head) != HEADER_SIZE:
+def _read_tables(fd: int, every_slot: bool = False) -> tuple[bytes, bytes, bytes, bool]:
+    """(header bytes, fork counter bytes, record bytes, consistent): the
+    header and the records each read twice; consistent when both copies
+    agree and every sequence counter is even. The records the header counts,
+    or with ``every_slot`` all of them (a dead writer's last record may be
+    past the header's count). The header, the fork counters and the records
+    lie one after the other from offset 0: each copy is one read."""
+    first = os.pread(fd, RECORDS_OFFSET + _FIRST_READ_RECORDS * RECORD_SIZE, 0)
+    if len(first) < RECORDS_OFFSET:
         raise StateFileError("truncated", "truncated header")
+    head = first[:HEADER_SIZE]
     if head[:8] != MAGIC:
         raise StateFileError("corrupt", "corrupt: bad magic")
     version = _U32.unpack_from(head, 8)[0]
@@ -1151,24 +1157,25 @@ def _read_tables(fd: int, every_slot: bool = False) -> tuple[bytes, bytes, bool]
         raise StateFileError("corrupt", f"corrupt: {n_slots} lock records, capacity {CAPACITY}")
     if every_slot:
         n_slots = CAPACITY
-    table = os.pread(fd, n_slots * RECORD_SIZE, RECORDS_OFFSET) if n_slots else b""
-    if len(table) != n_slots * RECORD_SIZE:
+    size = RECORDS_OFFSET + n_slots * RECORD_SIZE
+    whole = first[:size] if len(first) >= size else os.pread(fd, size, 0)
+    if len(whole) != size:
         raise StateFileError("truncated", "truncated records")
-    head_again = os.pread(fd, HEADER_SIZE, 0)
-    table_again = os.pread(fd, len(table), RECORDS_OFFSET) if table else b""
+    again = os.pread(fd, size, 0)
+    table = whole[RECORDS_OFFSET:]
+    # The copies agree on the header and the records (the fork counters, which only grow, are not compared).
+    steady = head == again[:HEADER_SIZE] and table == again[RECORDS_OFFSET:]
     seqs_even = _SEQ.unpack_from(head, _HEADER_SEQ_OFFSET)[0] % 2 == 0 and all(
         _SEQ.unpack_from(table, i * RECORD_SIZE)[0] % 2 == 0 for i in range(n_slots))
-    return head, table, seqs_even and head == head_again and table == table_again
+    return head, whole[FORKS_OFFSET:RECORDS_OFFSET], table, seqs_even and steady
 
 
-def _decode(fd: int, head: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
+def _decode(fd: int, head: bytes, fork_counters: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
     """The header with the fork counters, and one LOCK_DTYPE row per counted record."""
     import numpy as np
 
     dtypes = _dtypes()
-    forks = bytearray(os.pread(fd, COUNTERS_BYTES, FORKS_OFFSET))
-    if len(forks) != COUNTERS_BYTES:
-        raise StateFileError("truncated", "truncated fork counters")
+    forks = bytearray(fork_counters)
     _counter_words(np.frombuffer(forks, dtype="<u8"))
     header = np.frombuffer(bytearray(head + bytes(forks)), dtype=dtypes["PROCESS_DTYPE"], count=1)[0]
     for name, field, offset in _HEADER_TIMES:
