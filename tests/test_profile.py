@@ -281,28 +281,37 @@ def test_the_daemon_exports_each_operation_and_keeps_its_counts_after_the_proces
     assert wait_for(lambda: operation_samples(again.port) or None, 20, what="operation series") == samples
 
 
-def test_a_process_killed_before_its_header_said_so_keeps_its_newest_operation(state_dir, daemons):
-    """The operations' entries are written each tick before the header that
-    counts them: a process killed in between has an entry its header does
-    not count. The daemon reads a dead process's file as it stands: that
-    operation is exported and folded like the others."""
+def folded_operation_samples(state_dir, daemons, workload: str, body: str) -> dict[tuple[str, str], float]:
+    """A process of ``workload`` writes its state file (``body``: code that
+    has ``writer``, ``OperationRecord`` and ``ProcessStatus``) and is
+    SIGKILLed; a daemon then folds its file: the operation series it exports."""
     code = f"""
 import os, signal
 from h5watch.records import OperationRecord, ProcessStatus
 from h5watch.statefile import StateWriter, ensure_state_dir
 directory = ensure_state_dir({str(state_dir)!r})
-writer = StateWriter(directory, "cut-short", 0, 0.5)
-old = OperationRecord("app.cache", "old", 3, 3_000_000, 1_000_000, 0, 1, 500_000)
-new = OperationRecord("app.cache", "new", 7, 7_000_000, 2_000_000, 0, 2, 250_000)
-writer.write_all([], ProcessStatus(True, None), [old])
-writer._write_operations([old, new])  # the next tick's entries; killed before its header
+writer = StateWriter(directory, {workload!r}, 0, 0.5)
+{body}
 os.kill(os.getpid(), signal.SIGKILL)
 """
     result = run_python(code, timeout=60)
     assert result.returncode == -9, result.stderr
     daemon = daemons(state_dir, "--scan-interval", "0.2")
     wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the dead process's file to be folded")
-    samples = wait_for(lambda: operation_samples(daemon.port, "cut-short") or None, 20, what="operation series")
+    return wait_for(lambda: operation_samples(daemon.port, workload) or None, 20, what="operation series")
+
+
+def test_a_process_killed_before_its_header_said_so_keeps_its_newest_operation(state_dir, daemons):
+    """The operations' entries are written each tick before the header that
+    counts them: a process killed in between has an entry its header does
+    not count. The daemon reads a dead process's file as it stands: that
+    operation is exported and folded like the others."""
+    samples = folded_operation_samples(state_dir, daemons, "cut-short", """
+old = OperationRecord("app.cache", "old", 3, 3_000_000, 1_000_000, 0, 1, 500_000)
+new = OperationRecord("app.cache", "new", 7, 7_000_000, 2_000_000, 0, 2, 250_000)
+writer.write_all([], ProcessStatus(True, None), [old])
+writer._write_operations([old, new])  # the next tick's entries; killed before its header
+""")
     assert samples[("h5watch_lock_operation_holds_total", "old")] == 3
     assert samples[("h5watch_lock_operation_holds_total", "new")] == 7
     assert samples[("h5watch_lock_operation_hold_seconds_total", "new")] == pytest.approx(0.007)
@@ -312,23 +321,12 @@ def test_operation_names_that_read_alike_are_one_series_and_absurd_counters_read
     """A forged or damaged file: two operation entries whose names differ
     only in control characters (each reads as ``?``) are one series, their
     counts added; a counter no real count reaches is read as 0, never summed."""
-    code = f"""
-import os, signal
-from h5watch.records import OperationRecord, ProcessStatus
-from h5watch.statefile import StateWriter, ensure_state_dir
-directory = ensure_state_dir({str(state_dir)!r})
-writer = StateWriter(directory, "forged", 0, 0.5)
+    samples = folded_operation_samples(state_dir, daemons, "forged", """
 writer.write_all([], ProcessStatus(True, None), [
     OperationRecord("app.cache", "read\\x1bone", 3, 3_000_000, 1_000_000, 0, 1, 500_000),
     OperationRecord("app.cache", "read\\x07one", 4, 2**63 + 5, 1_000_000, 0, 2, 250_000),
 ])
-os.kill(os.getpid(), signal.SIGKILL)
-"""
-    result = run_python(code, timeout=60)
-    assert result.returncode == -9, result.stderr
-    daemon = daemons(state_dir, "--scan-interval", "0.2")
-    wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the dead process's file to be folded")
-    samples = wait_for(lambda: operation_samples(daemon.port, "forged") or None, 20, what="operation series")
+""")
     assert {operation for _, operation in samples} == {"read?one"}
     assert samples[("h5watch_lock_operation_holds_total", "read?one")] == 7
     assert samples[("h5watch_lock_operation_hold_seconds_total", "read?one")] == pytest.approx(0.003)
