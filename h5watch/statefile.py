@@ -141,6 +141,7 @@ __all__ = [
     "read_state_file",
     "read_recorder",
     "concat_headers",
+    "holds_seen_at",
     "concat_operations",
     "concat_records",
     "state_file_name",
@@ -988,7 +989,7 @@ class ProcessState:
         for a watched process; the last write for one without a watchdog, whose
         holds may have ended since (a wait is recorded by the waiter, and one
         without a watchdog is a single-threaded child's, on an orphaned lock)."""
-        return now_unix if self.watchdog_running else min(now_unix, self.heartbeat_unix)
+        return float(holds_seen_at(self.header, now_unix))
 
     def operation_records(self) -> list[OperationRecord]:
         """Contention by operation, the most held first."""
@@ -1302,6 +1303,13 @@ def concat_records(arrays: list[np.ndarray]) -> np.ndarray:
     """Several processes' records as one array (as raw rows: numpy would
     otherwise compare the structured dtypes field by field for each)."""
     return _concat(arrays, "LOCK_DTYPE")
+
+
+def holds_seen_at(headers: Any, now_unix: float) -> Any:
+    """``ProcessState.holds_seen_at`` for one header or an array of them."""
+    import numpy as np
+
+    return np.where(headers["watchdog_running"] != 0, now_unix, np.minimum(now_unix, headers["heartbeat_unix"]))
 
 
 def concat_headers(headers: list[np.void]) -> np.ndarray:

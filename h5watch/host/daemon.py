@@ -38,8 +38,9 @@ import stat
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -68,6 +69,7 @@ from h5watch.statefile import (
     concat_headers,
     concat_operations,
     concat_records,
+    holds_seen_at,
     process_identity,
     read_state_file,
     text_from_file,
@@ -76,6 +78,7 @@ from h5watch.statefile import (
 __all__ = ["Daemon", "add_arguments", "main", "parse_listen"]
 
 TOTALS_FILE = totals.TOTALS_FILE
+K = TypeVar("K")
 # The versions in h5watch_workload_info's label order (after the workload).
 _INFO_VERSIONS = ("h5py_version", "hdf5_version", "h5watch_version", "python_version")
 # An operation entry's counters summed over processes, in OperationTotals' order.
@@ -566,14 +569,9 @@ class Daemon:
         workloads = [state.workload for state in states]
         # By the names' raw bytes first; two that read as one text (see
         # text_from_file) are added into one total below.
-        keys: dict[tuple[str, bytes, bytes], int] = {}
-        index = np.fromiter(
-            (keys.setdefault((workloads[p], lock, operation), len(keys))
-             for p, lock, operation in zip(owner.tolist(), entries["lock"].tolist(), entries["operation"].tolist())),
-            dtype=np.intp, count=len(entries),
-        )
-        sums = np.zeros((len(keys), len(_OPERATION_TOTALS)), dtype=np.uint64)
-        np.add.at(sums, index, np.stack([entries[name] for name in _OPERATION_TOTALS], axis=1).astype(np.uint64))
+        keys, index = _groups(((workloads[p], lock, operation) for p, lock, operation in
+                               zip(owner.tolist(), entries["lock"].tolist(), entries["operation"].tolist())), len(entries))
+        sums = _sum_by(index, len(keys), np.stack([entries[name] for name in _OPERATION_TOTALS], axis=1))
         for (workload, lock, operation), row in zip(keys, sums.tolist()):
             key = (workload, text_from_file(lock), text_from_file(operation))
             totals = into.get(key)
@@ -593,18 +591,12 @@ class Daemon:
         what it runs and its heartbeat's age, per workload, all processes at
         once (``headers``: theirs, in order)."""
         assert live.heartbeat_age is not None and live.locks_unrecorded is not None and live.workload_info is not None
-        workloads: dict[str, int] = {}
         names = [state.workload for state in states]
-        index = np.fromiter((workloads.setdefault(name, len(workloads)) for name in names), dtype=np.intp, count=len(names))
-
-        def summed(column: str) -> np.ndarray:
-            out = np.zeros((len(workloads),) + headers.dtype[column].shape, dtype=np.uint64)
-            np.add.at(out, index, headers[column].astype(np.uint64))
-            return out
-
+        workloads, index = _groups(names, len(names))
         forks, fork_wait_buckets, fork_wait_sum_ns, deadlocks, order_inversions, threads_in_deadlock, locks_unrecorded = (
-            summed(column) for column in ("forks", "fork_wait_buckets", "fork_wait_sum_ns", "deadlocks", "order_inversions",
-                                          "threads_in_deadlock", "locks_unrecorded"))
+            _sum_by(index, len(workloads), headers[column])
+            for column in ("forks", "fork_wait_buckets", "fork_wait_sum_ns", "deadlocks", "order_inversions",
+                           "threads_in_deadlock", "locks_unrecorded"))
         # A process without a watchdog does not beat: its heartbeat has no age.
         ages = np.where(headers["watchdog_running"] != 0, np.maximum(0.0, now - headers["heartbeat_unix"]), 0.0)
         heartbeat_age = np.zeros(len(workloads))
@@ -631,26 +623,15 @@ class Daemon:
         self._add_operations(live.operations, states)
         records = concat_records([state.records for state in states])
         owner = np.repeat(np.arange(len(states)), [len(state.records) for state in states])
-        keys: dict[tuple[str, str], int] = {}
         workloads = [state.workload for state in states]
-        index = np.fromiter(
-            (keys.setdefault((workloads[p], n.decode("utf-8", "replace")), len(keys))
-             for p, n in zip(owner.tolist(), records["name"].tolist())),
-            dtype=np.intp, count=len(records),
-        )
-
-        def summed(column: str) -> np.ndarray:
-            out = np.zeros((len(keys),) + records.dtype[column].shape, dtype=np.uint64)
-            np.add.at(out, index, records[column].astype(np.uint64))
-            return out
-
-        sums = {column: summed(column) for column in (
+        keys, index = _groups(((workloads[p], n.decode("utf-8", "replace")) for p, n in
+                               zip(owner.tolist(), records["name"].tolist())), len(records))
+        sums = {column: _sum_by(index, len(keys), records[column]) for column in (
             "acquisitions", "contentions", "reentries", "wait_buckets", "wait_sum_ns", "hold_buckets", "hold_sum_ns",
             "timeouts", "orphans", "held", "n_waiters")}
         held_since = records["held_since_unix"]
-        # ProcessState.holds_seen_at, for all at once.
-        holds_seen_at = np.where(headers["watchdog_running"] != 0, now, np.minimum(now, headers["heartbeat_unix"]))[owner]
-        hold_age = np.where((records["held"] != 0) & (held_since > 0), holds_seen_at - held_since, 0.0).clip(0)
+        seen_at = holds_seen_at(headers, now)[owner]
+        hold_age = np.where((records["held"] != 0) & (held_since > 0), seen_at - held_since, 0.0).clip(0)
         oldest = records["oldest_wait_since_unix"]
         wait_age = np.where((records["n_waiters"] > 0) & (oldest > 0), now - oldest, 0.0).clip(0)
         max_hold = np.zeros(len(keys))
@@ -857,6 +838,21 @@ class Sweep:
     def close(self) -> None:
         for directory in self.dirs:
             os.close(directory.fd)
+
+
+def _groups(keys: Iterable[K], count: int) -> tuple[dict[K, int], np.ndarray]:
+    """Each distinct key's group number (in order of first appearance), and
+    the group of each of the ``count`` keys."""
+    groups: dict[K, int] = {}
+    index = np.fromiter((groups.setdefault(key, len(groups)) for key in keys), dtype=np.intp, count=count)
+    return groups, index
+
+
+def _sum_by(index: np.ndarray, n_groups: int, values: np.ndarray) -> np.ndarray:
+    """``values`` (one row per entry, of any shape) summed per group, as uint64."""
+    out = np.zeros((n_groups,) + values.shape[1:], dtype=np.uint64)
+    np.add.at(out, index, values.astype(np.uint64))
+    return out
 
 
 def _sort_names(names: list[str], uid: int) -> tuple[list[str], list[str], list[str], dict[str, str]]:
