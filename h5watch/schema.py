@@ -31,6 +31,13 @@ __all__ = [
     "OPERATION_SLOTS",
     "OPERATION_OTHER",
     "OPERATION_LAYOUT",
+    "OPERATION_NAME_LAYOUT",
+    "OPERATION_TABLE_NAMES",
+    "OPERATION_NAME_ENTRY",
+    "OPERATION_NAME_BYTES",
+    "OPERATION_NAMED",
+    "OPERATION_UNNAMED",
+    "OPERATION_TABLE_BYTES",
     "N_OPERATION_WORDS",
     "RECORDER_ENTRIES",
     "RECORDER_THRESHOLD_SECONDS",
@@ -108,6 +115,18 @@ O_WAITS = 4            # blocked waits of this operation itself
 O_WAIT_SUM = 5         # their total, ns
 N_OPERATION_WORDS = 6
 OPERATION_LAYOUT = (OPERATION_SLOTS, N_OPERATION_WORDS, O_HOLDS, O_HOLD_SUM, O_HOLD_MAX, O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM)
+# The table as it lies in the state file (each lock's, next to its counters):
+# the rows' words, then one name entry per row (row 0's is never written):
+# a sequence word (0, 1 while being written, 2 once written; never written
+# again), the kind (OPERATION_NAMED: the text; OPERATION_UNNAMED: the lock's
+# own name), 4 bytes of padding, OPERATION_NAME_BYTES of UTF-8 text.
+OPERATION_TABLE_NAMES = OPERATION_SLOTS * N_OPERATION_WORDS * 8
+OPERATION_NAME_ENTRY = 144
+OPERATION_NAME_BYTES = 128
+OPERATION_NAMED = 1
+OPERATION_UNNAMED = 2
+OPERATION_TABLE_BYTES = OPERATION_TABLE_NAMES + OPERATION_SLOTS * OPERATION_NAME_ENTRY
+OPERATION_NAME_LAYOUT = (OPERATION_TABLE_NAMES, OPERATION_NAME_ENTRY, OPERATION_NAME_BYTES, OPERATION_NAMED, OPERATION_UNNAMED)
 
 # The flight recorder (``h5watch.recorder``): a ring of this many entries in
 # each process's state file, the newest overwriting the oldest.

@@ -11,11 +11,10 @@ Every instrumented process (every forked child too) owns one file,
               (live), or per name for instances already collected
               (retired): name, state, counter block, holder, waiters
     blocks    CAPACITY x COUNTERS_BYTES: the counters (live)
-    operations  OPERATIONS_CAPACITY x OPERATION_SIZE bytes: contention by
-              operation, one entry per (lock name, operation), each the
-              process's total for the pair (every instance of the lock,
-              collected ones included): holds, hold time, the waits it
-              caused, its own waits
+    tables    CAPACITY x OPERATION_TABLE_BYTES: contention by operation
+              (live), one table per block, moving with it: the lock's
+              rows (holds, hold time, the waits it caused, its own waits),
+              then each row's name (see schema.OPERATION_NAME_LAYOUT)
     recorder  recorder.REGION_BYTES: the flight recorder, a ring of notable
               lock events written in place (``h5watch.recorder`` has its
               format, its writer and its reader)
@@ -27,28 +26,35 @@ read (the daemon, ``h5watch status``), never by a process that only writes.
 
 Live counters: a lock's counters are not copied into the file now and
 then: once the file exists, the lock counts in its block of the mapping
-itself (see ``h5watch.process.stats``), so whatever kills the process, SIGKILL
-included, what it counted is in the file. A record's block changes only by
-a merge (below); counters are read without a sequence check (each is one
-aligned 8-byte word, and only grows).
+itself (see ``h5watch.process.stats``), and by operation in the block's
+table, so whatever kills the process, SIGKILL included, what it counted is
+in the file. A record's block changes only by a merge (below); counters
+are read without a sequence check (each is one aligned 8-byte word, and
+only grows).
 
-Torn reads of the rest: the header, each record and each operation entry
-start with a sequence counter. The writer packs the new body, makes the
+A table row's name is written once, before the row counts anything, and
+never again while its block is in use. A reader reads a table's words
+first and the names of the rows that counted after them: each such name
+was whole before the words were read (a row whose name is not, forged or
+damaged, is read as ``other``'s).
+
+Torn reads of the rest: the header and each record start with a sequence
+counter. The writer packs the new body, makes the
 counter odd, copies the body over the old one, makes it even (a seqlock).
 A reader copies the bytes twice and accepts them only when every counter is
 even and unchanged; otherwise it retries. The file of a writer that died in
 the middle of a write stays odd: it is read as it is (``torn``), which the
 daemon accepts for a dead process only. Each field of a body it was
 copying is then its old value or its new one, never zero (a copy, unlike
-``struct.pack_into``, does not clear its target first), so no record or
-operation entry is lost. Such a reader (and a new image adopting the file)
-takes every record and entry written, also those made just before a header
-write that never came; one whose very first write was cut short counts
-nothing.
+``struct.pack_into``, does not clear its target first), so no record is
+lost. Such a reader (and a new image adopting the file) takes every record
+written, also those made just before a header write that never came; one
+whose very first write was cut short counts nothing.
 
 Slots: a lock instance gets a live record when the file is made or when it
 is first seen. When the instance is collected, its counts are merged into
-its name's retired record: the sum is written into a free block, the merge
+its name's retired record: the sum (counters, and tables row by row of
+one name) is written into a free block and its table, the merge
 is noted in the header's journal, the retired record is pointed at the new
 block, the live record is freed, and the journal is cleared. A reader of a
 file whose writer died between two of these steps counts every block
@@ -58,13 +64,6 @@ record points at the new block.
 A process that ``exec()``s keeps its pid and start time, and so its file
 name: an instrumented new image adopts the file, retiring the old image's
 records into its names' retired records, and counts on from there.
-
-Operations are written each tick (and when the threads' shutdown starts,
-and at exit) from the locks' tables, not counted in the mapping: a process
-killed by SIGKILL loses at most one tick of them, never a lock's own
-counters. An entry keeps its place once given one; the last entry sums the
-pairs that came after every other was taken. Each entry has its own
-sequence counter, as records do.
 
 Next to it, ``<pid>-<start ticks>.stacks`` receives ``faulthandler``'s dump
 of every thread's stack when the process gets its dump signal: the daemon's
@@ -81,6 +80,7 @@ import stat
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +103,18 @@ from h5watch.schema import (
     DEADLOCK_KINDS,
     N_BUCKETS,
     N_COUNTERS,
+    N_OPERATION_WORDS,
+    O_HOLD_MAX,
+    O_HOLDS,
+    O_WAITS,
+    OPERATION_NAME_BYTES,
+    OPERATION_NAME_ENTRY,
+    OPERATION_NAMED,
     OPERATION_OTHER,
+    OPERATION_SLOTS,
+    OPERATION_TABLE_BYTES,
+    OPERATION_TABLE_NAMES,
+    OPERATION_UNNAMED,
     ORPHAN_ACTIONS,
     TIMEOUT_KINDS,
 )
@@ -150,8 +161,6 @@ __all__ = [
     "STATE_SUFFIX",
     "STACKS_SUFFIX",
     "VERSION_FIELDS",
-    "OPERATIONS_CAPACITY",
-    "OPERATIONS_OVERFLOW_LOCK",
     "OPERATION_COUNTERS",
     "text_from_file",
 ]
@@ -160,11 +169,8 @@ __all__ = [
 # use, the same number in every process (the daemon never takes it from a file).
 DUMP_SIGNAL = int(signal.SIGRTMIN) + 6 if hasattr(signal, "SIGRTMIN") else int(signal.SIGUSR2)
 MAGIC = b"H5WATCH\0"
-VERSION = 4
+VERSION = 5
 CAPACITY = 256
-OPERATIONS_CAPACITY = 256
-# The last entry's lock name: the pairs that found no entry of their own.
-OPERATIONS_OVERFLOW_LOCK = "(other locks)"
 MAX_WAITERS = 4
 NAME_BYTES = 64
 OPERATION_BYTES = 128
@@ -214,8 +220,6 @@ _HEADER_FIELDS = [
     # What the process runs, for the daemon's h5watch_workload_info (it loads
     # no h5py itself); the h5py fields stay empty until h5py is imported.
     *((name, f"{VERSION_BYTES}s", f"S{VERSION_BYTES}") for name in VERSION_FIELDS),
-    # Operation entries in use (the first n_operations).
-    ("n_operations", "I", "<u4"),
 ]
 
 _RECORD_FIELDS = [
@@ -240,8 +244,9 @@ _RECORD_FIELDS = [
     ("waiter_names", f"{MAX_WAITERS * THREAD_NAME_BYTES}s", f"S{MAX_WAITERS * THREAD_NAME_BYTES}"),
 ]
 
+# Contention by operation as the reader returns it: one entry per row that
+# counted, of each lock record's table.
 _OPERATION_FIELDS = [
-    ("seq", "Q", "<u8"),
     ("lock", f"{NAME_BYTES}s", f"S{NAME_BYTES}"),
     ("operation", f"{OPERATION_BYTES}s", f"S{OPERATION_BYTES}"),
     ("holds", "Q", "<u8"),
@@ -304,22 +309,20 @@ def _counter_fields(start: int, words: list[tuple[str, int, int]]) -> list[tuple
 
 _HEADER_STRUCT = _struct(_HEADER_FIELDS)
 _RECORD_STRUCT = _struct(_RECORD_FIELDS)
-_OPERATION_STRUCT = _struct(_OPERATION_FIELDS)
-_OPERATION_TAIL = _struct(_OPERATION_FIELDS[1:])
-OPERATION_SIZE = (_OPERATION_STRUCT.size + 63) // 64 * 64
+OPERATION_SIZE = _struct(_OPERATION_FIELDS).size
 HEADER_SIZE = 512
 RECORD_SIZE = (_RECORD_STRUCT.size + 63) // 64 * 64
 assert _HEADER_STRUCT.size <= HEADER_SIZE
 FORKS_OFFSET = HEADER_SIZE
 RECORDS_OFFSET = FORKS_OFFSET + COUNTERS_BYTES
 BLOCKS_OFFSET = RECORDS_OFFSET + CAPACITY * RECORD_SIZE
-OPERATIONS_OFFSET = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
-RECORDER_OFFSET = OPERATIONS_OFFSET + OPERATIONS_CAPACITY * OPERATION_SIZE
+TABLES_OFFSET = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
+RECORDER_OFFSET = TABLES_OFFSET + CAPACITY * OPERATION_TABLE_BYTES
 FILE_SIZE = RECORDER_OFFSET + recorder.REGION_BYTES
 
 # struct.pack_into zero-fills its whole target before writing it, so a
 # writer killed in between would leave zeros where the old values were (no
-# lock records, no operation entries, for a reader of a dead process's file).
+# lock records for a reader of a dead process's file).
 # Each write packs into bytes first, then copies them over the old ones
 # between the two writes of its sequence word (recorder.store_guarded). The
 # header's constant prefix is written once.
@@ -452,14 +455,15 @@ def _publish(directory: str, name: str) -> None:
 class _Live:
     """A live lock instance's slot."""
 
-    __slots__ = ("slot", "lock_ref", "counters", "moved")
+    __slots__ = ("slot", "lock_ref", "counters", "table", "moved")
 
-    def __init__(self, slot: int, lock_ref: Callable[[], object | None], counters: memoryview) -> None:
+    def __init__(self, slot: int, lock_ref: Callable[[], object | None], counters: memoryview, table: memoryview) -> None:
         self.slot = slot
         self.lock_ref = lock_ref
         # The lock's place in the mapping: one object, so a move can tell
-        # whether the lock already counts there.
+        # whether the lock already counts there; and its operations' table.
         self.counters = counters
+        self.table = table
         self.moved = False
 
 
@@ -498,13 +502,6 @@ class StateWriter:
         self._heartbeat = time.time()
         self._last_status = ProcessStatus(watchdog_running=False, fork_since_ns=None)
         self._images = 1
-        # Operation entries: (lock, operation) -> entry, kept for good; what
-        # each entry last said; and what an earlier image of the process
-        # (before an exec()) had counted, for the publisher to count on from.
-        self._operation_entries: dict[tuple[str, str], int] = {}
-        self._operation_values: dict[int, tuple[Any, ...]] = {}
-        self._operation_seqs = [0] * OPERATIONS_CAPACITY
-        self.adopted_operations: list[OperationRecord] = []
         fd, adopted = _create_or_open(directory, name)
         # This process's file from before an exec(), taken over; else a new one, all zeros.
         self.adopted = adopted
@@ -580,6 +577,11 @@ class StateWriter:
     def _block_offset(self, block: int) -> int:
         return BLOCKS_OFFSET + block * COUNTERS_BYTES
 
+    def table_at(self, block: int) -> memoryview:
+        """The operations' table of ``block``: OPERATION_TABLE_BYTES of the mapping."""
+        offset = TABLES_OFFSET + block * OPERATION_TABLE_BYTES
+        return self._words[offset : offset + OPERATION_TABLE_BYTES]
+
     def attach_forks(self, fork_stats: ForkCounters) -> None:
         """Count this process's forks in the file from now on."""
         with self._lock:
@@ -596,6 +598,9 @@ class StateWriter:
             return None
         offset = self._block_offset(block)
         self._map[offset : offset + COUNTERS_BYTES] = bytes(COUNTERS_BYTES)
+        table = self.table_at(block)
+        if table != _EMPTY_TABLE:  # a new file's is empty: its pages are not touched
+            table[:] = _EMPTY_TABLE
         return block
 
     def _new_slot(self) -> int | None:
@@ -623,7 +628,8 @@ class StateWriter:
                     self._free_slots.append(slot)
                 self._no_room(lock)
                 return None
-            live = self._live[lock.seq] = _Live(slot, lock.lock_ref, self.counters_at(self._block_offset(block)))
+            live = self._live[lock.seq] = _Live(slot, lock.lock_ref, self.counters_at(self._block_offset(block)),
+                                                self.table_at(block))
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock.seq,
                                           name=_fixed(lock.name, NAME_BYTES)))
             self._blocks[slot] = block
@@ -631,7 +637,7 @@ class StateWriter:
         if not live.moved:
             # False while a pure-Python lock is busy: its holder moves the
             # counters at its release; until then the place holds a copy.
-            live.moved = lock.counters.move_to(live.counters)
+            live.moved = lock.counters.move_to(live.counters, live.table)
         return live
 
     def _no_room(self, lock: LockRecord) -> None:
@@ -676,6 +682,7 @@ class StateWriter:
         b = self.counters_at(self._block_offset(old_source))
         for index in range(N_COUNTERS):
             total[index] = max(a[index], b[index]) if index in _MAX_WORDS else a[index] + b[index]
+        _merge_tables(self.table_at(block), self.table_at(old_into), self.table_at(old_source))
         # The journal, then the retired record's new block, then the freed
         # record: a reader counts each block once whatever the interruption.
         self._merge = (1, source, into, block)
@@ -719,19 +726,6 @@ class StateWriter:
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_RETIRED, block=block_of, instance=int(values["instance"]),
                                           name=values["name"]))
             self._retired.setdefault(name, []).append(slot)
-        # Entries are given out in order; the overflow entry, the last, is
-        # counted by the header only once every other one is taken.
-        n_operations = _written_through(self._map, OPERATIONS_OFFSET, OPERATION_SIZE,
-                                        min(int(tail["n_operations"]), OPERATIONS_CAPACITY), OPERATIONS_CAPACITY - 1)
-        for entry in range(n_operations):
-            offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
-            self._operation_seqs[entry] = _SEQ.unpack_from(self._map, offset)[0] // 2 + 1
-            lock, operation, *counts = _OPERATION_TAIL.unpack_from(self._map, offset + 8)
-            record = OperationRecord(text_from_file(lock), text_from_file(operation), *counts)
-            self.adopted_operations.append(record)
-            if entry < OPERATIONS_CAPACITY - 1:
-                self._operation_entries[(record.lock, record.operation)] = entry
-            self._operation_values[entry] = (lock, operation, *counts)
         self._n_slots = n_slots
         self._n_blocks = max(used_blocks, default=-1) + 1
         self._free_blocks = [b for b in range(self._n_blocks) if b not in used_blocks]
@@ -767,7 +761,6 @@ class StateWriter:
             fork_since = time.time() - (time.monotonic_ns() - status.fork_since_ns) / 1e9
         active, source, into, block = self._merge
         fields.update(heartbeat_unix=self._heartbeat, exited=int(exited), n_slots=self._n_slots,
-                      n_operations=len(self._operation_values),
                       watchdog_running=int(status.watchdog_running), fork_since_unix=fork_since,
                       locks_unrecorded=self._locks_unrecorded, images=self._images,
                       merge_active=active, merge_from=source, merge_into=into, merge_block=block,
@@ -817,45 +810,15 @@ class StateWriter:
         )
         self._write_record(live.slot, fields)
 
-    def write_all(self, locks: Iterable[LockRecord], status: ProcessStatus,
-                  operations: Iterable[OperationRecord] = ()) -> None:
-        """Every lock's record, the operations' entries, then the header."""
+    def write_all(self, locks: Iterable[LockRecord], status: ProcessStatus) -> None:
+        """Every lock's record, then the header."""
         with self._lock:
             if self._closed:
                 return
             for lock in locks:
                 self.write_lock(lock)
             self._retire_collected()
-            self._write_operations(operations)
             self.write_header(status)
-
-    def _write_operations(self, operations: Iterable[OperationRecord]) -> None:
-        """Each (lock, operation)'s totals in its entry; past the last free
-        entry, summed into the overflow entry."""
-        overflow: OperationRecord | None = None
-        last = OPERATIONS_CAPACITY - 1
-        for record in operations:
-            key = (record.lock, record.operation)
-            entry = self._operation_entries.get(key)
-            if entry is None:
-                if key != (OPERATIONS_OVERFLOW_LOCK, OPERATION_OTHER) and len(self._operation_entries) < last:
-                    entry = self._operation_entries[key] = len(self._operation_entries)
-                else:
-                    overflow = record if overflow is None else overflow.plus(record)
-                    continue
-            self._write_operation(entry, record)
-        if overflow is not None:
-            self._write_operation(last, overflow._replace(lock=OPERATIONS_OVERFLOW_LOCK, operation=OPERATION_OTHER))
-
-    def _write_operation(self, entry: int, record: OperationRecord) -> None:
-        values = (_fixed(record.lock, NAME_BYTES), _fixed(record.operation, OPERATION_BYTES), *record[2:])
-        if self._operation_values.get(entry) == values:
-            return
-        self._operation_values[entry] = values
-        offset = OPERATIONS_OFFSET + entry * OPERATION_SIZE
-        body = _OPERATION_TAIL.pack(*values)
-        self._operation_seqs[entry] += 1
-        store_guarded(self._map, offset, self._operation_seqs[entry] * 2, body)
 
     def attach_locks(self, locks: Iterable[LockRecord]) -> None:
         """Give these locks their records now: from now on they count in the file."""
@@ -889,6 +852,53 @@ _EMPTY_RECORD: dict[str, Any] = dict(
     oldest_wait_since_unix=0.0, waiter_native_ids=[0] * MAX_WAITERS, waiter_since_unix=[0.0] * MAX_WAITERS, waiter_names=b"",
 )
 _MAX_WORDS = frozenset((C_WAIT_MAX, C_HOLD_MAX))
+_EMPTY_TABLE = bytes(OPERATION_TABLE_BYTES)
+_U64_MAX = (1 << 64) - 1
+assert OPERATION_BYTES == OPERATION_NAME_BYTES
+_OTHER_NAME = OPERATION_OTHER.encode().ljust(OPERATION_BYTES, b"\0")
+_NAME_BODY = struct.Struct(f"<II{OPERATION_NAME_BYTES}s")  # a name entry after its sequence word
+_NAME_ENTRY = struct.Struct(f"<QII{OPERATION_NAME_BYTES}s")
+assert _NAME_ENTRY.size == OPERATION_NAME_ENTRY
+
+
+def _table_names(names_area: Any, rows: int) -> list[tuple[int, bytes] | None]:
+    """The names of a table's first ``rows`` rows (``names_area``: its
+    name entries from the first): (kind, text) once written, else None (row
+    0 is always None: other's)."""
+    if len(names_area) < rows * OPERATION_NAME_ENTRY:
+        raise StateFileError("truncated", "truncated operations")
+    out: list[tuple[int, bytes] | None] = [None]
+    for row in range(1, rows):
+        seq, kind, _, text = _NAME_ENTRY.unpack_from(names_area, row * OPERATION_NAME_ENTRY)
+        out.append((kind, text) if seq == 2 and kind in (OPERATION_NAMED, OPERATION_UNNAMED) else None)
+    return out
+
+
+def _merge_tables(total: memoryview, a: memoryview, b: memoryview) -> None:
+    """Into ``total`` (an empty table), the rows of ``a`` and ``b`` that
+    counted, one row per name (other's row 0 for the rows past the last
+    free one, and for a row without a whole name); names first."""
+    words = [0] * (OPERATION_SLOTS * N_OPERATION_WORDS)
+    rows: dict[tuple[int, bytes], int] = {}
+    for table in (a, b):
+        source = table[:OPERATION_TABLE_NAMES].cast("Q").tolist()
+        used = [row for row in range(OPERATION_SLOTS)
+                if source[row * N_OPERATION_WORDS + O_HOLDS] or source[row * N_OPERATION_WORDS + O_WAITS]]
+        names = _table_names(table[OPERATION_TABLE_NAMES:], max(used, default=0) + 1)
+        for row in used:
+            name = names[row]
+            into = 0 if name is None else rows.get(name)
+            if into is None:
+                into = len(rows) + 1
+                if into >= OPERATION_SLOTS:
+                    into = 0
+                else:
+                    rows[name] = into  # type: ignore[index]
+                    store_guarded(total, OPERATION_TABLE_NAMES + into * OPERATION_NAME_ENTRY, 2, _NAME_BODY.pack(name[0], 0, name[1]))  # type: ignore[index]
+            for word in range(N_OPERATION_WORDS):
+                at, value = into * N_OPERATION_WORDS + word, source[row * N_OPERATION_WORDS + word]
+                words[at] = max(words[at], value) if word == O_HOLD_MAX else words[at] + value
+    total[:OPERATION_TABLE_NAMES].cast("Q")[:] = array("Q", [min(word, _U64_MAX) for word in words])
 
 
 def _flatten(fields: list[tuple[str, str, Any]], values: dict[str, Any]) -> list[Any]:
@@ -992,9 +1002,14 @@ class ProcessState:
         return float(holds_seen_at(self.header, now_unix))
 
     def operation_records(self) -> list[OperationRecord]:
-        """Contention by operation, the most held first."""
-        out = [OperationRecord(text_from_file(e["lock"]), text_from_file(e["operation"]), *(int(e[name]) for name in OPERATION_COUNTERS))
-               for e in self.operations]
+        """Contention by operation, the most held first (each lock name's
+        instances, collected ones included, as one)."""
+        totals: dict[tuple[str, str], OperationRecord] = {}
+        for e in self.operations:
+            record = OperationRecord(text_from_file(e["lock"]), text_from_file(e["operation"]), *(int(e[name]) for name in OPERATION_COUNTERS))
+            key = (record.lock, record.operation)
+            totals[key] = record if key not in totals else totals[key].plus(record)
+        out = list(totals.values())
         out.sort(key=lambda r: (-r.hold_sum_ns, r.lock, r.operation))
         return out
 
@@ -1072,8 +1087,7 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
     ``accept_torn``: for a file whose writer is dead. One whose sequence
     counters stay odd (its writer died in the middle of a write) is returned
     as it is, marked ``torn``, instead of raising ``busy``; and every lock
-    record and operation entry in use is read, also one made after the
-    header's last write.
+    record in use is read, also one made after the header's last write.
     """
     daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
     try:
@@ -1103,12 +1117,9 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         header, records = _decode(fd, head, fork_counters, table)
         if int(header["uid"]) != info.st_uid:
             raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
-        # A dead writer's header may predate its last entry: read them all.
-        n = OPERATIONS_CAPACITY if accept_torn else min(int(header["n_operations"]), OPERATIONS_CAPACITY)
-        operations, operations_consistent = _read_operations(fd, n, retries, accept_torn)
+        operations = _read_operations(fd, records)
         return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid,
-                            torn=not (consistent and operations_consistent), file_id=(info.st_dev, info.st_ino),
-                            operations=operations)
+                            torn=not consistent, file_id=(info.st_dev, info.st_ino), operations=operations)
     finally:
         os.close(fd)
 
@@ -1228,63 +1239,48 @@ def _no_operations() -> np.ndarray:
     return np.zeros(0, dtype=_dtypes()["OPERATION_DTYPE"])
 
 
-def _read_operations(fd: int, n: int, retries: int, accept_torn: bool) -> tuple[np.ndarray, bool]:
-    """(the first ``n`` operation entries in use, consistent). An entry
-    being written in every attempt (odd or changed sequence counter) makes
-    the read ``busy``; with ``accept_torn`` (its writer is dead) it is read
-    as it stands, unless its first write never finished (see the module
-    docstring)."""
+def _read_operations(fd: int, records: np.ndarray) -> np.ndarray:
+    """Contention by operation: one OPERATION_DTYPE entry per row that
+    counted in each counted record's table. Each table's words are read
+    first, then the names of the rows that counted: such a row's name was
+    written before its first count, so it was whole before the words were
+    read (see the module docstring)."""
     import numpy as np
 
-    dtype = _dtypes()["OPERATION_DTYPE"]
-    if n == 0:
-        return _no_operations(), True
-    size = n * OPERATION_SIZE
-    first = os.pread(fd, size, OPERATIONS_OFFSET)
-    if len(first) == size and first == os.pread(fd, size, OPERATIONS_OFFSET):
-        # The usual case, in a few calls: two equal copies, every entry steady.
-        entries = np.frombuffer(bytearray(first), dtype=dtype, count=n)
-        if not (entries["seq"] & 1).any():
-            steady: np.ndarray = entries[entries["seq"] != 0]
-            _operation_counter_words(steady)
-            return steady, True
-    good = np.zeros(n, dtype=bool)
-    out = np.zeros(n, dtype=dtype)
-    for attempt in range(max(1, retries)):
-        first = os.pread(fd, size, OPERATIONS_OFFSET)
-        second = os.pread(fd, size, OPERATIONS_OFFSET)
-        if len(first) != size or len(second) != size:
+    if not len(records):
+        return _no_operations()
+    blocks = records["block"].tolist()
+    offsets = [TABLES_OFFSET + block * OPERATION_TABLE_BYTES for block in blocks]
+    raw = bytearray()
+    for offset in offsets:
+        words = os.pread(fd, OPERATION_TABLE_NAMES, offset)
+        if len(words) != OPERATION_TABLE_NAMES:
             raise StateFileError("truncated", "truncated operations")
-        a = np.frombuffer(first, dtype=dtype, count=n)
-        b = np.frombuffer(second, dtype=dtype, count=n)
-        steady = (a["seq"] % 2 == 0) & (a.view(np.uint8).reshape(n, OPERATION_SIZE) == b.view(np.uint8).reshape(n, OPERATION_SIZE)).all(axis=1)
-        fresh = steady & ~good
-        out[fresh] = a[fresh]
-        good |= steady
-        if good.all():
-            break
-        time.sleep(0.001 * (attempt + 1))
-    consistent = bool(good.all())
-    if not consistent:
-        if not accept_torn:
-            raise StateFileError("busy", "operation entries being written too often to read a consistent copy")
-        out[~good] = a[~good]
-        good |= a["seq"] > 1
-    kept: np.ndarray = out[good & (out["seq"] != 0)]
-    _operation_counter_words(kept)
-    return kept, consistent
-
-
-def _operation_counter_words(entries: np.ndarray) -> None:
-    """``_counter_words`` on every counter of ``entries`` (a contiguous
-    array of its own), in place, in one call."""
-    import numpy as np
-
-    if not len(entries):
-        return
-    words = np.ndarray((len(entries), len(OPERATION_COUNTERS)), dtype="<u8", buffer=entries,
-                       offset=_OPERATION_COUNTERS_OFFSET, strides=(OPERATION_SIZE, 8))
-    _counter_words(words)
+        raw += words
+    tables = np.frombuffer(raw, dtype="<u8").reshape(len(blocks), OPERATION_SLOTS, N_OPERATION_WORDS)
+    _counter_words(tables)
+    table_of, row_of = np.nonzero((tables[:, :, O_HOLDS] | tables[:, :, O_WAITS]) != 0)
+    if not len(table_of):
+        return _no_operations()
+    pairs = list(zip(table_of.tolist(), row_of.tolist()))
+    last_row: dict[int, int] = {}
+    for table, row in pairs:
+        last_row[table] = row  # rows come in order
+    names = {table: _table_names(os.pread(fd, (rows + 1) * OPERATION_NAME_ENTRY, offsets[table] + OPERATION_TABLE_NAMES), rows + 1)
+             for table, rows in last_row.items() if rows}
+    lock_names = records["name"].tolist()
+    parts = []
+    for table, row in pairs:
+        name = names[table][row] if row else None
+        lock = lock_names[table].ljust(NAME_BYTES, b"\0")
+        if name is None:
+            operation = _OTHER_NAME
+        elif name[0] == OPERATION_UNNAMED:
+            operation = lock.ljust(OPERATION_BYTES, b"\0")
+        else:
+            operation = name[1]
+        parts.append(lock + operation + tables[table, row].tobytes())
+    return np.frombuffer(bytearray(b"".join(parts)), dtype=_dtypes()["OPERATION_DTYPE"])
 
 
 # Times and intervals as read: NaN, infinities, negatives and values past the

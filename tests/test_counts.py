@@ -382,7 +382,9 @@ for _ in range(500):
         pass
 held_by_another_thread(tick)
 tick()
-print(h5watch.snapshot()["locks"]["app.busy"]["stats"]["acquisitions"], in_file(), *seen)
+holds_in_file = sum(r.holds for r in read_state_file(runtime.state.writer.path).operation_records() if r.lock == "app.busy")
+holds = sum(row["holds"] for row in h5watch.snapshot()["locks"]["app.busy"]["operations"])
+print(h5watch.snapshot()["locks"]["app.busy"]["stats"]["acquisitions"], in_file(), holds, holds_in_file, *seen)
 """
 
 
@@ -394,8 +396,9 @@ def test_a_lock_busy_when_its_counters_move_into_the_file_loses_nothing(state_di
     result = subprocess.run([sys.executable, "-c", BUSY_AT_ATTACH, str(state_dir)], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
-    snapshot, final, *ticks = map(int, result.stdout.split())
+    snapshot, final, holds, holds_in_file, *ticks = map(int, result.stdout.split())
     assert snapshot == final == 1502
+    assert holds == holds_in_file == 1502  # by operation too: the rows move with the counters
     assert ticks == sorted(ticks) and ticks[-1] == 1502, ticks
 
 
@@ -403,14 +406,14 @@ def test_a_lock_recorded_after_the_header_s_last_write_is_still_folded(state_dir
     """A lock's record is written, then the header that counts it: a process
     killed in between (or an image replaced by exec() while another thread
     was there) has a record its header does not count, and the lock counts
-    in it. The daemon reads a dead process's file as it stands, and a new
-    image adopting the file finds the record (and an operation's entry
-    written the same way) too: its counts are kept."""
+    in it, by operation too. The daemon reads a dead process's file as it
+    stands, and a new image adopting the file finds the record too: its
+    counts are kept."""
     code = f"""
 import json, os, signal, sys
 from h5watch.process.lock import WatchedLock
 from h5watch.process.publisher import lock_record
-from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.records import ProcessStatus
 from h5watch.statefile import StateWriter, ensure_state_dir, read_state_file
 directory = ensure_state_dir({str(state_dir)!r})
 writer = StateWriter(directory, "cut-short", 0, 60)
@@ -419,15 +422,14 @@ writer.write_all([lock_record(first)], ProcessStatus(True, None))
 late = WatchedLock("app.late")
 writer._slot_of(lock_record(late))  # its record, before the header that counts it
 for _ in range(5):
-    with late:
-        pass
+    late.acquire_for("late-op")
+    late.release()
 if sys.argv[1] == "adopt":
-    # And an operation's entry written by a tick that never reached its header.
-    writer._write_operations([OperationRecord("app.late", "late-op", 5, 5_000, 1_000, 0, 0, 0)])
     again = StateWriter(directory, "cut-short", 0, 60)  # as a new image of this process would
     again.write_all([], ProcessStatus(True, None))
-    counts = {{lock["lock"]: lock["acquisitions"] for lock in read_state_file(again.path).locks()}}
-    print(json.dumps([counts, [record.operation for record in again.adopted_operations]]), flush=True)
+    state = read_state_file(again.path)
+    counts = {{lock["lock"]: lock["acquisitions"] for lock in state.locks()}}
+    print(json.dumps([counts, [[record.operation, record.holds] for record in state.operation_records()]]), flush=True)
     sys.exit(0)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -435,7 +437,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
     adopted = run_python(code, args=["adopt"], timeout=60)
     assert adopted.returncode == 0, adopted.stderr
-    assert json.loads(adopted.stdout.splitlines()[-1]) == [{"app.first": 0, "app.late": 5}, ["late-op"]]
+    assert json.loads(adopted.stdout.splitlines()[-1]) == [{"app.first": 0, "app.late": 5}, [["late-op", 5]]]
     for path in state_dir.glob("*/*"):
         path.unlink()
     killed = run_python(code, args=["kill"], timeout=60)
@@ -444,3 +446,4 @@ os.kill(os.getpid(), signal.SIGKILL)
     wait_for(lambda: not list(state_dir.glob("*/*.h5w")), 20, what="the dead process's file to be folded")
     assert wait_for(lambda: daemon.value("h5watch_lock_acquisitions_total", workload="cut-short", lock="app.late"), 20,
                     what="app.late's acquisitions") == 5
+    assert daemon.value("h5watch_lock_operation_holds_total", workload="cut-short", lock="app.late", operation="late-op") == 5

@@ -51,11 +51,18 @@ def work():
 
 
 def report(role, expected_app):
-    locks = {lock.name: lock.stats.snapshot() for lock in watched_locks()}
+    locks = {lock.name: lock.snapshot() for lock in watched_locks()}
+    # What the process's own state file says (no child ever wrote in it).
+    from h5watch.statefile import read_state_file
+    state = read_state_file(h5watch.snapshot()["state"]["path"])
+    in_file = {name: [sum(lock["acquisitions"] for lock in state.locks() if lock["lock"] == name),
+                      sum(row.holds for row in state.operation_records() if row.lock == name)] for name in locks}
     print(json.dumps({
         "role": role,
         "expected_app": expected_app,
-        "locks": {name: [s["acquisitions"], s["hold"]["count"]] for name, s in locks.items()},
+        "locks": {name: [s["stats"]["acquisitions"], s["stats"]["hold"]["count"], sum(row["holds"] for row in s["operations"])]
+                  for name, s in locks.items()},
+        "file": in_file,
     }), flush=True)
 
 
@@ -135,8 +142,10 @@ def test_hold_count_equals_acquisitions_after_forks(implementation, fork_kind, t
     # Three children, each with a grandchild that forks no further.
     assert roles == ["child1"] * 3 + ["child2"] * 3 + ["parent"], roles
     for r in reports:
-        for name, (acquisitions, holds) in r["locks"].items():
-            assert holds == acquisitions, (r["role"], name, r["locks"])
+        for name, (acquisitions, holds, operation_holds) in r["locks"].items():
+            assert holds == acquisitions == operation_holds, (r["role"], name, r["locks"])
+            if fork_kind == "os" or r["role"] == "parent":  # the child of a libc fork has no file of its own yet
+                assert r["file"][name] == [acquisitions, acquisitions], (r["role"], name, r["file"], r["locks"])
         assert r["locks"]["h5py.phil"][0] > 0, r
         if r["expected_app"] is not None:
             assert r["locks"]["app"][0] == r["expected_app"], r

@@ -282,15 +282,23 @@ def test_the_daemon_exports_each_operation_and_keeps_its_counts_after_the_proces
 
 
 def folded_operation_samples(state_dir, daemons, workload: str, body: str) -> dict[tuple[str, str], float]:
-    """A process of ``workload`` writes its state file (``body``: code that
-    has ``writer``, ``OperationRecord`` and ``ProcessStatus``) and is
-    SIGKILLed; a daemon then folds its file: the operation series it exports."""
+    """A process of ``workload`` counts in its state file (``body``: code
+    that has ``writer`` and ``attached(name)``, a new watched lock that
+    counts in the file) and is SIGKILLed before any tick; a daemon then
+    folds its file: the operation series it exports."""
     code = f"""
 import os, signal
-from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
 from h5watch.statefile import StateWriter, ensure_state_dir
 directory = ensure_state_dir({str(state_dir)!r})
-writer = StateWriter(directory, {workload!r}, 0, 0.5)
+writer = StateWriter(directory, {workload!r}, 0, 60)
+
+def attached(name):
+    lock = WatchedLock(name)
+    writer.attach_locks([lock_record(lock)])
+    return lock
+
 {body}
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -301,31 +309,59 @@ os.kill(os.getpid(), signal.SIGKILL)
     return wait_for(lambda: operation_samples(daemon.port, workload) or None, 20, what="operation series")
 
 
-def test_a_process_killed_before_its_header_said_so_keeps_its_newest_operation(state_dir, daemons):
-    """The operations' entries are written each tick before the header that
-    counts them: a process killed in between has an entry its header does
-    not count. The daemon reads a dead process's file as it stands: that
-    operation is exported and folded like the others."""
+@pytest.mark.parametrize("implementation", ["compiled", "python"])
+def test_a_process_killed_before_any_tick_keeps_every_operation(state_dir, daemons, implementation, monkeypatch):
+    """Operations count in the state file itself, as the locks' counters
+    do: a process SIGKILLed before it ever wrote its locks' records again
+    (no tick, no exit) keeps every hold by operation, of a live lock and of
+    one collected and merged into its name's retired record."""
+    if implementation == "compiled" and "compiled" not in _lock_classes():
+        pytest.skip("the compiled core is not built here")
+    monkeypatch.setenv("H5WATCH_IMPLEMENTATION", implementation)
     samples = folded_operation_samples(state_dir, daemons, "cut-short", """
-old = OperationRecord("app.cache", "old", 3, 3_000_000, 1_000_000, 0, 1, 500_000)
-new = OperationRecord("app.cache", "new", 7, 7_000_000, 2_000_000, 0, 2, 250_000)
-writer.write_all([], ProcessStatus(True, None), [old])
-writer._write_operations([old, new])  # the next tick's entries; killed before its header
+import gc
+from h5watch.records import ProcessStatus
+cache = attached("app.cache")
+for name, times in (("old", 3), ("new", 7)):
+    for _ in range(times):
+        cache.acquire_for(name)
+        cache.release()
+for _ in range(2):  # two instances of one name, collected: merged by the next write
+    gone = attached("app.gone")
+    for name, times in (("shared", 4), (None, 1)):
+        for _ in range(times):
+            gone.acquire_for(name)
+            gone.release()
+del gone
+gc.collect()
+writer.write_all([lock_record(cache)], ProcessStatus(True, None))
+for _ in range(5):  # after the last write
+    cache.acquire_for("late")
+    cache.release()
 """)
     assert samples[("h5watch_lock_operation_holds_total", "old")] == 3
     assert samples[("h5watch_lock_operation_holds_total", "new")] == 7
-    assert samples[("h5watch_lock_operation_hold_seconds_total", "new")] == pytest.approx(0.007)
+    assert samples[("h5watch_lock_operation_holds_total", "late")] == 5
+    assert samples[("h5watch_lock_operation_holds_total", "shared")] == 8
+    assert samples[("h5watch_lock_operation_holds_total", "app.gone")] == 2  # unnamed: the lock's own name
 
 
 def test_operation_names_that_read_alike_are_one_series_and_absurd_counters_read_as_zero(state_dir, daemons):
-    """A forged or damaged file: two operation entries whose names differ
-    only in control characters (each reads as ``?``) are one series, their
-    counts added; a counter no real count reaches is read as 0, never summed."""
+    """A forged or damaged file: two operations whose names differ only in
+    control characters (each reads as ``?``) are one series, their counts
+    added; a counter no real count reaches is read as 0, never summed."""
     samples = folded_operation_samples(state_dir, daemons, "forged", """
-writer.write_all([], ProcessStatus(True, None), [
-    OperationRecord("app.cache", "read\\x1bone", 3, 3_000_000, 1_000_000, 0, 1, 500_000),
-    OperationRecord("app.cache", "read\\x07one", 4, 2**63 + 5, 1_000_000, 0, 2, 250_000),
-])
+from h5watch.schema import N_OPERATION_WORDS, O_HOLD_SUM, O_WAITS, OPERATION_TABLE_NAMES
+cache = attached("app.cache")
+for name, times in (("read\x1bone", 3), ("read\x07one", 4)):
+    for _ in range(times):
+        cache.acquire_for(name)
+        cache.release()
+words = writer._live[cache._seq].table[:OPERATION_TABLE_NAMES].cast("Q")
+words[1 * N_OPERATION_WORDS + O_HOLD_SUM] = 3_000_000
+words[2 * N_OPERATION_WORDS + O_HOLD_SUM] = 2**63 + 5
+words[1 * N_OPERATION_WORDS + O_WAITS] = 1
+words[2 * N_OPERATION_WORDS + O_WAITS] = 2
 """)
     assert {operation for _, operation in samples} == {"read?one"}
     assert samples[("h5watch_lock_operation_holds_total", "read?one")] == 7
@@ -334,7 +370,7 @@ writer.write_all([], ProcessStatus(True, None), [
 
 
 MULTIPROCESSING_WORKERS = """
-import json, multiprocessing, sys
+import json, multiprocessing, os, signal, sys
 import h5watch
 h5watch.install(state_dir=sys.argv[1], service="mp-profiled", tick_interval=60)  # no tick in a worker's life
 import h5py, numpy as np
@@ -347,6 +383,10 @@ def work(_=None):
             f["x"][:]
     return multiprocessing.current_process().pid
 
+def work_then_die():
+    work()
+    os.kill(os.getpid(), signal.SIGKILL)
+
 if __name__ == "__main__":
     with h5py.File(path, "w") as f:
         f["x"] = np.arange(100)
@@ -356,6 +396,15 @@ if __name__ == "__main__":
         worker.start()
         worker.join(60)
         pids, exitcodes = [worker.pid], [worker.exitcode]
+    elif how == "killed":
+        worker = context.Process(target=work_then_die)
+        worker.start()
+        worker.join(60)
+        pids, exitcodes = [worker.pid], [worker.exitcode]
+    elif how == "terminated":
+        with context.Pool(2) as pool:  # leaving the block: terminate(), SIGTERM to each worker still there
+            pids = sorted(set(pool.map(work, range(6), chunksize=1)))
+        exitcodes = [0]
     elif how == "pool":
         pool = context.Pool(2)
         pids = sorted(set(pool.map(work, range(6), chunksize=1)))
@@ -371,26 +420,26 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("how", ["process", "pool", "executor"])
+@pytest.mark.parametrize("how", ["process", "pool", "executor", "killed", "terminated"])
 @pytest.mark.parametrize("implementation", ["compiled", "python"])
-def test_a_multiprocessing_worker_that_ends_with_os_exit_keeps_its_operations(state_dir, tmp_path, implementation, how):
+def test_a_multiprocessing_worker_keeps_its_operations_however_it_ends(state_dir, tmp_path, implementation, how):
     """A multiprocessing child ends with os._exit (no exit handlers; on 3.13
-    its atexit list is cleared too) before any tick: what it counted by
-    operation is in its file all the same, hold for hold with its locks'
-    own counters."""
+    its atexit list is cleared too), by SIGKILL, or by the SIGTERM of
+    ``Pool.terminate()``, before any tick: what it counted by operation is
+    in its file all the same, hold for hold with its locks' own counters."""
     if implementation == "compiled" and "compiled" not in _lock_classes():
         pytest.skip("the compiled core is not built here")
     result = run_python(MULTIPROCESSING_WORKERS, args=[str(state_dir), str(tmp_path / "data.h5"), how],
                         env={"H5WATCH_IMPLEMENTATION": implementation}, timeout=90)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.splitlines()[-1])
-    assert out["exitcodes"] == [0]
+    assert out["exitcodes"] == [-9 if how == "killed" else 0]
     total_holds = 0
     for pid in out["pids"]:
         [path] = list(state_dir.rglob(f"{pid}-*.h5w"))
-        state = read_state_file(str(path))
+        state = read_state_file(str(path), accept_torn=True)  # its writer is dead
         acquisitions = sum(lock["acquisitions"] for lock in state.locks() if lock["lock"] == "h5py.phil")
         holds = sum(row.holds for row in state.operation_records() if row.lock == "h5py.phil")
         assert acquisitions > 0 and holds == acquisitions, (pid, acquisitions, state.operation_records())
         total_holds += holds
-    assert total_holds >= 50 * (1 if how == "process" else 6)  # each task opens the file once and reads 50 times
+    assert total_holds >= 50 * (1 if how in ("process", "killed") else 6)  # each task opens the file once and reads 50 times

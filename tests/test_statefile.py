@@ -453,28 +453,37 @@ def test_a_lock_made_between_a_tick_listing_the_locks_and_its_write_stays_live(t
         writer.close(exited=False)
 
 
-def test_operation_entries_are_never_read_torn(tmp_path):
-    """A writer rewrites one operation entry again and again with every
-    count equal to k = 1, 2, 3...: a reader accepts only copies whose counts
-    are all one k, never going down; an entry left odd (its writer died in
-    the middle of it) is left out."""
+def test_operation_names_are_never_read_torn_and_counts_never_go_down(tmp_path):
+    """A writer keeps making watched locks and holding them for new
+    operations (each new row's name written in the file as it comes, past
+    64 counted as other's): a reader only ever finds names the writer used,
+    and no (lock, operation)'s holds ever go down from one read to the next.
+    A row whose name entry is not whole (its writer died in it; forged) is
+    read as other's, its counts kept."""
     state_dir = tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-c", f"""
 import time
-from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.process.lock import WatchedLock
+from h5watch.process.publisher import lock_record
 from h5watch.statefile import StateWriter, ensure_state_dir
 ensure_state_dir({str(state_dir)!r})
 writer = StateWriter({str(state_dir)!r}, "torn", 0, 0.5)
-status = ProcessStatus(True, None)
-writer.write_all([], status, [OperationRecord("app.x", "steady", 1, 1, 1, 1, 1, 1)])
-print(writer.path, flush=True)
+locks = []
+first = True
 deadline = time.monotonic() + 6
 k = 0
 while time.monotonic() < deadline:
+    if k % 400 == 0 and len(locks) < 40:
+        locks.append(WatchedLock(f"app.{{len(locks)}}"))
+        writer.attach_locks([lock_record(locks[-1])])
     k += 1
-    writer.write_all([], status, [OperationRecord("app.x", "steady", 1, 1, 1, 1, 1, 1),
-                                  OperationRecord("app.x", "busy", k, k, k, k, k, k)])
+    lock = locks[k % len(locks)]
+    lock.acquire_for(f"op-{{k % 90}}")
+    lock.release()
+    if first:
+        print(writer.path, flush=True)
+        first = False
     if k % 8 == 0:
         time.sleep(0.0002)
 """],
@@ -482,7 +491,9 @@ while time.monotonic() < deadline:
     )
     try:
         path = proc.stdout.readline().strip()
-        seen, last = set(), 0
+        expected = {f"op-{k}" for k in range(90)} | {"other"}
+        last: dict[tuple[str, str], int] = {}
+        reads = 0
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
             try:
@@ -490,67 +501,60 @@ while time.monotonic() < deadline:
             except StateFileError as exc:
                 assert exc.reason == "busy", exc
                 continue
+            reads += 1
             for record in state.operation_records():
-                counts = set(record[2:])
-                assert len(counts) == 1, record
-                if record.operation == "busy":
-                    assert counts.pop() >= last
-                    last = record.holds
-                    seen.add(last)
-        assert len(seen) > 100
+                assert record.operation in expected, record
+                key = (record.lock, record.operation)
+                assert record.holds >= last.get(key, 0), (record, last.get(key))
+                last[key] = record.holds
+        assert reads > 100 and len({lock for lock, _ in last}) > 5
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    from h5watch.statefile import OPERATIONS_OFFSET
+    from h5watch.schema import OPERATION_NAME_ENTRY, OPERATION_TABLE_NAMES
+    from h5watch.statefile import TABLES_OFFSET
 
-    # The writer was killed, perhaps in the middle of a write (its header or
-    # its "busy" entry then stays odd): read as the daemon reads a dead
-    # process's file. The first entry was written before the loop.
-    def operations() -> dict[str, set[int]]:
-        return {r.operation: set(r[2:]) for r in read_state_file(path, accept_torn=True).operation_records()}
+    def holds() -> dict[str, int]:
+        return {r.operation: r.holds for r in read_state_file(path, accept_torn=True).operation_records() if r.lock == "app.0"}
 
-    assert operations()["steady"] == {1}
+    before = holds()
+    assert set(before) <= expected and len(before) > 2
+    # app.0's table is its block's (the first): its row 1's name entry left
+    # odd, as by a writer killed in it.
+    entry = TABLES_OFFSET + OPERATION_TABLE_NAMES + 1 * OPERATION_NAME_ENTRY
     with open(path, "r+b") as f:
-        f.seek(OPERATIONS_OFFSET)
-        seq = int.from_bytes(f.read(8), "little")
-        assert seq % 2 == 0 and seq > 0
-        # Its writer died in the middle of rewriting it: each field is its
-        # old value or its new one, and it is read as it stands, by the
-        # daemon only (a live writer's entry is waited for, then "busy").
-        f.seek(OPERATIONS_OFFSET)
-        f.write((seq + 1).to_bytes(8, "little"))
-        f.flush()
-        assert operations()["steady"] == {1}
-        with pytest.raises(StateFileError) as busy:
-            read_state_file(path, retries=1)
-        assert busy.value.reason == "busy"
-        # Its first write never finished: there is nothing to read in it.
-        f.seek(OPERATIONS_OFFSET)
+        f.seek(entry)
+        assert int.from_bytes(f.read(8), "little") == 2
+        f.seek(entry)
         f.write((1).to_bytes(8, "little"))
-        f.flush()
-        assert "steady" not in operations()
+    after = holds()
+    [gone] = set(before) - set(after)
+    assert after["other"] == before.get("other", 0) + before[gone]
+    assert sum(after.values()) == sum(before.values())
 
 
 def test_a_writer_killed_at_any_moment_leaves_every_record_and_entry(tmp_path):
-    """Writers forked from one state file's owner rewrite its header, its lock
-    records and its operation entries without pause and are killed at random
-    moments, a thousand times: the file, read as the daemon reads a dead
-    process's, still lists both locks and both operations every time (a write
-    interrupted half-way leaves old or new values, never zeros)."""
+    """Writers forked from one state file's owner rewrite its header and its
+    lock records, and count operations, without pause and are killed at
+    random moments, a thousand times: the file, read as the daemon reads a
+    dead process's, still lists both locks and both operations every time (a
+    write interrupted half-way leaves old or new values, never zeros)."""
     state_dir = tmp_path / "state"
     script = f"""
 import json, os, random, signal, time
 from h5watch.process.lock import WatchedLock
 from h5watch.process.publisher import lock_record
-from h5watch.records import OperationRecord, ProcessStatus
+from h5watch.records import ProcessStatus
 from h5watch.statefile import StateWriter, ensure_state_dir, read_state_file
 ensure_state_dir({str(state_dir)!r})
 writer = StateWriter({str(state_dir)!r}, "killed", 0, 0.5)
 locks = [WatchedLock("app.a"), WatchedLock("app.b")]
+operations = ["first", "second"]
 status = ProcessStatus(True, None)
-def operations(k):
-    return [OperationRecord("app.a", "first", k, k, k, k, k, k), OperationRecord("app.b", "second", k, k, k, k, k, k)]
-writer.write_all([lock_record(lock) for lock in locks], status, operations(1))
+writer.write_all([lock_record(lock) for lock in locks], status)
+for lock, operation in zip(locks, operations):
+    lock.acquire_for(operation)
+    lock.release()
 random.seed({os.getpid()})
 missing, torn = [], 0
 for round in range(1000):
@@ -563,9 +567,9 @@ for round in range(1000):
                 if k == 3:
                     os.write(started, b"!")
                 k += 1
-                for lock in locks:
-                    lock.acquire_for(f"op-{{k}}")
-                writer.write_all([lock_record(lock) for lock in locks], status, operations(k))
+                for lock, operation in zip(locks, operations):
+                    lock.acquire_for(operation)
+                writer.write_all([lock_record(lock) for lock in locks], status)
                 for lock in locks:
                     lock.release()
         finally:
@@ -604,6 +608,8 @@ for times, lock in zip((3, 5), locks):
     for _ in range(times):
         with lock:
             pass
+    lock.acquire_for("named")
+    lock.release()
 writer.write_all([lock_record(lock) for lock in locks], status)
 del lock, locks
 gc.collect()
@@ -635,13 +641,15 @@ os._exit(0 if call == 0 else 1)
 def test_a_writer_killed_inside_a_merge_leaves_each_count_counted_once(tmp_path, call, when):
     """Two collected locks of one name are merged into one record in steps
     under a journal in the header; a reader of a writer killed between any
-    two of them counts every acquisition once (3 + 5), as it does after the
-    whole merge."""
+    two of them counts every acquisition once (3 + 5, and one named
+    operation each), by operation too (their tables are merged into the new
+    block's, row by name), as it does after the whole merge."""
     result = run_python(MERGE_KILLED, args=[str(tmp_path), str(call), when], timeout=30)
     assert result.returncode == (0 if call == 0 else 9), result.stderr
     (path,) = list(tmp_path.glob("*/*.h5w"))
     state = read_state_file(str(path), accept_torn=True)
     # Before the retired record's new block is written both old blocks count; after, the new one alone.
     assert [name.decode() for name in state.records["name"]].count("app.x") == (2 if (call, when) == (1, "before") else 1)
-    assert int(state.records["acquisitions"].sum()) == 8
+    assert int(state.records["acquisitions"].sum()) == 10
+    assert {(r.lock, r.operation): r.holds for r in state.operation_records()} == {("app.x", "app.x"): 8, ("app.x", "named"): 2}
     assert bool(state.header["merge_active"]) is (call != 0)

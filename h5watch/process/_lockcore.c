@@ -63,6 +63,16 @@
 #define O_WAITS 4
 #define O_WAIT_SUM 5
 #define N_OP_WORDS 6
+/* The table as it lies in the state file (h5watch/schema.py OPERATION_NAME_LAYOUT):
+ * the rows' words, then one name entry per row: a sequence word (2 once
+ * written, never rewritten), its kind, and the text (UTF-8, cut at
+ * OP_NAME_TEXT bytes). */
+#define OP_TABLE_NAMES (OP_SLOTS * N_OP_WORDS * 8)
+#define OP_NAME_ENTRY 144
+#define OP_NAME_TEXT 128
+#define OP_NAMED 1
+#define OP_UNNAMED 2
+#define OP_TABLE_BYTES (OP_TABLE_NAMES + OP_SLOTS * OP_NAME_ENTRY)
 
 static const int64_t BOUNDS_NS[N_BOUNDS] = {
     1000LL, 2500LL, 5000LL,
@@ -153,12 +163,20 @@ typedef struct {
     int64_t commit_wait_sum;
     uint64_t commit_wait_ends;
     /* Contention by operation (h5watch/process/stats.py OperationTable):
-     * the rows (a buffer the table owns), its {operation: row} dict and its
-     * list of operations by row; NULL until _set_operations. The holder's
-     * row, and the blocked wait that ended in its acquisition, are written
-     * by the thread holding the inner lock only. */
+     * the rows, its {operation: row} dict and its list of operations by
+     * row; NULL until _set_operations. The rows are own_ops (a buffer the
+     * table owns) until the state file is made, then the lock's table in
+     * the file (held through `table_view`, moved with the counters and
+     * dropped with them in a forked child), where a new row's name is
+     * written before anything is counted in it. The holder's row, and the
+     * blocked wait that ended in its acquisition, are written by the thread
+     * holding the inner lock only. */
     uint64_t *ops;
+    uint64_t *own_ops;
     Py_buffer ops_view;
+    unsigned char *op_name_area;  /* NULL while the rows are own_ops */
+    Py_buffer table_view;
+    int has_table_view;
     PyObject *op_index;
     PyObject *op_names;
     PyObject *last_op;         /* a one-entry cache of the last lookup */
@@ -178,15 +196,18 @@ static volatile sig_atomic_t fork_generation = 0;
 static void count_fork_in_child(void) { fork_generation++; }
 
 static void release_counters_view(LockCore *self);
+static void release_table_view(LockCore *self);
 static void restart_counters(LockCore *self);
 
-/* The counters start again from zero, private (a forked child). A hold
- * open now was counted where it began, in the parent: its release is not
- * counted here. */
+/* The counters start again from zero, private (a forked child); so do the
+ * operation rows (the file's table is the parent's: never cleared here). A
+ * hold open now was counted where it began, in the parent: its release is
+ * not counted here. */
 static void restart_counters(LockCore *self) {
     release_counters_view(self);
+    release_table_view(self);
     memset(self->own_counters, 0, sizeof(self->own_counters));
-    if (self->ops != NULL) memset(self->ops, 0, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
+    if (self->own_ops != NULL) memset(self->own_ops, 0, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
     self->counters = self->own_counters;
     if (self->owner_state != OWNER_NONE) self->hold_uncounted = 1;
 }
@@ -493,15 +514,53 @@ static inline void order_pop(LockCore *self) {
     }
 }
 
+/* Write row `row`'s name entry into `area` (a table's names in the state
+ * file), unless it was written already: once written it never changes, so
+ * a reader never finds a row it has seen named being rewritten. Returns 0,
+ * or -1 with an exception set (no memory). */
+static int write_op_name(unsigned char *area, Py_ssize_t row, PyObject *operation) {
+    unsigned char *entry = area + row * OP_NAME_ENTRY;
+    if (__atomic_load_n((uint64_t *)entry, __ATOMIC_ACQUIRE) != 0) return 0;
+    const char *text = "";
+    Py_ssize_t size = 0;
+    PyObject *encoded = NULL;
+    uint32_t kind = OP_UNNAMED;
+    if (operation != Py_None) {
+        kind = OP_NAMED;
+        text = PyUnicode_AsUTF8AndSize(operation, &size);
+        if (text == NULL) {  /* lone surrogates: as str.encode("utf-8", "replace") */
+            PyErr_Clear();
+            encoded = PyUnicode_AsEncodedString(operation, "utf-8", "replace");
+            if (encoded == NULL) return -1;
+            text = PyBytes_AS_STRING(encoded);
+            size = PyBytes_GET_SIZE(encoded);
+        }
+        if (size > OP_NAME_TEXT) size = OP_NAME_TEXT;
+    }
+    /* A seqlock write (recorder.store_guarded): odd, the body, even. */
+    __atomic_store_n((uint64_t *)entry, 1, __ATOMIC_RELEASE);
+    memcpy(entry + 8, &kind, sizeof(kind));
+    memset(entry + 16, 0, OP_NAME_TEXT);
+    memcpy(entry + 16, text, (size_t)size);
+    __atomic_store_n((uint64_t *)entry, 2, __ATOMIC_RELEASE);
+    Py_XDECREF(encoded);
+    return 0;
+}
+
 /* The operation's row in the table (OperationTable.row in stats.py): a new
- * operation takes the next free row, or row 0 once every row is taken. */
+ * operation (a str, or None for the lock's own name) takes the next free
+ * row, or row 0 once every row is taken; anything else counts in row 0. In
+ * the state file, the new row's name is written before it counts. */
 static Py_ssize_t op_row_slow(LockCore *self, PyObject *operation) {
     Py_ssize_t row = 0;
-    PyObject *found = PyDict_GetItemWithError(self->op_index, operation);  /* borrowed */
+    PyObject *found = NULL;
+    if (operation == Py_None || PyUnicode_Check(operation)) {
+        found = PyDict_GetItemWithError(self->op_index, operation);  /* borrowed */
+    }
     if (found != NULL) {
         row = PyLong_AsSsize_t(found);
         if (row < 0 || row >= OP_SLOTS) row = 0;
-    } else if (!PyErr_Occurred()) {
+    } else if (!PyErr_Occurred() && (operation == Py_None || PyUnicode_Check(operation))) {
         Py_ssize_t n = PyList_GET_SIZE(self->op_names);
         if (n < OP_SLOTS) {
             PyObject *number = PyLong_FromSsize_t(n);
@@ -510,6 +569,8 @@ static Py_ssize_t op_row_slow(LockCore *self, PyObject *operation) {
                 else PyDict_DelItem(self->op_index, operation);
             }
             Py_XDECREF(number);
+            /* No memory to encode the name: the file reads the row's counts as other's. */
+            if (row == n && self->op_name_area != NULL) write_op_name(self->op_name_area, n, operation);
         }
     }
     if (PyErr_Occurred()) PyErr_Clear();  /* unhashable, or no memory: counted as other */
@@ -888,7 +949,8 @@ static PyObject *LockCore_recursion_count(LockCore *self, PyObject *Py_UNUSED(ig
 static PyObject *LockCore_counters(LockCore *self, PyObject *unused);
 static PyObject *LockCore_record_wait(LockCore *self, PyObject *arg);
 static PyObject *LockCore_bump(LockCore *self, PyObject *arg);
-static PyObject *LockCore_move_counters(LockCore *self, PyObject *target);
+static PyObject *LockCore_move_counters(LockCore *self, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *LockCore_operation_words(LockCore *self, PyObject *unused);
 static PyObject *LockCore_set_operations(LockCore *self, PyObject *const *args, Py_ssize_t nargs);
 
 static PyMethodDef LockCore_methods[] = {
@@ -898,8 +960,11 @@ static PyMethodDef LockCore_methods[] = {
     {"_bump", (PyCFunction)LockCore_bump, METH_O, "Add one to the timeout or orphan counter at this index."},
     {"_set_operations", (PyCFunction)(void (*)(void))LockCore_set_operations, METH_FASTCALL,
      "Count holds and waits per operation in these rows, with the table's {operation: row} dict and its list."},
-    {"_move_counters", (PyCFunction)LockCore_move_counters, METH_O,
-     "Copy the counters into this writable buffer and count there from now on; None: private and zeroed."},
+    {"_move_counters", (PyCFunction)(void (*)(void))LockCore_move_counters, METH_FASTCALL,
+     "_move_counters(counters, table=None): copy the counters (and the operation rows, with their names) "
+     "into these writable buffers and count there from now on; None: private and zeroed."},
+    {"_operation_words", (PyCFunction)LockCore_operation_words, METH_NOARGS,
+     "The operation rows' words as they are now, as bytes."},
     {"acquire", (PyCFunction)(void (*)(void))LockCore_acquire, METH_VARARGS | METH_KEYWORDS,
      "acquire(blocking=True, timeout=-1) -> bool, as threading.RLock"},
     {"acquire_for", (PyCFunction)(void (*)(void))LockCore_acquire_for, METH_FASTCALL,
@@ -1016,34 +1081,88 @@ static void release_counters_view(LockCore *self) {
     }
 }
 
-/* Copy the counters into `target` (a writable buffer of at least 64 aligned
- * words, such as a memoryview of the state file's mapping) and count there
- * from now on; None: back to private, zeroed counters (a forked child). */
-static PyObject *LockCore_move_counters(LockCore *self, PyObject *target) {
+static void release_table_view(LockCore *self) {
+    if (self->has_table_view) {
+        self->has_table_view = 0;
+        self->op_name_area = NULL;
+        self->ops = self->own_ops;
+        PyBuffer_Release(&self->table_view);
+    }
+}
+
+/* Copy the counters into `counters` (a writable buffer of at least 64
+ * aligned words, such as a memoryview of the state file's mapping) and
+ * count there from now on; None: back to private, zeroed counters (a forked
+ * child). With `table` (OP_TABLE_BYTES of the mapping, zeroed or this
+ * lock's own), the operation rows move too: every row's name first, then
+ * the words. */
+static PyObject *LockCore_move_counters(LockCore *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "_move_counters(counters, table=None)");
+        return NULL;
+    }
+    PyObject *target = args[0], *table = nargs > 1 ? args[1] : Py_None;
     if (target == Py_None) {
         restart_counters(self);
         Py_RETURN_NONE;
     }
-    Py_buffer view;
+    Py_buffer view, table_view;
     if (PyObject_GetBuffer(target, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (view.len < (Py_ssize_t)sizeof(self->own_counters) || ((uintptr_t)view.buf % 8) != 0) {
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "counters: expected a writable buffer of 64 aligned 8-byte words");
         return NULL;
     }
-    uint64_t *current = counters_of(self);
+    int moves_table = table != Py_None && self->own_ops != NULL;
+    if (moves_table) {
+        if (PyObject_GetBuffer(table, &table_view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (table_view.len < OP_TABLE_BYTES || ((uintptr_t)table_view.buf % 8) != 0) {
+            PyBuffer_Release(&table_view);
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "table: expected a writable buffer of OP_TABLE_BYTES aligned bytes");
+            return NULL;
+        }
+    }
+    uint64_t *current = counters_of(self);  /* first: a forked child's restart */
     if (view.buf != (void *)current) memcpy(view.buf, current, sizeof(self->own_counters));
     self->counters = (uint64_t *)view.buf;
     release_counters_view(self);
     self->counters_view = view;
     self->has_counters_view = 1;
     self->counters_generation = (unsigned int)fork_generation;
+    if (moves_table) {
+        if (table_view.buf != (void *)self->ops) {
+            unsigned char *area = (unsigned char *)table_view.buf + OP_TABLE_NAMES;
+            Py_ssize_t n = PyList_GET_SIZE(self->op_names);
+            for (Py_ssize_t row = 1; row < n && row < OP_SLOTS; row++) {
+                if (write_op_name(area, row, PyList_GET_ITEM(self->op_names, row)) < 0) PyErr_Clear();
+            }
+            memcpy(table_view.buf, self->ops, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
+            release_table_view(self);
+            self->ops = (uint64_t *)table_view.buf;
+            self->op_name_area = area;
+            self->table_view = table_view;
+            self->has_table_view = 1;
+        } else {
+            PyBuffer_Release(&table_view);
+        }
+    }
     Py_RETURN_NONE;
 }
 
+static PyObject *LockCore_operation_words(LockCore *self, PyObject *unused) {
+    counters_of(self);  /* a forked child's rows restart first */
+    if (self->ops == NULL) return PyBytes_FromStringAndSize(NULL, 0);
+    return PyBytes_FromStringAndSize((const char *)self->ops, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
+}
+
 static void release_ops(LockCore *self) {
-    if (self->ops != NULL) {
-        self->ops = NULL;
+    release_table_view(self);
+    if (self->own_ops != NULL) {
+        self->ops = self->own_ops = NULL;
         PyBuffer_Release(&self->ops_view);
     }
 }
@@ -1064,7 +1183,7 @@ static PyObject *LockCore_set_operations(LockCore *self, PyObject *const *args, 
     }
     release_ops(self);
     self->ops_view = view;
-    self->ops = (uint64_t *)view.buf;
+    self->ops = self->own_ops = (uint64_t *)view.buf;
     Py_INCREF(args[1]);
     Py_XSETREF(self->op_index, args[1]);
     Py_INCREF(args[2]);
@@ -1143,6 +1262,10 @@ static int LockCore_clear(LockCore *self) {
         memcpy(self->own_counters, self->counters, sizeof(self->own_counters));
         self->counters = self->own_counters;
         release_counters_view(self);
+    }
+    if (self->has_table_view) {
+        memcpy(self->own_ops, self->ops, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
+        release_table_view(self);
     }
     Py_CLEAR(self->operation);
     Py_CLEAR(self->waiters);
@@ -1566,6 +1689,13 @@ PyMODINIT_FUNC PyInit__lockcore(void) {
         return NULL;
     }
     Py_DECREF(op_layout);
+    PyObject *name_layout = Py_BuildValue("(iiiii)", OP_TABLE_NAMES, OP_NAME_ENTRY, OP_NAME_TEXT, OP_NAMED, OP_UNNAMED);
+    if (name_layout == NULL || PyModule_AddObjectRef(m, "OPERATION_NAME_LAYOUT", name_layout) < 0) {
+        Py_XDECREF(name_layout);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(name_layout);
     /* The other numbers this file shares with h5watch/schema.py and
      * h5watch/process/probe.py, for implementation.py to compare. */
     PyObject *bounds = PyTuple_New(N_BOUNDS);

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from h5watch.schema import BUCKET_BOUNDS_NS, COUNTER_LAYOUT, DEAD_OWNER, OPERATION_LAYOUT
+from h5watch.schema import BUCKET_BOUNDS_NS, COUNTER_LAYOUT, DEAD_OWNER, OPERATION_LAYOUT, OPERATION_NAME_LAYOUT
 
 __all__ = ["EXTENSION_MISSING", "NAME", "REASON", "compiled_core", "shared_numbers", "shared_numbers_of"]
 
@@ -55,7 +55,7 @@ def _import_error(exc: ImportError) -> str:
 def shared_numbers() -> dict[str, Any]:
     """The numbers the compiled core must agree on, as h5watch.schema has them."""
     return {"COUNTER_LAYOUT": COUNTER_LAYOUT, "BOUNDS_NS": BUCKET_BOUNDS_NS, "DEAD_OWNER": DEAD_OWNER,
-            "OPERATION_LAYOUT": OPERATION_LAYOUT}
+            "OPERATION_LAYOUT": OPERATION_LAYOUT, "OPERATION_NAME_LAYOUT": OPERATION_NAME_LAYOUT}
 
 
 def shared_numbers_of(core: Any) -> dict[str, Any]:
@@ -65,6 +65,7 @@ def shared_numbers_of(core: Any) -> dict[str, Any]:
         "BOUNDS_NS": tuple(getattr(core, "BOUNDS_NS", ())),
         "DEAD_OWNER": getattr(core, "DEAD_OWNER", None),
         "OPERATION_LAYOUT": tuple(getattr(core, "OPERATION_LAYOUT", ())),
+        "OPERATION_NAME_LAYOUT": tuple(getattr(core, "OPERATION_NAME_LAYOUT", ())),
     }
 
 

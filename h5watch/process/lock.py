@@ -358,6 +358,7 @@ class _LockLogic:
         def _take_for_fork(self, operation: str) -> None: ...
         def _set_gated(self, gated: bool) -> None: ...
         def _use_operations(self, table: OperationTable) -> None: ...
+        def _operation_word_list(self) -> list[int]: ...
         def _wait_begin(self, me: int) -> int: ...
         def _wait_end(self, me: int) -> None: ...
         def _clear_waiters(self) -> None: ...
@@ -703,7 +704,7 @@ class _LockLogic:
             "inner": self._inner_kind,
             "stats": self.stats.snapshot(),
             # Contention by operation, the most held first.
-            "operations": [row.to_plain() for row in self.operations.rows()],
+            "operations": [row.to_plain() for row in self.operations.rows(self._operation_word_list())],
             "holder": self.holder(now_ns),
             "waiters": waiters,
             "oldest_wait_seconds": max((w["wait_seconds"] for w in waiters), default=0.0),
@@ -777,6 +778,10 @@ class PythonWatchedLock(_LockLogic):
 
     def _use_operations(self, table: OperationTable) -> None:
         self._op_words = table.words
+
+    def _operation_word_list(self) -> list[int]:
+        """The operation rows' words now (in the state file once moved there)."""
+        return self._op_words.tolist()
 
     # The waiters (LockCore_wait_begin and the rest in _lockcore.c, which
     # also keep their count and start times for the release).
@@ -866,6 +871,7 @@ class PythonWatchedLock(_LockLogic):
         # restart_counters in _lockcore.c.
         self.stats.reset_after_fork()
         self.operations.reset()
+        self._op_words = self.operations.words
         if self._owner is not None:
             self._hold_uncounted = True
 
@@ -988,6 +994,9 @@ if TYPE_CHECKING or _lockcore is not None:
 
         def _use_operations(self, table: OperationTable) -> None:
             self._set_operations(table.buffer, table.index, table.names)
+
+        def _operation_word_list(self) -> list[int]:
+            return memoryview(self._operation_words()).cast("Q").tolist()
 
 
 if TYPE_CHECKING:

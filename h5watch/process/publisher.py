@@ -15,9 +15,6 @@ written:
   a killed child leaves the evidence behind);
 - when the watchdog stops for a fork: a last write, marked "watchdog not
   running" (the daemon then judges the process by its records alone);
-- when the threads' shutdown starts (``threading._shutdown()``: a normal
-  exit, and the end of every ``multiprocessing`` child, which then calls
-  ``os._exit()`` without exit handlers): everything, operations included;
 - at exit: a last write marked ``exited``.
 
 A forked child never writes its parent's file (the parent's mapping is
@@ -42,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from h5watch import logs
 from h5watch.process import lock_order
 from h5watch.process.lock import WatchedLock, watched_locks
-from h5watch.process.stats import ForkStats, OperationTable
-from h5watch.records import Holder, LockRecord, OperationRecord, ProcessStatus, running_versions
+from h5watch.process.stats import ForkStats
+from h5watch.records import Holder, LockRecord, ProcessStatus, running_versions
 from h5watch.statedir import create_file_at, prune_unread, user_dir_path
 from h5watch.statefile import DUMP_SIGNAL, StateDirError, StateFileError, StateWriter, ensure_state_dir
 
@@ -102,12 +99,6 @@ class StatePublisher:
         self._open_lock = threading.Lock()
         # The file does not name the h5py and HDF5 versions yet (h5py not imported yet).
         self._versions_pending = True
-        # Contention by operation: each lock's table, kept past the lock's
-        # collection until its rows are added to the retired totals (those
-        # of collected locks, and of an earlier image of the process).
-        self._operations_lock = threading.Lock()
-        self._operation_tables: dict[int, OperationTable] = {}
-        self._retired_operations: dict[tuple[str, str], OperationRecord] = {}
         # Per lock (its _seq): how many waiters its record in the file shows.
         self._waiters_shown: dict[int, int] = {}
         # In subprocess's child: its parent's writer, kept unclosed until the exec.
@@ -134,7 +125,6 @@ class StatePublisher:
         if not self._exit_registered:
             self._exit_registered = True
             atexit.register(self._at_exit)
-            _register_at_threads_shutdown(self._at_threads_shutdown)
 
     def stop(self) -> None:
         """Stop writing. The file stays until the process exits (or execs):
@@ -165,11 +155,10 @@ class StatePublisher:
             return
         if self._versions_pending:
             self._versions_pending = not _set_versions(writer)
-        locks = watched_locks()
-        writer.write_all(self._lock_records(locks), self._status(), self._operation_records(locks))
+        writer.write_all(self._lock_records(watched_locks()), self._status())
 
     def _lock_records(self, locks: list[WatchedLock]) -> Iterator[LockRecord]:
-        """Each lock's record, made as the writer takes it (see ``OperationTable.each_row``)."""
+        """Each lock's record, made as the writer takes it."""
         shown: dict[int, int] = {}
         for lock in locks:
             record = lock_record(lock)
@@ -181,17 +170,6 @@ class StatePublisher:
         return ProcessStatus(watchdog_running=self._watchdog.running(), fork_since_ns=self._forks.in_progress_since_ns(),
                              deadlocks=self._watchdog.deadlocks_by_kind(), order_inversions=lock_order.inversions(),
                              threads_in_deadlock=self._watchdog.threads_in_deadlock())
-
-    def _operation_records(self, locks: list[WatchedLock]) -> Iterator[OperationRecord]:
-        """This process's totals per (lock name, operation): live locks'
-        tables plus what collected ones counted (each added once)."""
-        with self._operations_lock:
-            live = {lock._seq: lock.operations for lock in locks}
-            for seq in [seq for seq in self._operation_tables if seq not in live]:
-                _add_to(self._retired_operations, self._operation_tables.pop(seq).rows())
-            self._operation_tables.update(live)
-            retired = dict(self._retired_operations)
-        return _each_total(retired, list(live.values()))
 
     def lock_waited(self, lock: WatchedLock) -> None:
         writer = self._writer(create=True)
@@ -213,16 +191,6 @@ class StatePublisher:
         if writer is not None:
             writer.write_one(lock_record(lock, orphan=evidence))
             self._write_all(writer)
-
-    def _at_threads_shutdown(self) -> None:
-        """A write of everything, operations included, when the interpreter
-        (or a ``multiprocessing`` child, which ends with ``os._exit`` and no
-        exit handlers) starts its threads' shutdown. A normal exit writes
-        again at exit; nothing here may fail that shutdown."""
-        try:
-            self._write_all(self._writer(create=False))
-        except Exception as exc:  # a last write: the exit goes on
-            _log.warning("state.write_failed", when="threads_shutdown", error=f"{type(exc).__name__}: {exc}")
 
     def _at_exit(self) -> None:
         # Nothing may make or adopt a file after this (a tick on another thread
@@ -271,9 +239,6 @@ class StatePublisher:
             _log.error("state.unavailable", state_dir=self.options.state_dir, error=str(exc))
             return
         self._versions_pending = not _set_versions(writer)
-        with self._operations_lock:
-            # An earlier image of this process (before an exec()) counted these.
-            _add_to(self._retired_operations, writer.adopted_operations)
         if self._recorder is not None:
             self._recorder.attach(writer.recorder_region(), empty=not writer.adopted)
         writer.attach_forks(self._forks.stats)
@@ -298,11 +263,6 @@ class StatePublisher:
         """After a fork, in the child: its own file, made at once unless the
         fork was subprocess's (or skipped Python's hooks)."""
         self._open_lock = threading.Lock()
-        # The child's tables start from zero (each lock's fork step resets
-        # its own); what the parent's collected locks counted is the parent's.
-        self._operations_lock = threading.Lock()
-        self._operation_tables = {}
-        self._retired_operations = {}
         self._waiters_shown = {}
         self._failed_pid = None
         old, self.writer = self.writer, None
@@ -350,46 +310,6 @@ class StatePublisher:
             os.close(fd)
         except OSError:
             pass
-
-
-def _each_total(retired: dict[tuple[str, str], OperationRecord], tables: list[OperationTable]) -> Iterator[OperationRecord]:
-    """Every (lock name, operation)'s total, one at a time. A table whose
-    lock's name no other table and no retired total shares is passed through
-    row by row as it is read; the others are summed first."""
-    sharing = {lock for lock, _ in retired}
-    counts: dict[str, int] = {}
-    for table in tables:
-        counts[table.lock_name] = counts.get(table.lock_name, 0) + 1
-    alone = [table for table in tables if counts[table.lock_name] == 1 and table.lock_name not in sharing]
-    for table in tables:
-        if table not in alone:
-            _add_to(retired, table.rows())
-    yield from retired.values()
-    for table in alone:
-        yield from table.each_row()
-
-
-def _add_to(totals: dict[tuple[str, str], OperationRecord], records: list[OperationRecord]) -> None:
-    for record in records:
-        key = (record.lock, record.operation)
-        known = totals.get(key)
-        totals[key] = record if known is None else known.plus(record)
-
-
-def _register_at_threads_shutdown(func: Any) -> None:
-    """Call ``func`` when ``threading._shutdown()`` starts: at a normal exit,
-    before the non-daemon threads are joined, and at the end of every
-    ``multiprocessing`` child (``BaseProcess._bootstrap`` calls it before
-    ``os._exit``, on every Python admitted). ``threading._register_atexit``
-    is CPython's own (``concurrent.futures`` uses it), 3.9 and later; the
-    list it fills is inherited by forked children, as the publisher is."""
-    register = getattr(threading, "_register_atexit", None)
-    if register is None:
-        return
-    try:
-        register(func)
-    except RuntimeError:  # the threads' shutdown has begun: too late, and the exit handler writes
-        pass
 
 
 def _set_versions(writer: StateWriter) -> bool:

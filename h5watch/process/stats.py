@@ -14,9 +14,10 @@ which takes a small lock of its own.
 
 from __future__ import annotations
 
+import struct
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from h5watch.records import OperationRecord
@@ -43,14 +44,22 @@ from h5watch.schema import (
     O_HOLDS,
     O_WAIT_SUM,
     O_WAITS,
+    OPERATION_NAME_BYTES,
+    OPERATION_NAME_ENTRY,
+    OPERATION_NAMED,
     OPERATION_OTHER,
     OPERATION_SLOTS,
+    OPERATION_TABLE_NAMES,
+    OPERATION_UNNAMED,
     ORPHAN_ACTIONS,
     TIMEOUT_KINDS,
     counter_index,
 )
 
-__all__ = ["LockStats", "CoreLockStats", "ForkStats", "OperationTable", "add_operation_words", "snapshot_of", "merge_lock_snapshots"]
+__all__ = ["LockStats", "CoreLockStats", "ForkStats", "OperationTable", "add_operation_words", "snapshot_of", "merge_lock_snapshots",
+           "write_operation_name"]
+
+_NAME_HEAD = struct.Struct("<II")  # a name entry's kind and padding
 
 
 def snapshot_of(counters: Any) -> dict[str, Any]:
@@ -142,15 +151,17 @@ class LockStats(_CounterFields):
     def counters(self) -> list[int]:
         return self._c.tolist()
 
-    def move_to(self, target: memoryview) -> bool:
+    def move_to(self, target: memoryview, table: memoryview | None = None) -> bool:
         """Carry on counting in ``target`` (64 words of the state file's
         mapping, the same memoryview object at every call for one place),
-        after copying what was counted so far. False when the lock is busy
-        now: its holder moves them at its outermost release (see
+        after copying what was counted so far; with ``table``, the lock's
+        operation rows move into it too. False when the lock is busy now:
+        its holder moves them at its outermost release (see
         ``_adopt_pending``), and ``target`` holds a copy until then.
 
-        Every counter is written by the thread holding the lock, or under
-        ``_bump_lock``: holding both, nobody is half-way through an update.
+        Every counter and row is written by the thread holding the lock, or
+        (counters) under ``_bump_lock``: holding both, nobody is half-way
+        through an update.
         """
         if self._c is target:
             return True
@@ -160,11 +171,11 @@ class LockStats(_CounterFields):
                 # Under _bump_lock, as _move: never a stale copy over counts
                 # the holder has already moved there.
                 if self._c is not target:
-                    lock._counters_pending = target
+                    lock._counters_pending = (target, table)
                     target[:] = self._c
             return False
         try:
-            self._move(target, lock)
+            self._move(target, table, lock)
         finally:
             if lock is not None:
                 lock._release_for_fork()
@@ -174,13 +185,17 @@ class LockStats(_CounterFields):
         """Called by the holder at its outermost release: the move that found the lock busy."""
         lock = self._owner_lock()
         if lock is not None and lock._counters_pending is not None:
-            self._move(lock._counters_pending, lock)
+            target, table = lock._counters_pending
+            self._move(target, table, lock)
 
-    def _move(self, target: memoryview, lock: Any) -> None:
+    def _move(self, target: memoryview, table: memoryview | None, lock: Any) -> None:
         with self._bump_lock:
             target[:] = self._c
             self._c = target
             if lock is not None:
+                if table is not None:
+                    lock.operations.move_to(table)
+                    lock._op_words = lock.operations.words
                 lock._counters = target
                 lock._counters_pending = None
 
@@ -214,8 +229,8 @@ class CoreLockStats(_CounterFields):
     def counters(self) -> list[int]:
         return list(self._core._counters())
 
-    def move_to(self, target: memoryview) -> bool:
-        self._core._move_counters(target)
+    def move_to(self, target: memoryview, table: memoryview | None = None) -> bool:
+        self._core._move_counters(target, table)
         return True
 
     def reset_after_fork(self) -> None:
@@ -223,19 +238,39 @@ class CoreLockStats(_CounterFields):
 
 
 
+def write_operation_name(names_area: Any, row: int, operation: str | None) -> None:
+    """Row ``row``'s name entry (see OPERATION_NAME_LAYOUT), unless already
+    written (write_op_name in _lockcore.c): a name, once read, never changes."""
+    offset = row * OPERATION_NAME_ENTRY
+    if bytes(names_area[offset : offset + 8]) != bytes(8):
+        return
+    from h5watch.recorder import store_guarded  # the file exists: already imported
+
+    if operation is None:
+        kind, text = OPERATION_UNNAMED, b""
+    else:
+        kind, text = OPERATION_NAMED, operation.encode("utf-8", "replace")[:OPERATION_NAME_BYTES]
+    store_guarded(names_area, offset, 2, _NAME_HEAD.pack(kind, 0) + text.ljust(OPERATION_NAME_BYTES, b"\0"))
+
+
 class OperationTable:
     """Contention by operation for one lock: OPERATION_SLOTS rows of
     N_OPERATION_WORDS words (``O_*`` in h5watch.schema), one per operation
-    that held the lock, row 0 for those that came after every row was taken.
+    that held the lock (a str, or None for the lock's own name), row 0 for
+    those that came after every row was taken and for any other kind of
+    operation.
 
     The lock writes the rows (the compiled core through the buffer, the
     pure-Python mirror through ``words``) from the thread that holds it; a
     new operation's row is assigned under the GIL by that thread too
-    (``row``, or op_row_slow in _lockcore.c). The table outlives its lock, so
-    the state file's publisher can keep what a collected lock counted.
+    (``row``, or op_row_slow in _lockcore.c). The rows start in private
+    memory and move with the lock's counters into its table in the state
+    file (``move_to``; the compiled core moves its own), where each row's
+    name is written before the row counts anything, so that what the process
+    counted is in the file whenever it dies.
     """
 
-    __slots__ = ("lock_name", "buffer", "words", "index", "names")
+    __slots__ = ("lock_name", "buffer", "words", "index", "names", "names_area")
 
     def __init__(self, lock_name: str) -> None:
         self.lock_name = lock_name
@@ -244,13 +279,14 @@ class OperationTable:
         # {operation (None: unnamed): row}; names[row] is the operation.
         self.index: dict[Any, int] = {}
         self.names: list[Any] = [OPERATION_OTHER]
+        # The names of the table in the state file (pure-Python mirror), once moved there.
+        self.names_area: memoryview | None = None
 
     def row(self, operation: Any) -> int:
         """The row ``operation`` counts in (op_row_slow in _lockcore.c)."""
-        try:
-            found = self.index.get(operation)
-        except TypeError:  # unhashable: counted as other
+        if operation is not None and not isinstance(operation, str):
             return 0
+        found = self.index.get(operation)
         if found is not None:
             return found
         names = self.names
@@ -259,35 +295,52 @@ class OperationTable:
         row = len(names)
         self.index[operation] = row
         names.append(operation)
+        if self.names_area is not None:
+            write_operation_name(self.names_area, row, operation)
         return row
 
+    def move_to(self, table: memoryview) -> None:
+        """Count in ``table`` (the lock's OPERATION_TABLE_BYTES in the state
+        file) from now on: every row's name first, then the words. The
+        pure-Python mirror's, by whoever keeps the rows from changing (see
+        ``LockStats._move``)."""
+        if self.names_area is not None and self.names_area.obj is table.obj and self.words.obj is table.obj:
+            return
+        names_area = table[OPERATION_TABLE_NAMES:]
+        for row, operation in enumerate(list(self.names)[1:], start=1):
+            write_operation_name(names_area, row, operation)
+        words = table[:OPERATION_TABLE_NAMES].cast("Q")
+        words[:] = self.words
+        self.words = words
+        self.names_area = names_area
+
     def reset(self) -> None:
-        """A forked child counts from zero (its rows are its own memory)."""
+        """A forked child counts from zero, in private memory (the file's
+        table is its parent's)."""
         self.buffer[:] = bytes(len(self.buffer))
+        self.words = memoryview(self.buffer).cast("Q")
+        self.names_area = None
 
-    def rows(self) -> list[OperationRecord]:
-        """Every operation that held the lock, the most held first; an
-        unnamed operation is named after the lock."""
-        return list(self.each_row())
-
-    def each_row(self) -> Iterator[OperationRecord]:
-        """``rows()`` one at a time, made as they are taken: the watchdog's
-        heartbeat writes them so, and never holds a table's worth of records
-        at once (see ``Watchdog._wait_for_gc_headroom``)."""
-        words = self.words.tolist()  # one instant's counts for every row
+    def rows(self, words: list[int] | None = None) -> list[OperationRecord]:
+        """Every operation that held the lock, the most held first, from
+        ``words`` (the rows' words now; else ``self.words``); an unnamed
+        operation is named after the lock."""
+        if words is None:
+            words = self.words.tolist()  # one instant's counts for every row
         names = [self.lock_name if operation is None else str(operation) for operation in list(self.names)]
         used = [row for row in range(len(names))
                 if words[row * N_OPERATION_WORDS + O_HOLDS] or words[row * N_OPERATION_WORDS + O_WAITS]]
         if len({names[row] for row in used}) < len(used):
-            yield from self._rows_merged_by_name(words, names, used)
-            return
+            return self._rows_merged_by_name(words, names, used)
         used.sort(key=names.__getitem__)
         used.sort(key=lambda row: -words[row * N_OPERATION_WORDS + O_HOLD_SUM])
+        out = []
         for row in used:
             base = row * N_OPERATION_WORDS
-            yield OperationRecord(self.lock_name, names[row], words[base + O_HOLDS], words[base + O_HOLD_SUM],
-                                  words[base + O_HOLD_MAX], words[base + O_CAUSED_WAIT_SUM], words[base + O_WAITS],
-                                  words[base + O_WAIT_SUM])
+            out.append(OperationRecord(self.lock_name, names[row], words[base + O_HOLDS], words[base + O_HOLD_SUM],
+                                       words[base + O_HOLD_MAX], words[base + O_CAUSED_WAIT_SUM], words[base + O_WAITS],
+                                       words[base + O_WAIT_SUM]))
+        return out
 
     def _rows_merged_by_name(self, words: list[int], names: list[str], used: list[int]) -> list[OperationRecord]:
         """Rows of one name as one (an unnamed hold and one named after the
