@@ -4,8 +4,9 @@ Run alone: ``python benchmarks/daemon_scan.py [--files 1000] [--repeats 15]``.
 
 The state files name real live processes (``sleep``), with their true start
 times, so the daemon treats every one as a live worker: read, verified,
-aggregated, exported. Each file holds three locks and ten operation
-entries (contention by operation). Timings are medians;
+aggregated, exported. Each file holds three locks and ten operations that
+held them (contention by operation), written as a process writes it: only
+the pages in use (the rest of the file is a hole). Timings are medians;
 peak RSS is the benchmark process's own (it runs the daemon's code in-process).
 """
 
@@ -37,16 +38,17 @@ from h5watch.records import ProcessStatus
 from h5watch.statefile import HEADER_DTYPE, HEADER_SIZE, StateWriter, ensure_state_dir, proc_start_ticks, state_file_name
 
 # What an h5py reader's phil is held for (contention by operation), and the
-# operation of each application lock: 10 operation entries per file.
+# operation of each application lock: 10 operation rows per file.
 PHIL_OPERATIONS = ("h5py._hl.files.File.__init__", "h5py._hl.group.Group.__getitem__",
                    "h5py._hl.dataset.Dataset.__getitem__", "h5py._hl.dataset.Dataset.shape",
                    "h5py._hl.dataset.Dataset.dtype", "h5py._hl.base.HLObject.attrs",
                    "h5py._hl.attrs.AttributeManager.__getitem__", "h5py._hl.files.File.close")
+PAGE = 4096
 
 
 def _template(directory: str) -> bytes:
-    """A real state file with three locks that have seen some traffic, and
-    their operation entries."""
+    """A real state file with three locks that have seen some traffic, by
+    operation too."""
     writer = StateWriter(directory, "bench", 0, 0.5)
     locks = [WatchedLock(name) for name in ("h5py.phil", "app.cache", "app.db")]
     for lock in locks:
@@ -54,9 +56,9 @@ def _template(directory: str) -> bytes:
             for _ in range(100):
                 lock.acquire_for(operation)
                 lock.release()
-    operations = [row for lock in locks for row in lock.operations.rows()]
+    operations = [row for lock in locks for row in lock.snapshot()["operations"]]
     assert len(operations) == len(PHIL_OPERATIONS) + 2, operations
-    writer.write_all([lock_record(lock) for lock in locks], ProcessStatus(True, None), operations)
+    writer.write_all([lock_record(lock) for lock in locks], ProcessStatus(True, None))
     data = Path(writer.path).read_bytes()
     writer.close(exited=False)
     os.unlink(writer.path)
@@ -70,6 +72,7 @@ def bench_daemon_scan(n_files: int = 1000, repeats: int = 15) -> dict[str, float
             state_dir = os.path.join(tmp, "state")
             user_dir = ensure_state_dir(state_dir)
             template = bytearray(_template(user_dir))
+            pages = [0] + [offset for offset in range(PAGE, len(template), PAGE) if any(template[offset : offset + PAGE])]
             for proc in sleepers:
                 ticks = proc_start_ticks(proc.pid)
                 header = np.frombuffer(template, dtype=HEADER_DTYPE, count=1).copy()
@@ -79,7 +82,9 @@ def bench_daemon_scan(n_files: int = 1000, repeats: int = 15) -> dict[str, float
                 template[:HEADER_SIZE] = header.tobytes()
                 path = os.path.join(user_dir, state_file_name(proc.pid, ticks))
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.write(fd, bytes(template))
+                os.ftruncate(fd, len(template))
+                for offset in pages:
+                    os.pwrite(fd, template[offset : offset + PAGE], offset)
                 os.close(fd)
             daemon = Daemon(state_dir, scan_interval=1.0)
             registry = CollectorRegistry(auto_describe=False)

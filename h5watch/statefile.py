@@ -591,16 +591,18 @@ class StateWriter:
     def _new_block(self) -> int | None:
         if self._free_blocks:
             block = self._free_blocks.pop()
+            used_before = True
         elif self._n_blocks < CAPACITY:
             block = self._n_blocks
             self._n_blocks += 1
+            used_before = self.adopted  # perhaps by an earlier image
         else:
             return None
         offset = self._block_offset(block)
         self._map[offset : offset + COUNTERS_BYTES] = bytes(COUNTERS_BYTES)
-        table = self.table_at(block)
-        if table != _EMPTY_TABLE:  # a new file's is empty: its pages are not touched
-            table[:] = _EMPTY_TABLE
+        if used_before:  # a new file's table is empty, its pages untouched until used
+            offset = TABLES_OFFSET + block * OPERATION_TABLE_BYTES
+            self._map[offset : offset + OPERATION_TABLE_BYTES] = _EMPTY_TABLE
         return block
 
     def _new_slot(self) -> int | None:

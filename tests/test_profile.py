@@ -112,6 +112,23 @@ def with_op(lock, operation: str, body) -> None:
         lock.release()
 
 
+class UnhashableText(str):
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_an_operation_that_is_not_a_string_counts_as_other(lock_class):
+    """``acquire_for`` names operations with a str (None: the lock's own
+    name); anything else counts under other, never raises, and takes no row
+    (a row's name is written into the state file as the row is given)."""
+    lock = lock_class("app.odd")
+    for operation in (42, ["a", "list"], UnhashableText("x"), b"bytes"):
+        with_op(lock, operation, lambda: None)
+    with_op(lock, "named", lambda: None)
+    rows = rows_of(lock)
+    assert {name: row["holds"] for name, row in rows.items()} == {OPERATION_OTHER: 4, "named": 1}
+    assert lock.operations.names == [OPERATION_OTHER, "named"]
+
+
 def test_an_unnamed_hold_is_named_after_the_lock_and_a_bounded_table_counts_the_rest_as_other(lock_class):
     lock = lock_class("app.registry")
     with lock:

@@ -130,7 +130,7 @@ def collect_status(state_dir: str, thresholds: Thresholds | None = None, histogr
         operations = state.operation_records()
         for lock in locks:
             lock["stuck"] = verdict.stuck is not None and lock_is_stuck(state, lock, thresholds)
-            # Contention by operation (as of the process's last tick), the most held first.
+            # Contention by operation, the most held first.
             lock["operations"] = [record.to_plain() for record in operations if record.lock == lock["lock"]][:TOP_OPERATIONS]
         report["processes"].append({
             "pid": state.pid,

@@ -173,6 +173,8 @@ class LockStats(_CounterFields):
                 if self._c is not target:
                     lock._counters_pending = (target, table)
                     target[:] = self._c
+                    if table is not None:
+                        lock.operations.copy_to(table)
             return False
         try:
             self._move(target, table, lock)
@@ -286,7 +288,10 @@ class OperationTable:
         """The row ``operation`` counts in (op_row_slow in _lockcore.c)."""
         if operation is not None and not isinstance(operation, str):
             return 0
-        found = self.index.get(operation)
+        try:
+            found = self.index.get(operation)
+        except TypeError:  # a str subclass that cannot be hashed: counted as other
+            return 0
         if found is not None:
             return found
         names = self.names
@@ -306,13 +311,18 @@ class OperationTable:
         ``LockStats._move``)."""
         if self.names_area is not None and self.names_area.obj is table.obj and self.words.obj is table.obj:
             return
+        self.words, self.names_area = self.copy_to(table)
+
+    def copy_to(self, table: memoryview) -> tuple[memoryview, memoryview]:
+        """Every row's name, then the words, into ``table`` (a copy as of
+        now, while a busy lock's move waits for its holder); its words and
+        names as views."""
         names_area = table[OPERATION_TABLE_NAMES:]
         for row, operation in enumerate(list(self.names)[1:], start=1):
             write_operation_name(names_area, row, operation)
         words = table[:OPERATION_TABLE_NAMES].cast("Q")
         words[:] = self.words
-        self.words = words
-        self.names_area = names_area
+        return words, names_area
 
     def reset(self) -> None:
         """A forked child counts from zero, in private memory (the file's
