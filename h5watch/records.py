@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # interfaces for the type checker only: each Protocol class m
         """Counters that can move into the state file's shared memory
         (``h5watch.process.stats``): from then on they are counted there."""
 
-        def move_to(self, target: memoryview, table: memoryview | None = None) -> bool:
+        def move_to(self, target: memoryview, table: tuple[memoryview, memoryview] | None = None) -> bool:
             """Count in ``target`` from now on; False while the move must wait (a
             busy pure-Python lock: its holder moves them at its release)."""
 

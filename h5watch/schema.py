@@ -32,12 +32,12 @@ __all__ = [
     "OPERATION_OTHER",
     "OPERATION_LAYOUT",
     "OPERATION_NAME_LAYOUT",
-    "OPERATION_TABLE_NAMES",
+    "OPERATION_UNNAMED_ROW",
+    "OPERATION_WORDS_BYTES",
     "OPERATION_NAME_ENTRY",
     "OPERATION_NAME_BYTES",
     "OPERATION_NAMED",
-    "OPERATION_UNNAMED",
-    "OPERATION_TABLE_BYTES",
+    "OPERATION_NAMES_BYTES",
     "N_OPERATION_WORDS",
     "RECORDER_ENTRIES",
     "RECORDER_THRESHOLD_SECONDS",
@@ -103,8 +103,9 @@ def counter_index(table: str, key: str) -> int:
 # Contention by operation: per lock, a table of OPERATION_SLOTS rows of
 # N_OPERATION_WORDS unsigned 64-bit words, one row per operation that held the
 # lock (h5py's function for phil, acquire_for's operation, else the lock's
-# name). Row 0 counts every operation past the first OPERATION_SLOTS - 1,
-# exported as OPERATION_OTHER; the table never grows.
+# name). Row 0 counts every operation past the last row, exported as
+# OPERATION_OTHER; row OPERATION_UNNAMED_ROW the unnamed one (the lock's own
+# name); the table never grows.
 OPERATION_SLOTS = 65
 OPERATION_OTHER = "other"
 O_HOLDS = 0            # outermost holds
@@ -115,18 +116,19 @@ O_WAITS = 4            # blocked waits of this operation itself
 O_WAIT_SUM = 5         # their total, ns
 N_OPERATION_WORDS = 6
 OPERATION_LAYOUT = (OPERATION_SLOTS, N_OPERATION_WORDS, O_HOLDS, O_HOLD_SUM, O_HOLD_MAX, O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM)
-# The table as it lies in the state file (each lock's, next to its counters):
-# the rows' words, then one name entry per row (row 0's is never written):
-# a sequence word (0, 1 while being written, 2 once written; never written
-# again), the kind (OPERATION_NAMED: the text; OPERATION_UNNAMED: the lock's
-# own name), 4 bytes of padding, OPERATION_NAME_BYTES of UTF-8 text.
-OPERATION_TABLE_NAMES = OPERATION_SLOTS * N_OPERATION_WORDS * 8
+OPERATION_UNNAMED_ROW = 1
+# In the state file (each lock's, see h5watch.statefile): the rows' words
+# (OPERATION_WORDS_BYTES, next to the lock's counters), and a name entry per
+# row (OPERATION_NAMES_BYTES; those of rows 0 and 1 are never written): a
+# sequence word (0, 1 while being written, 2 once written; never written
+# again), the kind (OPERATION_NAMED), 4 bytes of padding and
+# OPERATION_NAME_BYTES of UTF-8 text.
+OPERATION_WORDS_BYTES = OPERATION_SLOTS * N_OPERATION_WORDS * 8
 OPERATION_NAME_ENTRY = 144
 OPERATION_NAME_BYTES = 128
 OPERATION_NAMED = 1
-OPERATION_UNNAMED = 2
-OPERATION_TABLE_BYTES = OPERATION_TABLE_NAMES + OPERATION_SLOTS * OPERATION_NAME_ENTRY
-OPERATION_NAME_LAYOUT = (OPERATION_TABLE_NAMES, OPERATION_NAME_ENTRY, OPERATION_NAME_BYTES, OPERATION_NAMED, OPERATION_UNNAMED)
+OPERATION_NAMES_BYTES = OPERATION_SLOTS * OPERATION_NAME_ENTRY
+OPERATION_NAME_LAYOUT = (OPERATION_UNNAMED_ROW, OPERATION_NAME_ENTRY, OPERATION_NAME_BYTES, OPERATION_NAMED)
 
 # The flight recorder (``h5watch.recorder``): a ring of this many entries in
 # each process's state file, the newest overwriting the oldest.

@@ -10,11 +10,11 @@ Every instrumented process (every forked child too) owns one file,
     records   CAPACITY x RECORD_SIZE bytes: one per watched lock instance
               (live), or per name for instances already collected
               (retired): name, state, counter block, holder, waiters
-    blocks    CAPACITY x COUNTERS_BYTES: the counters (live)
-    tables    CAPACITY x OPERATION_TABLE_BYTES: contention by operation
-              (live), one table per block, moving with it: the lock's
-              rows (holds, hold time, the waits it caused, its own waits),
-              then each row's name (see schema.OPERATION_NAME_LAYOUT)
+    blocks    CAPACITY x BLOCK_SIZE: the counters (live), then contention
+              by operation (live): the lock's rows (holds, hold time, the
+              waits it caused, its own waits)
+    names     CAPACITY x OPERATION_NAMES_BYTES: each block's rows' names
+              (see schema.OPERATION_NAME_LAYOUT)
     recorder  recorder.REGION_BYTES: the flight recorder, a ring of notable
               lock events written in place (``h5watch.recorder`` has its
               format, its writer and its reader)
@@ -110,11 +110,11 @@ from h5watch.schema import (
     OPERATION_NAME_BYTES,
     OPERATION_NAME_ENTRY,
     OPERATION_NAMED,
+    OPERATION_NAMES_BYTES,
     OPERATION_OTHER,
     OPERATION_SLOTS,
-    OPERATION_TABLE_BYTES,
-    OPERATION_TABLE_NAMES,
-    OPERATION_UNNAMED,
+    OPERATION_UNNAMED_ROW,
+    OPERATION_WORDS_BYTES,
     ORPHAN_ACTIONS,
     TIMEOUT_KINDS,
 )
@@ -153,7 +153,6 @@ __all__ = [
     "read_recorder",
     "concat_headers",
     "holds_seen_at",
-    "concat_operations",
     "concat_records",
     "state_file_name",
     "list_state_files",
@@ -244,19 +243,9 @@ _RECORD_FIELDS = [
     ("waiter_names", f"{MAX_WAITERS * THREAD_NAME_BYTES}s", f"S{MAX_WAITERS * THREAD_NAME_BYTES}"),
 ]
 
-# Contention by operation as the reader returns it: one entry per row that
-# counted, of each lock record's table.
-_OPERATION_FIELDS = [
-    ("lock", f"{NAME_BYTES}s", f"S{NAME_BYTES}"),
-    ("operation", f"{OPERATION_BYTES}s", f"S{OPERATION_BYTES}"),
-    ("holds", "Q", "<u8"),
-    ("hold_sum_ns", "Q", "<u8"),
-    ("hold_max_ns", "Q", "<u8"),
-    ("caused_wait_sum_ns", "Q", "<u8"),
-    ("waits", "Q", "<u8"),
-    ("wait_sum_ns", "Q", "<u8"),
-]
+# Contention by operation as the reader returns it: a row's words, in this order.
 OPERATION_COUNTERS = ("holds", "hold_sum_ns", "hold_max_ns", "caused_wait_sum_ns", "waits", "wait_sum_ns")
+assert (O_HOLDS, O_HOLD_MAX, O_WAITS) == (0, 2, 4) and len(OPERATION_COUNTERS) == N_OPERATION_WORDS
 
 # A lock's counters as the reader returns them, after its record's fields:
 # (name, first word, number of words) of the 64 words (see h5watch.process.stats).
@@ -309,15 +298,16 @@ def _counter_fields(start: int, words: list[tuple[str, int, int]]) -> list[tuple
 
 _HEADER_STRUCT = _struct(_HEADER_FIELDS)
 _RECORD_STRUCT = _struct(_RECORD_FIELDS)
-OPERATION_SIZE = _struct(_OPERATION_FIELDS).size
 HEADER_SIZE = 512
 RECORD_SIZE = (_RECORD_STRUCT.size + 63) // 64 * 64
 assert _HEADER_STRUCT.size <= HEADER_SIZE
 FORKS_OFFSET = HEADER_SIZE
 RECORDS_OFFSET = FORKS_OFFSET + COUNTERS_BYTES
 BLOCKS_OFFSET = RECORDS_OFFSET + CAPACITY * RECORD_SIZE
-TABLES_OFFSET = BLOCKS_OFFSET + CAPACITY * COUNTERS_BYTES
-RECORDER_OFFSET = TABLES_OFFSET + CAPACITY * OPERATION_TABLE_BYTES
+# A block: a lock's counters, then its operation rows' words.
+BLOCK_SIZE = (COUNTERS_BYTES + OPERATION_WORDS_BYTES + 63) // 64 * 64
+NAMES_OFFSET = BLOCKS_OFFSET + CAPACITY * BLOCK_SIZE
+RECORDER_OFFSET = NAMES_OFFSET + CAPACITY * OPERATION_NAMES_BYTES
 FILE_SIZE = RECORDER_OFFSET + recorder.REGION_BYTES
 
 # struct.pack_into zero-fills its whole target before writing it, so a
@@ -378,10 +368,6 @@ _WAITERS_SINCE_WORD = _offset_in(_RECORD_FIELDS, "waiter_since_unix") // 8
 _RECORD_TIME_WORDS = [_offset_in(_RECORD_FIELDS, "held_since_unix") // 8, _offset_in(_RECORD_FIELDS, "oldest_wait_since_unix") // 8,
                       *range(_WAITERS_SINCE_WORD, _WAITERS_SINCE_WORD + MAX_WAITERS)]
 assert all(_offset_in(_RECORD_FIELDS, name) % 8 == 0 for name in ("held_since_unix", "oldest_wait_since_unix", "waiter_since_unix"))
-# An operation entry's counters: consecutive 8-byte words from this offset.
-_OPERATION_COUNTERS_OFFSET = _offset_in(_OPERATION_FIELDS, "holds")
-assert [_offset_in(_OPERATION_FIELDS, name) for name in OPERATION_COUNTERS] == [
-    _OPERATION_COUNTERS_OFFSET + 8 * i for i in range(len(OPERATION_COUNTERS))]
 
 
 def _dtypes() -> dict[str, Any]:
@@ -397,14 +383,13 @@ def _dtypes() -> dict[str, Any]:
         # and the header's followed by the fork counters' (as in the file).
         lock = _dtype(_RECORD_FIELDS, RECORD_SIZE + COUNTERS_BYTES, _counter_fields(RECORD_SIZE, _COUNTER_WORDS))
         process = _dtype(_HEADER_FIELDS, HEADER_SIZE + COUNTERS_BYTES, _counter_fields(HEADER_SIZE, _FORK_WORDS))
-        operation = _dtype(_OPERATION_FIELDS, OPERATION_SIZE)
         _DTYPES.update(HEADER_DTYPE=header, RECORD_DTYPE=record, LOCK_DTYPE=lock, PROCESS_DTYPE=process,
-                       OPERATION_DTYPE=operation, RECORD_TIME_COLUMNS=np.array(_RECORD_TIME_WORDS, dtype=np.intp))
+                       RECORD_TIME_COLUMNS=np.array(_RECORD_TIME_WORDS, dtype=np.intp))
     return _DTYPES
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("HEADER_DTYPE", "RECORD_DTYPE", "LOCK_DTYPE", "PROCESS_DTYPE", "OPERATION_DTYPE"):
+    if name in ("HEADER_DTYPE", "RECORD_DTYPE", "LOCK_DTYPE", "PROCESS_DTYPE"):
         return _dtypes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -457,11 +442,12 @@ class _Live:
 
     __slots__ = ("slot", "lock_ref", "counters", "table", "moved")
 
-    def __init__(self, slot: int, lock_ref: Callable[[], object | None], counters: memoryview, table: memoryview) -> None:
+    def __init__(self, slot: int, lock_ref: Callable[[], object | None], counters: memoryview,
+                 table: tuple[memoryview, memoryview]) -> None:
         self.slot = slot
         self.lock_ref = lock_ref
         # The lock's place in the mapping: one object, so a move can tell
-        # whether the lock already counts there; and its operations' table.
+        # whether the lock already counts there; and its operation rows' words and names.
         self.counters = counters
         self.table = table
         self.moved = False
@@ -575,12 +561,14 @@ class StateWriter:
         return self._words[offset : offset + COUNTERS_BYTES].cast("Q")
 
     def _block_offset(self, block: int) -> int:
-        return BLOCKS_OFFSET + block * COUNTERS_BYTES
+        return BLOCKS_OFFSET + block * BLOCK_SIZE
 
-    def table_at(self, block: int) -> memoryview:
-        """The operations' table of ``block``: OPERATION_TABLE_BYTES of the mapping."""
-        offset = TABLES_OFFSET + block * OPERATION_TABLE_BYTES
-        return self._words[offset : offset + OPERATION_TABLE_BYTES]
+    def rows_at(self, block: int) -> tuple[memoryview, memoryview]:
+        """The operation rows of ``block`` (8-byte words) and their names, in the mapping."""
+        offset = self._block_offset(block) + COUNTERS_BYTES
+        names = NAMES_OFFSET + block * OPERATION_NAMES_BYTES
+        return (self._words[offset : offset + OPERATION_WORDS_BYTES].cast("Q"),
+                self._words[names : names + OPERATION_NAMES_BYTES])
 
     def attach_forks(self, fork_stats: ForkCounters) -> None:
         """Count this process's forks in the file from now on."""
@@ -599,10 +587,10 @@ class StateWriter:
         else:
             return None
         offset = self._block_offset(block)
-        self._map[offset : offset + COUNTERS_BYTES] = bytes(COUNTERS_BYTES)
-        if used_before:  # a new file's table is empty, its pages untouched until used
-            offset = TABLES_OFFSET + block * OPERATION_TABLE_BYTES
-            self._map[offset : offset + OPERATION_TABLE_BYTES] = _EMPTY_TABLE
+        self._map[offset : offset + BLOCK_SIZE] = _EMPTY_BLOCK
+        if used_before:  # a new file's are empty, their pages untouched until used
+            offset = NAMES_OFFSET + block * OPERATION_NAMES_BYTES
+            self._map[offset : offset + OPERATION_NAMES_BYTES] = _EMPTY_NAMES
         return block
 
     def _new_slot(self) -> int | None:
@@ -631,7 +619,7 @@ class StateWriter:
                 self._no_room(lock)
                 return None
             live = self._live[lock.seq] = _Live(slot, lock.lock_ref, self.counters_at(self._block_offset(block)),
-                                                self.table_at(block))
+                                                self.rows_at(block))
             self._write_record(slot, dict(_EMPTY_RECORD, state=SLOT_LIVE, block=block, instance=lock.seq,
                                           name=_fixed(lock.name, NAME_BYTES)))
             self._blocks[slot] = block
@@ -684,7 +672,7 @@ class StateWriter:
         b = self.counters_at(self._block_offset(old_source))
         for index in range(N_COUNTERS):
             total[index] = max(a[index], b[index]) if index in _MAX_WORDS else a[index] + b[index]
-        _merge_tables(self.table_at(block), self.table_at(old_into), self.table_at(old_source))
+        _merge_rows(self.rows_at(block), self.rows_at(old_into), self.rows_at(old_source))
         # The journal, then the retired record's new block, then the freed
         # record: a reader counts each block once whatever the interruption.
         self._merge = (1, source, into, block)
@@ -854,53 +842,44 @@ _EMPTY_RECORD: dict[str, Any] = dict(
     oldest_wait_since_unix=0.0, waiter_native_ids=[0] * MAX_WAITERS, waiter_since_unix=[0.0] * MAX_WAITERS, waiter_names=b"",
 )
 _MAX_WORDS = frozenset((C_WAIT_MAX, C_HOLD_MAX))
-_EMPTY_TABLE = bytes(OPERATION_TABLE_BYTES)
+_EMPTY_BLOCK = bytes(BLOCK_SIZE)
+_EMPTY_NAMES = bytes(OPERATION_NAMES_BYTES)
 _U64_MAX = (1 << 64) - 1
 assert OPERATION_BYTES == OPERATION_NAME_BYTES
-_OTHER_NAME = OPERATION_OTHER.encode().ljust(OPERATION_BYTES, b"\0")
+_OTHER_NAME = OPERATION_OTHER.encode()
+# The operation rows' words in a block, as read.
+_ROW_WORDS = slice(COUNTERS_BYTES // 8, (COUNTERS_BYTES + OPERATION_WORDS_BYTES) // 8)
 _NAME_BODY = struct.Struct(f"<II{OPERATION_NAME_BYTES}s")  # a name entry after its sequence word
 _NAME_ENTRY = struct.Struct(f"<QII{OPERATION_NAME_BYTES}s")
 assert _NAME_ENTRY.size == OPERATION_NAME_ENTRY
+_NAMED = _NAME_ENTRY.pack(2, OPERATION_NAMED, 0, b"")[:12]  # a whole name entry's sequence word and kind
 
 
-def _table_names(names_area: Any, rows: int) -> list[tuple[int, bytes] | None]:
-    """The names of a table's first ``rows`` rows (``names_area``: its
-    name entries from the first): (kind, text) once written, else None (row
-    0 is always None: other's)."""
-    if len(names_area) < rows * OPERATION_NAME_ENTRY:
-        raise StateFileError("truncated", "truncated operations")
-    out: list[tuple[int, bytes] | None] = [None]
-    for row in range(1, rows):
-        seq, kind, _, text = _NAME_ENTRY.unpack_from(names_area, row * OPERATION_NAME_ENTRY)
-        out.append((kind, text) if seq == 2 and kind in (OPERATION_NAMED, OPERATION_UNNAMED) else None)
-    return out
-
-
-def _merge_tables(total: memoryview, a: memoryview, b: memoryview) -> None:
-    """Into ``total`` (an empty table), the rows of ``a`` and ``b`` that
-    counted, one row per name (other's row 0 for the rows past the last
-    free one, and for a row without a whole name); names first."""
+def _merge_rows(total: tuple[memoryview, memoryview], a: tuple[memoryview, memoryview],
+               b: tuple[memoryview, memoryview]) -> None:
+    """Into ``total`` (an empty block's rows and names), the rows of ``a``
+    and ``b`` that counted, one row per name (other's row 0 for the rows
+    past the last free one, and for a row without a whole name); names first."""
     words = [0] * (OPERATION_SLOTS * N_OPERATION_WORDS)
-    rows: dict[tuple[int, bytes], int] = {}
-    for table in (a, b):
-        source = table[:OPERATION_TABLE_NAMES].cast("Q").tolist()
-        used = [row for row in range(OPERATION_SLOTS)
-                if source[row * N_OPERATION_WORDS + O_HOLDS] or source[row * N_OPERATION_WORDS + O_WAITS]]
-        names = _table_names(table[OPERATION_TABLE_NAMES:], max(used, default=0) + 1)
-        for row in used:
-            name = names[row]
-            into = 0 if name is None else rows.get(name)
-            if into is None:
-                into = len(rows) + 1
-                if into >= OPERATION_SLOTS:
-                    into = 0
-                else:
-                    rows[name] = into  # type: ignore[index]
-                    store_guarded(total, OPERATION_TABLE_NAMES + into * OPERATION_NAME_ENTRY, 2, _NAME_BODY.pack(name[0], 0, name[1]))  # type: ignore[index]
+    rows: dict[bytes, int] = {}
+    for source_words, source_names in (a, b):
+        source = source_words.tolist()
+        for row in range(OPERATION_SLOTS):
+            if not (source[row * N_OPERATION_WORDS + O_HOLDS] or source[row * N_OPERATION_WORDS + O_WAITS]):
+                continue
+            into = row if row <= OPERATION_UNNAMED_ROW else 0
+            if row > OPERATION_UNNAMED_ROW:
+                seq, kind, _, text = _NAME_ENTRY.unpack_from(source_names, row * OPERATION_NAME_ENTRY)
+                if seq == 2 and kind == OPERATION_NAMED:
+                    found = rows.get(text)
+                    if found is None and len(rows) + OPERATION_UNNAMED_ROW + 1 < OPERATION_SLOTS:
+                        found = rows[text] = len(rows) + OPERATION_UNNAMED_ROW + 1
+                        store_guarded(total[1], found * OPERATION_NAME_ENTRY, 2, _NAME_BODY.pack(OPERATION_NAMED, 0, text))
+                    into = found or 0
             for word in range(N_OPERATION_WORDS):
                 at, value = into * N_OPERATION_WORDS + word, source[row * N_OPERATION_WORDS + word]
                 words[at] = max(words[at], value) if word == O_HOLD_MAX else words[at] + value
-    total[:OPERATION_TABLE_NAMES].cast("Q")[:] = array("Q", [min(word, _U64_MAX) for word in words])
+    total[0][:] = array("Q", [min(word, _U64_MAX) for word in words])
 
 
 def _flatten(fields: list[tuple[str, str, Any]], values: dict[str, Any]) -> list[Any]:
@@ -935,17 +914,20 @@ class ProcessState:
     fork counters included) and lock records (LOCK_DTYPE: one per live lock
     instance and per retired name, with their counters)."""
 
-    __slots__ = ("path", "header", "records", "operations", "file_uid", "torn", "file_id", "workload")
+    __slots__ = ("path", "header", "records", "operation_keys", "operation_counts", "file_uid", "torn", "file_id", "workload")
 
     def __init__(self, path: str, header: np.void, records: np.ndarray, file_uid: int, torn: bool = False,
-                 file_id: tuple[int, int] | None = None, operations: np.ndarray | None = None) -> None:
+                 file_id: tuple[int, int] | None = None,
+                 operations: tuple[list[tuple[bytes, bytes]], np.ndarray] | None = None) -> None:
         self.path = path
         self.header = header
         # Read once: the daemon asks for it at every step of a scan.
         self.workload = text_from_file(header["workload"])
         self.records = records
-        # OPERATION_DTYPE entries (contention by operation).
-        self.operations = operations if operations is not None else _no_operations()
+        # Contention by operation: (lock, operation) as raw names, and each
+        # one's words (OPERATION_COUNTERS, uint64), a row each; a name may
+        # come more than once (instances of a lock).
+        self.operation_keys, self.operation_counts = operations if operations is not None else _no_operations()
         self.file_uid = file_uid
         # (st_dev, st_ino) of the file as read: it still names the process's
         # mapping after the file is unlinked (the mapping keeps the inode).
@@ -1007,8 +989,8 @@ class ProcessState:
         """Contention by operation, the most held first (each lock name's
         instances, collected ones included, as one)."""
         totals: dict[tuple[str, str], OperationRecord] = {}
-        for e in self.operations:
-            record = OperationRecord(text_from_file(e["lock"]), text_from_file(e["operation"]), *(int(e[name]) for name in OPERATION_COUNTERS))
+        for (lock, operation), counts in zip(self.operation_keys, self.operation_counts.tolist()):
+            record = OperationRecord(text_from_file(lock), text_from_file(operation), *counts)
             key = (record.lock, record.operation)
             totals[key] = record if key not in totals else totals[key].plus(record)
         out = list(totals.values())
@@ -1116,10 +1098,10 @@ def read_state_file(path: str, daemon_uid: int | None = None, retries: int = 3, 
         head, fork_counters, table, consistent = last
         if not consistent and not accept_torn:
             raise StateFileError("busy", "being written too often to read a consistent copy")
-        header, records = _decode(fd, head, fork_counters, table)
+        header, records, rows = _decode(fd, head, fork_counters, table)
         if int(header["uid"]) != info.st_uid:
             raise StateFileError("foreign_owner", f"names uid {int(header['uid'])} but the file belongs to uid {info.st_uid}")
-        operations = _read_operations(fd, records)
+        operations = _read_operations(fd, records, rows)
         return ProcessState(path=path, header=header, records=records, file_uid=info.st_uid,
                             torn=not consistent, file_id=(info.st_dev, info.st_ino), operations=operations)
     finally:
@@ -1184,8 +1166,10 @@ def _read_tables(fd: int, every_slot: bool = False) -> tuple[bytes, bytes, bytes
     return head, whole[FORKS_OFFSET:RECORDS_OFFSET], table, seqs_even and steady
 
 
-def _decode(fd: int, head: bytes, fork_counters: bytes, table: bytes) -> tuple[np.void, np.ndarray]:
-    """The header with the fork counters, and one LOCK_DTYPE row per counted record."""
+def _decode(fd: int, head: bytes, fork_counters: bytes, table: bytes) -> tuple[np.void, np.ndarray, np.ndarray]:
+    """The header with the fork counters, one LOCK_DTYPE row per counted
+    record, and the counted records' operation rows' words (OPERATION_SLOTS
+    rows of N_OPERATION_WORDS a record, one record after the other)."""
     import numpy as np
 
     dtypes = _dtypes()
@@ -1210,16 +1194,18 @@ def _decode(fd: int, head: bytes, fork_counters: bytes, table: bytes) -> tuple[n
             counted = [i for i in counted if i != source]
     lock_dtype = dtypes["LOCK_DTYPE"]
     if not counted:
-        return header, np.zeros(0, dtype=lock_dtype)
+        return header, np.zeros(0, dtype=lock_dtype), np.zeros((0, OPERATION_WORDS_BYTES // 8), dtype="<u8")
     blocks = [prefixes[i][2] for i in counted]
     span = max(blocks) + 1
-    raw = os.pread(fd, span * COUNTERS_BYTES, BLOCKS_OFFSET)
-    if len(raw) != span * COUNTERS_BYTES:
+    raw = os.pread(fd, span * BLOCK_SIZE, BLOCKS_OFFSET)
+    if len(raw) != span * BLOCK_SIZE:
         raise StateFileError("truncated", "truncated counters")
-    # Each counted record's bytes followed by its block's, as LOCK_DTYPE lays them out.
+    # Each counted record's bytes followed by its block's counters, as LOCK_DTYPE lays them out.
     combined = bytearray(b"".join(
-        table[i * RECORD_SIZE:(i + 1) * RECORD_SIZE] + raw[b * COUNTERS_BYTES:(b + 1) * COUNTERS_BYTES]
+        table[i * RECORD_SIZE:(i + 1) * RECORD_SIZE] + raw[b * BLOCK_SIZE:b * BLOCK_SIZE + COUNTERS_BYTES]
         for i, b in zip(counted, blocks)))
+    rows = np.frombuffer(raw, dtype="<u8").reshape(span, BLOCK_SIZE // 8)[blocks, _ROW_WORDS]  # a copy
+
     words = np.frombuffer(combined, dtype="<u8").reshape(len(counted), (RECORD_SIZE + COUNTERS_BYTES) // 8)
     _counter_words(words[:, RECORD_SIZE // 8:])
     columns = dtypes["RECORD_TIME_COLUMNS"]
@@ -1232,57 +1218,52 @@ def _decode(fd: int, head: bytes, fork_counters: bytes, table: bytes) -> tuple[n
         times[bad] = 0  # the bits of 0.0
         words[:, columns] = times
     out = np.frombuffer(combined, dtype=lock_dtype)
-    return header, out
+    return header, out, rows
 
 
-def _no_operations() -> np.ndarray:
+def _no_operations() -> tuple[list[tuple[bytes, bytes]], np.ndarray]:
     import numpy as np
 
-    return np.zeros(0, dtype=_dtypes()["OPERATION_DTYPE"])
+    return [], np.zeros((0, N_OPERATION_WORDS), dtype=np.uint64)
 
 
-def _read_operations(fd: int, records: np.ndarray) -> np.ndarray:
-    """Contention by operation: one OPERATION_DTYPE entry per row that
-    counted in each counted record's table. Each table's words are read
-    first, then the names of the rows that counted: such a row's name was
-    written before its first count, so it was whole before the words were
-    read (see the module docstring)."""
+def _read_operations(fd: int, records: np.ndarray, words: np.ndarray) -> tuple[list[tuple[bytes, bytes]], np.ndarray]:
+    """Contention by operation: (lock, operation) and the words of each row
+    that counted in each of ``records``, from ``words`` (their rows' words,
+    read with their counters) and the names of the rows that counted, read
+    now: such a row's name was written before its first count, so it was
+    whole before the words were read (see the module docstring)."""
     import numpy as np
 
     if not len(records):
         return _no_operations()
-    blocks = records["block"].tolist()
-    offsets = [TABLES_OFFSET + block * OPERATION_TABLE_BYTES for block in blocks]
-    raw = bytearray()
-    for offset in offsets:
-        words = os.pread(fd, OPERATION_TABLE_NAMES, offset)
-        if len(words) != OPERATION_TABLE_NAMES:
-            raise StateFileError("truncated", "truncated operations")
-        raw += words
-    tables = np.frombuffer(raw, dtype="<u8").reshape(len(blocks), OPERATION_SLOTS, N_OPERATION_WORDS)
-    _counter_words(tables)
-    table_of, row_of = np.nonzero((tables[:, :, O_HOLDS] | tables[:, :, O_WAITS]) != 0)
-    if not len(table_of):
+    rows = words.reshape(len(records) * OPERATION_SLOTS, N_OPERATION_WORDS)
+    used = np.flatnonzero(rows[:, O_HOLDS] | rows[:, O_WAITS]).tolist()
+    if not used:
         return _no_operations()
-    pairs = list(zip(table_of.tolist(), row_of.tolist()))
-    last_row: dict[int, int] = {}
-    for table, row in pairs:
-        last_row[table] = row  # rows come in order
-    names = {table: _table_names(os.pread(fd, (rows + 1) * OPERATION_NAME_ENTRY, offsets[table] + OPERATION_TABLE_NAMES), rows + 1)
-             for table, rows in last_row.items() if rows}
-    lock_names = records["name"].tolist()
-    parts = []
-    for table, row in pairs:
-        name = names[table][row] if row else None
-        lock = lock_names[table].ljust(NAME_BYTES, b"\0")
-        if name is None:
-            operation = _OTHER_NAME
-        elif name[0] == OPERATION_UNNAMED:
-            operation = lock.ljust(OPERATION_BYTES, b"\0")
-        else:
-            operation = name[1]
-        parts.append(lock + operation + tables[table, row].tobytes())
-    return np.frombuffer(bytearray(b"".join(parts)), dtype=_dtypes()["OPERATION_DTYPE"])
+    counts = rows[used]
+    _counter_words(counts)
+    locks = records["name"].tolist()
+    keys: list[tuple[bytes, bytes]] = []
+    named: list[tuple[int, int, int]] = []  # (key, record, row) of the rows that have a name
+    for index in used:
+        at, row = divmod(index, OPERATION_SLOTS)
+        if row > OPERATION_UNNAMED_ROW:
+            named.append((len(keys), at, row))
+        keys.append((locks[at], locks[at] if row else _OTHER_NAME))
+    if named:
+        blocks = records["block"].tolist()
+        last = {at: row for _, at, row in named}  # each record's last (rows come in order)
+        names = {at: os.pread(fd, (row + 1) * OPERATION_NAME_ENTRY, NAMES_OFFSET + blocks[at] * OPERATION_NAMES_BYTES)
+                 for at, row in last.items()}
+        if any(len(names[at]) != (row + 1) * OPERATION_NAME_ENTRY for at, row in last.items()):
+            raise StateFileError("truncated", "truncated operation names")
+        for i, at, row in named:
+            entries, start = names[at], row * OPERATION_NAME_ENTRY
+            # Taken when its sequence word is 2 and its kind OPERATION_NAMED: whole.
+            whole = entries[start : start + 12] == _NAMED
+            keys[i] = (locks[at], entries[start + 16 : start + OPERATION_NAME_ENTRY].rstrip(b"\0") if whole else _OTHER_NAME)
+    return keys, counts
 
 
 # Times and intervals as read: NaN, infinities, negatives and values past the
@@ -1315,11 +1296,6 @@ def concat_headers(headers: list[np.void]) -> np.ndarray:
     import numpy as np
 
     return np.frombuffer(b"".join(header.tobytes() for header in headers), dtype=_dtypes()["PROCESS_DTYPE"])
-
-
-def concat_operations(arrays: list[np.ndarray]) -> np.ndarray:
-    """Several processes' operation entries as one array, as ``concat_records``."""
-    return _concat(arrays, "OPERATION_DTYPE")
 
 
 def _concat(arrays: list[np.ndarray], dtype_name: str) -> np.ndarray:

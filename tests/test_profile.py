@@ -126,7 +126,7 @@ def test_an_operation_that_is_not_a_string_counts_as_other(lock_class):
     with_op(lock, "named", lambda: None)
     rows = rows_of(lock)
     assert {name: row["holds"] for name, row in rows.items()} == {OPERATION_OTHER: 4, "named": 1}
-    assert lock.operations.names == [OPERATION_OTHER, "named"]
+    assert lock.operations.names == [OPERATION_OTHER, None, "named"]
 
 
 def test_an_unnamed_hold_is_named_after_the_lock_and_a_bounded_table_counts_the_rest_as_other(lock_class):
@@ -368,17 +368,17 @@ def test_operation_names_that_read_alike_are_one_series_and_absurd_counters_read
     control characters (each reads as ``?``) are one series, their counts
     added; a counter no real count reaches is read as 0, never summed."""
     samples = folded_operation_samples(state_dir, daemons, "forged", """
-from h5watch.schema import N_OPERATION_WORDS, O_HOLD_SUM, O_WAITS, OPERATION_TABLE_NAMES
+from h5watch.schema import N_OPERATION_WORDS, O_HOLD_SUM, O_WAITS
 cache = attached("app.cache")
 for name, times in (("read\x1bone", 3), ("read\x07one", 4)):
     for _ in range(times):
         cache.acquire_for(name)
         cache.release()
-words = writer._live[cache._seq].table[:OPERATION_TABLE_NAMES].cast("Q")
-words[1 * N_OPERATION_WORDS + O_HOLD_SUM] = 3_000_000
-words[2 * N_OPERATION_WORDS + O_HOLD_SUM] = 2**63 + 5
-words[1 * N_OPERATION_WORDS + O_WAITS] = 1
-words[2 * N_OPERATION_WORDS + O_WAITS] = 2
+words, _ = writer._live[cache._seq].table  # rows 2 and 3: the two names
+words[2 * N_OPERATION_WORDS + O_HOLD_SUM] = 3_000_000
+words[3 * N_OPERATION_WORDS + O_HOLD_SUM] = 2**63 + 5
+words[2 * N_OPERATION_WORDS + O_WAITS] = 1
+words[3 * N_OPERATION_WORDS + O_WAITS] = 2
 """)
     assert {operation for _, operation in samples} == {"read?one"}
     assert samples[("h5watch_lock_operation_holds_total", "read?one")] == 7

@@ -511,17 +511,17 @@ while time.monotonic() < deadline:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    from h5watch.schema import OPERATION_NAME_ENTRY, OPERATION_TABLE_NAMES
-    from h5watch.statefile import TABLES_OFFSET
+    from h5watch.schema import OPERATION_NAME_ENTRY
+    from h5watch.statefile import NAMES_OFFSET
 
     def holds() -> dict[str, int]:
         return {r.operation: r.holds for r in read_state_file(path, accept_torn=True).operation_records() if r.lock == "app.0"}
 
     before = holds()
     assert set(before) <= expected and len(before) > 2
-    # app.0's table is its block's (the first): its row 1's name entry left
-    # odd, as by a writer killed in it.
-    entry = TABLES_OFFSET + OPERATION_TABLE_NAMES + 1 * OPERATION_NAME_ENTRY
+    # app.0's rows are its block's (the first): its first named row's (row
+    # 2) name entry left odd, as by a writer killed in it.
+    entry = NAMES_OFFSET + 2 * OPERATION_NAME_ENTRY
     with open(path, "r+b") as f:
         f.seek(entry)
         assert int.from_bytes(f.read(8), "little") == 2

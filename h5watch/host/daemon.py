@@ -60,6 +60,7 @@ from h5watch.export.server import MetricsServer
 from h5watch.host import claim, incidents, reaper, totals
 from h5watch.host.totals import Totals
 from h5watch.host.verdict import KILL_REASONS, OK, Finding, Thresholds, Verdict, judge_live, parse_seconds
+from h5watch.schema import O_CAUSED_WAIT_SUM, O_HOLD_SUM, O_HOLDS, O_WAIT_SUM, O_WAITS
 from h5watch.statedir import STACKS_SUFFIX, OpenDir, list_names, open_user_dir, readable_user_dirs
 from h5watch.statefile import (
     STATE_SUFFIX,
@@ -67,7 +68,6 @@ from h5watch.statefile import (
     StateDirError,
     StateFileError,
     concat_headers,
-    concat_operations,
     concat_records,
     holds_seen_at,
     process_identity,
@@ -82,7 +82,8 @@ K = TypeVar("K")
 # The versions in h5watch_workload_info's label order (after the workload).
 _INFO_VERSIONS = ("h5py_version", "hdf5_version", "h5watch_version", "python_version")
 # An operation entry's counters summed over processes, in OperationTotals' order.
-_OPERATION_TOTALS = ("holds", "hold_sum_ns", "caused_wait_sum_ns", "waits", "wait_sum_ns")
+# OperationTotals' fields, as columns of a row's words (statefile.OPERATION_COUNTERS).
+_OPERATION_TOTALS = [O_HOLDS, O_HOLD_SUM, O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM]
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
 # Dead processes' files read (and folded) per scan, after every live one.
 MAX_DEAD_PER_SCAN = 2000
@@ -561,17 +562,15 @@ class Daemon:
     def _add_operations(into: dict[tuple[str, str, str], OperationTotals], states: list[ProcessState]) -> None:
         """Contention by operation, summed per (workload, lock, operation)
         over ``states`` in one pass over all their entries at once."""
-        lengths = [len(state.operations) for state in states]
-        if not sum(lengths):
+        counted = [state for state in states if state.operation_keys]
+        if not counted:
             return
-        entries = concat_operations([state.operations for state in states])
-        owner = np.repeat(np.arange(len(states)), lengths)
-        workloads = [state.workload for state in states]
         # By the names' raw bytes first; two that read as one text (see
         # text_from_file) are added into one total below.
-        keys, index = _groups(((workloads[p], lock, operation) for p, lock, operation in
-                               zip(owner.tolist(), entries["lock"].tolist(), entries["operation"].tolist())), len(entries))
-        sums = _sum_by(index, len(keys), np.stack([entries[name] for name in _OPERATION_TOTALS], axis=1))
+        keys, index = _groups(((state.workload, lock, operation) for state in counted for lock, operation in state.operation_keys),
+                              sum(len(state.operation_keys) for state in counted))
+        counts = np.concatenate([state.operation_counts for state in counted])
+        sums = _sum_by(index, len(keys), counts[:, _OPERATION_TOTALS])
         for (workload, lock, operation), row in zip(keys, sums.tolist()):
             key = (workload, text_from_file(lock), text_from_file(operation))
             totals = into.get(key)

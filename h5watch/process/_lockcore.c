@@ -63,16 +63,17 @@
 #define O_WAITS 4
 #define O_WAIT_SUM 5
 #define N_OP_WORDS 6
-/* The table as it lies in the state file (h5watch/schema.py OPERATION_NAME_LAYOUT):
- * the rows' words, then one name entry per row: a sequence word (2 once
- * written, never rewritten), its kind, and the text (UTF-8, cut at
- * OP_NAME_TEXT bytes). */
-#define OP_TABLE_NAMES (OP_SLOTS * N_OP_WORDS * 8)
+/* Row 1 is the unnamed operation's (None: the lock's own name). In the
+ * state file (h5watch/schema.py OPERATION_NAME_LAYOUT), the rows' words lie
+ * next to the lock's counters, and each row from row 2 has a name entry in
+ * the file's names: a sequence word (2 once written, never rewritten), its
+ * kind, and the text (UTF-8, cut at OP_NAME_TEXT bytes). */
+#define OP_UNNAMED_ROW 1
+#define OP_WORDS_BYTES (OP_SLOTS * N_OP_WORDS * 8)
 #define OP_NAME_ENTRY 144
 #define OP_NAME_TEXT 128
 #define OP_NAMED 1
-#define OP_UNNAMED 2
-#define OP_TABLE_BYTES (OP_TABLE_NAMES + OP_SLOTS * OP_NAME_ENTRY)
+#define OP_NAMES_BYTES (OP_SLOTS * OP_NAME_ENTRY)
 
 static const int64_t BOUNDS_NS[N_BOUNDS] = {
     1000LL, 2500LL, 5000LL,
@@ -165,10 +166,11 @@ typedef struct {
     /* Contention by operation (h5watch/process/stats.py OperationTable):
      * the rows, its {operation: row} dict and its list of operations by
      * row; NULL until _set_operations. The rows are own_ops (a buffer the
-     * table owns) until the state file is made, then the lock's table in
-     * the file (held through `table_view`, moved with the counters and
-     * dropped with them in a forked child), where a new row's name is
-     * written before anything is counted in it. The holder's row, and the
+     * table owns) until the state file is made, then the lock's rows in
+     * the file (held through `table_view`, with its names through
+     * `names_view`; moved with the counters and dropped with them in a
+     * forked child), where a new row's name is written before anything is
+     * counted in it. The holder's row, and the
      * blocked wait that ended in its acquisition, are written by the thread
      * holding the inner lock only. */
     uint64_t *ops;
@@ -176,6 +178,7 @@ typedef struct {
     Py_buffer ops_view;
     unsigned char *op_name_area;  /* NULL while the rows are own_ops */
     Py_buffer table_view;
+    Py_buffer names_view;
     int has_table_view;
     PyObject *op_index;
     PyObject *op_names;
@@ -520,23 +523,19 @@ static inline void order_pop(LockCore *self) {
  * or -1 with an exception set (no memory). */
 static int write_op_name(unsigned char *area, Py_ssize_t row, PyObject *operation) {
     unsigned char *entry = area + row * OP_NAME_ENTRY;
-    if (__atomic_load_n((uint64_t *)entry, __ATOMIC_ACQUIRE) != 0) return 0;
-    const char *text = "";
+    if (!PyUnicode_Check(operation) || __atomic_load_n((uint64_t *)entry, __ATOMIC_ACQUIRE) != 0) return 0;
     Py_ssize_t size = 0;
     PyObject *encoded = NULL;
-    uint32_t kind = OP_UNNAMED;
-    if (operation != Py_None) {
-        kind = OP_NAMED;
-        text = PyUnicode_AsUTF8AndSize(operation, &size);
-        if (text == NULL) {  /* lone surrogates: as str.encode("utf-8", "replace") */
-            PyErr_Clear();
-            encoded = PyUnicode_AsEncodedString(operation, "utf-8", "replace");
-            if (encoded == NULL) return -1;
-            text = PyBytes_AS_STRING(encoded);
-            size = PyBytes_GET_SIZE(encoded);
-        }
-        if (size > OP_NAME_TEXT) size = OP_NAME_TEXT;
+    uint32_t kind = OP_NAMED;
+    const char *text = PyUnicode_AsUTF8AndSize(operation, &size);
+    if (text == NULL) {  /* lone surrogates: as str.encode("utf-8", "replace") */
+        PyErr_Clear();
+        encoded = PyUnicode_AsEncodedString(operation, "utf-8", "replace");
+        if (encoded == NULL) return -1;
+        text = PyBytes_AS_STRING(encoded);
+        size = PyBytes_GET_SIZE(encoded);
     }
+    if (size > OP_NAME_TEXT) size = OP_NAME_TEXT;
     /* A seqlock write (recorder.store_guarded): odd, the body, even. */
     __atomic_store_n((uint64_t *)entry, 1, __ATOMIC_RELEASE);
     memcpy(entry + 8, &kind, sizeof(kind));
@@ -547,10 +546,10 @@ static int write_op_name(unsigned char *area, Py_ssize_t row, PyObject *operatio
     return 0;
 }
 
-/* The operation's row in the table (OperationTable.row in stats.py): a new
- * operation (a str, or None for the lock's own name) takes the next free
- * row, or row 0 once every row is taken; anything else counts in row 0. In
- * the state file, the new row's name is written before it counts. */
+/* The operation's row in the table (OperationTable.row in stats.py): None
+ * has row 1 (the table's dict says so); a new operation (a str) takes the
+ * next free row, or row 0 once every row is taken; anything else counts in
+ * row 0. In the state file, the new row's name is written before it counts. */
 static Py_ssize_t op_row_slow(LockCore *self, PyObject *operation) {
     Py_ssize_t row = 0;
     PyObject *found = NULL;
@@ -560,7 +559,7 @@ static Py_ssize_t op_row_slow(LockCore *self, PyObject *operation) {
     if (found != NULL) {
         row = PyLong_AsSsize_t(found);
         if (row < 0 || row >= OP_SLOTS) row = 0;
-    } else if (!PyErr_Occurred() && (operation == Py_None || PyUnicode_Check(operation))) {
+    } else if (!PyErr_Occurred() && PyUnicode_Check(operation)) {
         Py_ssize_t n = PyList_GET_SIZE(self->op_names);
         if (n < OP_SLOTS) {
             PyObject *number = PyLong_FromSsize_t(n);
@@ -961,7 +960,7 @@ static PyMethodDef LockCore_methods[] = {
     {"_set_operations", (PyCFunction)(void (*)(void))LockCore_set_operations, METH_FASTCALL,
      "Count holds and waits per operation in these rows, with the table's {operation: row} dict and its list."},
     {"_move_counters", (PyCFunction)(void (*)(void))LockCore_move_counters, METH_FASTCALL,
-     "_move_counters(counters, table=None): copy the counters (and the operation rows, with their names) "
+     "_move_counters(counters, words=None, names=None): copy the counters (and the operation rows, with their names) "
      "into these writable buffers and count there from now on; None: private and zeroed."},
     {"_operation_words", (PyCFunction)LockCore_operation_words, METH_NOARGS,
      "The operation rows' words as they are now, as bytes."},
@@ -1087,42 +1086,48 @@ static void release_table_view(LockCore *self) {
         self->op_name_area = NULL;
         self->ops = self->own_ops;
         PyBuffer_Release(&self->table_view);
+        PyBuffer_Release(&self->names_view);
     }
+}
+
+/* Take a writable, 8-byte-aligned buffer of at least `size` bytes. */
+static int get_place(PyObject *target, Py_buffer *view, Py_ssize_t size, const char *what) {
+    if (PyObject_GetBuffer(target, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (view->len < size || ((uintptr_t)view->buf % 8) != 0) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s: expected a writable buffer of %zd aligned bytes", what, size);
+        return -1;
+    }
+    return 0;
 }
 
 /* Copy the counters into `counters` (a writable buffer of at least 64
  * aligned words, such as a memoryview of the state file's mapping) and
  * count there from now on; None: back to private, zeroed counters (a forked
- * child). With `table` (OP_TABLE_BYTES of the mapping, zeroed or this
- * lock's own), the operation rows move too: every row's name first, then
- * the words. */
+ * child). With `words` and `names` (the lock's rows and their names in the
+ * mapping, zeroed or this lock's own), the operation rows move too: every
+ * row's name first, then the words. */
 static PyObject *LockCore_move_counters(LockCore *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "_move_counters(counters, table=None)");
+    if (nargs != 1 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_move_counters(counters, words=None, names=None)");
         return NULL;
     }
-    PyObject *target = args[0], *table = nargs > 1 ? args[1] : Py_None;
+    PyObject *target = args[0];
     if (target == Py_None) {
         restart_counters(self);
         Py_RETURN_NONE;
     }
-    Py_buffer view, table_view;
-    if (PyObject_GetBuffer(target, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (view.len < (Py_ssize_t)sizeof(self->own_counters) || ((uintptr_t)view.buf % 8) != 0) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "counters: expected a writable buffer of 64 aligned 8-byte words");
-        return NULL;
-    }
-    int moves_table = table != Py_None && self->own_ops != NULL;
-    if (moves_table) {
-        if (PyObject_GetBuffer(table, &table_view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+    Py_buffer view, words_view, names_view;
+    if (get_place(target, &view, (Py_ssize_t)sizeof(self->own_counters), "counters") < 0) return NULL;
+    int moves_rows = nargs == 3 && args[1] != Py_None && self->own_ops != NULL;
+    if (moves_rows) {
+        if (get_place(args[1], &words_view, OP_WORDS_BYTES, "words") < 0) {
             PyBuffer_Release(&view);
             return NULL;
         }
-        if (table_view.len < OP_TABLE_BYTES || ((uintptr_t)table_view.buf % 8) != 0) {
-            PyBuffer_Release(&table_view);
+        if (get_place(args[2], &names_view, OP_NAMES_BYTES, "names") < 0) {
+            PyBuffer_Release(&words_view);
             PyBuffer_Release(&view);
-            PyErr_SetString(PyExc_ValueError, "table: expected a writable buffer of OP_TABLE_BYTES aligned bytes");
             return NULL;
         }
     }
@@ -1133,21 +1138,23 @@ static PyObject *LockCore_move_counters(LockCore *self, PyObject *const *args, P
     self->counters_view = view;
     self->has_counters_view = 1;
     self->counters_generation = (unsigned int)fork_generation;
-    if (moves_table) {
-        if (table_view.buf != (void *)self->ops) {
-            unsigned char *area = (unsigned char *)table_view.buf + OP_TABLE_NAMES;
+    if (moves_rows) {
+        if (words_view.buf != (void *)self->ops) {
+            unsigned char *area = (unsigned char *)names_view.buf;
             Py_ssize_t n = PyList_GET_SIZE(self->op_names);
-            for (Py_ssize_t row = 1; row < n && row < OP_SLOTS; row++) {
+            for (Py_ssize_t row = OP_UNNAMED_ROW + 1; row < n && row < OP_SLOTS; row++) {
                 if (write_op_name(area, row, PyList_GET_ITEM(self->op_names, row)) < 0) PyErr_Clear();
             }
-            memcpy(table_view.buf, self->ops, sizeof(uint64_t) * OP_SLOTS * N_OP_WORDS);
+            memcpy(words_view.buf, self->ops, OP_WORDS_BYTES);
             release_table_view(self);
-            self->ops = (uint64_t *)table_view.buf;
+            self->ops = (uint64_t *)words_view.buf;
             self->op_name_area = area;
-            self->table_view = table_view;
+            self->table_view = words_view;
+            self->names_view = names_view;
             self->has_table_view = 1;
         } else {
-            PyBuffer_Release(&table_view);
+            PyBuffer_Release(&names_view);
+            PyBuffer_Release(&words_view);
         }
     }
     Py_RETURN_NONE;
@@ -1689,7 +1696,7 @@ PyMODINIT_FUNC PyInit__lockcore(void) {
         return NULL;
     }
     Py_DECREF(op_layout);
-    PyObject *name_layout = Py_BuildValue("(iiiii)", OP_TABLE_NAMES, OP_NAME_ENTRY, OP_NAME_TEXT, OP_NAMED, OP_UNNAMED);
+    PyObject *name_layout = Py_BuildValue("(iiii)", OP_UNNAMED_ROW, OP_NAME_ENTRY, OP_NAME_TEXT, OP_NAMED);
     if (name_layout == NULL || PyModule_AddObjectRef(m, "OPERATION_NAME_LAYOUT", name_layout) < 0) {
         Py_XDECREF(name_layout);
         Py_DECREF(m);

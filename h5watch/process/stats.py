@@ -49,8 +49,7 @@ from h5watch.schema import (
     OPERATION_NAMED,
     OPERATION_OTHER,
     OPERATION_SLOTS,
-    OPERATION_TABLE_NAMES,
-    OPERATION_UNNAMED,
+    OPERATION_UNNAMED_ROW,
     ORPHAN_ACTIONS,
     TIMEOUT_KINDS,
     counter_index,
@@ -151,11 +150,12 @@ class LockStats(_CounterFields):
     def counters(self) -> list[int]:
         return self._c.tolist()
 
-    def move_to(self, target: memoryview, table: memoryview | None = None) -> bool:
+    def move_to(self, target: memoryview, table: tuple[memoryview, memoryview] | None = None) -> bool:
         """Carry on counting in ``target`` (64 words of the state file's
         mapping, the same memoryview object at every call for one place),
-        after copying what was counted so far; with ``table``, the lock's
-        operation rows move into it too. False when the lock is busy now:
+        after copying what was counted so far; with ``table`` (the rows'
+        words and their names in the mapping), the lock's operation rows
+        move there too. False when the lock is busy now:
         its holder moves them at its outermost release (see
         ``_adopt_pending``), and ``target`` holds a copy until then.
 
@@ -174,7 +174,7 @@ class LockStats(_CounterFields):
                     lock._counters_pending = (target, table)
                     target[:] = self._c
                     if table is not None:
-                        lock.operations.copy_to(table)
+                        lock.operations.copy_to(*table)
             return False
         try:
             self._move(target, table, lock)
@@ -190,13 +190,13 @@ class LockStats(_CounterFields):
             target, table = lock._counters_pending
             self._move(target, table, lock)
 
-    def _move(self, target: memoryview, table: memoryview | None, lock: Any) -> None:
+    def _move(self, target: memoryview, table: tuple[memoryview, memoryview] | None, lock: Any) -> None:
         with self._bump_lock:
             target[:] = self._c
             self._c = target
             if lock is not None:
                 if table is not None:
-                    lock.operations.move_to(table)
+                    lock.operations.move_to(*table)
                     lock._op_words = lock.operations.words
                 lock._counters = target
                 lock._counters_pending = None
@@ -231,8 +231,11 @@ class CoreLockStats(_CounterFields):
     def counters(self) -> list[int]:
         return list(self._core._counters())
 
-    def move_to(self, target: memoryview, table: memoryview | None = None) -> bool:
-        self._core._move_counters(target, table)
+    def move_to(self, target: memoryview, table: tuple[memoryview, memoryview] | None = None) -> bool:
+        if table is None:
+            self._core._move_counters(target)
+        else:
+            self._core._move_counters(target, *table)
         return True
 
     def reset_after_fork(self) -> None:
@@ -240,27 +243,25 @@ class CoreLockStats(_CounterFields):
 
 
 
-def write_operation_name(names_area: Any, row: int, operation: str | None) -> None:
-    """Row ``row``'s name entry (see OPERATION_NAME_LAYOUT), unless already
-    written (write_op_name in _lockcore.c): a name, once read, never changes."""
+def write_operation_name(names: Any, row: int, operation: Any) -> None:
+    """Row ``row``'s name entry in ``names`` (see OPERATION_NAME_LAYOUT),
+    unless already written (write_op_name in _lockcore.c): a name, once
+    read, never changes."""
     offset = row * OPERATION_NAME_ENTRY
-    if bytes(names_area[offset : offset + 8]) != bytes(8):
+    if not isinstance(operation, str) or bytes(names[offset : offset + 8]) != bytes(8):
         return
     from h5watch.recorder import store_guarded  # the file exists: already imported
 
-    if operation is None:
-        kind, text = OPERATION_UNNAMED, b""
-    else:
-        kind, text = OPERATION_NAMED, operation.encode("utf-8", "replace")[:OPERATION_NAME_BYTES]
-    store_guarded(names_area, offset, 2, _NAME_HEAD.pack(kind, 0) + text.ljust(OPERATION_NAME_BYTES, b"\0"))
+    text = operation.encode("utf-8", "replace")[:OPERATION_NAME_BYTES]
+    store_guarded(names, offset, 2, _NAME_HEAD.pack(OPERATION_NAMED, 0) + text.ljust(OPERATION_NAME_BYTES, b"\0"))
 
 
 class OperationTable:
     """Contention by operation for one lock: OPERATION_SLOTS rows of
     N_OPERATION_WORDS words (``O_*`` in h5watch.schema), one per operation
-    that held the lock (a str, or None for the lock's own name), row 0 for
-    those that came after every row was taken and for any other kind of
-    operation.
+    that held the lock (a str; row OPERATION_UNNAMED_ROW is None's, the
+    lock's own name), row 0 for those that came after every row was taken
+    and for any other kind of operation.
 
     The lock writes the rows (the compiled core through the buffer, the
     pure-Python mirror through ``words``) from the thread that holds it; a
@@ -279,9 +280,10 @@ class OperationTable:
         self.buffer = bytearray(OPERATION_SLOTS * N_OPERATION_WORDS * 8)
         self.words = memoryview(self.buffer).cast("Q")
         # {operation (None: unnamed): row}; names[row] is the operation.
-        self.index: dict[Any, int] = {}
-        self.names: list[Any] = [OPERATION_OTHER]
-        # The names of the table in the state file (pure-Python mirror), once moved there.
+        self.index: dict[Any, int] = {None: OPERATION_UNNAMED_ROW}
+        self.names: list[Any] = [OPERATION_OTHER, None]
+        assert OPERATION_UNNAMED_ROW == 1
+        # The names of the rows in the state file (pure-Python mirror), once moved there.
         self.names_area: memoryview | None = None
 
     def row(self, operation: Any) -> int:
@@ -304,25 +306,22 @@ class OperationTable:
             write_operation_name(self.names_area, row, operation)
         return row
 
-    def move_to(self, table: memoryview) -> None:
-        """Count in ``table`` (the lock's OPERATION_TABLE_BYTES in the state
-        file) from now on: every row's name first, then the words. The
-        pure-Python mirror's, by whoever keeps the rows from changing (see
-        ``LockStats._move``)."""
-        if self.names_area is not None and self.names_area.obj is table.obj and self.words.obj is table.obj:
+    def move_to(self, words: memoryview, names: memoryview) -> None:
+        """Count in ``words`` (the lock's rows in the state file, 8-byte
+        words) from now on, with their names in ``names``: every row's name
+        first, then the words. The pure-Python mirror's, by whoever keeps the
+        rows from changing (see ``LockStats._move``)."""
+        if self.words is words:
             return
-        self.words, self.names_area = self.copy_to(table)
+        self.copy_to(words, names)
+        self.words, self.names_area = words, names
 
-    def copy_to(self, table: memoryview) -> tuple[memoryview, memoryview]:
-        """Every row's name, then the words, into ``table`` (a copy as of
-        now, while a busy lock's move waits for its holder); its words and
-        names as views."""
-        names_area = table[OPERATION_TABLE_NAMES:]
-        for row, operation in enumerate(list(self.names)[1:], start=1):
-            write_operation_name(names_area, row, operation)
-        words = table[:OPERATION_TABLE_NAMES].cast("Q")
+    def copy_to(self, words: memoryview, names: memoryview) -> None:
+        """Every row's name, then the words, into the file (a copy as of
+        now, while a busy lock's move waits for its holder)."""
+        for row, operation in enumerate(list(self.names)[OPERATION_UNNAMED_ROW + 1 :], start=OPERATION_UNNAMED_ROW + 1):
+            write_operation_name(names, row, operation)
         words[:] = self.words
-        return words, names_area
 
     def reset(self) -> None:
         """A forked child counts from zero, in private memory (the file's
