@@ -325,7 +325,11 @@ def stack(tmp_path_factory):
             if not wait_for(lambda name=name: saw_line(stack.logs[name], "ready"), 60, 0.2):
                 pytest.fail(f"worker {name} did not start\n{stack.diagnostics()}")
 
-        # Let the daemon see the stuck worker alive, then freeze it.
+        # Let the daemon see the stuck worker alive, and Prometheus scrape its
+        # workload's kill counter at 0 (a counter whose first sample is
+        # already 1 shows no increase), then freeze it.
+        if not wait_for(lambda: stack.query('h5watch_worker_kills_total{workload="e2e-stuck"}'), 60, 0.5):
+            pytest.fail(f"Prometheus never scraped the stuck worker's workload\n{stack.diagnostics()}")
         time.sleep(3)
         os.kill(stuck.pid, signal.SIGSTOP)
         try:
@@ -385,12 +389,17 @@ def test_stopped_worker_is_killed_by_the_daemon(stack):
     assert stack.stuck_exit < 0, stack.stuck_exit
 
 
+STUCK_KILLS_SCRAPED = 'h5watch_worker_kills_total{workload="e2e-stuck"}[10m]'
+
+
 def test_orphan_and_kill_alerts_fire(stack):
     firing = stack.firing()
     details = (
         f"firing: {sorted(firing)}\n"
         f"orphans: {stack.query('h5watch_orphaned_locks_total')}\n"
-        f"kills: {stack.query('h5watch_worker_kills_total')}\n{stack.diagnostics()}"
+        f"kills: {stack.query('h5watch_worker_kills_total')}\n"
+        f"the stuck worker's kills, as scraped: {stack.query(STUCK_KILLS_SCRAPED)}\n"
+        f"{stack.diagnostics()}"
     )
     assert "H5WatchOrphanedLock" in firing, details
     assert "H5WatchWorkerKilled" in firing, details
