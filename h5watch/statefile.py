@@ -27,16 +27,17 @@ read (the daemon, ``h5watch status``), never by a process that only writes.
 Live counters: a lock's counters are not copied into the file now and
 then: once the file exists, the lock counts in its block of the mapping
 itself (see ``h5watch.process.stats``), and by operation in the block's
-table, so whatever kills the process, SIGKILL included, what it counted is
+rows, so whatever kills the process, SIGKILL included, what it counted is
 in the file. A record's block changes only by a merge (below); counters
 are read without a sequence check (each is one aligned 8-byte word, and
 only grows).
 
-A table row's name is written once, before the row counts anything, and
-never again while its block is in use. A reader reads a table's words
-first and the names of the rows that counted after them: each such name
-was whole before the words were read (a row whose name is not, forged or
-damaged, is read as ``other``'s).
+An operation row's name is written once, before the row counts anything,
+and never again while its block is in use (row 0, other's, and row 1, the
+unnamed operation's, have none). A reader reads a block's words first and
+the names of the rows that counted after them: each such name was whole
+before the words were read (a row whose name is not, forged or damaged, is
+read as ``other``'s).
 
 Torn reads of the rest: the header and each record start with a sequence
 counter. The writer packs the new body, makes the
@@ -53,8 +54,8 @@ whose very first write was cut short counts nothing.
 
 Slots: a lock instance gets a live record when the file is made or when it
 is first seen. When the instance is collected, its counts are merged into
-its name's retired record: the sum (counters, and tables row by row of
-one name) is written into a free block and its table, the merge
+its name's retired record: the sum (counters, and the operation rows of
+one name as one) is written into a free block and its names, the merge
 is noted in the header's journal, the retired record is pointed at the new
 block, the live record is freed, and the journal is cleared. A reader of a
 file whose writer died between two of these steps counts every block

@@ -542,6 +542,9 @@ static int write_op_name(unsigned char *area, Py_ssize_t row, PyObject *operatio
     memset(entry + 16, 0, OP_NAME_TEXT);
     memcpy(entry + 16, text, (size_t)size);
     __atomic_store_n((uint64_t *)entry, 2, __ATOMIC_RELEASE);
+    /* Whole before the row's first count, on any CPU: the reader takes a
+     * row's name only after it has seen the row count. */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     Py_XDECREF(encoded);
     return 0;
 }
