@@ -81,7 +81,6 @@ TOTALS_FILE = totals.TOTALS_FILE
 K = TypeVar("K")
 # The versions in h5watch_workload_info's label order (after the workload).
 _INFO_VERSIONS = ("h5py_version", "hdf5_version", "h5watch_version", "python_version")
-# An operation entry's counters summed over processes, in OperationTotals' order.
 # OperationTotals' fields, as columns of a row's words (statefile.OPERATION_COUNTERS).
 _OPERATION_TOTALS = [O_HOLDS, O_HOLD_SUM, O_CAUSED_WAIT_SUM, O_WAITS, O_WAIT_SUM]
 STATE_FILE_ERRORS = ("symlink", "not_regular", "foreign_owner", "unreadable", "truncated", "corrupt", "version", "busy", "unremovable")
@@ -399,8 +398,7 @@ class Daemon:
             if dead:
                 # As it stands: a writer that died in the middle of a write
                 # left old or new values (see statefile), and every record
-                # and operation entry it made counts, also one its header
-                # never counted.
+                # it made counts, also one its header never counted.
                 return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd, accept_torn=True)
             try:
                 return read_state_file(path, daemon_uid=directory.uid, dir_fd=directory.fd)
