@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,7 @@ def pystack_threads(pid: int, *, native: bool, timeout: float) -> tuple[list[dic
     """Every thread of ``pid`` read by pystack in a child process killed after
     ``timeout`` seconds; (None, why) when that fails."""
     command = [sys.executable, "-m", "h5watch.host.pystack_reader", str(pid), *(["--native"] if native else [])]
+    before = proc_stat(pid)
     try:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                  start_new_session=True, env=_reader_env())
@@ -136,12 +138,14 @@ def pystack_threads(pid: int, *, native: bool, timeout: float) -> tuple[list[dic
         out, _ = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(child)
+        _resume_if_left_stopped(pid, before)
         return None, f"no answer within {timeout:g} s (the reader was killed)"
     finally:
         _kill_group(child)
     try:
         answer = json.loads(out[:PYSTACK_OUTPUT_LIMIT])
     except ValueError:
+        _resume_if_left_stopped(pid, before)
         return None, f"the reader exited with {child.returncode} and no readable answer"
     if not isinstance(answer, dict):
         return None, "the reader's answer is not an object"
@@ -151,6 +155,35 @@ def pystack_threads(pid: int, *, native: bool, timeout: float) -> tuple[list[dic
     if answer.get("kind") == "permission" and os.geteuid() != 0:
         why += f"; ptrace of another process is limited by kernel.yama.ptrace_scope = {_ptrace_scope()} (root may read any)"
     return None, why
+
+
+# How long a cut-off read watches its target for a stop it left behind.
+_LEFT_STOPPED_WATCH_SECONDS = 0.3
+
+
+def _resume_if_left_stopped(pid: int, before: tuple[str, int] | None) -> None:
+    """A reader killed in the middle of a ptrace attach (pystack's native
+    read attaches to every thread, some of it through PTRACE_ATTACH, which
+    sends SIGSTOP) can leave that SIGSTOP pending in the target: once the
+    kernel has detached the dead tracer, the target stops (state T) for
+    good. Resume it, when it was not stopped before the read and is the same
+    process (its start time), within a short watch."""
+    if before is None or before[0] in ("T", "t"):
+        return
+    deadline = time.monotonic() + _LEFT_STOPPED_WATCH_SECONDS
+    while True:
+        now = proc_stat(pid)
+        if now is None or now[1] != before[1]:
+            return
+        if now[0] == "T":
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
 
 
 def _reader_env() -> dict[str, str]:
